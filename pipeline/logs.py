@@ -1,0 +1,43 @@
+"""structlog set-up: readable on a terminal, JSON lines on request, secrets always redacted."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal
+
+import structlog
+
+from pipeline.redact import redact_value
+
+LogFormat = Literal["console", "json"]
+
+
+def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+    # Last before rendering, so nothing added by earlier processors escapes it.
+    return {k: redact_value(v) for k, v in event.items()}
+
+
+def configure(fmt: LogFormat = "console", level: str = "info", stream: Any = None) -> None:
+    """Configure structlog for the process; context bound with `bind_contextvars` is included."""
+    stream = stream or sys.stderr
+    renderer: Any
+    if fmt == "json":
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )

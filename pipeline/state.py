@@ -1,0 +1,415 @@
+"""The state database: every run and step, builds, releases, deployments, leases and events.
+
+SQLite in the data dir by default (WAL, so the service and the CLI read and write together);
+any SQLAlchemy URL works. Each write is its own short transaction, so a crash leaves a true record.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.errors import LockedError
+from pipeline.planner import ImageRecord, ServiceRecord
+from pipeline.redact import redact
+from pipeline.state_schema import Base, BuildRow, Deployment, Lock, Release, Run, Step
+
+Clock = Callable[[], float]
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def default_owner() -> str:
+    """Who holds a lease: host and pid, so a dead holder can be recognised."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class State:
+    """Facade over the state database; time is injected through `clock` (epoch seconds)."""
+
+    def __init__(self, url: str, *, clock: Clock = time.time) -> None:
+        self.url = url
+        self.clock = clock
+        self.engine: Engine = create_engine(url, future=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @classmethod
+    def in_dir(cls, data_dir: Path, *, clock: Clock = time.time) -> State:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{data_dir / 'state.db'}", clock=clock)
+
+    def now(self) -> datetime:
+        return _utc(self.clock())
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as s, s.begin():
+            yield s
+
+    # -- runs and steps -------------------------------------------------------------------
+    def start_run(self, trigger: str, repo: str | None = None, owner: str | None = None) -> int:
+        with self.session() as s:
+            run = Run(
+                trigger=trigger,
+                repo=repo,
+                status="running",
+                owner=owner or default_owner(),
+                started_at=self.now(),
+            )
+            s.add(run)
+            s.flush()
+            return run.id
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        *,
+        error: str | None = None,
+        summary: str | None = None,
+        revision: str | None = None,
+    ) -> None:
+        values: dict[str, Any] = {
+            "status": status,
+            "finished_at": self.now(),
+            "error": redact(error) if error else None,
+            "summary": summary,
+        }
+        if revision:
+            values["revision"] = revision
+        with self.session() as s:
+            s.execute(update(Run).where(Run.id == run_id).values(**values))
+
+    def start_step(
+        self,
+        run_id: int,
+        kind: str,
+        subject: str | None = None,
+        *,
+        host: str | None = None,
+        revision: str | None = None,
+        detail: str | None = None,
+    ) -> int:
+        with self.session() as s:
+            step = Step(
+                run_id=run_id,
+                kind=kind,
+                subject=subject,
+                host=host,
+                revision=revision,
+                status="running",
+                started_at=self.now(),
+                detail=redact(detail) if detail else None,
+            )
+            s.add(step)
+            s.flush()
+            return step.id
+
+    def finish_step(
+        self, step_id: int, status: str, *, detail: str | None = None, error: str | None = None
+    ) -> None:
+        values: dict[str, Any] = {"status": status, "finished_at": self.now()}
+        if detail is not None:
+            values["detail"] = redact(detail)
+        if error is not None:
+            values["error"] = redact(error)
+        with self.session() as s:
+            s.execute(update(Step).where(Step.id == step_id).values(**values))
+
+    def runs(self, limit: int = 50) -> list[Run]:
+        with self.session() as s:
+            return list(s.scalars(select(Run).order_by(Run.id.desc()).limit(limit)))
+
+    def run(self, run_id: int) -> Run | None:
+        with self.session() as s:
+            return s.get(Run, run_id)
+
+    def steps(self, run_id: int) -> list[Step]:
+        with self.session() as s:
+            return list(s.scalars(select(Step).where(Step.run_id == run_id).order_by(Step.id)))
+
+    def interrupt_stale_runs(self, owner_alive: Callable[[str], bool]) -> list[int]:
+        """Mark runs (and their open steps and releases) whose owner is gone as interrupted."""
+        with self.session() as s:
+            stale = [
+                r
+                for r in s.scalars(select(Run).where(Run.status == "running"))
+                if not owner_alive(r.owner)
+            ]
+            now = self.now()
+            for run in stale:
+                run.status, run.finished_at = "interrupted", now
+                run.error = run.error or "interrupted: its process ended before it finished"
+                s.execute(
+                    update(Step)
+                    .where(Step.run_id == run.id, Step.status == "running")
+                    .values(status="interrupted", finished_at=now)
+                )
+                s.execute(
+                    update(Release)
+                    .where(Release.run_id == run.id, Release.status == "running")
+                    .values(
+                        status="interrupted",
+                        finished_at=now,
+                        error="interrupted: its process ended before it finished",
+                    )
+                )
+            return [r.id for r in stale]
+
+    # -- builds -----------------------------------------------------------------------------
+    def record_build(
+        self, image: str, revision: str, digest: str, ref: str, spec_hash: str, run_id: int | None
+    ) -> None:
+        with self.session() as s:
+            s.add(
+                BuildRow(
+                    image=image,
+                    revision=revision,
+                    digest=digest,
+                    ref=ref,
+                    spec_hash=spec_hash,
+                    run_id=run_id,
+                    created_at=self.now(),
+                )
+            )
+
+    def last_build(self, image: str) -> BuildRow | None:
+        with self.session() as s:
+            return s.scalars(
+                select(BuildRow)
+                .where(BuildRow.image == image)
+                .order_by(BuildRow.id.desc())
+                .limit(1)
+            ).first()
+
+    def image_records(self, images: list[str]) -> dict[str, ImageRecord]:
+        out = {}
+        for image in images:
+            row = self.last_build(image)
+            if row:
+                out[image] = ImageRecord(
+                    revision=row.revision, digest=row.digest, spec_hash=row.spec_hash
+                )
+        return out
+
+    # -- releases (per-service rollouts) ----------------------------------------------------
+    def start_release(
+        self,
+        service: str,
+        revision: str,
+        digest: str,
+        ref: str,
+        spec_hash: str,
+        *,
+        kind: str,
+        reason: str | None,
+        run_id: int | None,
+    ) -> int:
+        with self.session() as s:
+            rel = Release(
+                service=service,
+                revision=revision,
+                digest=digest,
+                ref=ref,
+                spec_hash=spec_hash,
+                kind=kind,
+                reason=reason,
+                status="running",
+                run_id=run_id,
+                started_at=self.now(),
+            )
+            s.add(rel)
+            s.flush()
+            return rel.id
+
+    def finish_release(self, release_id: int, status: str, error: str | None = None) -> None:
+        with self.session() as s:
+            s.execute(
+                update(Release)
+                .where(Release.id == release_id)
+                .values(
+                    status=status, finished_at=self.now(), error=redact(error) if error else None
+                )
+            )
+
+    def releases(self, service: str | None = None, limit: int = 50) -> list[Release]:
+        with self.session() as s:
+            q = select(Release).order_by(Release.id.desc()).limit(limit)
+            if service:
+                q = q.where(Release.service == service)
+            return list(s.scalars(q))
+
+    def successful_releases(self, service: str) -> list[Release]:
+        """Succeeded releases of a service, newest first."""
+        with self.session() as s:
+            return list(
+                s.scalars(
+                    select(Release)
+                    .where(Release.service == service, Release.status == "succeeded")
+                    .order_by(Release.id.desc())
+                )
+            )
+
+    def service_records(self, services: list[str]) -> dict[str, ServiceRecord]:
+        out = {}
+        for service in services:
+            ok = self.successful_releases(service)
+            if ok:
+                out[service] = ServiceRecord(
+                    revision=ok[0].revision, digest=ok[0].digest, spec_hash=ok[0].spec_hash
+                )
+        return out
+
+    def failed_revisions(self, services: list[str]) -> dict[str, str]:
+        """Services whose latest deploy failed (or was rolled back): that revision, not retried."""
+        out = {}
+        with self.session() as s:
+            for service in services:
+                last = s.scalars(
+                    select(Release)
+                    .where(
+                        Release.service == service,
+                        Release.kind == "deploy",
+                        Release.status.in_(["succeeded", "failed", "rolled_back"]),
+                    )
+                    .order_by(Release.id.desc())
+                    .limit(1)
+                ).first()
+                if last and last.status != "succeeded":
+                    out[service] = last.revision
+        return out
+
+    # -- deployments (per service and host) -------------------------------------------------
+    def set_deployment(
+        self,
+        service: str,
+        host: str,
+        *,
+        revision: str,
+        digest: str,
+        ref: str,
+        spec_hash: str,
+        container_id: str | None,
+        release_id: int | None,
+    ) -> None:
+        with self.session() as s:
+            row = s.get(Deployment, (service, host))
+            if row is None:
+                row = Deployment(service=service, host=host)
+                s.add(row)
+            row.revision, row.digest, row.ref, row.spec_hash = revision, digest, ref, spec_hash
+            row.container_id, row.release_id, row.updated_at = container_id, release_id, self.now()
+
+    def deployment(self, service: str, host: str) -> Deployment | None:
+        with self.session() as s:
+            return s.get(Deployment, (service, host))
+
+    def deployments(self) -> list[Deployment]:
+        with self.session() as s:
+            return list(s.scalars(select(Deployment).order_by(Deployment.service, Deployment.host)))
+
+    def forget_deployment(self, service: str, host: str) -> None:
+        with self.session() as s:
+            s.execute(
+                delete(Deployment).where(Deployment.service == service, Deployment.host == host)
+            )
+
+    # -- leases -----------------------------------------------------------------------------
+    def acquire(self, name: str, owner: str, ttl: float) -> bool:
+        """Take the lease `name` for `ttl` seconds if it is free, expired, or already ours."""
+        now = self.clock()
+        # SQLite and PostgreSQL share this upsert; it is atomic, so two owners never both win.
+        insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        stmt = insert(Lock).values(name=name, owner=owner, expires_at=now + ttl)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[Lock.name],
+            set_={"owner": owner, "expires_at": now + ttl},
+            where=(Lock.expires_at < now) | (Lock.owner == owner),
+        )
+        with self.session() as s:
+            s.execute(stmt)
+            held = s.get(Lock, name)
+            return held is not None and held.owner == owner
+
+    def renew(self, name: str, owner: str, ttl: float) -> bool:
+        with self.session() as s:
+            result = s.execute(
+                update(Lock)
+                .where(Lock.name == name, Lock.owner == owner)
+                .values(expires_at=self.clock() + ttl)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def release(self, name: str, owner: str) -> None:
+        with self.session() as s:
+            s.execute(delete(Lock).where(Lock.name == name, Lock.owner == owner))
+
+    def lock_holder(self, name: str) -> Lock | None:
+        with self.session() as s:
+            row = s.get(Lock, name)
+            return row if row and row.expires_at >= self.clock() else None
+
+    def break_locks_of(self, owner_alive: Callable[[str], bool]) -> list[str]:
+        """Free the leases whose holder process is gone, without waiting for their expiry."""
+        with self.session() as s:
+            dead = [lk for lk in s.scalars(select(Lock)) if not owner_alive(lk.owner)]
+            for lk in dead:
+                s.delete(lk)
+            return [lk.name for lk in dead]
+
+    @contextmanager
+    def lease(self, name: str, owner: str, ttl: float = 600) -> Iterator[None]:
+        """Hold `name` for the duration of the block, or raise LockedError naming the holder."""
+        if not self.acquire(name, owner, ttl) and (
+            not self.break_locks_of(owner_alive_local) or not self.acquire(name, owner, ttl)
+        ):
+            holder = self.lock_holder(name)
+            who = (
+                f"{holder.owner}, expires in {holder.expires_at - self.clock():.0f}s"
+                if holder
+                else "?"
+            )
+            raise LockedError(f"{name} is locked by {who}")
+        try:
+            yield
+        finally:
+            self.release(name, owner)
+
+
+def owner_alive_local(owner: str) -> bool:
+    """True when `owner` (host:pid) is a live process on this machine, or on another machine."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's holder: only its expiry frees it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,127 @@
+"""Tables of the state database: runs, steps, builds, releases, deployments, leases, events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Run(Base):
+    """One pass of work: triggered by the CLI, a poll, a webhook, a hook, a schedule or the API."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    trigger: Mapped[str] = mapped_column(String(32))
+    repo: Mapped[str | None] = mapped_column(String(128))
+    revision: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # running|succeeded|failed|noop|interrupted
+    owner: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    summary: Mapped[str | None] = mapped_column(Text)
+
+
+class Step(Base):
+    """One step of a run, written before it starts and again when it ends."""
+
+    __tablename__ = "steps"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))  # fetch|plan|build|push|pull|start|health|...
+    subject: Mapped[str | None] = mapped_column(String(128))  # image or service name
+    host: Mapped[str | None] = mapped_column(String(128))
+    revision: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))  # running|succeeded|failed|skipped
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    detail: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class BuildRow(Base):
+    """A successful build of an image: what `planner.ImageRecord` is read from."""
+
+    __tablename__ = "builds"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    image: Mapped[str] = mapped_column(String(128), index=True)
+    revision: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(160))
+    ref: Mapped[str] = mapped_column(Text)  # what hosts pull: registry/image@digest, or image id
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Release(Base):
+    """One rollout of a service to all its hosts: the history users read."""
+
+    __tablename__ = "releases"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    service: Mapped[str] = mapped_column(String(128), index=True)
+    revision: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(160))
+    ref: Mapped[str] = mapped_column(Text)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # deploy|rollback
+    reason: Mapped[str | None] = mapped_column(Text)
+    # running|succeeded|failed|rolled_back|superseded|interrupted
+    status: Mapped[str] = mapped_column(String(16))
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Deployment(Base):
+    """What runs for a service on a host now, as pipeline last left it."""
+
+    __tablename__ = "deployments"
+    service: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128), primary_key=True)
+    revision: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(160))
+    ref: Mapped[str] = mapped_column(Text)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    container_id: Mapped[str | None] = mapped_column(String(80))
+    release_id: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Lock(Base):
+    """A lease: held by `owner` until `expires_at`; an expired lease is free for the next owner."""
+
+    __tablename__ = "locks"
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(160))
+    expires_at: Mapped[float] = mapped_column()
+
+
+class Event(Base):
+    """A trigger, persisted before it is acknowledged; the runner works them off in order."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("source", "delivery_id", name="uq_event_delivery"),
+        Index("ix_events_status", "status"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))  # poll|webhook|hook|cron|watch|api|cli
+    delivery_id: Mapped[str | None] = mapped_column(String(160))
+    repo: Mapped[str | None] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # push|tag|rebuild|deploy|rollback|config
+    ref: Mapped[str | None] = mapped_column(String(255))
+    sha: Mapped[str | None] = mapped_column(String(64))
+    subject: Mapped[str | None] = mapped_column(String(128))  # image or service, for rebuild/deploy
+    payload: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # queued|working|done|failed|superseded|ignored
+    run_id: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str | None] = mapped_column(Text)
