@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from apscheduler.triggers.cron import CronTrigger  # type: ignore[import-untyped]
+from apscheduler.triggers.cron import CronTrigger
 
 
 def parse_cron(expr: str) -> CronTrigger:
