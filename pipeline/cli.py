@@ -1,0 +1,62 @@
+"""The `pipeline` command line: thin commands over the modules that do the work."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pipeline import logs
+from pipeline.cli_common import ConfigOption, load_config
+
+app = typer.Typer(
+    help="GitOps deployment for Docker hosts: rebuild what a commit changed, roll it out behind "
+    "health checks, roll back on failure.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(
+    log_format: Annotated[
+        logs.LogFormat, typer.Option("--log-format", help="console or json (JSON lines).")
+    ] = "console",
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning, error.")
+    ] = "info",
+) -> None:
+    logs.configure(log_format, log_level)
+
+
+@app.command()
+def validate(config: ConfigOption = None) -> None:
+    """Check the config file; exit 0 with a summary, or 2 with every problem found."""
+    loaded = load_config(config)
+    m = loaded.model
+    typer.echo(
+        f"{loaded.path.name}: ok: {len(m.repos)} repo(s), {len(m.images)} image(s), "
+        f"{len(m.services)} service(s), {len(m.hosts)} host(s); "
+        f"registry {m.registry.address if m.registry else 'none (images built on each host)'}"
+    )
+    for name, svc in m.services.items():
+        image = m.images[svc.image]
+        typer.echo(
+            f"  service {name}: image {svc.image} from repo {image.repo} "
+            f"({m.repos[image.repo].follows}) on {', '.join(svc.hosts)}"
+        )
+
+
+def _register_subcommands() -> None:
+    from pipeline import cli_deploy
+    from pipeline.cli_lab import lab_app
+
+    cli_deploy.register(app)
+
+    app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_subcommands()
+    app()

@@ -1,0 +1,168 @@
+"""Shared fixtures: the session's lab of real Docker hosts, the local engine, real git remotes
+and the sample app. Each fixture removes what it made, even when a test fails."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import docker
+import pytest
+from sample_app import write_sample_app
+
+from pipeline import lab as lab_mod
+
+# Distinct from the `pipeline lab up` default (10.88.0.0/24), so a user's lab can stay up.
+TEST_LAB_SUBNET = "10.88.200.0/24"
+LOCAL_DOCKER = "unix:///var/run/docker.sock"
+
+
+# -- the lab --------------------------------------------------------------------------------
+
+
+def lab_skip_reason() -> str | None:
+    """Why lab tests cannot run on this machine, or None when they can."""
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces, a bridge, extra dockerds)"
+    missing = lab_mod.missing_tools()
+    if missing:
+        return f"lab tests need {', '.join(missing)} on PATH (see .ci/run)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def lab_prereqs() -> None:
+    """Skip the test when this machine cannot run a lab."""
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+def _down_stale_test_labs(basetemp_parent: Path) -> None:
+    # A session killed with SIGKILL skips its finalizers and atexit: its lab would hold the
+    # test subnet and make every later session fail. pytest keeps the old basetemps around.
+    for state in basetemp_parent.glob("pytest-*/lab*/lab.json"):
+        with contextlib.suppress(Exception):
+            lab_mod.lab_down(state.parent)
+
+
+@pytest.fixture(scope="session")
+def lab(lab_prereqs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab_mod.LabState]:
+    """A lab of 2 hosts on 10.88.200.0/24 for the session: `.hosts` (name, docker_url,
+    address) tuples, `.registry` ("10.88.200.1:5000"), `.toml`, `.dir`."""
+    _down_stale_test_labs(tmp_path_factory.getbasetemp().parent)
+    lab_dir = tmp_path_factory.mktemp("lab")
+    atexit.register(_quiet_down, lab_dir)  # when the session dies without finalizers
+    try:
+        yield lab_mod.lab_up(lab_dir, hosts=2, subnet=TEST_LAB_SUBNET)
+    finally:
+        lab_mod.lab_down(lab_dir)
+
+
+def _quiet_down(lab_dir: Path) -> None:
+    if not (lab_dir / lab_mod.STATE_FILE).exists():
+        return  # the fixture's finalizer already took it down
+    with contextlib.suppress(Exception):
+        lab_mod.lab_down(lab_dir)
+
+
+# -- the local engine -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def local_engine() -> Iterator[docker.DockerClient]:
+    """A client of the machine's own engine; skips the test when it does not answer."""
+    try:
+        client = docker.DockerClient(base_url=LOCAL_DOCKER, timeout=60)
+        client.ping()
+    except Exception as exc:
+        pytest.skip(f"no Docker engine answers at {LOCAL_DOCKER}: {exc}")
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# -- git ------------------------------------------------------------------------------------
+
+_GIT_ENV = {
+    **os.environ,
+    # The developer's own git config must not change what the tests see.
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_TERMINAL_PROMPT": "0",
+}
+_GIT_ID = ["-c", "user.name=Pipeline Tests", "-c", "user.email=tests@pipeline.invalid",
+           "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
+
+
+def git(*args: str, cwd: Path) -> str:
+    """Run git with a fixed identity and no user config; return its stripped stdout."""
+    res = subprocess.run(["git", *_GIT_ID, *args], cwd=cwd, env=_GIT_ENV,
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+class GitRemote:
+    """A bare repo (`.bare`, `.url`) and a working clone of it (`.work`) on branch main."""
+
+    def __init__(self, root: Path) -> None:
+        self.bare = root / "remote.git"
+        self.work = root / "work"
+        self.url = self.bare.as_uri()
+        git("init", "--bare", "--initial-branch=main", str(self.bare), cwd=root)
+        git("clone", "--", self.url, str(self.work), cwd=root)
+        git("symbolic-ref", "HEAD", "refs/heads/main", cwd=self.work)
+
+    def write(self, path: str, text: str) -> Path:
+        """Write a file of the working clone (parents created)."""
+        target = self.work / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        return target
+
+    def commit(self, message: str) -> str:
+        """Commit every change of the working clone; return the new commit's sha."""
+        git("add", "--all", cwd=self.work)
+        git("commit", "--allow-empty", "-m", message, cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work)
+
+    def push(self, ref: str = "main", force: bool = False) -> None:
+        """Push the local branch `ref` to the bare repo."""
+        git("push", *(["--force"] if force else []), "origin", f"{ref}:refs/heads/{ref}",
+            cwd=self.work)
+
+    def tag(self, name: str) -> str:
+        """Tag HEAD (lightweight); return the tagged sha."""
+        git("tag", "--", name, cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work)
+
+    def push_tag(self, name: str) -> None:
+        """Push one tag to the bare repo."""
+        git("push", "origin", f"refs/tags/{name}:refs/tags/{name}", cwd=self.work)
+
+
+@pytest.fixture
+def git_remote(tmp_path: Path) -> GitRemote:
+    """A fresh bare repo with a working clone, for tests that need a real remote."""
+    return GitRemote(tmp_path)
+
+
+# -- the sample app -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def sample_app(tmp_path: Path) -> Callable[..., Path]:
+    """`sample_app(subdir="web", content="hello v1")` writes the app's context under tmp_path."""
+
+    def make(subdir: str = "web", content: str = "hello v1") -> Path:
+        return write_sample_app(tmp_path, subdir, content)
+
+    return make
+

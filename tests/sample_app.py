@@ -1,0 +1,31 @@
+"""The sample app the integration tests build and deploy: busybox httpd serving a page and a
+health file, in an image FROM scratch (Docker Hub is unreachable, see TESTBED.md)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+BUSYBOX = Path("/bin/busybox")
+APP_PORT = 8080
+DOCKERFILE = f"""\
+FROM scratch
+COPY busybox /bin/busybox
+COPY www/ /www/
+EXPOSE {APP_PORT}
+CMD ["/bin/busybox", "httpd", "-f", "-p", "{APP_PORT}", "-h", "/www"]
+"""
+
+
+def write_sample_app(workdir: Path, subdir: str = "web", content: str = "hello v1") -> Path:
+    """Write the app's build context in workdir/subdir (index.html holds `content`); return it."""
+    if not BUSYBOX.is_file():
+        raise FileNotFoundError(f"{BUSYBOX} is missing: apt-get install busybox-static")
+    ctx = workdir / subdir
+    (ctx / "www").mkdir(parents=True, exist_ok=True)
+    # The build context cannot reach outside itself, so busybox is copied in.
+    shutil.copy2(BUSYBOX, ctx / "busybox")
+    (ctx / "Dockerfile").write_text(DOCKERFILE)
+    (ctx / "www" / "index.html").write_text(content)
+    (ctx / "www" / "health").write_text("ok\n")
+    return ctx
