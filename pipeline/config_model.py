@@ -14,9 +14,6 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
-_PORT_RE = re.compile(
-    r"^(?:(?P<ip>[0-9.]+):)?(?:(?P<host>\d{1,5}):)?(?P<container>\d{1,5})(?:/(?P<proto>tcp|udp))?$"
-)
 _RESTART_RE = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
 
@@ -77,12 +74,24 @@ def _repo_url(value: str) -> str:
     )
 
 
+def _split_port(value: str) -> tuple[str, str, str] | None:
+    """(ip, host port, container port) of a `[[IP:]HOST:]CONTAINER[/proto]` mapping, or None."""
+    spec, _, proto = value.partition("/")
+    parts = spec.split(":")
+    if proto not in ("", "tcp", "udp") or len(parts) > 3:
+        return None
+    ip, host, container = ([""] * (3 - len(parts)) + parts)[-3:]
+    if ip and not re.fullmatch(r"[0-9.]+", ip):
+        return None
+    for port in (host, container):
+        if port and not (port.isdigit() and 0 < int(port) <= 65535):
+            return None
+    return (ip, host, container) if container else None
+
+
 def _port(value: str) -> str:
-    match = _PORT_RE.match(value)
-    if not match or any(
-        int(p) > 65535 or int(p) == 0 for p in (match["host"], match["container"]) if p
-    ):
-        raise ValueError(f"invalid port mapping {value!r} (use 'HOST:CONTAINER[/udp]')")
+    if _split_port(value) is None:
+        raise ValueError(f"invalid port mapping {value!r} (use '[IP:]HOST:CONTAINER[/udp]')")
     return value
 
 
@@ -252,12 +261,13 @@ class ServiceSection(_Table):
     restart: Annotated[str, AfterValidator(_restart)] = "unless-stopped"
     labels: dict[str, str] = Field(default_factory=dict)
     strategy: Literal["stop-first", "start-first"] = "stop-first"
+    stop_timeout: Duration = 10.0  # SIGTERM, then SIGKILL after this long (as `docker stop -t`)
     max_parallel: int = Field(default=1, ge=1)
     health: HealthSection = Field(default_factory=HealthSection)
 
     @model_validator(mode="after")
     def _ports_fit_strategy(self) -> ServiceSection:
-        fixed = [p for p in self.ports if _PORT_RE.match(p) and _PORT_RE.match(p)["host"]]  # type: ignore[index]
+        fixed = [p for p in self.ports if (parts := _split_port(p)) and parts[1]]
         if self.strategy == "start-first" and (fixed or self.network == "host"):
             raise ValueError(
                 "strategy 'start-first' runs old and new side by side, so it cannot publish a "

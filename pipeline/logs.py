@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
 import structlog
@@ -13,7 +14,9 @@ from pipeline.redact import redact_value
 LogFormat = Literal["console", "json"]
 
 
-def _redact_processor(_logger: Any, _name: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_processor(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> Mapping[str, Any]:
     # Last before rendering, so nothing added by earlier processors escapes it.
     return {k: redact_value(v) for k, v in event.items()}
 

@@ -252,7 +252,7 @@ def plan(
     services: Mapping[str, ServiceRecord],
     *,
     env_files: Mapping[str, str] | None = None,
-    failed: Mapping[str, str] | None = None,
+    failed: Mapping[str, str | ServiceRecord] | None = None,
     force_images: Iterable[str] = (),
     only_services: Iterable[str] | None = None,
 ) -> Plan:
@@ -337,12 +337,11 @@ def _service_rollout(
     record: ServiceRecord | None,
     builds: dict[str, Build],
     env_file_text: str | None,
-    failed_revision: str | None,
+    failed_attempt: str | ServiceRecord | None,
 ) -> tuple[Rollout | None, Problem | None]:
     """The rollout `name` needs, if any; may add the Build of its image to `builds`."""
-    spec_changed = record is not None and record.spec_hash != service_spec_hash(
-        service, env_file_text
-    )
+    spec = service_spec_hash(service, env_file_text)
+    spec_changed = record is not None and record.spec_hash != spec
     rebuilt = service.image in builds
     reasons: list[str] = []
     if record is None:
@@ -363,7 +362,14 @@ def _service_rollout(
             service.image, snapshot.repo, snapshot.revision, f"needed by service {name}"
         )
     revision = image_record.revision if image_record and not rebuild else snapshot.revision
-    if failed_revision is not None and failed_revision == revision and not spec_changed:
+    # A failed attempt given as a record is retried only once the definition differs from
+    # the one that failed; given as a bare revision, once it differs from the deployed one.
+    if isinstance(failed_attempt, ServiceRecord):
+        failed_revision: str | None = failed_attempt.revision
+        retry_anyway = failed_attempt.spec_hash != spec
+    else:
+        failed_revision, retry_anyway = failed_attempt, spec_changed
+    if failed_revision is not None and failed_revision == revision and not retry_anyway:
         # Retrying the same revision would loop; a newer commit or `pipeline deploy` moves on.
         return None, Problem(
             f"services.{name}",

@@ -285,8 +285,9 @@ class State:
                 )
         return out
 
-    def failed_revisions(self, services: list[str]) -> dict[str, str]:
-        """Services whose latest deploy failed (or was rolled back): that revision, not retried."""
+    def failed_revisions(self, services: list[str]) -> dict[str, ServiceRecord]:
+        """Per service, the attempt not to repeat automatically: a deploy that failed or was
+        rolled back, or the revision a manual rollback moved away from."""
         out = {}
         with self.session() as s:
             for service in services:
@@ -294,14 +295,34 @@ class State:
                     select(Release)
                     .where(
                         Release.service == service,
-                        Release.kind == "deploy",
                         Release.status.in_(["succeeded", "failed", "rolled_back"]),
                     )
                     .order_by(Release.id.desc())
                     .limit(1)
                 ).first()
-                if last and last.status != "succeeded":
-                    out[service] = last.revision
+                if last is None:
+                    continue
+                if last.kind == "rollback" and last.status == "succeeded":
+                    # Rolling back pins the service: the release it left is not re-deployed
+                    # until a newer commit arrives (or `pipeline deploy`).
+                    left = s.scalars(
+                        select(Release)
+                        .where(
+                            Release.service == service,
+                            Release.kind == "deploy",
+                            Release.status == "succeeded",
+                            Release.id < last.id,
+                        )
+                        .order_by(Release.id.desc())
+                        .limit(1)
+                    ).first()
+                    last = left
+                elif last.status == "succeeded":
+                    continue
+                if last is not None:
+                    out[service] = ServiceRecord(
+                        revision=last.revision, digest=last.digest, spec_hash=last.spec_hash
+                    )
         return out
 
     # -- deployments (per service and host) -------------------------------------------------

@@ -121,6 +121,7 @@ class Event(Base):
     subject: Mapped[str | None] = mapped_column(String(128))  # image or service, for rebuild/deploy
     payload: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(String(16))  # queued|working|done|failed|superseded|ignored
+    owner: Mapped[str | None] = mapped_column(String(160))  # host:pid of the worker, when working
     run_id: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import docker
 import pytest
-from sample_app import write_sample_app
 
 from pipeline import lab as lab_mod
+from pipeline.sample_app import write_sample_app
 
 # Distinct from the `pipeline lab up` default (10.88.0.0/24), so a user's lab can stay up.
 TEST_LAB_SUBNET = "10.88.200.0/24"

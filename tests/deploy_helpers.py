@@ -1,0 +1,144 @@
+"""A project under test on the lab: a real git remote with the sample app, a config, a runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+
+from pipeline.config import load
+from pipeline.lab import LabState
+from pipeline.runner import PassResult, Runner
+from pipeline.sample_app import write_sample_app
+from pipeline.state import State
+
+
+class Project:
+    """Two images (`web/`, `api/`) in one repo, their services on the lab hosts."""
+
+    def __init__(self, root: Path, remote: Any, lab: LabState, *, extra: str = "",
+                 hosts: int = 2, registry: str | None = None) -> None:
+        self.root, self.remote, self.lab = root, remote, lab
+        self.suffix = uuid.uuid4().hex[:6]
+        self.web, self.api = f"web{self.suffix}", f"api{self.suffix}"
+        self.host_names = [h.name for h in lab.hosts[:hosts]]
+        self.registry = registry or lab.registry
+        self.extra = extra
+        self.web_port, self.api_port = 18000 + int(self.suffix[:3], 16) % 900, 0
+        self.api_port = self.web_port + 1000
+        self.config = root / "pipeline.toml"
+        self.write_config()
+
+    def write_config(self, **service_extra: str) -> None:
+        hosts = "\n".join(
+            f'[hosts.{h.name}]\ndocker = "{h.docker_url}"\naddress = "{h.address}"\n'
+            for h in self.lab.hosts
+        )
+        host_list = json.dumps(self.host_names)
+        self.config.write_text(f"""
+[pipeline]
+data_dir = "data"
+
+[registry]
+address = "{self.registry}"
+
+{hosts}
+[repos.shop]
+url = "{self.remote.url}"
+branch = "main"
+
+[images.{self.web}]
+repo = "shop"
+context = "web"
+
+[images.{self.api}]
+repo = "shop"
+context = "api"
+
+[services.{self.web}]
+image = "{self.web}"
+hosts = {host_list}
+ports = ["{self.web_port}:8080"]
+stop_timeout = "1s"
+{service_extra.get("web", "")}
+
+[services.{self.web}.health]
+http = "/health"
+interval = "200ms"
+timeout = "{service_extra.get("web_timeout", "10s")}"
+
+[services.{self.api}]
+image = "{self.api}"
+hosts = {host_list}
+ports = ["{self.api_port}:8080"]
+stop_timeout = "1s"
+
+[services.{self.api}.health]
+http = "/health"
+interval = "200ms"
+timeout = "10s"
+{self.extra}
+""")
+
+    # -- git ------------------------------------------------------------------------------
+    def initial_commit(self) -> str:
+        write_sample_app(self.remote.work, "web", "web v1")
+        write_sample_app(self.remote.work, "api", "api v1")
+        self.remote.write("web/.dockerignore", "*.md\n")
+        return self.push("initial")
+
+    def push(self, message: str) -> str:
+        sha: str = self.remote.commit(message)
+        self.remote.push()
+        return sha
+
+    # -- pipeline -------------------------------------------------------------------------
+    def runner(self) -> Runner:
+        loaded = load(self.config)
+        return Runner(loaded, State.in_dir(loaded.data_dir), sleep=lambda _s: None)
+
+    def run(self) -> PassResult:
+        runner = self.runner()
+        try:
+            return runner.run_pass()
+        finally:
+            runner.close()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipeline", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, check=False, timeout=300)
+
+    # -- hosts ----------------------------------------------------------------------------
+    def get(self, host_index: int, port: int) -> str:
+        address = self.lab.hosts[host_index].address
+        return httpx.get(f"http://{address}:{port}/", timeout=5).text
+
+    def containers(self, service: str) -> dict[str, list[str]]:
+        """Host name -> ids of the service's running containers."""
+        out = {}
+        for h in self.lab.hosts:
+            client = docker.DockerClient(base_url=h.docker_url)
+            try:
+                out[h.name] = [c.id for c in client.containers.list(
+                    filters={"label": f"dev.pipeline.service={service}"})]
+            finally:
+                client.close()
+        return out
+
+    def cleanup(self) -> None:
+        """Remove every container of this project's services from the lab hosts."""
+        for h in self.lab.hosts:
+            client = docker.DockerClient(base_url=h.docker_url)
+            try:
+                for svc in (self.web, self.api):
+                    for c in client.containers.list(
+                            all=True, filters={"label": f"dev.pipeline.service={svc}"}):
+                        c.remove(force=True)
+            finally:
+                client.close()
