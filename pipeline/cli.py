@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pipeline import logs
-from pipeline.cli_common import ConfigOption, load_config
+from pipeline.cli_common import ConfigOption, fail, load_config
+from pipeline.errors import PipelineError
 
 app = typer.Typer(
     help="GitOps deployment for Docker hosts: rebuild what a commit changed, roll it out behind "
@@ -45,6 +47,23 @@ def validate(config: ConfigOption = None) -> None:
             f"  service {name}: image {svc.image} from repo {image.repo} "
             f"({m.repos[image.repo].follows}) on {', '.join(svc.hosts)}"
         )
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    lab_dir: Annotated[Path, typer.Option("--lab-dir", help="Where the lab lives.")] = Path("lab"),
+) -> None:
+    """Bring up the lab, deploy the sample app from the example config, then deploy a change."""
+    from pipeline.demo import run_demo
+
+    loaded = load_config(config or Path("pipeline.example.toml"))
+    try:
+        ok = run_demo(loaded, lab_dir, typer.echo)
+    except PipelineError as exc:
+        fail(str(exc))
+    if not ok:
+        raise typer.Exit(1)
 
 
 def _register_subcommands() -> None:
