@@ -19,7 +19,7 @@ from pipeline.config import LoadedConfig
 from pipeline.errors import PipelineError
 from pipeline.operations import rollback_service, status_rows
 from pipeline.runner import Runner
-from pipeline.state import State
+from pipeline.state import State, iso
 
 
 def _echo(line: str) -> None:
@@ -160,8 +160,8 @@ def register(app: typer.Typer) -> None:
                 "reason": r.reason,
                 "digest": r.digest,
                 "run_id": r.run_id,
-                "started_at": r.started_at.isoformat() if r.started_at else None,
-                "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+                "started_at": iso(r.started_at),
+                "finished_at": iso(r.finished_at),
                 "error": r.error,
             }
             for r in state.releases(service, limit)

@@ -357,6 +357,12 @@ class Engine(ContainerOps):
                 if status_of(exc) not in (404, 409):
                     raise
 
+    def images_labelled(self, label: str, value: str) -> list[tuple[str, int]]:
+        """(id, created epoch seconds) of the images carrying label=value, newest first."""
+        with self._calling(f"list images {label}={value}"):
+            found = self._client.api.images(filters={"label": f"{label}={value}"})
+        return sorted(((i["Id"], int(i.get("Created", 0))) for i in found), key=lambda x: -x[1])
+
     def image_repo_digests(self, ref: str) -> list[str]:
         """The image's repo digests ("registry/name@sha256:...")."""
         return list(self._inspect_image(ref).get("RepoDigests") or [])

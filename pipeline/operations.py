@@ -8,6 +8,7 @@ from pipeline.errors import PipelineError, StallingError
 from pipeline.planner import service_spec_hash
 from pipeline.rollout import RolloutResult, Target
 from pipeline.runner import Runner
+from pipeline.state import iso
 
 
 def rollback_service(runner: Runner, service: str, to: str | None = None) -> RolloutResult:
@@ -68,7 +69,7 @@ def status_rows(runner: Runner) -> list[dict[str, Any]]:
                 "container": None,
                 "state": "not deployed",
                 "health": None,
-                "updated_at": d.updated_at.isoformat() if d else None,
+                "updated_at": iso(d.updated_at) if d else None,
             }
             if d and d.container_id:
                 try:

@@ -90,6 +90,7 @@ class Rollout:
     clock: Callable[[], float] = time.monotonic
     should_stop: Callable[[], bool] | None = None
     report: Callable[[str], None] = lambda _line: None
+    keep_images: int = 3  # images of the service kept on each host for an instant rollback
 
     def run(
         self, target: Target, *, run_id: int | None, kind: str = "deploy", reason: str | None = None
@@ -138,6 +139,7 @@ class Rollout:
             return RolloutResult(self.service, False, release_id, failure, [m.host for m in moved])
         for move in moved:
             self._retire_old(move, run_id)
+            self._prune_images(move, self.spec.image, self.keep_images)
         self.state.finish_release(release_id, "succeeded")
         bound.info("rollout succeeded", hosts=hosts)
         return RolloutResult(self.service, True, release_id, None, hosts)
@@ -321,6 +323,14 @@ class Rollout:
     def _roll_back(self, moved: Sequence[_Move], release_id: int, run_id: int | None) -> None:
         with ThreadPoolExecutor(max_workers=max(1, self.spec.max_parallel)) as pool:
             list(pool.map(lambda m: self._undo_host(m, run_id), moved))
+
+    def _prune_images(self, move: _Move, image: str, keep: int) -> None:
+        """Keep the newest `keep` images of this service's image on the host (for rollback)."""
+        for image_id, _created in move.engine.images_labelled("dev.pipeline.image", image)[keep:]:
+            try:
+                move.engine.remove_image(image_id)  # one still in use is left alone
+            except PipelineError as exc:
+                log.warning("could not prune image", host=move.host, image=image_id, error=str(exc))
 
     def _retire_old(self, move: _Move, run_id: int | None) -> None:
         """Remove replaced (and stale) containers of the service once every host is healthy."""

@@ -374,6 +374,7 @@ class Runner:
             clock=self.clock,
             should_stop=self.should_stop,
             report=self.report,
+            keep_images=self.cfg.pipeline.keep_revisions,
         )
         try:
             with self.state.lease(f"service:{service}", self.owner):

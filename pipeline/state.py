@@ -33,6 +33,13 @@ def _utc(ts: float) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def iso(value: datetime | None) -> str | None:
+    """ISO 8601 in UTC with its offset; SQLite hands datetimes back without their zone."""
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
 def default_owner() -> str:
     """Who holds a lease: host and pid, so a dead holder can be recognised."""
     return f"{socket.gethostname()}:{os.getpid()}"
