@@ -130,7 +130,14 @@ class Rollout:
                     break
         if failure:
             self._roll_back(moved, release_id, run_id)
-            self.state.finish_release(release_id, "rolled_back", failure)
+            # Interrupted at a safe point (a newer commit waits, or the service stops): not a
+            # failure of this revision, so it stays eligible and is not reported as broken.
+            superseded = self.should_stop is not None and self.should_stop()
+            if superseded:
+                failure = f"superseded before it was healthy; rolled back ({failure})"
+            self.state.finish_release(
+                release_id, "superseded" if superseded else "rolled_back", failure
+            )
             bound.error(
                 "rollout failed, rolled back",
                 error=failure,
