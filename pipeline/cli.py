@@ -67,10 +67,11 @@ def demo(
 
 
 def _register_subcommands() -> None:
-    from pipeline import cli_deploy
+    from pipeline import cli_deploy, cli_serve
     from pipeline.cli_lab import lab_app
 
     cli_deploy.register(app)
+    cli_serve.register(app)
 
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,9 +17,10 @@ from pipeline.cli_common import (
 )
 from pipeline.config import LoadedConfig
 from pipeline.errors import PipelineError
-from pipeline.operations import rollback_service, status_rows
-from pipeline.runner import Runner
 from pipeline.state import State, iso
+
+if TYPE_CHECKING:
+    from pipeline.runner import Runner
 
 
 def _echo(line: str) -> None:
@@ -27,6 +28,9 @@ def _echo(line: str) -> None:
 
 
 def _runner(loaded: LoadedConfig) -> Runner:
+    # Imported here: the docker SDK and GitPython are not needed by `history` or `validate`.
+    from pipeline.runner import Runner
+
     return Runner(loaded, State.in_dir(loaded.data_dir), report=_echo)
 
 
@@ -117,6 +121,8 @@ def register(app: typer.Typer) -> None:
         loaded = load_config(config)
         runner = _runner(loaded)
         try:
+            from pipeline.operations import rollback_service
+
             outcome = rollback_service(runner, service, to)
         except PipelineError as exc:
             fail(str(exc))
@@ -128,6 +134,8 @@ def register(app: typer.Typer) -> None:
     def status(config: ConfigOption = None, json: JsonOption = False) -> None:
         """Per service and host: revision, digest, container state and health."""
         loaded = load_config(config)
+        from pipeline.operations import status_rows
+
         rows = status_rows(_runner(loaded))
         if json:
             print_json(rows)

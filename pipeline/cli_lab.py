@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, NoReturn
 
 import typer
 
-from pipeline import lab
 from pipeline.cli_common import EXIT_USAGE, fail
 from pipeline.errors import PipelineError
 
@@ -22,8 +22,15 @@ DirOption = Annotated[
 ]
 
 
+def _lab() -> ModuleType:
+    # Imported when a lab command runs: pyroute2 costs every other command ~0.1 s at start-up.
+    from pipeline import lab
+
+    return lab
+
+
 def _fail(exc: PipelineError) -> NoReturn:
-    code = EXIT_USAGE if isinstance(exc, lab.LabNeedsRootError) else 1
+    code = EXIT_USAGE if isinstance(exc, _lab().LabNeedsRootError) else 1
     text = str(exc)
     fail(text if text.startswith("pipeline lab") else f"pipeline lab: {text}", code)
 
@@ -38,21 +45,21 @@ def up(
 ) -> None:
     """Bring the lab up (or report the one already alive) and print its config tables."""
     try:
-        state = lab.lab_up(dir, hosts=hosts, subnet=subnet)
+        state = _lab().lab_up(dir, hosts=hosts, subnet=subnet)
     except PipelineError as exc:
         _fail(exc)
     typer.echo(state.toml)
     for host in state.hosts:
         typer.echo(f"{host.name}: {host.docker_url}  (DOCKER_HOST={host.docker_url} docker ps)")
     typer.echo(f"registry: {state.registry} (TLS, trusted via /etc/docker/certs.d)")
-    typer.echo(f"wrote {state.dir / lab.TOML_FILE}: paste its tables into your pipeline.toml")
+    typer.echo(f"wrote {state.dir / _lab().TOML_FILE}: paste its tables into your pipeline.toml")
 
 
 @lab_app.command()
 def status(dir: DirOption = Path("lab")) -> None:
     """Print each host with whether its engine answers, and the registry; exit 1 if any is down."""
     try:
-        st = lab.lab_status(dir)
+        st = _lab().lab_status(dir)
     except PipelineError as exc:
         _fail(exc)
     if st.state is None:
@@ -72,7 +79,7 @@ def status(dir: DirOption = Path("lab")) -> None:
 def down(dir: DirOption = Path("lab")) -> None:
     """Stop the lab's engines and registry and remove its namespaces, links and mounts."""
     try:
-        lab.lab_down(dir)
+        _lab().lab_down(dir)
     except PipelineError as exc:
         _fail(exc)
     typer.echo(f"lab in {dir.resolve()} is down")

@@ -1,0 +1,215 @@
+"""Shared helpers of the lab benchmarks: a lab of their own that is always taken down, a real
+git remote, timing of polls and of a run's recorded steps, and cleanup of the local engine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+import docker
+import httpx
+
+from pipeline.lab import LabState, lab_down, lab_up
+from pipeline.state import State
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINE_BIN = ROOT / ".venv" / "bin" / "pipeline"
+LOCAL_DOCKER = "unix:///var/run/docker.sock"
+
+_GIT_ENV = {
+    **os.environ,
+    # The user's own git config must not change what the benchmark measures.
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_TERMINAL_PROMPT": "0",
+}
+_GIT_ID = ["-c", "user.name=Pipeline Bench", "-c", "user.email=bench@pipeline.invalid",
+           "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
+
+
+_MAIN_PID = os.getpid()
+
+
+def _sigterm_as_interrupt(signum: int, _frame: FrameType | None) -> None:
+    if os.getpid() != _MAIN_PID:
+        # A forked helper (pyroute2 enters namespaces in children it ends with SIGTERM) must
+        # die as it would have, not unwind into the lab's teardown.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def own_lab(prefix: str, hosts: int, subnet: str) -> Iterator[tuple[LabState, Path]]:
+    """A lab in a fresh temp dir; taken down, and the local images pushed to its registry
+    removed, whatever happens (Ctrl-C and SIGTERM included). Yields (lab, workdir)."""
+    if os.geteuid() != 0:
+        raise SystemExit("the lab benchmarks need root (namespaces, a bridge, extra dockerds)")
+    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    # Short path: the engines' unix sockets live below it (sun_path is 108 bytes).
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    lab_dir = workdir / "lab"
+    registry: str | None = None
+    try:
+        lab = lab_up(lab_dir, hosts=hosts, subnet=subnet)
+        registry = lab.registry
+        yield lab, workdir
+    finally:
+        if os.getpid() != _MAIN_PID:
+            os._exit(1)  # never tear the lab down from a forked child
+        # A second Ctrl-C must not leave namespaces and engines behind.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            lab_down(lab_dir)
+            if registry:
+                removed = remove_local_images(f"{registry}/")
+                print(f"cleanup: lab down, {removed} local image(s) of {registry} removed")
+            subprocess.run(["rm", "-rf", "--", str(workdir)], check=False)
+        finally:
+            signal.signal(signal.SIGINT, old)
+
+
+def remove_local_images(prefix: str) -> int:
+    """Remove every image of the local engine tagged under `prefix` (the lab registry's)."""
+    client = docker.DockerClient(base_url=LOCAL_DOCKER, timeout=60)
+    count = 0
+    try:
+        for image in client.images.list():
+            if any(t.startswith(prefix) for t in image.tags):
+                with contextlib.suppress(docker.errors.APIError):
+                    client.images.remove(image.id, force=True)
+                    count += 1
+    finally:
+        client.close()
+    return count
+
+
+def git(*args: str, cwd: Path) -> str:
+    """Run git with a fixed identity and no user config; return its stripped stdout."""
+    res = subprocess.run(["git", *_GIT_ID, *args], cwd=cwd, env=_GIT_ENV,
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
+    return res.stdout.strip()
+
+
+class GitRemote:
+    """A bare repo (`url`) and a working clone (`work`) of it on branch main."""
+
+    def __init__(self, root: Path) -> None:
+        self.bare = root / "remote.git"
+        self.work = root / "work"
+        self.url = self.bare.as_uri()
+        git("init", "--bare", "--initial-branch=main", str(self.bare), cwd=root)
+        git("clone", "--", self.url, str(self.work), cwd=root)
+        git("symbolic-ref", "HEAD", "refs/heads/main", cwd=self.work)
+
+    def write(self, path: str, text: str) -> None:
+        target = self.work / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    def commit_push(self, message: str) -> str:
+        """Commit every change and push main; return the new commit's sha."""
+        git("add", "--all", cwd=self.work)
+        git("commit", "-m", message, cwd=self.work)
+        git("push", "origin", "main:refs/heads/main", cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work)
+
+
+def wait_for_content(url: str, expect: str, timeout: float = 30.0, every: float = 0.01) -> None:
+    """Poll `url` until its body is `expect`; raise RuntimeError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    # trust_env off: a proxy from the environment must never see lab traffic.
+    with httpx.Client(timeout=1.0, trust_env=False) as client:
+        while True:
+            try:
+                r = client.get(url)
+                if r.status_code == 200 and r.text == expect:
+                    return
+                last = f"{r.status_code} {r.text[:60]!r}"
+            except httpx.HTTPError as exc:
+                last = type(exc).__name__
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not serve {expect!r} in {timeout}s (last: {last})")
+            time.sleep(every)
+
+
+def _epoch(ts: datetime) -> float:
+    # SQLite hands back naive datetimes; the state writes them in UTC.
+    return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One recorded step of a run, as offsets in seconds from the run's start."""
+
+    kind: str
+    subject: str
+    host: str
+    start: float
+    end: float
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class RunTimes:
+    """A run's recorded span (epoch seconds) and its steps."""
+
+    started: float
+    finished: float
+    steps: tuple[StepTime, ...]
+
+    @property
+    def seconds(self) -> float:
+        return self.finished - self.started
+
+    def span(self, kinds: Sequence[str]) -> float:
+        """From the first start to the last end of the steps of these kinds (0 if none)."""
+        sel = [s for s in self.steps if s.kind in kinds]
+        return max(s.end for s in sel) - min(s.start for s in sel) if sel else 0.0
+
+    def last_end(self, kinds: Sequence[str]) -> float:
+        """Offset of the last end of the steps of these kinds (0 if none)."""
+        return max((s.end for s in self.steps if s.kind in kinds), default=0.0)
+
+
+def run_times(data_dir: Path, run_id: int) -> RunTimes:
+    """Read a run and its steps from the state database in `data_dir`."""
+    state = State.in_dir(data_dir)
+    try:
+        run = state.run(run_id)
+        if run is None or run.finished_at is None:
+            raise RuntimeError(f"run {run_id} not found or not finished in {data_dir}")
+        t0 = _epoch(run.started_at)
+        steps = tuple(
+            StepTime(s.kind, s.subject or "", s.host or "", _epoch(s.started_at) - t0,
+                     _epoch(s.finished_at or s.started_at) - t0)
+            for s in state.steps(run_id)
+        )
+        return RunTimes(t0, _epoch(run.finished_at), steps)
+    finally:
+        state.engine.dispose()
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def fmt(values: Sequence[float]) -> str:
+    return " ".join(f"{v:.3f}" for v in values)

@@ -1,0 +1,276 @@
+"""Benchmark: a one-file change of the sample app from commit to serving, `pipeline run` against
+the same steps done with the plain docker CLI, on one lab host.
+
+Run (root): .venv/bin/python bench/bench_push_to_serving.py [--rounds 5] [--stop-timeout 1s]
+Target: median(pipeline run) / median(plain docker CLI) <= 1.3 (floor about 0.9 s).
+
+A lab of its own (1 host, 10.88.220.0/24, taken down at the end, also on Ctrl-C). Every round
+changes www/index.html (the round's marker) and deploys it three ways, in rotating order so the
+engines' cache state is comparable: (cli) commit + push to a bare repo, then time
+`.venv/bin/pipeline run -c CONFIG` as a subprocess (Python start-up included) until the new
+content is served; (in-process) the same with `Runner.run_pass()`; (plain) on a plain directory,
+`docker build`, `docker push`, `docker -H HOST pull REG/plain@DIGEST`, `docker -H HOST rm -f OLD`,
+`docker -H HOST run -d -p ...`, then poll until the new content answers. The commit and push are
+not timed. busybox httpd as PID 1 ignores SIGTERM: the service's `stop_timeout` (default 1s) is
+waited out in full by the stop-first rollout; the plain path uses `rm -f` (SIGKILL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from _lab import (
+    PIPELINE_BIN,
+    GitRemote,
+    RunTimes,
+    fmt,
+    median,
+    own_lab,
+    run_times,
+    wait_for_content,
+)
+
+from pipeline import logs
+from pipeline.config import load
+from pipeline.lab import LabState
+from pipeline.runner import Runner
+from pipeline.sample_app import write_sample_app
+from pipeline.state import State
+
+SUBNET = "10.88.220.0/24"
+TARGET = 1.3
+APP_PORT, PLAIN_PORT = 18080, 18081
+
+
+def _config(lab: LabState, repo_url: str, stop_timeout: str, interval: str) -> str:
+    return lab.toml + f"""
+[pipeline]
+data_dir = "data"
+
+[repos.app]
+url = "{repo_url}"
+branch = "main"
+
+[images.app]
+repo = "app"
+context = "app"
+
+[services.app]
+image = "app"
+hosts = ["{lab.hosts[0].name}"]
+ports = ["{APP_PORT}:8080"]
+stop_timeout = "{stop_timeout}"
+
+[services.app.health]
+http = "/health"
+interval = "{interval}"
+timeout = "30s"
+"""
+
+
+class Bench:
+    """The three ways of deploying a change, each returning its wall time in seconds."""
+
+    def __init__(self, lab: LabState, workdir: Path, stop_timeout: str, interval: str) -> None:
+        self.lab, self.workdir = lab, workdir
+        self.host = lab.hosts[0]
+        self.remote = GitRemote(workdir)
+        self.config = workdir / "pipeline.toml"
+        self.config.write_text(_config(lab, self.remote.url, stop_timeout, interval))
+        self.data_dir = workdir / "data"
+        self.plain_ctx = write_sample_app(workdir / "plain", "ctx", "plain v0")
+        self.plain_repo = f"{lab.registry}/plain"
+        self.plain_container: str | None = None
+        self.docker_h = ["docker", "-H", self.host.docker_url]
+        self.cli_runs: list[RunTimes] = []
+        self.inproc_runs: list[RunTimes] = []
+        self.plain_steps: dict[str, list[float]] = defaultdict(list)
+        self.cli_outside: list[float] = []  # CLI wall time minus the run's recorded span
+        # In-process runs log as the CLI does (info level), into a file instead of a pipe.
+        self.log_file = (workdir / "inprocess.log").open("w")
+        logs.configure("console", "info", stream=self.log_file)
+
+    def _marker(self, how: str, rnd: int) -> str:
+        return f"{how} round {rnd} {uuid.uuid4().hex[:8]}\n"
+
+    def _app_url(self, port: int) -> str:
+        return f"http://{self.host.address}:{port}/"
+
+    # -- pipeline ---------------------------------------------------------------------------
+    def initial(self) -> None:
+        write_sample_app(self.remote.work, "app", "app v0")
+        self.remote.commit_push("initial")
+        res = self._cli_run()
+        if res.returncode != 0:
+            raise RuntimeError(f"first pipeline run failed:\n{res.stdout}\n{res.stderr}")
+        wait_for_content(self._app_url(APP_PORT), "app v0")
+
+    def _cli_run(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(PIPELINE_BIN), "run", "-c", str(self.config)],
+                              capture_output=True, text=True, check=False, timeout=300,
+                              cwd=self.workdir)
+
+    def cli(self, rnd: int) -> float:
+        marker = self._marker("cli", rnd)
+        self.remote.write("app/www/index.html", marker)
+        self.remote.commit_push(f"cli round {rnd}")
+        t0 = time.perf_counter()
+        res = self._cli_run()
+        wait_for_content(self._app_url(APP_PORT), marker)
+        wall = time.perf_counter() - t0
+        match = re.search(r"run (\d+): ok", res.stdout)
+        if res.returncode != 0 or match is None:
+            raise RuntimeError(f"pipeline run failed:\n{res.stdout}\n{res.stderr}")
+        times = run_times(self.data_dir, int(match.group(1)))
+        self.cli_runs.append(times)
+        self.cli_outside.append(wall - times.seconds)
+        return wall
+
+    def inprocess(self, rnd: int) -> float:
+        marker = self._marker("in-process", rnd)
+        self.remote.write("app/www/index.html", marker)
+        self.remote.commit_push(f"in-process round {rnd}")
+        loaded = load(self.config)
+        runner = Runner(loaded, State.in_dir(loaded.data_dir))
+        try:
+            t0 = time.perf_counter()
+            result = runner.run_pass()
+            wait_for_content(self._app_url(APP_PORT), marker)
+            wall = time.perf_counter() - t0
+        finally:
+            runner.close()
+            runner.state.engine.dispose()
+        if not result.ok:
+            raise RuntimeError(f"run_pass failed: {result.errors}")
+        self.inproc_runs.append(run_times(self.data_dir, result.run_id))
+        return wall
+
+    # -- the plain docker CLI ---------------------------------------------------------------
+    def _timed(self, name: str, argv: list[str]) -> str:
+        t0 = time.perf_counter()
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+        self.plain_steps[name].append(time.perf_counter() - t0)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
+        return res.stdout
+
+    def plain(self, rnd: int, record: bool = True) -> float:
+        marker = self._marker("plain", rnd)
+        (self.plain_ctx / "www" / "index.html").write_text(marker)
+        tag = f"{self.plain_repo}:r{rnd}"
+        name = f"plain-r{rnd}"
+        t0 = time.perf_counter()
+        self._timed("build", ["docker", "build", "-q", "-t", tag, str(self.plain_ctx)])
+        out = self._timed("push", ["docker", "push", tag])
+        digest = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
+        if digest is None:
+            raise RuntimeError(f"no digest in the output of docker push:\n{out}")
+        ref = f"{self.plain_repo}@{digest.group(1)}"
+        self._timed("pull", [*self.docker_h, "pull", "-q", ref])
+        if self.plain_container:
+            self._timed("rm -f", [*self.docker_h, "rm", "-f", self.plain_container])
+        self._timed("run", [*self.docker_h, "run", "-d", "--name", name,
+                            "-p", f"{PLAIN_PORT}:8080", ref])
+        self.plain_container = name
+        t1 = time.perf_counter()
+        wait_for_content(self._app_url(PLAIN_PORT), marker)
+        self.plain_steps["first 200"].append(time.perf_counter() - t1)
+        wall = time.perf_counter() - t0
+        if not record:
+            self.plain_steps.clear()
+        return wall
+
+
+def _labelled(times: RunTimes) -> list[tuple[str, float]]:
+    """The run as consecutive segments: each step, and each gap between steps, in order."""
+    out: list[tuple[str, float]] = []
+    seen: dict[str, int] = defaultdict(int)
+    cursor = 0.0
+    for s in sorted(times.steps, key=lambda s: s.start):
+        seen[s.kind] += 1
+        label = s.kind if seen[s.kind] == 1 else f"{s.kind}#{seen[s.kind]}"
+        out.append((f"  (between, before {label})", s.start - cursor))
+        out.append((label, s.seconds))
+        cursor = max(cursor, s.end)
+    out.append(("  (after the last step: retire old, records)", times.seconds - cursor))
+    return out
+
+
+def _breakdown(title: str, runs: list[RunTimes], extra: list[tuple[str, list[float]]]) -> None:
+    print(f"\n{title} (median seconds over rounds; steps from the state DB)")
+    rows: dict[str, list[float]] = defaultdict(list)
+    order: list[str] = []
+    for run in runs:
+        for label, secs in _labelled(run):
+            if label not in rows:
+                order.append(label)
+            rows[label].append(secs)
+    for label, values in extra:
+        order.append(label)
+        rows[label] = values
+    for label in order:
+        print(f"  {label:<48} {median(rows[label]):7.3f}")
+    print(f"  {'run recorded span (started_at→finished_at)':<48} "
+          f"{median([r.seconds for r in runs]):7.3f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--stop-timeout", default="1s", help="the service's stop_timeout")
+    ap.add_argument("--health-interval", default="100ms", help="the service's health interval")
+    args = ap.parse_args()
+
+    with own_lab("bpts-", 1, SUBNET) as (lab, workdir):
+        bench = Bench(lab, workdir, args.stop_timeout, args.health_interval)
+        print(f"lab: host {lab.hosts[0].docker_url}, registry {lab.registry}; "
+              f"service stop_timeout = {args.stop_timeout!r} (stop-first; busybox httpd as PID 1 "
+              f"ignores SIGTERM, so the stop waits it out), health interval "
+              f"{args.health_interval}; plain path replaces with `docker rm -f` (SIGKILL)")
+        # Warm-up, not measured: both paths deploy once, so every round replaces a container.
+        bench.initial()
+        bench.plain(0, record=False)
+        ways: list[tuple[str, Callable[[int], float]]] = [
+            ("cli", bench.cli), ("in-process", bench.inprocess), ("plain", bench.plain)]
+        results: dict[str, list[float]] = defaultdict(list)
+        for rnd in range(1, args.rounds + 1):
+            shift = (rnd - 1) % len(ways)
+            order = ways[shift:] + ways[:shift]
+            for name, fn in order:
+                results[name].append(fn(rnd))
+            print(f"round {rnd}: " + ", ".join(
+                f"{n} {results[n][-1]:.3f}s" for n, _ in order), flush=True)
+
+        plain, cli, inproc = (median(results[k]) for k in ("plain", "cli", "in-process"))
+        print(f"\nper round (s): pipeline run (CLI) {fmt(results['cli'])}")
+        print(f"               run_pass (in-process) {fmt(results['in-process'])}")
+        print(f"               plain docker CLI {fmt(results['plain'])}")
+        print(f"\nmedian plain docker CLI (build, push, pull, rm -f, run, first 200): {plain:.3f}s")
+        for name, secs in (("pipeline run (CLI subprocess)", cli),
+                           ("Runner.run_pass() (in-process)", inproc)):
+            ratio = secs / plain
+            verdict = "meets" if ratio <= TARGET else "MISSES"
+            print(f"median {name}: {secs:.3f}s  ratio {ratio:.2f}  "
+                  f"(target <= {TARGET}: {verdict})")
+        _breakdown("pipeline run (CLI)", bench.cli_runs,
+                   [("CLI wall minus recorded run (start-up, config, exit, poll)",
+                     bench.cli_outside)])
+        _breakdown("Runner.run_pass() (in-process)", bench.inproc_runs, [])
+        print("\nplain docker CLI steps (median seconds)")
+        for step, values in bench.plain_steps.items():
+            print(f"  {step:<48} {median(values):7.3f}")
+        logs.configure("console", "info")  # back to stderr for the teardown's lines
+        bench.log_file.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
