@@ -106,6 +106,23 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(EXIT_FAILED)
 
     @app.command()
+    def rebuild(image: str, config: ConfigOption = None) -> None:
+        """Rebuild IMAGE now, pulling its base image fresh (what its `rebuild` schedule does);
+        its services are rolled out only when the digest changed."""
+        loaded = load_config(config)
+        img = loaded.model.images.get(image)
+        if img is None:
+            fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", 2)
+        result = _runner(loaded).run_pass(
+            img.repo, trigger="rebuild", force_images=[image], pull_base=True
+        )
+        for error in result.errors:
+            typer.echo(f"error: {error}", err=True)
+        typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
+        if not result.ok:
+            raise typer.Exit(EXIT_FAILED)
+
+    @app.command()
     def rollback(
         service: str,
         config: ConfigOption = None,

@@ -366,6 +366,23 @@ class Service:
                 continue
             self._handle(events)
 
+    def _record_superseded(
+        self, events: Sequence[QueuedEvent], by: str, run_id: int | None
+    ) -> None:
+        """Show coalesced commits in `history` of the repo's services, as superseded."""
+        newest, cfg = events[-1], self.loaded
+        if newest.kind not in ("push", "tag") or newest.repo not in cfg.model.repos:
+            return
+        services = [s for i in cfg.images_of_repo(newest.repo) for s in cfg.services_of_image(i)]
+        seen = {newest.sha}
+        for ev in reversed(events[:-1]):
+            if ev.sha and ev.sha not in seen:
+                seen.add(ev.sha)
+                for service in services:
+                    self.state.record_superseded(
+                        service, ev.sha, f"superseded by {by} before it was built", run_id
+                    )
+
     def _handle(self, events: Sequence[QueuedEvent]) -> None:
         newest = events[-1]
         structlog.contextvars.bind_contextvars(event_id=newest.id)
@@ -390,6 +407,7 @@ class Service:
                 run_id=outcome.run_id,
                 note=f"superseded by {by}",
             )
+            self._record_superseded(events, by, outcome.run_id)
         log.info(
             "event.finished",
             kind=newest.kind,

@@ -264,6 +264,26 @@ class State:
                 )
             )
 
+    def record_superseded(self, service: str, revision: str, note: str, run_id: int | None) -> None:
+        """A commit that was never rolled out because a newer one of its branch came first."""
+        now = self.now()
+        with self.session() as s:
+            s.add(
+                Release(
+                    service=service,
+                    revision=revision,
+                    digest="",
+                    ref="",
+                    spec_hash="",
+                    kind="deploy",
+                    reason=note,
+                    status="superseded",
+                    run_id=run_id,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
+
     def releases(self, service: str | None = None, limit: int = 50) -> list[Release]:
         with self.session() as s:
             q = select(Release).order_by(Release.id.desc()).limit(limit)
