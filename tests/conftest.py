@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ipaddress
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -17,7 +18,12 @@ from pipeline import lab as lab_mod
 from pipeline.sample_app import write_sample_app
 
 # Distinct from the `pipeline lab up` default (10.88.0.0/24), so a user's lab can stay up.
-TEST_LAB_SUBNET = "10.88.200.0/24"
+# Overridable so that two test sessions on one machine (e.g. two developers) do not collide.
+TEST_LAB_SUBNET = os.environ.get("PIPELINE_TEST_LAB_SUBNET", "10.88.200.0/24")
+# The next /24 up: for the test that makes and removes a lab of its own.
+SECOND_TEST_LAB_SUBNET = str(
+    ipaddress.ip_network(TEST_LAB_SUBNET).network_address + 256
+) + "/24"
 LOCAL_DOCKER = "unix:///var/run/docker.sock"
 
 

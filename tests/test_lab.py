@@ -3,6 +3,7 @@ and a teardown that leaves nothing behind."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
+from conftest import SECOND_TEST_LAB_SUBNET
 from docker.errors import APIError, NotFound
 
 from pipeline import lab_net
@@ -90,7 +92,9 @@ def test_every_host_engine_answers(lab: LabState) -> None:
         finally:
             client.close()
     written = tomllib.loads((lab.dir / "pipeline.lab.toml").read_text())
-    assert written["registry"]["address"] == lab.registry == "10.88.200.1:5000"
+    assert written["registry"]["address"] == lab.registry == (
+        f"{next(ipaddress.ip_network(lab.subnet).hosts())}:5000"
+    )
     assert sorted(written["hosts"]) == ["lab-1", "lab-2"]
     assert lab_status(lab.dir).alive
 
@@ -99,7 +103,7 @@ def test_every_host_engine_answers(lab: LabState) -> None:
 def test_lab_up_again_returns_the_live_lab(lab: LabState) -> None:
     """`lab up` on a lab that is alive returns it unchanged (same engines, nothing restarted)."""
     pids = [d["pid"] for d in json.loads((lab.dir / "lab.json").read_text())["dockerds"]]
-    again = lab_up(lab.dir, hosts=2, subnet="10.88.200.0/24")
+    again = lab_up(lab.dir, hosts=2, subnet=lab.subnet)
     assert again == lab
     assert pids == [d["pid"] for d in json.loads((lab.dir / "lab.json").read_text())["dockerds"]]
 
@@ -206,7 +210,7 @@ def test_lab_down_leaves_nothing_behind(
     mount or certs.d entry behind, and a second down succeeds."""
     lab_dir = tmp_path_factory.mktemp("lab_down")
     try:
-        own = lab_up(lab_dir, hosts=1, subnet="10.88.201.0/24")
+        own = lab_up(lab_dir, hosts=1, subnet=SECOND_TEST_LAB_SUBNET)
         ((_host, url, _address),) = own.hosts
         client = docker.DockerClient(base_url=url, timeout=60)
         app = sample_app(content=f"down {uuid.uuid4().hex}")
