@@ -51,7 +51,12 @@ def lab_prereqs() -> None:
 def _down_stale_test_labs(basetemp_parent: Path) -> None:
     # A session killed with SIGKILL skips its finalizers and atexit: its lab would hold the
     # test subnet and make every later session fail. pytest keeps the old basetemps around.
+    # Only labs whose session is gone: another session may be running on this machine now.
     for state in basetemp_parent.glob("pytest-*/lab*/lab.json"):
+        owner = state.parent / "session.pid"
+        with contextlib.suppress(OSError, ValueError):
+            if Path(f"/proc/{int(owner.read_text())}").exists():
+                continue
         with contextlib.suppress(Exception):
             lab_mod.lab_down(state.parent)
 
@@ -62,6 +67,7 @@ def lab(lab_prereqs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     address) tuples, `.registry` ("10.88.200.1:5000"), `.toml`, `.dir`."""
     _down_stale_test_labs(tmp_path_factory.getbasetemp().parent)
     lab_dir = tmp_path_factory.mktemp("lab")
+    (lab_dir / "session.pid").write_text(str(os.getpid()))
     atexit.register(_quiet_down, lab_dir)  # when the session dies without finalizers
     try:
         yield lab_mod.lab_up(lab_dir, hosts=2, subnet=TEST_LAB_SUBNET)

@@ -23,12 +23,12 @@ class Project:
     """Two images (`web/`, `api/`) in one repo, their services on the lab hosts."""
 
     def __init__(self, root: Path, remote: Any, lab: LabState, *, extra: str = "",
-                 hosts: int = 2, registry: str | None = None) -> None:
+                 hosts: int = 2, registry: str | None = None, no_registry: bool = False) -> None:
         self.root, self.remote, self.lab = root, remote, lab
         self.suffix = uuid.uuid4().hex[:6]
         self.web, self.api = f"web{self.suffix}", f"api{self.suffix}"
         self.host_names = [h.name for h in lab.hosts[:hosts]]
-        self.registry = registry or lab.registry
+        self.registry = None if no_registry else (registry or lab.registry)
         self.extra = extra
         self.web_port, self.api_port = 18000 + int(self.suffix[:3], 16) % 900, 0
         self.api_port = self.web_port + 1000
@@ -41,13 +41,12 @@ class Project:
             for h in self.lab.hosts
         )
         host_list = json.dumps(self.host_names)
+        registry = f'[registry]\naddress = "{self.registry}"\n' if self.registry else ""
         self.config.write_text(f"""
 [pipeline]
 data_dir = "data"
 
-[registry]
-address = "{self.registry}"
-
+{registry}
 {hosts}
 [repos.shop]
 url = "{self.remote.url}"
@@ -64,7 +63,7 @@ context = "api"
 [services.{self.web}]
 image = "{self.web}"
 hosts = {host_list}
-ports = ["{self.web_port}:8080"]
+{service_extra.get("web_ports", f'ports = ["{self.web_port}:8080"]')}
 stop_timeout = "1s"
 {service_extra.get("web", "")}
 

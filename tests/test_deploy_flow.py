@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -206,3 +207,68 @@ def _block_registry(lab: LabState, index: int) -> list[str]:
 def _unblock_registry(lab: LabState, index: int, rule: list[str]) -> None:
     subprocess.run(["nsenter", f"--net=/var/run/netns/{_netns(lab, index)}", "iptables", "-D",
                     *rule], check=False)
+
+
+def test_without_registry_each_host_builds(tmp_path: Path, git_remote: Any, lab: LabState) -> None:
+    """Without a [registry], every target host builds the image itself and runs it."""
+    proj = Project(tmp_path, git_remote, lab, no_registry=True)
+    try:
+        sha = proj.initial_commit()
+        result = proj.run()
+        assert result.ok, result.errors
+        for i, host in enumerate(lab.hosts):
+            assert proj.get(i, proj.web_port) == "web v1"
+            client = docker.DockerClient(base_url=host.docker_url)
+            try:
+                image = client.images.get(f"pipeline/{proj.web}:{sha[:12]}")
+            finally:
+                client.close()
+            assert image.labels["org.opencontainers.image.revision"] == sha
+    finally:
+        proj.cleanup()
+
+
+def test_start_first_and_runtime_options(project: Project) -> None:
+    """start-first keeps one container serving; network, volume, command, labels and restart
+    policy reach the container."""
+    net, vol = f"plnet{project.suffix}", f"plvol{project.suffix}"
+    project.write_config(
+        web_ports='ports = ["8080"]',
+        web=f'strategy = "start-first"\nnetwork = "{net}"\nvolumes = ["{vol}:/data"]\n'
+        'command = ["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]\n'
+        'labels = { team = "shop" }\nrestart = "always"',
+    )
+    project.initial_commit()
+    try:
+        result = project.run()
+        assert result.ok, result.errors
+        host = project.lab.hosts[0]
+        client = docker.DockerClient(base_url=host.docker_url)
+        try:
+            (cid,) = project.containers(project.web)[host.name]
+            attrs = client.containers.get(cid).attrs
+            assert net in attrs["NetworkSettings"]["Networks"]
+            assert any(m.get("Name") == vol for m in attrs["Mounts"])
+            assert attrs["Config"]["Cmd"][1] == "httpd"
+            assert attrs["Config"]["Labels"]["team"] == "shop"
+            assert attrs["HostConfig"]["RestartPolicy"]["Name"] == "always"
+            project.remote.write("web/www/index.html", "web v2")
+            project.push("v2")
+            assert project.run().ok
+            (new_id,) = project.containers(project.web)[host.name]
+            port = client.containers.get(new_id).ports["8080/tcp"][0]["HostPort"]
+            assert new_id != cid
+            assert project.get(0, int(port)) == "web v2"
+        finally:
+            client.close()
+    finally:
+        project.cleanup()
+        for h in project.lab.hosts:
+            client = docker.DockerClient(base_url=h.docker_url)
+            try:
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.networks.get(net).remove()
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.volumes.get(vol).remove(force=True)
+            finally:
+                client.close()
