@@ -21,20 +21,12 @@ import httpx
 
 from pipeline.lab import LabState, lab_down, lab_up
 from pipeline.state import State
+from pipeline.workrepo import WorkRepo
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_BIN = ROOT / ".venv" / "bin" / "pipeline"
 LOCAL_DOCKER = "unix:///var/run/docker.sock"
 
-_GIT_ENV = {
-    **os.environ,
-    # The user's own git config must not change what the benchmark measures.
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_TERMINAL_PROMPT": "0",
-}
-_GIT_ID = ["-c", "user.name=Pipeline Bench", "-c", "user.email=bench@pipeline.invalid",
-           "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
 
 
 _MAIN_PID = os.getpid()
@@ -95,37 +87,7 @@ def remove_local_images(prefix: str) -> int:
     return count
 
 
-def git(*args: str, cwd: Path) -> str:
-    """Run git with a fixed identity and no user config; return its stripped stdout."""
-    res = subprocess.run(["git", *_GIT_ID, *args], cwd=cwd, env=_GIT_ENV,
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
-class GitRemote:
-    """A bare repo (`url`) and a working clone (`work`) of it on branch main."""
-
-    def __init__(self, root: Path) -> None:
-        self.bare = root / "remote.git"
-        self.work = root / "work"
-        self.url = self.bare.as_uri()
-        git("init", "--bare", "--initial-branch=main", str(self.bare), cwd=root)
-        git("clone", "--", self.url, str(self.work), cwd=root)
-        git("symbolic-ref", "HEAD", "refs/heads/main", cwd=self.work)
-
-    def write(self, path: str, text: str) -> None:
-        target = self.work / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-
-    def commit_push(self, message: str) -> str:
-        """Commit every change and push main; return the new commit's sha."""
-        git("add", "--all", cwd=self.work)
-        git("commit", "-m", message, cwd=self.work)
-        git("push", "origin", "main:refs/heads/main", cwd=self.work)
-        return git("rev-parse", "HEAD", cwd=self.work)
+GitRemote = WorkRepo  # a bare repo and a clone, as in the tests
 
 
 def wait_for_content(url: str, expect: str, timeout: float = 30.0, every: float = 0.01) -> None:

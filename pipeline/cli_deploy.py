@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.state import State, iso
 
 if TYPE_CHECKING:
-    from pipeline.runner import Runner
+    from pipeline.runner import PassResult, Runner
 
 
 def _echo(line: str) -> None:
@@ -32,6 +32,15 @@ def _runner(loaded: LoadedConfig) -> Runner:
     from pipeline.runner import Runner
 
     return Runner(loaded, State.in_dir(loaded.data_dir), report=_echo)
+
+
+def _outcome(result: PassResult) -> None:
+    """Print a pass's errors and outcome; exit 1 when it failed."""
+    for error in result.errors:
+        typer.echo(f"error: {error}", err=True)
+    typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:
@@ -71,11 +80,7 @@ def register(app: typer.Typer) -> None:
         """One pass: bring every service to the newest commit. Exit 1 if anything failed."""
         loaded = load_config(config)
         result = _runner(loaded).run_pass(repo)
-        for error in result.errors:
-            typer.echo(f"error: {error}", err=True)
-        typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
-        if not result.ok:
-            raise typer.Exit(EXIT_FAILED)
+        _outcome(result)
 
     @app.command()
     def deploy(
@@ -99,11 +104,7 @@ def register(app: typer.Typer) -> None:
             pinned={repo: revision} if revision else None,
             force_services=[service],
         )
-        for error in result.errors:
-            typer.echo(f"error: {error}", err=True)
-        typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
-        if not result.ok:
-            raise typer.Exit(EXIT_FAILED)
+        _outcome(result)
 
     @app.command()
     def rebuild(image: str, config: ConfigOption = None) -> None:
@@ -116,11 +117,7 @@ def register(app: typer.Typer) -> None:
         result = _runner(loaded).run_pass(
             img.repo, trigger="rebuild", force_images=[image], pull_base=True
         )
-        for error in result.errors:
-            typer.echo(f"error: {error}", err=True)
-        typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
-        if not result.ok:
-            raise typer.Exit(EXIT_FAILED)
+        _outcome(result)
 
     @app.command()
     def rollback(

@@ -7,7 +7,6 @@ again, so a newcomer sees a change deployed. Safe to run again: it reuses what e
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,50 +18,16 @@ from pipeline.lab import lab_up
 from pipeline.runner import Runner
 from pipeline.sample_app import write_sample_app
 from pipeline.state import State
-
-_GIT = [
-    "git",
-    "-c",
-    "user.name=pipeline demo",
-    "-c",
-    "user.email=demo@pipeline.invalid",
-    "-c",
-    "init.defaultBranch=main",
-    "-c",
-    "commit.gpgsign=false",
-]
+from pipeline.workrepo import WorkRepo
 
 
-def _git(*args: str, cwd: Path) -> str:
-    res = subprocess.run([*_GIT, *args], cwd=cwd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)}: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
-def _bare_path(url: str) -> Path:
-    return Path(url.removeprefix("file://"))
-
-
-def prepare_repo(bare: Path, context: str) -> Path:
-    """Create the bare repo and a working clone beside it (once); return the clone."""
-    work = bare.with_suffix(".work")
-    if not bare.exists():
-        bare.parent.mkdir(parents=True, exist_ok=True)
-        _git("init", "--bare", "--initial-branch=main", str(bare), cwd=bare.parent)
-    if not work.exists():
-        _git("clone", "--", bare.as_uri(), str(work), cwd=bare.parent)
-        _git("symbolic-ref", "HEAD", "refs/heads/main", cwd=work)
-        write_sample_app(work, context, "hello from pipeline: v1\n")
-        _commit(work, "sample app v1")
-    return work
-
-
-def _commit(work: Path, message: str) -> str:
-    _git("add", "--all", cwd=work)
-    _git("commit", "-m", message, cwd=work)
-    _git("push", "origin", "main:refs/heads/main", cwd=work)
-    return _git("rev-parse", "HEAD", cwd=work)
+def prepare_repo(bare: Path, context: str) -> WorkRepo:
+    """The bare repo and a working clone beside it, with the sample app committed once."""
+    repo = WorkRepo(bare.parent, bare=bare, work=bare.with_suffix(".work"))
+    if not (repo.work / context / "Dockerfile").exists():
+        write_sample_app(repo.work, context, "hello from pipeline: v1\n")
+        repo.commit_push("sample app v1")
+    return repo
 
 
 def run_demo(loaded: LoadedConfig, lab_dir: Path, say: Callable[[str], None]) -> bool:
@@ -77,13 +42,14 @@ def run_demo(loaded: LoadedConfig, lab_dir: Path, say: Callable[[str], None]) ->
         return False
     repo_name, repo = next(iter(cfg.repos.items()))
     image = next(i for i in cfg.images.values() if i.repo == repo_name)
-    work = prepare_repo(_bare_path(repo.url), image.context)
+    git_repo = prepare_repo(Path(repo.url.removeprefix("file://")), image.context)
+    work = git_repo.work
     say(f"== the sample app's repository: {repo.url} (working clone: {work})")
     ok = _pass(loaded, say, "first pass: build, push, deploy")
     page = work / image.context / "www" / "index.html"
     version = int(time.time())
     page.write_text(f"hello from pipeline: changed at {version}\n")
-    sha = _commit(work, f"change the page ({version})")
+    sha = git_repo.commit_push(f"change the page ({version})")
     say(f"== committed a change to {page.relative_to(work)} ({sha[:12]}) and pushed it")
     ok = _pass(loaded, say, "second pass: only what changed is rebuilt and rolled out") and ok
     served = _show(loaded, lambda _line: None)

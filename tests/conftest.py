@@ -7,7 +7,6 @@ import atexit
 import contextlib
 import ipaddress
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from pipeline import lab as lab_mod
 from pipeline.sample_app import write_sample_app
+from pipeline.workrepo import WorkRepo
 
 # Distinct from the `pipeline lab up` default (10.88.0.0/24), so a user's lab can stay up.
 # Overridable so that two test sessions on one machine (e.g. two developers) do not collide.
@@ -101,63 +101,8 @@ def local_engine() -> Iterator[docker.DockerClient]:
 
 # -- git ------------------------------------------------------------------------------------
 
-_GIT_ENV = {
-    **os.environ,
-    # The developer's own git config must not change what the tests see.
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_TERMINAL_PROMPT": "0",
-}
-_GIT_ID = ["-c", "user.name=Pipeline Tests", "-c", "user.email=tests@pipeline.invalid",
-           "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
-
-
-def git(*args: str, cwd: Path) -> str:
-    """Run git with a fixed identity and no user config; return its stripped stdout."""
-    res = subprocess.run(["git", *_GIT_ID, *args], cwd=cwd, env=_GIT_ENV,
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
-    return res.stdout.strip()
-
-
-class GitRemote:
-    """A bare repo (`.bare`, `.url`) and a working clone of it (`.work`) on branch main."""
-
-    def __init__(self, root: Path) -> None:
-        self.bare = root / "remote.git"
-        self.work = root / "work"
-        self.url = self.bare.as_uri()
-        git("init", "--bare", "--initial-branch=main", str(self.bare), cwd=root)
-        git("clone", "--", self.url, str(self.work), cwd=root)
-        git("symbolic-ref", "HEAD", "refs/heads/main", cwd=self.work)
-
-    def write(self, path: str, text: str) -> Path:
-        """Write a file of the working clone (parents created)."""
-        target = self.work / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-        return target
-
-    def commit(self, message: str) -> str:
-        """Commit every change of the working clone; return the new commit's sha."""
-        git("add", "--all", cwd=self.work)
-        git("commit", "--allow-empty", "-m", message, cwd=self.work)
-        return git("rev-parse", "HEAD", cwd=self.work)
-
-    def push(self, ref: str = "main", force: bool = False) -> None:
-        """Push the local branch `ref` to the bare repo."""
-        git("push", *(["--force"] if force else []), "origin", f"{ref}:refs/heads/{ref}",
-            cwd=self.work)
-
-    def tag(self, name: str) -> str:
-        """Tag HEAD (lightweight); return the tagged sha."""
-        git("tag", "--", name, cwd=self.work)
-        return git("rev-parse", "HEAD", cwd=self.work)
-
-    def push_tag(self, name: str) -> None:
-        """Push one tag to the bare repo."""
-        git("push", "origin", f"refs/tags/{name}:refs/tags/{name}", cwd=self.work)
+# The bare remote and working clone every git-driven test pushes through.
+GitRemote = WorkRepo
 
 
 @pytest.fixture

@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import _GIT_ENV, _GIT_ID, GitRemote, git
+from conftest import GitRemote
 
 from pipeline.queue import EventQueue
 from pipeline.service import Service
 from pipeline.state import State
+from pipeline.workrepo import GIT_ENV as _GIT_ENV
+from pipeline.workrepo import GIT_ID as _GIT_ID
+from pipeline.workrepo import git
 
 pytestmark = pytest.mark.timeout(120)
 
