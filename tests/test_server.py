@@ -1,4 +1,4 @@
-"""The HTTP server of `pipeline serve`: real deliveries from /work/shared/webhooks over HTTP, a real
+"""The HTTP server of `pipeline serve`: real deliveries (tests/fixtures/webhooks) over HTTP, a real
 SQLite state in tmp_path, and uvicorn on loopback where the transport matters (body limits)."""
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from pipeline.server import ServerContext, create_app, decide, start
 from pipeline.state import State
 from pipeline.webhooks import PushEvent
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "webhooks"
+# Real deliveries, byte for byte as the providers send them (copied from the shared set;
+# tests/fixtures/webhooks/README.md gives their sources and how each provider signs).
+SHARED = Path(__file__).resolve().parent / "fixtures" / "webhooks"
 pytestmark = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"shared webhook deliveries not found at {SHARED}"
 )

@@ -1,4 +1,4 @@
-"""Webhook verification and parsing, on the real deliveries kept in /work/shared/webhooks."""
+"""Webhook verification and parsing, on the real deliveries kept in tests/fixtures/webhooks."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ from pipeline.webhooks import (
     verify_and_parse,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "webhooks"
+# Real deliveries, byte for byte as the providers send them (copied from the shared set;
+# tests/fixtures/webhooks/README.md gives their sources and how each provider signs).
+SHARED = Path(__file__).resolve().parent / "fixtures" / "webhooks"
 pytestmark = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"shared webhook deliveries not found at {SHARED}"
 )
