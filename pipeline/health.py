@@ -141,6 +141,9 @@ def container_alive(engine: Engine, container_id: str) -> Callable[[], str | Non
     return alive
 
 
+FIRST_PAUSE = 0.05  # seconds before the second probe; doubles until the first success
+
+
 def wait_healthy(
     probe: Probe,
     *,
@@ -153,10 +156,15 @@ def wait_healthy(
     should_stop: Callable[[], bool] | None = None,
 ) -> HealthResult:
     """Probe at once, then every `interval` s, until `threshold` consecutive successes (healthy)
-    or `timeout` s pass (unhealthy); a dead container (`alive()` gives a reason) fails at once."""
+    or `timeout` s pass (unhealthy); a dead container (`alive()` gives a reason) fails at once.
+
+    Until the first success the pause starts at `FIRST_PAUSE` and doubles up to `interval`: most
+    apps answer within a few hundred milliseconds of starting, and a deploy should not wait out
+    a whole interval for an app that was ready just after the first probe."""
     start = clock()
     deadline = start + timeout
     attempts = streak = 0
+    pause = min(FIRST_PAUSE, interval)
     detail = "not checked"
     while True:
         if should_stop is not None and should_stop():
@@ -175,7 +183,10 @@ def wait_healthy(
             return HealthResult(True, detail, attempts, now - start)
         if now >= deadline:
             return HealthResult(False, detail, attempts, now - start)
-        sleep(max(0.0, min(interval, deadline - now)))
+        if streak:
+            pause = interval  # between consecutive successes: the configured interval
+        sleep(max(0.0, min(pause, deadline - now)))
+        pause = min(interval, pause * 2)
 
 
 def _host_port(

@@ -65,19 +65,21 @@ def _scripted(results: list[bool]) -> tuple[list[int], Probe]:
 
 
 @pytest.mark.parametrize(
-    ("results", "threshold", "healthy", "attempts"),
+    ("results", "threshold", "healthy", "attempts", "elapsed"),
     [
-        ([True], 1, True, 1),  # first probe at once, no sleep needed
-        ([False, False, True], 1, True, 3),
-        ([True, False, True, True, True], 3, True, 5),  # a failure resets the streak
-        ([False], 1, False, 11),  # 10 s timeout, 1 s interval: probes at t=0..10
-        ([True, False], 2, False, 11),
+        ([True], 1, True, 1, 0.0),  # first probe at once, no sleep needed
+        ([False, False, True], 1, True, 3, 0.15),  # fast re-probes before the first success
+        ([True, False, True, True, True], 3, True, 5, 4.0),  # a failure resets the streak
+        # 10 s timeout, 1 s interval: 0.05, 0.1, 0.2, 0.4, 0.8 s pauses, then every second
+        ([False], 1, False, 15, 10.0),
+        ([True, False], 2, False, 11, 10.0),
     ],
 )
 def test_wait_healthy_honours_threshold_and_deadline(
-    results: list[bool], threshold: int, healthy: bool, attempts: int
+    results: list[bool], threshold: int, healthy: bool, attempts: int, elapsed: float
 ) -> None:
-    """wait_healthy needs `threshold` consecutive successes and stops at the deadline."""
+    """wait_healthy needs `threshold` consecutive successes, re-probes fast until the first
+    success, and stops at the deadline."""
     fake = FakeTime()
     calls, probe = _scripted(results)
     result = wait_healthy(
@@ -86,7 +88,7 @@ def test_wait_healthy_honours_threshold_and_deadline(
     )
     assert (result.healthy, result.attempts, calls[0]) == (healthy, attempts, attempts)
     assert result.detail == f"check {attempts} {'ok' if healthy else 'failed'}"
-    assert result.elapsed == pytest.approx(attempts - 1)
+    assert result.elapsed == pytest.approx(elapsed)
     assert all(s <= 1.0 for s in fake.sleeps)
 
 
