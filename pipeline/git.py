@@ -291,6 +291,16 @@ class Mirror:
         branch, tags = _target(branch, tags)
         if not (self.path / "HEAD").exists():
             return None
+        if branch is not None:
+            # A fetch writes the branch as a loose ref: reading it spares a git process per
+            # poll. Packed or odd refs fall through to rev-parse.
+            loose = self.path / "refs" / "heads" / branch
+            try:
+                sha = loose.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                sha = ""
+            if _HEX_SHA.fullmatch(sha):
+                return Revision(sha=sha, ref=f"refs/heads/{branch}", tag=None, version=None)
         return self._local_revision(branch, tags)
 
     def resolve(self, rev: str) -> str:

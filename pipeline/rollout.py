@@ -54,6 +54,7 @@ class RolloutResult:
     release_id: int
     error: str | None = None
     hosts: list[str] = field(default_factory=list)
+    superseded: bool = False  # gave way to a newer commit at a safe point; not a failure
 
 
 class RolloutFailed(PipelineError):
@@ -143,7 +144,9 @@ class Rollout:
                 error=failure,
                 hosts_rolled_back=[m.host for m in moved],
             )
-            return RolloutResult(self.service, False, release_id, failure, [m.host for m in moved])
+            return RolloutResult(
+                self.service, False, release_id, failure, [m.host for m in moved], superseded
+            )
         for move in moved:
             self._retire_old(move, run_id)
             self._prune_images(move, self.spec.image, self.keep_images)

@@ -44,6 +44,7 @@ class PassResult:
     ok: bool
     errors: list[str] = field(default_factory=list)
     rollouts: list[RolloutResult] = field(default_factory=list)
+    superseded: bool = False  # a rollout gave way to a newer commit (the next pass deploys it)
 
 
 class Runner:
@@ -71,6 +72,7 @@ class Runner:
         self._engines: dict[str, Engine] = {}
         self._engines_lock = threading.Lock()
         self._mirror_locks: dict[str, threading.Lock] = {}
+        self._mirrors: dict[str, Mirror] = {}
         self.builder = Builder(loaded, state, self.engine, self.mirror, report=report, sleep=sleep)
 
     # -- collaborators ----------------------------------------------------------------------
@@ -87,10 +89,18 @@ class Runner:
             return self._engines[key]
 
     def mirror(self, repo: str) -> Mirror:
+        """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
+        hundreds of repos then costs one `git ls-remote` each)."""
         url = self.cfg.repos[repo].url
         if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)
             url = f"file://{url}"
-        return Mirror(url, self.loaded.data_dir / "git" / f"{repo}.git")
+        with self._engines_lock:
+            mirror = self._mirrors.get(repo)
+            if mirror is None or mirror.url != url:
+                mirror = self._mirrors[repo] = Mirror(
+                    url, self.loaded.data_dir / "git" / f"{repo}.git"
+                )
+            return mirror
 
     def mirror_lock(self, repo: str) -> threading.Lock:
         return self._mirror_locks.setdefault(repo, threading.Lock())
@@ -231,7 +241,12 @@ class Runner:
         finally:
             structlog.contextvars.unbind_contextvars("run_id")
         revs = {r.sha for r in observed.revisions.values()}
-        status = "noop" if the_plan.empty else ("succeeded" if result.ok else "failed")
+        if the_plan.empty:
+            status = "noop"
+        elif result.errors:
+            status = "failed"
+        else:
+            status = "superseded" if result.superseded else "succeeded"
         self.state.finish_run(
             run_id,
             status,
@@ -306,9 +321,11 @@ class Runner:
             outcomes = list(pool.map(lambda r: self._roll_one(r, artifacts, run_id), rollouts))
         for outcome in outcomes:
             result.rollouts.append(outcome)
-            if not outcome.ok:
+            if outcome.superseded:
+                result.superseded = True
+            elif not outcome.ok:
                 result.errors.append(f"service {outcome.service}: {outcome.error}")
-        result.ok = not result.errors
+        result.ok = not result.errors and not result.superseded
         return result
 
     def _up_to_date(self, service: str, digest: str) -> bool:
