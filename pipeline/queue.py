@@ -205,6 +205,22 @@ class EventQueue:
             ).first()
             return found is not None
 
+    def waiting_shas(self, repo: str, than_id: int) -> list[str | None]:
+        """The commits (None: not known) of pushes and tags of `repo` queued above `than_id`."""
+        with self.state.session() as s:
+            return list(
+                s.scalars(
+                    select(Event.sha)
+                    .where(
+                        Event.status == "queued",
+                        Event.repo == repo,
+                        Event.kind.in_(_COALESCING),
+                        Event.id > than_id,
+                    )
+                    .order_by(Event.id)
+                )
+            )
+
     def depth(self) -> int:
         """How many events wait to be claimed."""
         with self.state.engine.connect() as conn:

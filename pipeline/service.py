@@ -8,6 +8,7 @@ services whose rollout was interrupted midway.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -22,7 +23,7 @@ from pipeline import config as config_mod
 from pipeline import metrics
 from pipeline import server as server_mod
 from pipeline.config import LoadedConfig
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.operations import rollback_service, status_rows
 from pipeline.queue import EventQueue, QueuedEvent
 from pipeline.redact import redact
@@ -366,21 +367,34 @@ class Service:
                 continue
             self._handle(events)
 
-    def _record_superseded(
-        self, events: Sequence[QueuedEvent], by: str, run_id: int | None
-    ) -> None:
-        """Show coalesced commits in `history` of the repo's services, as superseded."""
+    def _record_superseded(self, events: Sequence[QueuedEvent], run_id: int | None) -> None:
+        """Show the pushed commits the run went past (all of `events`' but the one it deployed:
+        coalesced, or already behind the branch's head when fetched) in `history` of the
+        repo's services, as superseded."""
         newest, cfg = events[-1], self.loaded
         if newest.kind not in ("push", "tag") or newest.repo not in cfg.model.repos:
             return
+        run = self.state.run(run_id) if run_id is not None else None
+        deployed = run.revision if run is not None else None
+        if deployed is None:  # nothing fetched: no newer commit is known to have replaced them
+            return
         services = [s for i in cfg.images_of_repo(newest.repo) for s in cfg.services_of_image(i)]
-        seen = {newest.sha}
-        for ev in reversed(events[:-1]):
-            if ev.sha and ev.sha not in seen:
-                seen.add(ev.sha)
+        mirror = self._observer.mirror(newest.repo) if self._observer is not None else None
+        seen = {deployed}
+        for ev in events:
+            commit = ev.sha
+            if commit and mirror is not None:
+                with contextlib.suppress(PipelineError):
+                    commit = mirror.resolve(commit)  # an annotated tag's object -> its commit
+            if commit and commit not in seen:
+                seen.add(commit)
                 for service in services:
                     self.state.record_superseded(
-                        service, ev.sha, f"superseded by {by} before it was built", run_id
+                        service,
+                        commit,
+                        f"superseded by {deployed[:12]} before it was built",
+                        run_id,
+                        at=ev.received_at,
                     )
 
     def _handle(self, events: Sequence[QueuedEvent]) -> None:
@@ -407,7 +421,7 @@ class Service:
                 run_id=outcome.run_id,
                 note=f"superseded by {by}",
             )
-            self._record_superseded(events, by, outcome.run_id)
+        self._record_superseded(events, outcome.run_id)
         log.info(
             "event.finished",
             kind=newest.kind,
@@ -439,6 +453,16 @@ class Service:
         if svc is None:
             return _Outcome("ignored", note=f"service {ev.subject!r} is not in the config")
         name = ev.subject or ""
+        if ev.kind == "deploy" and ev.source == "recover":
+            # The requeued event that was interrupted usually redeploys the service first; a
+            # second rollout of the same revision would only restart it on every host again.
+            latest = self.state.releases(name, limit=1)
+            if latest and latest[0].status == "succeeded" and latest[0].revision == ev.sha:
+                return _Outcome(
+                    "superseded",
+                    latest[0].run_id,
+                    f"{name} already redeployed at {latest[0].revision[:12]}",
+                )
         if ev.kind == "deploy":
             repo = cfg.images[svc.image].repo
             return self._pass(
@@ -474,10 +498,12 @@ class Service:
         pinned: dict[str, str] | None = None,
         pull_base: bool = False,
     ) -> _Outcome | None:
+        contained: set[str] = set()
+
         def should_stop() -> bool:
             # A newer commit of the same repo supersedes a rollout still waiting for health.
             return self._stopping.is_set() or (
-                repo is not None and self.queue.newer_waiting(repo, ev.id)
+                repo is not None and self._newer_commit_waiting(repo, ev.id, pinned, contained)
             )
 
         runner = self._runner(self.loaded, should_stop=should_stop, log_prefix=f"event {ev.id}")
@@ -503,10 +529,45 @@ class Service:
             log.warning("event.interrupted_by_stop", run_id=result.run_id)
             return None
         note = "; ".join(result.errors)[:2000] or None
-        if not result.ok and repo is not None and self.queue.newer_waiting(repo, ev.id):
+        if (
+            not result.ok
+            and repo is not None
+            and self._newer_commit_waiting(repo, ev.id, pinned, contained)
+        ):
             # Its rollout gave way to a newer commit (recorded as superseded, not as broken).
             return _Outcome("superseded", result.run_id, f"a newer push is queued; {note}")
         return _Outcome("done" if result.ok else "failed", result.run_id, note)
+
+    def _newer_commit_waiting(
+        self, repo: str, than_id: int, pinned: dict[str, str] | None, contained: set[str]
+    ) -> bool:
+        """True when a push/tag of `repo` queued after event `than_id` brings a commit that the
+        one this pass rolls out (pinned, else the mirror's head) does not contain. Late
+        deliveries of older commits (ten pushes in a second) must not undo a rollout of the
+        newest; `contained` caches the commits found to be included."""
+        waiting = [sha for sha in self.queue.waiting_shas(repo, than_id) if sha not in contained]
+        if not waiting:
+            return False
+        observer, section = self._observer, self.loaded.model.repos.get(repo)
+        if observer is None or section is None:
+            return True
+        mirror = observer.mirror(repo)
+        try:
+            if pinned and repo in pinned:
+                head: str | None = mirror.resolve(pinned[repo])
+            else:
+                branch = None if section.tags else (section.branch or "main")
+                local = mirror.local_head(branch=branch, tags=section.tags)
+                head = local.sha if local else None
+            for sha in waiting:
+                if sha is None or head is None:
+                    return True  # an event that names no commit may bring anything
+                if sha != head and not mirror.is_ancestor(sha, head):
+                    return True
+                contained.add(sha)
+        except PipelineError:
+            return True  # cannot tell: the newer event wins, as before
+        return False
 
     # -- helpers ----------------------------------------------------------------------------
     def _runner(

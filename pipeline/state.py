@@ -264,10 +264,28 @@ class State:
                 )
             )
 
-    def record_superseded(self, service: str, revision: str, note: str, run_id: int | None) -> None:
-        """A commit that was never rolled out because a newer one of its branch came first."""
+    def record_superseded(
+        self,
+        service: str,
+        revision: str,
+        note: str,
+        run_id: int | None,
+        at: datetime | None = None,
+    ) -> None:
+        """A commit that was never rolled out because a newer one of its branch came first;
+        `at` is when it arrived (history is in that order). Recorded once per service."""
         now = self.now()
         with self.session() as s:
+            seen = s.scalars(
+                select(Release.id).where(
+                    Release.service == service,
+                    Release.revision == revision,
+                    Release.status == "superseded",
+                    Release.digest == "",
+                )
+            ).first()
+            if seen is not None:
+                return
             s.add(
                 Release(
                     service=service,
@@ -279,14 +297,16 @@ class State:
                     reason=note,
                     status="superseded",
                     run_id=run_id,
-                    started_at=now,
+                    started_at=at or now,
                     finished_at=now,
                 )
             )
 
     def releases(self, service: str | None = None, limit: int = 50) -> list[Release]:
         with self.session() as s:
-            q = select(Release).order_by(Release.id.desc()).limit(limit)
+            # By start: a superseded commit is recorded after the newer one's rollout, but it
+            # arrived before it.
+            q = select(Release).order_by(Release.started_at.desc(), Release.id.desc()).limit(limit)
             if service:
                 q = q.where(Release.service == service)
             return list(s.scalars(q))
