@@ -221,6 +221,17 @@ class EventQueue:
                 )
             )
 
+    def quiet_for(self) -> float | None:
+        """Seconds since the newest queued event arrived; None when nothing waits."""
+        with self.state.engine.connect() as conn:
+            newest = conn.execute(
+                select(func.max(_EVENTS.c.received_at)).where(_EVENTS.c.status == "queued")
+            ).scalar_one()
+        received = _aware(newest)
+        if received is None:
+            return None
+        return max(0.0, (self.state.now() - received).total_seconds())
+
     def depth(self) -> int:
         """How many events wait to be claimed."""
         with self.state.engine.connect() as conn:

@@ -35,6 +35,10 @@ from pipeline.watch import Watcher, git_dir_of, local_repo_path
 log = structlog.get_logger(__name__)
 
 IDLE_WAIT = 1.0  # also how soon events queued by another process (a git hook) are noticed
+# A burst of pushes (a script, a rebase pushed branch by branch) arrives tens of ms apart: work
+# starts once the queue was quiet this long, so the burst builds once; a lone push pays it.
+SETTLE = 0.075
+MAX_SETTLE = 2.0
 
 
 @dataclass(frozen=True)
@@ -354,10 +358,22 @@ class Service:
         return event_id
 
     # -- the worker -------------------------------------------------------------------------
+    def _settle(self) -> None:
+        """Let a burst land before work starts: while events keep arriving less than SETTLE
+        apart, wait (at most MAX_SETTLE), so ten pushes in a second build once, the newest.
+        A lone push waits SETTLE at most."""
+        started = self.clock()
+        while not self._stopping.is_set():
+            quiet = self.queue.quiet_for()
+            if quiet is None or quiet >= SETTLE or self.clock() - started >= MAX_SETTLE:
+                return
+            self._stopping.wait(SETTLE - quiet)
+
     def _work(self) -> None:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
+                self._settle()
                 events = self.queue.claim(self.owner)
             except Exception as exc:  # the database may be busy or gone for a moment
                 log.error("worker.claim_failed", error=redact(str(exc)))
