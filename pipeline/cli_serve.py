@@ -57,6 +57,7 @@ def split_listen(listen: str) -> tuple[str, int]:
 
     return split(listen)
 
+
 HOOKS_DIR = Path(__file__).resolve().parent.parent / "hooks"
 HOOK_NAMES = ("pre-receive", "post-receive")
 HOOK_MARKER = "installed by `pipeline hooks install`"
@@ -360,6 +361,7 @@ def _follow(
     """Print the steps of the run that handles the event until the event is final; return it
     (None on timeout). While the event waits, the newest running run of its repo is shown."""
     shown: dict[int, str] = {}
+    pushes: set[str] = set()
     deadline = clock() + timeout
     said_waiting = False
     while True:
@@ -372,18 +374,18 @@ def _follow(
             said_waiting = True
         if run_id is not None:
             for step in state.steps(run_id):
-                if shown.get(step.id) != step.status:
-                    shown[step.id] = step.status
-                    echo(
-                        "  "
-                        + _step_line(
-                            step.kind,
-                            step.subject,
-                            step.host,
-                            step.status,
-                            step.error or step.detail,
-                        )
-                    )
+                if shown.get(step.id) == step.status:
+                    continue
+                shown[step.id] = step.status
+                line = _step_line(
+                    step.kind, step.subject, step.host, step.status, step.error or step.detail
+                )
+                if step.kind == "push":
+                    # One step per tag, the same digest once done: say each line once per image.
+                    if line in pushes:
+                        continue
+                    pushes.add(line)
+                echo("  " + line)
         if ev.status in FINAL_STATUSES:
             return ev
         if clock() > deadline:

@@ -211,9 +211,10 @@ def _image_reason(
     image: ImageSection,
     snapshot: RepoSnapshot,
     record: ImageRecord | None,
-    forced: bool,
+    forced: str | None,
 ) -> tuple[str | None, Problem | None]:
-    """Why `image` must be built at the snapshot (None: it need not), or why it cannot be."""
+    """Why `image` must be built at the snapshot (None: it need not), or why it cannot be;
+    `forced` is the reason given when it is built on request."""
     subject = f"images.{name}"
     if image.dockerfile_path not in snapshot.files:
         return None, Problem(
@@ -228,8 +229,8 @@ def _image_reason(
         return None, Problem(subject, f"{where} at {_short(snapshot.revision)}: {exc}")
     if record is None:
         return "never built", None
-    if forced:
-        return "requested", None
+    if forced is not None:
+        return forced, None
     if record.spec_hash != image_spec_hash(image):
         return (
             "definition changed: context, dockerfile, build_args or watch differ from the "
@@ -254,14 +255,16 @@ def plan(
     env_files: Mapping[str, str] | None = None,
     failed: Mapping[str, str | ServiceRecord] | None = None,
     force_images: Iterable[str] = (),
+    force_reason: str = "requested",
     only_services: Iterable[str] | None = None,
 ) -> Plan:
     """Decide the builds and rollouts for the repos in `snapshots` (others are left alone).
 
     `env_files` maps a service name to the content of its `env_file`; `failed`
     maps a service to the revision whose rollout failed last, which is not retried unless the
-    service's definition changed; `only_services` limits rollouts, and the builds they need,
-    to those services.
+    service's definition changed; `force_images` are built even if unchanged, with
+    `force_reason` as the plan's reason; `only_services` limits rollouts, and the builds they
+    need, to those services.
     """
     env_files = env_files or {}
     failed = failed or {}
@@ -284,7 +287,9 @@ def plan(
                     Problem(f"images.{name}", f"repo {image.repo} was not fetched: cannot build")
                 )
             continue
-        reason, problem = _image_reason(name, image, snapshot, images.get(name), name in forced)
+        reason, problem = _image_reason(
+            name, image, snapshot, images.get(name), force_reason if name in forced else None
+        )
         if problem is not None:
             problems.append(problem)
             broken.add(name)

@@ -185,6 +185,7 @@ class Runner:
         only_services: Iterable[str] | None = None,
         ignore_failed: bool = False,
         force_images: Iterable[str] = (),
+        force_reason: str = "requested",
     ) -> Plan:
         images = list(self.cfg.images)
         services = list(self.cfg.services)
@@ -196,6 +197,7 @@ class Runner:
             env_files=self.env_files(),
             failed={} if ignore_failed else self.state.failed_revisions(services),
             force_images=force_images,
+            force_reason=force_reason,
             only_services=only_services,
         )
 
@@ -217,11 +219,13 @@ class Runner:
         only_services: Iterable[str] | None = None,
         ignore_failed: bool = False,
         force_images: Iterable[str] = (),
+        force_reason: str = "rebuild requested",
         pinned: dict[str, str] | None = None,
         force_services: Iterable[str] = (),
         pull_base: bool = False,
     ) -> PassResult:
-        """Observe, plan and apply; every step recorded under one run."""
+        """Observe, plan and apply; every step recorded under one run. `force_images` are
+        built even if unchanged, `force_reason` saying why (`pipeline rebuild` by default)."""
         run_id = self.state.start_run(trigger, repo, owner=self.owner)
         structlog.contextvars.bind_contextvars(run_id=run_id)
         try:
@@ -231,6 +235,7 @@ class Runner:
                 only_services=only_services,
                 ignore_failed=ignore_failed,
                 force_images=force_images,
+                force_reason=force_reason,
             )
             the_plan = self._force(the_plan, observed, force_services)
             result = self.apply(the_plan, observed, run_id, pull_base=pull_base)
