@@ -311,6 +311,16 @@ class State:
                 q = q.where(Release.service == service)
             return list(s.scalars(q))
 
+    def services_released_by(self, run_id: int) -> list[str]:
+        """The services a run rolled out (or tried to)."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(Release.service).where(
+                    Release.run_id == run_id, Release.status != "superseded"
+                )
+            )
+            return sorted(set(rows))
+
     def successful_releases(self, service: str) -> list[Release]:
         """Succeeded releases of a service, newest first."""
         with self.session() as s:

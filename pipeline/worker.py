@@ -99,7 +99,7 @@ class Worker:
     def _record_superseded(self, events: Sequence[QueuedEvent], run_id: int | None) -> None:
         """Show the pushed commits the run went past (all of `events`' but the one it deployed:
         coalesced, or already behind the branch's head when fetched) in `history` of the
-        repo's services, as superseded."""
+        services the run rolled out, as superseded: the others did not change in them."""
         newest, cfg = events[-1], self.loaded()
         if newest.kind not in ("push", "tag") or newest.repo not in cfg.model.repos:
             return
@@ -107,7 +107,8 @@ class Worker:
         deployed = run.revision if run is not None else None
         if deployed is None:  # nothing fetched: no newer commit is known to have replaced them
             return
-        services = [s for i in cfg.images_of_repo(newest.repo) for s in cfg.services_of_image(i)]
+        assert run_id is not None
+        services = self.state.services_released_by(run_id)
         observer = self._observer()
         mirror = observer.mirror(newest.repo) if observer is not None else None
         seen = {deployed}
