@@ -185,12 +185,21 @@ class Engine(ContainerOps):
                         client_cert=cert, ca_cert=self._tls_ca, verify=self._tls_ca or True
                     )
                 with self._calling("connect"):
-                    self._docker = docker.DockerClient(
+                    # requests would let REQUESTS_CA_BUNDLE override the host's tls_ca and
+                    # route engine traffic through an HTTP(S)_PROXY from the environment: the
+                    # config names the endpoint and its CA, and nothing else may. So the client
+                    # is made without a request ("1.24", the oldest API), stops trusting the
+                    # environment, and only then negotiates the version as "auto" would.
+                    client = docker.DockerClient(
                         base_url=self.url,
                         tls=tls,
                         timeout=int(self._timeout),
                         use_ssh_client=self.url.startswith("ssh://"),
+                        version="1.24",
                     )
+                    client.api.trust_env = False
+                    client.api._version = client.api.version(api_version=False)["ApiVersion"]
+                    self._docker = client
             return self._docker
 
     def close(self) -> None:
