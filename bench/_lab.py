@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import statistics
 import subprocess
 import tempfile
 import time
+import uuid
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,6 +23,7 @@ import docker
 import httpx
 
 from pipeline.lab import LabState, lab_down, lab_up
+from pipeline.sample_app import write_sample_app
 from pipeline.state import State
 from pipeline.workrepo import WorkRepo
 
@@ -175,3 +179,53 @@ def median(values: Sequence[float]) -> float:
 
 def fmt(values: Sequence[float]) -> str:
     return " ".join(f"{v:.3f}" for v in values)
+
+
+PLAIN_PORT = 18081  # where the plain baseline publishes its container
+
+
+class PlainDocker:
+    """The floor the deploy benchmarks compare with: the same one-file change deployed with the
+    plain docker CLI (build, push, pull by digest, rm -f the old container, run, first 200)."""
+
+    def __init__(self, lab: LabState, workdir: Path) -> None:
+        self.host = lab.hosts[0]
+        self.ctx = write_sample_app(workdir / "plain", "ctx", "plain v0")
+        self.repo = f"{lab.registry}/plain"
+        self.container: str | None = None
+        self.docker_h = ["docker", "-H", self.host.docker_url]
+        self.steps: dict[str, list[float]] = defaultdict(list)
+
+    def _timed(self, name: str, argv: list[str]) -> str:
+        t0 = time.perf_counter()
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+        self.steps[name].append(time.perf_counter() - t0)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
+        return res.stdout
+
+    def deploy(self, rnd: int, record: bool = True) -> float:
+        marker = f"plain round {rnd} {uuid.uuid4().hex[:8]}\n"
+        (self.ctx / "www" / "index.html").write_text(marker)
+        tag = f"{self.repo}:r{rnd}"
+        name = f"plain-r{rnd}"
+        t0 = time.perf_counter()
+        self._timed("build", ["docker", "build", "-q", "-t", tag, str(self.ctx)])
+        out = self._timed("push", ["docker", "push", tag])
+        digest = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
+        if digest is None:
+            raise RuntimeError(f"no digest in the output of docker push:\n{out}")
+        ref = f"{self.repo}@{digest.group(1)}"
+        self._timed("pull", [*self.docker_h, "pull", "-q", ref])
+        if self.container:
+            self._timed("rm -f", [*self.docker_h, "rm", "-f", self.container])
+        self._timed("run", [*self.docker_h, "run", "-d", "--name", name,
+                            "-p", f"{PLAIN_PORT}:8080", ref])
+        self.container = name
+        t1 = time.perf_counter()
+        wait_for_content(f"http://{self.host.address}:{PLAIN_PORT}/", marker)
+        self.steps["first 200"].append(time.perf_counter() - t1)
+        wall = time.perf_counter() - t0
+        if not record:
+            self.steps.clear()
+        return wall

@@ -30,6 +30,7 @@ from pathlib import Path
 from _lab import (
     PIPELINE_BIN,
     GitRemote,
+    PlainDocker,
     RunTimes,
     fmt,
     median,
@@ -47,7 +48,7 @@ from pipeline.state import State
 
 SUBNET = "10.88.220.0/24"
 TARGET = 1.3
-APP_PORT, PLAIN_PORT = 18080, 18081
+APP_PORT = 18080
 
 
 def _config(lab: LabState, repo_url: str, stop_timeout: str, interval: str) -> str:
@@ -86,13 +87,9 @@ class Bench:
         self.config = workdir / "pipeline.toml"
         self.config.write_text(_config(lab, self.remote.url, stop_timeout, interval))
         self.data_dir = workdir / "data"
-        self.plain_ctx = write_sample_app(workdir / "plain", "ctx", "plain v0")
-        self.plain_repo = f"{lab.registry}/plain"
-        self.plain_container: str | None = None
-        self.docker_h = ["docker", "-H", self.host.docker_url]
+        self.plain_docker = PlainDocker(lab, workdir)
         self.cli_runs: list[RunTimes] = []
         self.inproc_runs: list[RunTimes] = []
-        self.plain_steps: dict[str, list[float]] = defaultdict(list)
         self.cli_outside: list[float] = []  # CLI wall time minus the run's recorded span
         # In-process runs log as the CLI does (info level), into a file instead of a pipe.
         self.log_file = (workdir / "inprocess.log").open("w")
@@ -154,39 +151,8 @@ class Bench:
         return wall
 
     # -- the plain docker CLI ---------------------------------------------------------------
-    def _timed(self, name: str, argv: list[str]) -> str:
-        t0 = time.perf_counter()
-        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
-        self.plain_steps[name].append(time.perf_counter() - t0)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
-        return res.stdout
-
     def plain(self, rnd: int, record: bool = True) -> float:
-        marker = self._marker("plain", rnd)
-        (self.plain_ctx / "www" / "index.html").write_text(marker)
-        tag = f"{self.plain_repo}:r{rnd}"
-        name = f"plain-r{rnd}"
-        t0 = time.perf_counter()
-        self._timed("build", ["docker", "build", "-q", "-t", tag, str(self.plain_ctx)])
-        out = self._timed("push", ["docker", "push", tag])
-        digest = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
-        if digest is None:
-            raise RuntimeError(f"no digest in the output of docker push:\n{out}")
-        ref = f"{self.plain_repo}@{digest.group(1)}"
-        self._timed("pull", [*self.docker_h, "pull", "-q", ref])
-        if self.plain_container:
-            self._timed("rm -f", [*self.docker_h, "rm", "-f", self.plain_container])
-        self._timed("run", [*self.docker_h, "run", "-d", "--name", name,
-                            "-p", f"{PLAIN_PORT}:8080", ref])
-        self.plain_container = name
-        t1 = time.perf_counter()
-        wait_for_content(self._app_url(PLAIN_PORT), marker)
-        self.plain_steps["first 200"].append(time.perf_counter() - t1)
-        wall = time.perf_counter() - t0
-        if not record:
-            self.plain_steps.clear()
-        return wall
+        return self.plain_docker.deploy(rnd, record)
 
 
 def _labelled(times: RunTimes) -> list[tuple[str, float]]:
@@ -265,7 +231,7 @@ def main() -> int:
                      bench.cli_outside)])
         _breakdown("Runner.run_pass() (in-process)", bench.inproc_runs, [])
         print("\nplain docker CLI steps (median seconds)")
-        for step, values in bench.plain_steps.items():
+        for step, values in bench.plain_docker.steps.items():
             print(f"  {step:<48} {median(values):7.3f}")
         logs.configure("console", "info")  # back to stderr for the teardown's lines
         bench.log_file.close()

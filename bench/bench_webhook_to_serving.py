@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -40,12 +39,12 @@ import httpx
 from _lab import (
     LOCAL_DOCKER,
     PIPELINE_BIN,
+    PlainDocker,
     RunTimes,
     fmt,
     median,
     own_lab,
     run_times,
-    wait_for_content,
 )
 
 from pipeline.lab import LabState
@@ -54,7 +53,7 @@ from pipeline.workrepo import WorkRepo
 
 SUBNET = "10.88.250.0/24"
 TARGET = 1.3
-APP_PORT, PLAIN_PORT = 18080, 18081
+APP_PORT = 18080
 SECRET_ENV = "PIPELINE_BENCH_HOOK_SECRET"
 SECRET = "bench-secret-" + uuid.uuid4().hex
 ZERO = "0" * 40
@@ -236,52 +235,6 @@ class WebhookBench:
 
     def close(self) -> None:
         self.serve.stop()
-
-
-class PlainDocker:
-    """The floor: the same change deployed with the plain docker CLI (as bench_push_to_serving)."""
-
-    def __init__(self, lab: LabState, workdir: Path) -> None:
-        self.host = lab.hosts[0]
-        self.ctx = write_sample_app(workdir / "plain", "ctx", "plain v0")
-        self.repo = f"{lab.registry}/plain"
-        self.container: str | None = None
-        self.docker_h = ["docker", "-H", self.host.docker_url]
-        self.steps: dict[str, list[float]] = defaultdict(list)
-
-    def _timed(self, name: str, argv: list[str]) -> str:
-        t0 = time.perf_counter()
-        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
-        self.steps[name].append(time.perf_counter() - t0)
-        if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
-        return res.stdout
-
-    def deploy(self, rnd: int, record: bool = True) -> float:
-        marker = f"plain round {rnd} {uuid.uuid4().hex[:8]}\n"
-        (self.ctx / "www" / "index.html").write_text(marker)
-        tag = f"{self.repo}:r{rnd}"
-        name = f"plain-r{rnd}"
-        t0 = time.perf_counter()
-        self._timed("build", ["docker", "build", "-q", "-t", tag, str(self.ctx)])
-        out = self._timed("push", ["docker", "push", tag])
-        digest = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
-        if digest is None:
-            raise RuntimeError(f"no digest in the output of docker push:\n{out}")
-        ref = f"{self.repo}@{digest.group(1)}"
-        self._timed("pull", [*self.docker_h, "pull", "-q", ref])
-        if self.container:
-            self._timed("rm -f", [*self.docker_h, "rm", "-f", self.container])
-        self._timed("run", [*self.docker_h, "run", "-d", "--name", name,
-                            "-p", f"{PLAIN_PORT}:8080", ref])
-        self.container = name
-        t1 = time.perf_counter()
-        wait_for_content(f"http://{self.host.address}:{PLAIN_PORT}/", marker)
-        self.steps["first 200"].append(time.perf_counter() - t1)
-        wall = time.perf_counter() - t0
-        if not record:
-            self.steps.clear()
-        return wall
 
 
 def _breakdown(runs: list[RunTimes]) -> None:

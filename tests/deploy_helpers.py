@@ -141,3 +141,32 @@ timeout = "10s"
                         c.remove(force=True)
             finally:
                 client.close()
+
+
+def one_service_config(registry: str, host_table: str, repo_url: str, name: str,
+                       port: int) -> str:
+    """A config deploying the sample app (context `web/`) as service `name` on the one host
+    `host_table` describes (a `[hosts.NAME]` table), health-checked on `port`."""
+    return f"""
+[registry]
+address = "{registry}"
+
+{host_table}
+
+[repos.app]
+url = "{repo_url}"
+
+[images.{name}]
+repo = "app"
+context = "web"
+
+[services.{name}]
+image = "{name}"
+hosts = ["{host_table.split(".", 1)[1].split("]", 1)[0]}"]
+ports = ["{port}:8080"]
+
+[services.{name}.health]
+http = "/health"
+interval = "200ms"
+timeout = "15s"
+"""

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
+from deploy_helpers import one_service_config
 
 from pipeline.config import load
 from pipeline.lab import LabState
@@ -80,31 +81,12 @@ def test_deploy_to_an_ssh_host(ssh_host: str, lab: LabState, tmp_path: Path,
     write_sample_app(git_remote.work, "web", "served over ssh")
     git_remote.commit_push("app")
     config = tmp_path / "pipeline.toml"
-    config.write_text(f"""
-[registry]
-address = "{lab.registry}"
-
-[hosts.remote]
-docker = "ssh://root@{ssh_host}:{SSH_PORT}"
-address = "{ssh_host}"
-
-[repos.app]
-url = "{git_remote.url}"
-
-[images.sshweb]
-repo = "app"
-context = "web"
-
-[services.sshweb]
-image = "sshweb"
-hosts = ["remote"]
-ports = ["18555:8080"]
-
-[services.sshweb.health]
-http = "/health"
-interval = "200ms"
-timeout = "15s"
-""")
+    host_table = (
+        f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
+    )
+    config.write_text(
+        one_service_config(lab.registry, host_table, git_remote.url, "sshweb", 18555)
+    )
     loaded = load(config)
     runner = Runner(loaded, State.in_dir(loaded.data_dir))
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from deploy_helpers import one_service_config
 
 from pipeline.config import load
 from pipeline.engine import Engine
@@ -99,34 +100,13 @@ def test_deploy_through_mutual_tls(lab: LabState, tmp_path: Path, git_remote: An
     git_remote.commit_push("app")
     with tls_endpoint(certs, upstream) as port:
         config = tmp_path / "pipeline.toml"
-        config.write_text(f"""
-[registry]
-address = "{lab.registry}"
-
-[hosts.secure]
-docker = "tcp://127.0.0.1:{port}"
-address = "{host.address}"
-tls_ca = "certs/ca.crt"
-tls_cert = "certs/client.crt"
-tls_key = "certs/client.key"
-
-[repos.app]
-url = "{git_remote.url}"
-
-[images.tlsweb]
-repo = "app"
-context = "web"
-
-[services.tlsweb]
-image = "tlsweb"
-hosts = ["secure"]
-ports = ["18556:8080"]
-
-[services.tlsweb.health]
-http = "/health"
-interval = "200ms"
-timeout = "15s"
-""")
+        host_table = (
+            f'[hosts.secure]\ndocker = "tcp://127.0.0.1:{port}"\naddress = "{host.address}"\n'
+            'tls_ca = "certs/ca.crt"\ntls_cert = "certs/client.crt"\ntls_key = "certs/client.key"'
+        )
+        config.write_text(
+            one_service_config(lab.registry, host_table, git_remote.url, "tlsweb", 18556)
+        )
         loaded = load(config)
         runner = Runner(loaded, State.in_dir(loaded.data_dir))
         try:
