@@ -11,8 +11,9 @@ engines' cache state is comparable: (cli) commit + push to a bare repo, then tim
 content is served; (in-process) the same with `Runner.run_pass()`; (plain) on a plain directory,
 `docker build`, `docker push`, `docker -H HOST pull REG/plain@DIGEST`, `docker -H HOST rm -f OLD`,
 `docker -H HOST run -d -p ...`, then poll until the new content answers. The commit and push are
-not timed. busybox httpd as PID 1 ignores SIGTERM: the service's `stop_timeout` (default 1s) is
-waited out in full by the stop-first rollout; the plain path uses `rm -f` (SIGKILL).
+not timed. The sample app stops on SIGTERM (its shell forwards it to httpd), so the stop-first
+rollout's `docker stop` is quick; `stop_timeout` (default 1s) is only the cap. The plain path
+uses `rm -f` (SIGKILL).
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def main() -> int:
     with own_lab("bpts-", 1, SUBNET) as (lab, workdir):
         bench = Bench(lab, workdir, args.stop_timeout, args.health_interval)
         print(f"lab: host {lab.hosts[0].docker_url}, registry {lab.registry}; "
-              f"service stop_timeout = {args.stop_timeout!r} (stop-first; busybox httpd as PID 1 "
-              f"ignores SIGTERM, so the stop waits it out), health interval "
+              f"service stop_timeout = {args.stop_timeout!r} (stop-first; the app stops on "
+              f"SIGTERM), health interval "
               f"{args.health_interval}; plain path replaces with `docker rm -f` (SIGKILL)")
         # Warm-up, not measured: both paths deploy once, so every round replaces a container.
         bench.initial()

@@ -176,8 +176,8 @@ def main() -> int:
                            args.stop_timeout, args.health_interval)
             print(f"lab: {len(lab.hosts)} hosts, registry {lab.registry}; A: service on "
                   f"{a.hosts[0].name}; B: service on {len(b.hosts)} hosts, max_parallel 4; "
-                  f"stop_timeout {args.stop_timeout!r} (busybox httpd ignores SIGTERM, so "
-                  f"stop-first waits it out), health interval {args.health_interval}")
+                  f"stop_timeout {args.stop_timeout!r} (the app stops on SIGTERM), "
+                  f"health interval {args.health_interval}")
             write_sample_app(remote.work, "one", "one v0")
             write_sample_app(remote.work, "four", "four v0")
             remote.commit_push("initial")
