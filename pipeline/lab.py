@@ -9,14 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import ipaddress
 import json
 import os
-import secrets
 import shutil
-import ssl
-import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,23 +24,21 @@ import docker
 import structlog
 
 from pipeline import lab_net
-from pipeline.errors import StallingError
+
+# CERTS_D, REGISTRY_PORT, LabError and registry_answers stay importable from here.
+from pipeline.lab_registry import CERTS_D as CERTS_D
+from pipeline.lab_registry import REGISTRY_PORT as REGISTRY_PORT
+from pipeline.lab_registry import LabError, registry_answers, start_registry, untrust
 
 log = structlog.get_logger(__name__)
 
 DOCKER_PORT = 2375
-REGISTRY_PORT = 5000
-CERTS_D = Path("/etc/docker/certs.d")
 STATE_FILE = "lab.json"
 TOML_FILE = "pipeline.lab.toml"
 REQUIRED_TOOLS = ("ip", "dockerd", "docker-registry", "openssl", "nsenter", "umount")
 # A unix socket path longer than this is refused by the kernel (sun_path is 108 bytes).
 _MAX_SOCK_PATH = 100
 _STOP_GRACE = 15.0
-
-
-class LabError(StallingError):
-    """The lab cannot be built or torn down as asked; the message says what to change."""
 
 
 class LabNeedsRootError(LabError):
@@ -99,9 +93,7 @@ class LabStatus:
     def alive(self) -> bool:
         """True when a lab is recorded and its registry and every engine answer."""
         return (
-            self.state is not None
-            and self.registry_answers
-            and all(h.answers for h in self.hosts)
+            self.state is not None and self.registry_answers and all(h.answers for h in self.hosts)
         )
 
 
@@ -191,9 +183,7 @@ def _load(dir: Path) -> dict[str, Any] | None:
 
 def _state_from(dir: Path, data: dict[str, Any]) -> LabState | None:
     try:
-        hosts = tuple(
-            LabHost(h["name"], h["docker_url"], h["address"]) for h in data["hosts"]
-        )
+        hosts = tuple(LabHost(h["name"], h["docker_url"], h["address"]) for h in data["hosts"])
         return LabState(
             dir=dir,
             name=data["name"],
@@ -217,8 +207,12 @@ def render_toml(registry: str, insecure: bool, hosts: Iterable[LabHost]) -> str:
         f"insecure = {'true' if insecure else 'false'}",
     ]
     for host in hosts:
-        lines += ["", f"[hosts.{host.name}]", f'docker = "{host.docker_url}"',
-                  f'address = "{host.address}"']
+        lines += [
+            "",
+            f"[hosts.{host.name}]",
+            f'docker = "{host.docker_url}"',
+            f'address = "{host.address}"',
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -226,8 +220,12 @@ def render_toml(registry: str, insecure: bool, hosts: Iterable[LabHost]) -> str:
 
 
 def _wait_until(
-    what: str, check: Callable[[], bool], alive: Callable[[], bool], logfile: Path,
-    timeout: float, sleep: Callable[[float], None] = time.sleep,
+    what: str,
+    check: Callable[[], bool],
+    alive: Callable[[], bool],
+    logfile: Path,
+    timeout: float,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -260,59 +258,16 @@ def engine_answers(docker_url: str) -> str | None:
         return None
 
 
-def registry_answers(address: str, ca_file: Path) -> bool:
-    """True when the registry at address answers `GET /v2/` over TLS trusted by ca_file."""
-    host, port = address.rsplit(":", 1)
-    try:
-        ctx = ssl.create_default_context(cafile=str(ca_file))
-        conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=3)
-        try:
-            conn.request("GET", "/v2/")
-            return conn.getresponse().status == 200
-        finally:
-            conn.close()
-    except (OSError, ssl.SSLError, http.client.HTTPException):
-        return False
-
-
-# -- the registry's certificates ------------------------------------------------------------
-
-
-def _make_certs(dir: Path, address: str, name: str) -> None:
-    """A CA of the lab's own and a server certificate for `address` signed by it."""
-    dir.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    run = _run_openssl
-    run(["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650",
-         "-subj", f"/CN=pipeline lab {name} CA",
-         "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign"], dir)
-    run(["req", *ec, "-keyout", "server.key", "-out", "server.csr",
-         "-subj", f"/CN={address}"], dir)
-    (dir / "server.ext").write_text(
-        f"subjectAltName=IP:{address}\nbasicConstraints=CA:FALSE\n"
-        "keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n"
-    )
-    run(["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-out", "server.crt", "-days", "3650",
-         "-extfile", "server.ext"], dir)
-
-
-def _run_openssl(args: list[str], cwd: Path) -> None:
-    res = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise LabError(f"openssl {args[0]} failed in {cwd}: {res.stderr.strip()[-500:]}")
-
-
-# -- up, down, status -----------------------------------------------------------------------
-
-
 # -- up, down, status -----------------------------------------------------------------------
 
 
 def lab_up(
-    dir: Path, hosts: int = 2, subnet: str = "10.88.0.0/24", name: str | None = None,
-    *, timeout: float = 30.0,
+    dir: Path,
+    hosts: int = 2,
+    subnet: str = "10.88.0.0/24",
+    name: str | None = None,
+    *,
+    timeout: float = 30.0,
 ) -> LabState:
     """Bring up a lab of `hosts` engines and a registry in `dir`, and write its TOML tables.
 
@@ -340,8 +295,11 @@ def lab_up(
             f"lab subnet {net} is already in use on link(s) {', '.join(clashes)}: "
             "another lab? pick another --subnet or take that lab down"
         )
-    taken = [n for n in (f"{name}br", *(f"{name}v{i}" for i in range(1, hosts + 1)))
-             if lab_net.link_exists(n)]
+    taken = [
+        n
+        for n in (f"{name}br", *(f"{name}v{i}" for i in range(1, hosts + 1)))
+        if lab_net.link_exists(n)
+    ]
     if taken:
         raise LabError(f"lab name {name!r}: links {', '.join(taken)} already exist")
     dir.mkdir(parents=True, exist_ok=True)
@@ -365,30 +323,7 @@ def _build(
     lab_net.create_bridge(bridge, gateway, net.prefixlen)
     log.info("lab.bridge", bridge=bridge, address=f"{gateway}/{net.prefixlen}")
 
-    registry = f"{gateway}:{REGISTRY_PORT}"
-    rec.set("registry", registry)
-    rec.set("registry_insecure", False)
-    reg_dir = dir / "registry"
-    tls = reg_dir / "tls"
-    _make_certs(tls, gateway, name)
-    certs_d = CERTS_D / registry
-    rec.set("certs_d", str(certs_d))
-    certs_d.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tls / "ca.crt", certs_d / "ca.crt")
-    config = reg_dir / "config.yml"
-    # JSON is YAML, and the registry reads YAML: no YAML library needed to write it.
-    config.write_text(json.dumps({
-        "version": "0.1",
-        "log": {"level": "warn"},
-        "storage": {"filesystem": {"rootdirectory": str(reg_dir / "data")},
-                    "delete": {"enabled": True}},
-        "http": {"addr": registry, "secret": secrets.token_hex(16),
-                 "tls": {"certificate": str(tls / "server.crt"),
-                         "key": str(tls / "server.key")}},
-    }, indent=2) + "\n")
-    reg_log = reg_dir / "registry.log"
-    reg_pid = lab_net.spawn(["docker-registry", "serve", str(config)], reg_log)
-    rec.set("registry_pid", reg_pid)
+    reg = start_registry(dir / "registry", gateway, name, rec.set)
 
     hosts: list[dict[str, str]] = []
     logs: list[tuple[int, Path]] = []
@@ -412,24 +347,42 @@ def _build(
             "--pidfile", str(hdir / "dockerd.pid"),
             "-H", f"unix://{hdir / 'docker.sock'}", "-H", url, "--tls=false",
             "--containerd-namespace", f"{ns}", "--containerd-plugins-namespace", f"{ns}p",
-        ]
+        ]  # fmt: skip
         pid = lab_net.spawn(argv, hdir / "dockerd.log")
         rec.append("dockerds", {"pid": pid, "data_root": str(hdir / "data")})
         logs.append((pid, hdir / "dockerd.log"))
-        hosts.append({"name": f"lab-{i}", "docker_url": url, "address": address,
-                      "namespace": ns, "veth": veth, "dir": str(hdir)})
+        hosts.append(
+            {
+                "name": f"lab-{i}",
+                "docker_url": url,
+                "address": address,
+                "namespace": ns,
+                "veth": veth,
+                "dir": str(hdir),
+            }
+        )
         log.info("lab.host", host=f"lab-{i}", namespace=ns, docker=url, pid=pid)
 
-    _wait_until("registry", lambda: registry_answers(registry, tls / "ca.crt"),
-                partial(_alive, reg_pid), reg_log, timeout)
+    _wait_until(
+        "registry",
+        lambda: registry_answers(reg.address, reg.tls / "ca.crt"),
+        partial(_alive, reg.pid),
+        reg.log,
+        timeout,
+    )
     for host, (pid, logfile) in zip(hosts, logs, strict=True):
-        _wait_until(f"dockerd of {host['name']}", partial(_engine_up, host["docker_url"]),
-                    partial(_alive, pid), logfile, timeout)
+        _wait_until(
+            f"dockerd of {host['name']}",
+            partial(_engine_up, host["docker_url"]),
+            partial(_alive, pid),
+            logfile,
+            timeout,
+        )
     rec.set("hosts", hosts)  # last: a lab with "hosts" recorded came up completely
     state = _state_from(dir, rec.data)
     assert state is not None
     (dir / TOML_FILE).write_text(state.toml)
-    log.info("lab.up", dir=str(dir), registry=registry, hosts=count)
+    log.info("lab.up", dir=str(dir), registry=reg.address, hosts=count)
     return state
 
 
@@ -441,8 +394,11 @@ def lab_down(dir: Path, *, grace: float = _STOP_GRACE) -> None:
     if data is None:
         log.info("lab.down_nothing", dir=str(dir))
         return
-    pids = [int(d["pid"]) for d in data.get("dockerds", [])
-            if lab_net.is_ours(int(d["pid"]), "dockerd", str(d["data_root"]))]
+    pids = [
+        int(d["pid"])
+        for d in data.get("dockerds", [])
+        if lab_net.is_ours(int(d["pid"]), "dockerd", str(d["data_root"]))
+    ]
     reg_pid = data.get("registry_pid")
     if reg_pid and lab_net.is_ours(int(reg_pid), "docker-registry", str(dir)):
         pids.append(int(reg_pid))
@@ -459,10 +415,7 @@ def lab_down(dir: Path, *, grace: float = _STOP_GRACE) -> None:
     if data.get("bridge"):
         lab_net.delete_link(data["bridge"])
     if data.get("certs_d"):
-        certs_d = Path(data["certs_d"])
-        (certs_d / "ca.crt").unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            certs_d.rmdir()  # only when empty: someone else's files stay
+        untrust(Path(data["certs_d"]))
     (dir / STATE_FILE).unlink(missing_ok=True)
     log.info("lab.down", dir=str(dir))
 
