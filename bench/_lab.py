@@ -95,11 +95,14 @@ GitRemote = WorkRepo  # a bare repo and a clone, as in the tests
 
 
 def wait_for_content(url: str, expect: str, timeout: float = 30.0, every: float = 0.01) -> None:
-    """Poll `url` until its body is `expect`; raise RuntimeError after `timeout` s."""
+    """Poll `url` every `every` s until its body is `expect`; raise RuntimeError after `timeout`.
+    Each request gets a fresh connection and a 0.2 s timeout: while a container is replaced a
+    SYN can be dropped, and a longer timeout would count the poller's wait as the deploy's."""
     deadline = time.monotonic() + timeout
     last = "no answer"
+    limits = httpx.Limits(max_keepalive_connections=0)
     # trust_env off: a proxy from the environment must never see lab traffic.
-    with httpx.Client(timeout=1.0, trust_env=False) as client:
+    with httpx.Client(timeout=0.2, trust_env=False, limits=limits) as client:
         while True:
             try:
                 r = client.get(url)

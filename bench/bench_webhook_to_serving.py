@@ -45,6 +45,7 @@ from _lab import (
     median,
     own_lab,
     run_times,
+    wait_for_content,
 )
 
 from pipeline.lab import LabState
@@ -171,26 +172,7 @@ timeout = "30s"
 """
 
 
-def wait_content_fast(url: str, expect: str, timeout: float = 120.0) -> None:
-    """Poll `url` every 10 ms until its body is `expect`, each request on a fresh connection with
-    a 0.2 s timeout: while the container is replaced, a SYN can be dropped (the DNAT rule still
-    points at the old container) and a 1 s timeout would add up to a second that is the poller's,
-    not the deploy's."""
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    limits = httpx.Limits(max_keepalive_connections=0)
-    with httpx.Client(timeout=0.2, trust_env=False, limits=limits) as client:
-        while True:
-            try:
-                r = client.get(url)
-                if r.status_code == 200 and r.text == expect:
-                    return
-                last = f"{r.status_code} {r.text[:60]!r}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not serve {expect!r} in {timeout}s (last: {last})")
-            time.sleep(0.01)
+wait_content_fast = wait_for_content  # one poller for every benchmark (bench/_lab.py)
 
 
 class WebhookBench:
