@@ -22,10 +22,10 @@ from types import FrameType
 import docker
 import httpx
 
-from pipeline.lab import LabState, lab_down, lab_up
-from pipeline.sample_app import write_sample_app
-from pipeline.state import State
-from pipeline.workrepo import WorkRepo
+from pipeline.lab.manage import LabState, lab_down, lab_up
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.lab.workrepo import WorkRepo
+from pipeline.state.store import State
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_BIN = ROOT / ".venv" / "bin" / "pipeline"

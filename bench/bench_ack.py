@@ -46,10 +46,10 @@ from pathlib import Path
 import httpx
 
 from pipeline import logs
-from pipeline.config import parse
-from pipeline.queue import EventQueue
-from pipeline.server import RunningServer, ServerContext, create_app, start
-from pipeline.state import State
+from pipeline.config.load import parse
+from pipeline.service.server import RunningServer, ServerContext, create_app, start
+from pipeline.state.queue import EventQueue
+from pipeline.state.store import State
 
 TARGET_P99_MS = 50.0
 SECRET_ENV = "PIPELINE_BENCH_HOOK_SECRET"

@@ -29,9 +29,9 @@ from bench_webhook_to_serving import (
     wait_content_fast,
 )
 
-from pipeline.sample_app import write_sample_app
-from pipeline.state import State
-from pipeline.workrepo import git
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.lab.workrepo import git
+from pipeline.state.store import State
 
 SUBNET = "10.88.251.0/24"
 

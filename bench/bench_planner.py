@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.config import parse
-from pipeline.config_model import Config
-from pipeline.dockerignore import DockerIgnore
-from pipeline.planner import (
+from pipeline.config.load import parse
+from pipeline.config.model import Config
+from pipeline.plan.dockerignore import DockerIgnore
+from pipeline.plan.planner import (
     ImageRecord,
     RepoSnapshot,
     ServiceRecord,

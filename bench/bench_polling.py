@@ -31,7 +31,7 @@ from pathlib import Path
 
 from bench_webhook_to_serving import ServeProcess, free_port
 
-from pipeline.workrepo import git
+from pipeline.lab.workrepo import git
 
 TARGET_PCT = 10.0
 INTERVAL = 30.0

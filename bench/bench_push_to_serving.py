@@ -41,11 +41,11 @@ from _lab import (
 )
 
 from pipeline import logs
-from pipeline.config import load
-from pipeline.lab import LabState
-from pipeline.runner import Runner
-from pipeline.sample_app import write_sample_app
-from pipeline.state import State
+from pipeline.config.load import load
+from pipeline.deploy.runner import Runner
+from pipeline.lab.manage import LabState
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.state.store import State
 
 SUBNET = "10.88.220.0/24"
 TARGET = 1.3

@@ -48,9 +48,9 @@ from _lab import (
     wait_for_content,
 )
 
-from pipeline.lab import LabState
-from pipeline.sample_app import write_sample_app
-from pipeline.workrepo import WorkRepo
+from pipeline.lab.manage import LabState
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.lab.workrepo import WorkRepo
 
 SUBNET = "10.88.250.0/24"
 TARGET = 1.3

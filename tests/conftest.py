@@ -13,9 +13,9 @@ from pathlib import Path
 import docker
 import pytest
 
-from pipeline import lab as lab_mod
-from pipeline.sample_app import write_sample_app
-from pipeline.workrepo import WorkRepo
+from pipeline.lab import manage as lab_mod
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.lab.workrepo import WorkRepo
 
 # Distinct from the `pipeline lab up` default (10.88.0.0/24), so a user's lab can stay up.
 # Overridable so that two test sessions on one machine (e.g. two developers) do not collide.

@@ -12,11 +12,11 @@ from typing import Any
 import docker
 import httpx
 
-from pipeline.config import load
-from pipeline.lab import LabState
-from pipeline.runner import PassResult, Runner
-from pipeline.sample_app import write_sample_app
-from pipeline.state import State
+from pipeline.config.load import load
+from pipeline.deploy.runner import PassResult, Runner
+from pipeline.lab.manage import LabState
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.state.store import State
 
 
 class Project:

@@ -24,7 +24,7 @@ import docker
 import httpx
 from deploy_helpers import Project
 
-from pipeline.lab import LabState
+from pipeline.lab.manage import LabState
 
 SERVE_READY_TIMEOUT = 30.0
 SERVE_STOP_TIMEOUT = 45.0  # a build in progress is not interruptible; a health wait is

@@ -11,7 +11,7 @@ from pathlib import Path
 import structlog
 
 from pipeline import logs
-from pipeline.config import read_secret
+from pipeline.config.load import read_secret
 from pipeline.redact import redact
 
 

@@ -1,0 +1,251 @@
+"""Building an image at a commit and pushing it; a pushed image is addressed by its digest.
+
+With a `[registry]`, the build engine (local by default) builds once and pushes; hosts pull by
+digest. Without one, each target host's own engine builds the image and runs it by local tag.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.errors import PipelineError
+from pipeline.hosts.engine import Engine
+from pipeline.plan.planner import Build, image_spec_hash
+from pipeline.redact import redact
+from pipeline.sources.git import Mirror, Revision
+from pipeline.state.store import State
+
+log = structlog.get_logger(__name__)
+
+_TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+PUSH_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built image: `ref` is what hosts run (registry@digest, or a tag local to each host)."""
+
+    image: str
+    revision: str
+    digest: str
+    ref: str
+    unchanged: bool = False  # rebuilt to the digest it already had
+
+
+def docker_tag(text: str) -> str:
+    """A valid docker tag from a branch or version name (`feature/x` → `feature-x`)."""
+    return _TAG_UNSAFE.sub("-", text).lstrip(".-")[:128] or "latest"
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, PipelineError) and exc.retry
+
+
+class Builder:
+    """Builds and pushes images; engines, mirrors and sleeping are injected."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        state: State,
+        engine: Callable[[str | None], Engine],
+        mirror: Callable[[str], Mirror],
+        *,
+        report: Callable[[str], None],
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.loaded, self.cfg, self.state = loaded, loaded.model, state
+        self.engine, self.mirror, self.report, self.sleep = engine, mirror, report, sleep
+
+    def build(self, b: Build, rev: Revision, run_id: int | None, *, pull: bool = False) -> Artifact:
+        """Build `b.image` at `rev`, push it when there is a registry, record the build."""
+        image = self.cfg.images[b.image]
+        blog = log.bind(image=b.image, revision=rev.sha[:12], repo=b.repo)
+        self.report(f"{b.image}: building {rev.sha[:12]} ({b.reason})")
+        workdir = Path(tempfile.mkdtemp(prefix=f"pipeline-build-{b.image}-"))
+        try:
+            context, dockerfile = self._export(b, rev, workdir)
+            labels = {
+                "org.opencontainers.image.revision": rev.sha,
+                "org.opencontainers.image.source": redact(self.cfg.repos[b.repo].url),
+                # The commit's time, not the build's: an unchanged input then rebuilds to the
+                # same digest, so a scheduled rebuild with an unchanged base restarts nothing.
+                "org.opencontainers.image.created": self.mirror(b.repo).commit_info(rev.sha)[
+                    "committed_at"
+                ],
+                "dev.pipeline.image": b.image,
+            }
+            if rev.version:
+                labels["org.opencontainers.image.version"] = rev.version
+            name_tag = rev.version or docker_tag(rev.ref.rsplit("/", 1)[-1] or "latest")
+            if self.cfg.registry is None:
+                return self._build_on_hosts(b, rev, context, dockerfile, labels, run_id, pull)
+            repository = f"{self.cfg.registry.address}/{b.image}"
+            tags = [f"{repository}:{rev.sha[:12]}", f"{repository}:{name_tag}"]
+            host = image.build_host or self.cfg.pipeline.build_host
+            self._build_step(b, rev, run_id, host, context, dockerfile, tags, labels, pull)
+            digest = self._push(b, rev, repository, [rev.sha[:12], name_tag], run_id, host)
+            ref = f"{repository}@{digest}"
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self.state.record_build(b.image, rev.sha, digest, ref, image_spec_hash(image), run_id)
+        blog.info("image pushed", digest=digest)
+        self.report(f"{b.image}: pushed {ref}")
+        return Artifact(b.image, rev.sha, digest, ref)
+
+    def _export(self, b: Build, rev: Revision, workdir: Path) -> tuple[Path, str]:
+        """Write the build context at `rev`; a Dockerfile outside the context is copied in."""
+        image = self.cfg.images[b.image]
+        mirror = self.mirror(b.repo)
+        context = workdir / "context"
+        context.mkdir()
+        mirror.export(rev.sha, context, "" if image.context == "." else image.context)
+        dockerfile = image.dockerfile_path
+        prefix = "" if image.context == "." else image.context + "/"
+        if dockerfile.startswith(prefix):
+            return context, dockerfile.removeprefix(prefix)
+        content = mirror.read_file(rev.sha, dockerfile)
+        if content is None:
+            raise PipelineError(
+                f"image {b.image}: Dockerfile {dockerfile} not found at {rev.sha[:12]}"
+            )
+        (context / ".pipeline.Dockerfile").write_bytes(content)
+        return context, ".pipeline.Dockerfile"
+
+    def _build_step(
+        self,
+        b: Build,
+        rev: Revision,
+        run_id: int | None,
+        host: str | None,
+        context: Path,
+        dockerfile: str,
+        tags: list[str],
+        labels: dict[str, str],
+        pull: bool = False,
+    ) -> str:
+        step = self._start(run_id, "build", b.image, host, rev.sha, f"tags {', '.join(tags)}")
+        blog = log.bind(image=b.image, revision=rev.sha[:12], host=host or "local")
+        tty = sys.stderr.isatty()
+
+        def output(line: str) -> None:
+            line = line.rstrip()
+            if not line:
+                return
+            blog.debug("build output", line=line)
+            if tty:  # a live progress line on a terminal; logs keep the full output
+                sys.stderr.write(f"\r\033[2K  {b.image}: {line[:100]}")
+                sys.stderr.flush()
+
+        try:
+            image_id = self.engine(host).build(
+                context,
+                dockerfile,
+                tags,
+                labels=labels,
+                build_args=self.cfg.images[b.image].build_args,
+                pull=pull,
+                on_output=output,
+            )
+        except PipelineError as exc:
+            self._finish(step, "failed", error=str(exc))
+            raise
+        finally:
+            if tty:
+                sys.stderr.write("\r\033[2K")
+        self._finish(step, "succeeded", detail=image_id)
+        return image_id
+
+    def _push(
+        self,
+        b: Build,
+        rev: Revision,
+        repository: str,
+        tags: list[str],
+        run_id: int | None,
+        host: str | None,
+    ) -> str:
+        reg = self.cfg.registry
+        assert reg is not None
+        auth = None
+        if reg.username:
+            password = read_secret(reg.password_env, reg.password_file, self.loaded.base_dir)
+            auth = {"username": reg.username, "password": password or ""}
+        engine = self.engine(host)
+        digest = ""
+        for tag in tags:
+            step = self._start(run_id, "push", b.image, host, rev.sha, f"{repository}:{tag}")
+            try:
+                for attempt in Retrying(
+                    stop=stop_after_attempt(PUSH_ATTEMPTS),
+                    wait=wait_exponential(multiplier=0.5, max=8),
+                    retry=retry_if_exception(_retryable),
+                    sleep=self.sleep,
+                    reraise=True,
+                ):
+                    with attempt:
+                        n = attempt.retry_state.attempt_number
+                        if n > 1:
+                            self.report(f"{b.image}: push retry {n}/{PUSH_ATTEMPTS}")
+                        digest = engine.push(repository, tag, auth=auth) or digest
+            except PipelineError as exc:
+                self._finish(step, "failed", error=str(exc))
+                raise PipelineError(f"push to {reg.address} failed: {exc}") from exc
+            self._finish(step, "succeeded", detail=digest)
+        return digest
+
+    def _build_on_hosts(
+        self,
+        b: Build,
+        rev: Revision,
+        context: Path,
+        dockerfile: str,
+        labels: dict[str, str],
+        run_id: int | None,
+        pull: bool = False,
+    ) -> Artifact:
+        """No registry: every host that runs the image builds it from the same context."""
+        hosts = sorted(
+            {h for s in self.loaded.services_of_image(b.image) for h in self.cfg.services[s].hosts}
+        )
+        tag = f"pipeline/{b.image}:{rev.sha[:12]}"
+        ids = [
+            self._build_step(b, rev, run_id, h, context, dockerfile, [tag], labels, pull)
+            for h in hosts
+        ]
+        digest = ids[0] if ids else ""
+        image = self.cfg.images[b.image]
+        self.state.record_build(b.image, rev.sha, digest, tag, image_spec_hash(image), run_id)
+        return Artifact(b.image, rev.sha, digest, tag)
+
+    def _start(
+        self,
+        run_id: int | None,
+        kind: str,
+        subject: str,
+        host: str | None,
+        revision: str,
+        detail: str,
+    ) -> int | None:
+        if run_id is None:
+            return None
+        return self.state.start_step(
+            run_id, kind, subject, host=host, revision=revision, detail=detail
+        )
+
+    def _finish(
+        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
+    ) -> None:
+        if step is not None:
+            self.state.finish_step(step, status, detail=detail, error=error)

@@ -1,0 +1,83 @@
+"""The `pipeline` command line: thin commands over the modules that do the work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pipeline import logs
+from pipeline.cli.common import ConfigOption, fail, load_config
+from pipeline.errors import PipelineError
+
+app = typer.Typer(
+    help="GitOps deployment for Docker hosts: rebuild what a commit changed, roll it out behind "
+    "health checks, roll back on failure.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(
+    log_format: Annotated[
+        logs.LogFormat, typer.Option("--log-format", help="console or json (JSON lines).")
+    ] = "console",
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="debug, info, warning, error.")
+    ] = "info",
+) -> None:
+    logs.configure(log_format, log_level)
+
+
+@app.command()
+def validate(config: ConfigOption = None) -> None:
+    """Check the config file; exit 0 with a summary, or 2 with every problem found."""
+    loaded = load_config(config)
+    m = loaded.model
+    typer.echo(
+        f"{loaded.path.name}: ok: {len(m.repos)} repo(s), {len(m.images)} image(s), "
+        f"{len(m.services)} service(s), {len(m.hosts)} host(s); "
+        f"registry {m.registry.address if m.registry else 'none (images built on each host)'}"
+    )
+    for name, svc in m.services.items():
+        image = m.images[svc.image]
+        typer.echo(
+            f"  service {name}: image {svc.image} from repo {image.repo} "
+            f"({m.repos[image.repo].follows}) on {', '.join(svc.hosts)}"
+        )
+
+
+@app.command()
+def demo(
+    config: ConfigOption = None,
+    lab_dir: Annotated[Path, typer.Option("--lab-dir", help="Where the lab lives.")] = Path("lab"),
+) -> None:
+    """Bring up the lab, deploy the sample app from the example config, then deploy a change."""
+    from pipeline.lab.demo import run_demo
+
+    loaded = load_config(config or Path("pipeline.example.toml"))
+    try:
+        ok = run_demo(loaded, lab_dir, typer.echo)
+    except PipelineError as exc:
+        fail(str(exc))
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _register_subcommands() -> None:
+    from pipeline.cli import deploy as cli_deploy
+    from pipeline.cli import serve as cli_serve
+    from pipeline.cli.lab import lab_app
+
+    cli_deploy.register(app)
+    cli_serve.register(app)
+
+    app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_subcommands()
+    app()

@@ -1,0 +1,204 @@
+"""CLI commands of the deploy flow: plan, run, deploy, rollback, status, history."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pipeline.cli.common import (
+    EXIT_FAILED,
+    ConfigOption,
+    JsonOption,
+    fail,
+    load_config,
+    print_json,
+    print_table,
+)
+from pipeline.config.load import LoadedConfig
+from pipeline.errors import PipelineError
+from pipeline.state.store import State, iso
+
+if TYPE_CHECKING:
+    from pipeline.deploy.runner import PassResult, Runner
+
+
+def _echo(line: str) -> None:
+    typer.echo(line, err=True)
+
+
+def _runner(loaded: LoadedConfig) -> Runner:
+    # Imported here: the docker SDK and GitPython are not needed by `history` or `validate`.
+    from pipeline.deploy.runner import Runner
+
+    return Runner(loaded, State.in_dir(loaded.data_dir), report=_echo)
+
+
+def _outcome(result: PassResult) -> None:
+    """Print a pass's errors and outcome; exit 1 when it failed."""
+    for error in result.errors:
+        typer.echo(f"error: {error}", err=True)
+    typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
+    if not result.ok:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the deploy-flow commands to the main app."""
+
+    @app.command()
+    def plan(
+        config: ConfigOption = None,
+        json: JsonOption = False,
+        repo: Annotated[str | None, typer.Option(help="Only this repo.")] = None,
+    ) -> None:
+        """Show what a run would build and roll out, and why; change nothing."""
+        loaded = load_config(config)
+        runner = _runner(loaded)
+        try:
+            the_plan = runner.preview(repo)
+        except PipelineError as exc:
+            fail(str(exc))
+        if json:
+            print_json(the_plan.to_json())
+            return
+        if the_plan.empty:
+            typer.echo("Nothing to do: every service is up to date.")
+        for b in the_plan.builds:
+            typer.echo(f"build   {b.image} at {b.revision[:12]}: {b.reason}")
+        for r in the_plan.rollouts:
+            how = "after its build" if r.rebuild else "same image"
+            typer.echo(f"rollout {r.service} ({how}): {r.reason}")
+        for p in the_plan.problems:
+            typer.echo(f"note    {p.subject}: {p.message}")
+
+    @app.command()
+    def run(
+        config: ConfigOption = None,
+        repo: Annotated[str | None, typer.Option(help="Only this repo.")] = None,
+    ) -> None:
+        """One pass: bring every service to the newest commit. Exit 1 if anything failed."""
+        loaded = load_config(config)
+        result = _runner(loaded).run_pass(repo)
+        _outcome(result)
+
+    @app.command()
+    def deploy(
+        service: str,
+        config: ConfigOption = None,
+        revision: Annotated[
+            str | None, typer.Option(help="Commit sha (or prefix) or tag; default: the newest.")
+        ] = None,
+    ) -> None:
+        """Roll SERVICE out now, even a revision that failed before."""
+        loaded = load_config(config)
+        svc = loaded.model.services.get(service)
+        if svc is None:
+            fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})", 2)
+        repo = loaded.model.images[svc.image].repo
+        result = _runner(loaded).run_pass(
+            repo,
+            trigger="deploy",
+            only_services=[service],
+            ignore_failed=True,
+            pinned={repo: revision} if revision else None,
+            force_services=[service],
+        )
+        _outcome(result)
+
+    @app.command()
+    def rebuild(image: str, config: ConfigOption = None) -> None:
+        """Rebuild IMAGE now, pulling its base image fresh (what its `rebuild` schedule does);
+        its services are rolled out only when the digest changed."""
+        loaded = load_config(config)
+        img = loaded.model.images.get(image)
+        if img is None:
+            fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", 2)
+        result = _runner(loaded).run_pass(
+            img.repo, trigger="rebuild", force_images=[image], pull_base=True
+        )
+        _outcome(result)
+
+    @app.command()
+    def rollback(
+        service: str,
+        config: ConfigOption = None,
+        to: Annotated[
+            str | None,
+            typer.Option(
+                "--to",
+                help="Revision (sha prefix) to go back to; default: the previous successful one.",
+            ),
+        ] = None,
+    ) -> None:
+        """Put SERVICE back on an earlier successful revision on every host."""
+        loaded = load_config(config)
+        runner = _runner(loaded)
+        try:
+            from pipeline.deploy.operations import rollback_service
+
+            outcome = rollback_service(runner, service, to)
+        except PipelineError as exc:
+            fail(str(exc))
+        if not outcome.ok:
+            fail(f"rollback failed: {outcome.error}")
+        typer.echo(f"{service}: rolled back")
+
+    @app.command()
+    def status(config: ConfigOption = None, json: JsonOption = False) -> None:
+        """Per service and host: revision, digest, container state and health."""
+        loaded = load_config(config)
+        from pipeline.deploy.operations import status_rows
+
+        rows = status_rows(_runner(loaded))
+        if json:
+            print_json(rows)
+            return
+        view: list[dict[str, Any]] = [
+            {**r, "revision": (r["revision"] or "")[:12], "digest": (r["digest"] or "")[7:19]}
+            for r in rows
+        ]
+        print_table(
+            view, ["service", "host", "revision", "digest", "state", "health", "updated_at"]
+        )
+
+    @app.command()
+    def history(
+        service: Annotated[str | None, typer.Argument()] = None,
+        config: ConfigOption = None,
+        json: JsonOption = False,
+        limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
+    ) -> None:
+        """Rollouts, newest first: service, revision, status, times, error."""
+        loaded = load_config(config)
+        state = State.in_dir(loaded.data_dir)
+        rows: list[dict[str, Any]] = [
+            {
+                "id": r.id,
+                "service": r.service,
+                "revision": r.revision,
+                "kind": r.kind,
+                "status": r.status,
+                "reason": r.reason,
+                "digest": r.digest,
+                "run_id": r.run_id,
+                "started_at": iso(r.started_at),
+                "finished_at": iso(r.finished_at),
+                "error": r.error,
+            }
+            for r in state.releases(service, limit)
+        ]
+        if json:
+            print_json(rows)
+            return
+        view = [
+            {
+                **r,
+                "revision": r["revision"][:12],
+                "error": (r["error"] or "").splitlines()[0][:80] if r["error"] else None,
+            }
+            for r in rows
+        ]
+        print_table(
+            view, ["started_at", "service", "kind", "revision", "status", "reason", "error"]
+        )

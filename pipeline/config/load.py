@@ -1,0 +1,247 @@
+"""Loading `pipeline.toml`: every problem reported at once, each with file:line and key path."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from pipeline.config.model import (
+    NAME_RE,
+    Config,
+    HostSection,
+    ImageSection,
+    PipelineSection,
+    RegistrySection,
+    RepoSection,
+    ServerSection,
+    ServiceSection,
+)
+from pipeline.errors import ConfigError
+from pipeline.redact import register_secret
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "pipeline": PipelineSection,
+    "server": ServerSection,
+    "registry": RegistrySection,
+}
+_NAMED: dict[str, type[BaseModel]] = {
+    "hosts": HostSection,
+    "repos": RepoSection,
+    "images": ImageSection,
+    "services": ServiceSection,
+}
+_INLINE_SECRETS = {"password", "token", "secret", "webhook_secret", "api_token"}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and where it came from; relative paths resolve against `base_dir`."""
+
+    path: Path
+    model: Config
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.base_dir / self.model.pipeline.data_dir).resolve()
+
+    def services_of_image(self, image: str) -> list[str]:
+        return [name for name, svc in self.model.services.items() if svc.image == image]
+
+    def images_of_repo(self, repo: str) -> list[str]:
+        return [name for name, img in self.model.images.items() if img.repo == repo]
+
+
+def default_config_path() -> Path:
+    """`$PIPELINE_CONFIG`, else `./pipeline.toml`."""
+    return Path(os.environ.get("PIPELINE_CONFIG") or "pipeline.toml")
+
+
+def load(path: Path) -> LoadedConfig:
+    """Read and validate a config file; raise ConfigError listing every problem found."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> LoadedConfig:
+    """Validate config text; `path` names the file in messages and anchors relative paths."""
+    name = path.name if path.parent == Path(".") else str(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        where = f"{name}:{line.group(1)}" if line else name
+        raise ConfigError([f"{where}: invalid TOML: {exc}"]) from None
+    lines = _LineIndex(text)
+    problems: list[tuple[tuple[str, ...], str]] = []
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            sections[key] = _validate(_SECTIONS[key], value, (key,), problems)
+        elif key in _NAMED:
+            sections[key] = _validate_named(key, value, problems)
+        else:
+            problems.append(((key,), _unknown_key_message(key)))
+    # References are checked on the raw tables, so that they are reported alongside the
+    # type errors of the same file instead of only after those are fixed.
+    problems.extend(_cross_references(raw))
+    if problems:
+        located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
+        raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
+    return LoadedConfig(path=path.resolve(), model=Config.model_validate(sections))
+
+
+def _validate_named(
+    section: str, value: Any, problems: list[tuple[tuple[str, ...], str]]
+) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        problems.append(((section,), f"must be a table of named [{section}.NAME] entries"))
+        return {}
+    out: dict[str, Any] = {}
+    for key, entry in value.items():
+        if not NAME_RE.match(key):
+            problems.append(
+                ((section, key), f"invalid name {key!r}: use lowercase letters, digits, '-', '_'")
+            )
+            continue
+        checked = _validate(_NAMED[section], entry, (section, key), problems)
+        if checked is not None:
+            out[key] = checked
+    return out
+
+
+def _validate(
+    model: type[BaseModel],
+    value: Any,
+    where: tuple[str, ...],
+    problems: list[tuple[tuple[str, ...], str]],
+) -> BaseModel | None:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = where + tuple(str(p) for p in err["loc"])
+            problems.append((loc, _message(err, loc)))
+        return None
+
+
+def _message(err: Any, loc: tuple[str, ...]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return _unknown_key_message(loc[-1])
+    if kind == "missing":
+        return "missing required key"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if kind.endswith("_type") or kind in ("model_type", "dict_type", "list_type"):
+        return f"{msg} (got {type(err['input']).__name__} {err['input']!r})"
+    return msg
+
+
+def _unknown_key_message(key: str) -> str:
+    if key in _INLINE_SECRETS:
+        return f"unknown key {key!r}: secrets are never inline; use {key}_env (or {key}_file)"
+    return f"unknown key {key!r}"
+
+
+def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:
+    def table(key: str) -> dict[str, Any]:
+        value = raw.get(key)
+        return value if isinstance(value, dict) else {}
+
+    def entries(key: str) -> Iterable[tuple[str, dict[str, Any]]]:
+        return ((n, e) for n, e in table(key).items() if isinstance(e, dict))
+
+    hosts, repos, images = table("hosts"), table("repos"), table("images")
+
+    def ref(
+        where: tuple[str, ...], value: Any, known: dict[str, Any], what: str
+    ) -> Iterable[tuple[tuple[str, ...], str]]:
+        if isinstance(value, str) and value not in known:
+            yield (where, f"unknown {what} {value!r}")
+
+    yield from ref(("pipeline", "build_host"), table("pipeline").get("build_host"), hosts, "host")
+    for name, image in entries("images"):
+        yield from ref(("images", name, "repo"), image.get("repo"), repos, "repo")
+        yield from ref(("images", name, "build_host"), image.get("build_host"), hosts, "host")
+    for name, svc in entries("services"):
+        yield from ref(("services", name, "image"), svc.get("image"), images, "image")
+        svc_hosts = svc.get("hosts")
+        for i, host in enumerate(svc_hosts if isinstance(svc_hosts, list) else []):
+            yield from ref(("services", name, "hosts", str(i)), host, hosts, "host")
+        health = svc.get("health")
+        http = health.get("http") if isinstance(health, dict) else None
+        path_check = isinstance(http, str) and http.startswith("/")
+        if path_check and not svc.get("ports") and svc.get("network", "bridge") != "host":
+            yield (
+                ("services", name, "health", "http"),
+                "an http check on a path needs a published port ('ports') or network 'host'",
+            )
+
+
+class _LineIndex:
+    """Maps dotted key paths to the line that defines them, for error messages."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(
+        r"^\s*((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+))*)\s*="
+    )
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        in_multiline = False
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
+                in_multiline = not in_multiline
+                if not in_multiline:
+                    continue
+            if in_multiline and not self._KEY.match(line):
+                continue
+            if header := self._HEADER.match(line):
+                table = self._split(header.group(1))
+                self._lines.setdefault(table, number)
+            elif key := self._KEY.match(line):
+                self._lines.setdefault(table + self._split(key.group(1)), number)
+
+    @staticmethod
+    def _split(dotted: str) -> tuple[str, ...]:
+        parts = re.findall(r"\"([^\"]*)\"|'([^']*)'|([A-Za-z0-9_-]+)", dotted)
+        return tuple(a or b or c for a, b, c in parts)
+
+    def line_of(self, path: tuple[str, ...]) -> int:
+        for end in range(len(path), 0, -1):
+            if path[:end] in self._lines:
+                return self._lines[path[:end]]
+        return 1
+
+
+def read_secret(
+    env: str | None, file: str | None = None, base_dir: Path | None = None
+) -> str | None:
+    """Read a secret from an environment variable or a file, and register it for redaction."""
+    value: str | None = None
+    if env:
+        value = os.environ.get(env)
+    if value is None and file:
+        path = Path(file) if base_dir is None else base_dir / file
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read secret file: {exc.strerror}"]) from None
+    register_secret(value)
+    return value

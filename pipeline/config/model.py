@@ -1,0 +1,286 @@
+"""The shape of `pipeline.toml`: one pydantic model per table; key names are a user contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from pipeline.config.cron import parse_cron
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
+_RESTART_RE = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
+_ADDRESS_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from "500ms", "30s", "2m", "1h30m", "1d", "0" or a plain number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"invalid duration {value!r}: negative")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"invalid duration {value!r}")
+    text = value.strip()
+    if text == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"invalid duration {value!r} (use e.g. '500ms', '30s', '2m', '1h')")
+    return total
+
+
+def _cron(value: str) -> str:
+    parse_cron(value)
+    return value
+
+
+def _relative_path(value: str) -> str:
+    path = PurePosixPath(value)
+    if path.is_absolute() or value.startswith("~"):
+        raise ValueError(f"path {value!r} must be relative to the repository root")
+    if ".." in path.parts:
+        raise ValueError(f"path {value!r} leaves the repository ('..')")
+    return str(path)
+
+
+def _repo_url(value: str) -> str:
+    lowered = value.lower()
+    if value.startswith("-"):
+        raise ValueError(f"repository URL {value!r} looks like a command-line option")
+    if "::" in value.split("/", 1)[0] or lowered.startswith("ext:"):
+        raise ValueError(f"repository URL {value!r} uses a transport helper; refused")
+    if re.match(r"^(https|ssh|git|file)://[^\s]+$", value):
+        return value
+    if value.startswith("/"):
+        return value  # a local path: followed like file://, and its refs can be watched
+    if re.match(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^\s]+$", value):
+        return value  # scp-like ssh: git@host:org/repo.git
+    raise ValueError(
+        f"repository URL {value!r} is not https://, ssh://, git://, file://, user@host:path "
+        "or an absolute path"
+    )
+
+
+def _split_port(value: str) -> tuple[str, str, str] | None:
+    """(ip, host port, container port) of a `[[IP:]HOST:]CONTAINER[/proto]` mapping, or None."""
+    spec, _, proto = value.partition("/")
+    parts = spec.split(":")
+    if proto not in ("", "tcp", "udp") or len(parts) > 3:
+        return None
+    ip, host, container = ([""] * (3 - len(parts)) + parts)[-3:]
+    if ip and not re.fullmatch(r"[0-9.]+", ip):
+        return None
+    for port in (host, container):
+        if port and not (port.isdigit() and 0 < int(port) <= 65535):
+            return None
+    return (ip, host, container) if container else None
+
+
+def _port(value: str) -> str:
+    if _split_port(value) is None:
+        raise ValueError(f"invalid port mapping {value!r} (use '[IP:]HOST:CONTAINER[/udp]')")
+    return value
+
+
+def _memory(value: str) -> str:
+    if not _MEMORY_RE.match(value):
+        raise ValueError(f"invalid memory {value!r} (use e.g. '256m', '1g')")
+    return value
+
+
+def _restart(value: str) -> str:
+    if not _RESTART_RE.match(value):
+        raise ValueError(
+            f"invalid restart policy {value!r} (no, always, unless-stopped, on-failure[:N])"
+        )
+    return value
+
+
+def _volume(value: str) -> str:
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/"):
+        raise ValueError(f"invalid volume {value!r} (use 'NAME:/path[:ro]' or '/host:/path[:ro]')")
+    if len(parts) == 3 and parts[2] not in ("ro", "rw"):
+        raise ValueError(f"invalid volume mode {parts[2]!r} in {value!r} (ro or rw)")
+    return value
+
+
+def _address(value: str) -> str:
+    if not _ADDRESS_RE.match(value):
+        raise ValueError(f"invalid address {value!r} (use HOST or HOST:PORT)")
+    return value
+
+
+def _docker_url(value: str) -> str:
+    if not re.match(r"^(unix:///[^\s]+|tcp://[A-Za-z0-9.-]+:\d{1,5}|ssh://[^\s/]+)$", value):
+        raise ValueError(
+            f"invalid docker endpoint {value!r} (unix:///path, tcp://host:port or ssh://user@host)"
+        )
+    return value
+
+
+def _env_name(value: str) -> str:
+    if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
+        raise ValueError(f"invalid environment variable name {value!r}")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Cron = Annotated[str, AfterValidator(_cron)]
+RelPath = Annotated[str, AfterValidator(_relative_path)]
+EnvName = Annotated[str, AfterValidator(_env_name)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class PipelineSection(_Table):
+    data_dir: str = ".pipeline"
+    build_host: str | None = None  # a [hosts.*] name; None = the local engine
+    build_concurrency: int = Field(default=2, ge=1)
+    keep_revisions: int = Field(default=3, ge=1)  # images kept per service on each host
+
+
+class ServerSection(_Table):
+    listen: Annotated[str, AfterValidator(_address)] = "127.0.0.1:8700"
+    api_token_env: EnvName | None = None
+    max_body: int = Field(default=5 * 1024 * 1024, ge=1024)  # bytes
+
+
+class RegistrySection(_Table):
+    address: Annotated[str, AfterValidator(_address)]
+    insecure: bool = False
+    username: str | None = None
+    password_env: EnvName | None = None
+    password_file: str | None = None
+
+
+class HostSection(_Table):
+    docker: Annotated[str, AfterValidator(_docker_url)]
+    address: str | None = None  # where published ports are reached; defaults to the URL's host
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def reach_address(self) -> str:
+        """Address health checks use for this host's published ports."""
+        if self.address:
+            return self.address
+        rest = self.docker.split("://", 1)[1]
+        if self.docker.startswith("unix://"):
+            return "127.0.0.1"
+        return rest.split("@")[-1].split(":")[0].split("/")[0]
+
+
+class RepoSection(_Table):
+    url: Annotated[str, AfterValidator(_repo_url)]
+    branch: str | None = None
+    tags: str | None = None  # a glob of release tags, e.g. "v*"
+    poll: Duration | None = None
+    webhook_secret_env: EnvName | None = None
+
+    @model_validator(mode="after")
+    def _one_ref(self) -> RepoSection:
+        if self.branch and self.tags:
+            raise ValueError("give either 'branch' or 'tags', not both")
+        return self
+
+    @property
+    def follows(self) -> str:
+        """The branch followed ('main' when neither branch nor tags is set) or the tag glob."""
+        return self.tags if self.tags else (self.branch or "main")
+
+
+class ImageSection(_Table):
+    repo: str
+    context: RelPath = "."
+    dockerfile: RelPath | None = None  # relative to the repository root
+    watch: list[str] = Field(default_factory=list)
+    rebuild: Cron | None = None
+    build_args: dict[str, str] = Field(default_factory=dict)
+    build_host: str | None = None
+
+    @property
+    def dockerfile_path(self) -> str:
+        """The Dockerfile's repository path (default `<context>/Dockerfile`)."""
+        if self.dockerfile:
+            return self.dockerfile
+        return "Dockerfile" if self.context == "." else f"{self.context}/Dockerfile"
+
+
+class HealthSection(_Table):
+    http: str | None = None  # a path on the host's published port, or a full http(s) URL
+    tcp: int | None = Field(default=None, ge=1, le=65535)
+    cmd: list[str] | None = None
+    docker: bool = False
+    port: int | None = Field(default=None, ge=1, le=65535)  # container port for http checks
+    expect_status: list[int] = Field(default_factory=list)  # default: any 2xx or 3xx
+    interval: Duration = 1.0
+    timeout: Duration = 30.0
+    healthy_threshold: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _one_check(self) -> HealthSection:
+        kinds = [k for k in ("http", "tcp", "cmd") if getattr(self, k) is not None]
+        kinds += ["docker"] if self.docker else []
+        if len(kinds) > 1:
+            raise ValueError(f"give one check, not {' and '.join(kinds)}")
+        if self.http is not None and not (
+            self.http.startswith("/") or re.match(r"^https?://", self.http)
+        ):
+            raise ValueError(f"http check {self.http!r} must be a path ('/health') or a URL")
+        return self
+
+
+class ServiceSection(_Table):
+    image: str
+    hosts: list[str] = Field(min_length=1)
+    ports: list[Annotated[str, AfterValidator(_port)]] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    env_file: str | None = None
+    command: list[str] | None = None
+    volumes: list[Annotated[str, AfterValidator(_volume)]] = Field(default_factory=list)
+    cpus: float | None = Field(default=None, gt=0)
+    memory: Annotated[str, AfterValidator(_memory)] | None = None
+    network: str = "bridge"
+    restart: Annotated[str, AfterValidator(_restart)] = "unless-stopped"
+    labels: dict[str, str] = Field(default_factory=dict)
+    strategy: Literal["stop-first", "start-first"] = "stop-first"
+    stop_timeout: Duration = 10.0  # SIGTERM, then SIGKILL after this long (as `docker stop -t`)
+    max_parallel: int = Field(default=1, ge=1)
+    health: HealthSection = Field(default_factory=HealthSection)
+
+    @model_validator(mode="after")
+    def _ports_fit_strategy(self) -> ServiceSection:
+        fixed = [p for p in self.ports if (parts := _split_port(p)) and parts[1]]
+        if self.strategy == "start-first" and (fixed or self.network == "host"):
+            raise ValueError(
+                "strategy 'start-first' runs old and new side by side, so it cannot publish a "
+                "fixed host port or use network 'host'; use 'stop-first'"
+            )
+        return self
+
+
+class Config(_Table):
+    pipeline: PipelineSection = Field(default_factory=PipelineSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    registry: RegistrySection | None = None
+    hosts: dict[str, HostSection] = Field(default_factory=dict)
+    repos: dict[str, RepoSection] = Field(default_factory=dict)
+    images: dict[str, ImageSection] = Field(default_factory=dict)
+    services: dict[str, ServiceSection] = Field(default_factory=dict)

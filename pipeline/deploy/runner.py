@@ -1,0 +1,423 @@
+"""One pass of work: observe the repos, plan, build and push, roll out. Recorded step by step.
+
+`pipeline run` calls `Runner.run_pass`; the service calls the same code for every event.
+Stages are visible (observe, plan, apply) so `pipeline plan` stops after the plan.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+
+from pipeline.build.builder import Artifact, Builder
+from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.deploy.rollout import Rollout as RolloutExecutor
+from pipeline.deploy.rollout import RolloutResult, Target
+from pipeline.errors import PipelineError
+from pipeline.hosts.engine import Engine
+from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
+from pipeline.sources.git import Mirror, Revision
+from pipeline.state.store import State, default_owner
+
+log = structlog.get_logger(__name__)
+
+Report = Callable[[str], None]
+
+
+@dataclass
+class Observed:
+    """What the observe stage read: per repo its new revision and the planner's snapshot."""
+
+    revisions: dict[str, Revision] = field(default_factory=dict)
+    snapshots: dict[str, RepoSnapshot] = field(default_factory=dict)
+
+
+@dataclass
+class PassResult:
+    run_id: int
+    plan: Plan
+    ok: bool
+    errors: list[str] = field(default_factory=list)
+    rollouts: list[RolloutResult] = field(default_factory=list)
+    superseded: bool = False  # a rollout gave way to a newer commit (the next pass deploys it)
+
+
+class Runner:
+    """Drives observe → plan → build → roll out for one config; collaborators are injected."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        state: State,
+        *,
+        owner: str | None = None,
+        report: Report = lambda _line: None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.loaded = loaded
+        self.cfg = loaded.model
+        self.state = state
+        self.owner = owner or default_owner()
+        self.report = report
+        self.sleep = sleep
+        self.clock = clock
+        self.should_stop = should_stop
+        self._engines: dict[str, Engine] = {}
+        self._engines_lock = threading.Lock()
+        self._mirror_locks: dict[str, threading.Lock] = {}
+        self._mirrors: dict[str, Mirror] = {}
+        self.builder = Builder(loaded, state, self.engine, self.mirror, report=report, sleep=sleep)
+
+    # -- collaborators ----------------------------------------------------------------------
+    def engine(self, host: str | None) -> Engine:
+        """The engine of a configured host, or the local engine for None."""
+        key = host or "local"
+        with self._engines_lock:
+            if key not in self._engines:
+                self._engines[key] = (
+                    Engine.local()
+                    if host is None
+                    else Engine.from_host(host, self.cfg.hosts[host], self.loaded.base_dir)
+                )
+            return self._engines[key]
+
+    def mirror(self, repo: str) -> Mirror:
+        """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
+        hundreds of repos then costs one `git ls-remote` each)."""
+        url = self.cfg.repos[repo].url
+        if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)
+            url = f"file://{url}"
+        with self._engines_lock:
+            mirror = self._mirrors.get(repo)
+            if mirror is None or mirror.url != url:
+                mirror = self._mirrors[repo] = Mirror(
+                    url, self.loaded.data_dir / "git" / f"{repo}.git"
+                )
+            return mirror
+
+    def mirror_lock(self, repo: str) -> threading.Lock:
+        return self._mirror_locks.setdefault(repo, threading.Lock())
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+
+    # -- observe ----------------------------------------------------------------------------
+    def observe(
+        self,
+        repos: Iterable[str],
+        *,
+        pinned: dict[str, str] | None = None,
+        run_id: int | None = None,
+    ) -> Observed:
+        """Fetch each repo (after a cheap ls-remote says it moved) and snapshot its new revision."""
+        observed = Observed()
+        for name in repos:
+            repo = self.cfg.repos[name]
+            branch, tags = (None, repo.tags) if repo.tags else (repo.branch or "main", None)
+            mirror = self.mirror(name)
+            step = run_id and self.state.start_step(run_id, "fetch", name)
+            try:
+                with self.mirror_lock(name):
+                    remote = mirror.remote_head(branch=branch, tags=tags)
+                    local = mirror.local_head(branch=branch, tags=tags)
+                    rev = (
+                        local
+                        if (remote and local and remote.sha == local.sha)
+                        else mirror.fetch(branch=branch, tags=tags)
+                    )
+                    if pinned and name in pinned:
+                        sha = mirror.resolve(pinned[name])
+                        rev = Revision(sha=sha, ref=rev.ref if rev else "", tag=None, version=None)
+                    if rev is None:
+                        if step:
+                            self.state.finish_step(
+                                step, "skipped", detail=f"{repo.follows}: nothing to deploy yet"
+                            )
+                        continue
+                    observed.revisions[name] = rev
+                    observed.snapshots[name] = self._snapshot(name, mirror, rev.sha)
+                if step:
+                    self.state.finish_step(step, "succeeded", detail=rev.sha)
+            except PipelineError as exc:
+                if step:
+                    self.state.finish_step(step, "failed", error=str(exc))
+                raise
+        return observed
+
+    def _snapshot(self, name: str, mirror: Mirror, sha: str) -> RepoSnapshot:
+        images = self.loaded.images_of_repo(name)
+        records = self.state.image_records(images)
+        changes = {r.revision: mirror.changed_paths(r.revision, sha) for r in records.values()}
+        contexts = {self.cfg.images[i].context for i in images}
+        ignores = {}
+        for ctx in contexts:
+            text = mirror.read_file(sha, ".dockerignore" if ctx == "." else f"{ctx}/.dockerignore")
+            if text is not None:
+                ignores[ctx] = text.decode("utf-8", "replace")
+        return RepoSnapshot(
+            repo=name,
+            revision=sha,
+            files=frozenset(mirror.list_files(sha)),
+            changes=changes,
+            dockerignores=ignores,
+        )
+
+    # -- plan -------------------------------------------------------------------------------
+    def env_files(self) -> dict[str, str]:
+        out = {}
+        for name, svc in self.cfg.services.items():
+            if svc.env_file:
+                out[name] = (self.loaded.base_dir / svc.env_file).read_text(encoding="utf-8")
+        return out
+
+    def make_plan(
+        self,
+        observed: Observed,
+        *,
+        only_services: Iterable[str] | None = None,
+        ignore_failed: bool = False,
+        force_images: Iterable[str] = (),
+        force_reason: str = "requested",
+    ) -> Plan:
+        images = list(self.cfg.images)
+        services = list(self.cfg.services)
+        return plan(
+            self.cfg,
+            observed.snapshots,
+            self.state.image_records(images),
+            self.state.service_records(services),
+            env_files=self.env_files(),
+            failed={} if ignore_failed else self.state.failed_revisions(services),
+            force_images=force_images,
+            force_reason=force_reason,
+            only_services=only_services,
+        )
+
+    def preview(self, repo: str | None = None) -> Plan:
+        """Observe and plan, change nothing on any host (what `pipeline plan` prints)."""
+        return self.make_plan(self.observe(self._repos(repo)))
+
+    def _repos(self, repo: str | None) -> list[str]:
+        if repo is not None and repo not in self.cfg.repos:
+            raise PipelineError(f"unknown repo {repo!r} (known: {', '.join(self.cfg.repos)})")
+        return [repo] if repo else list(self.cfg.repos)
+
+    # -- apply ------------------------------------------------------------------------------
+    def run_pass(
+        self,
+        repo: str | None = None,
+        *,
+        trigger: str = "cli",
+        only_services: Iterable[str] | None = None,
+        ignore_failed: bool = False,
+        force_images: Iterable[str] = (),
+        force_reason: str = "rebuild requested",
+        pinned: dict[str, str] | None = None,
+        force_services: Iterable[str] = (),
+        pull_base: bool = False,
+    ) -> PassResult:
+        """Observe, plan and apply; every step recorded under one run. `force_images` are
+        built even if unchanged, `force_reason` saying why (`pipeline rebuild` by default)."""
+        run_id = self.state.start_run(trigger, repo, owner=self.owner)
+        structlog.contextvars.bind_contextvars(run_id=run_id)
+        try:
+            observed = self.observe(self._repos(repo), pinned=pinned, run_id=run_id)
+            the_plan = self.make_plan(
+                observed,
+                only_services=only_services,
+                ignore_failed=ignore_failed,
+                force_images=force_images,
+                force_reason=force_reason,
+            )
+            the_plan = self._force(the_plan, observed, force_services)
+            result = self.apply(the_plan, observed, run_id, pull_base=pull_base)
+        except PipelineError as exc:
+            self.state.finish_run(run_id, "failed", error=str(exc))
+            self.report(f"error: {exc}")
+            return PassResult(run_id, Plan((), (), ()), False, [str(exc)])
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id")
+        revs = {r.sha for r in observed.revisions.values()}
+        if the_plan.empty:
+            status = "noop"
+        elif result.errors:
+            status = "failed"
+        else:
+            status = "superseded" if result.superseded else "succeeded"
+        self.state.finish_run(
+            run_id,
+            status,
+            error="\n".join(result.errors) or None,
+            summary=_summary(the_plan),
+            revision=next(iter(revs)) if len(revs) == 1 else None,
+        )
+        return result
+
+    def _force(self, the_plan: Plan, observed: Observed, services: Iterable[str]) -> Plan:
+        """Add a rollout for each named service the plan left out (`pipeline deploy`)."""
+        extra = []
+        planned = {r.service for r in the_plan.rollouts}
+        for name in services:
+            if name in planned:
+                continue
+            svc = self.cfg.services[name]
+            repo = self.cfg.images[svc.image].repo
+            last = self.state.last_build(svc.image)
+            if repo not in observed.revisions:
+                continue
+            if last is None:
+                raise PipelineError(f"service {name}: image {svc.image} was never built")
+            extra.append(
+                Rollout(
+                    service=name,
+                    image=svc.image,
+                    revision=last.revision,
+                    reason="requested",
+                    rebuild=False,
+                )
+            )
+        if not extra:
+            return the_plan
+        return Plan(the_plan.builds, the_plan.rollouts + tuple(extra), the_plan.problems)
+
+    def apply(
+        self, the_plan: Plan, observed: Observed, run_id: int, *, pull_base: bool = False
+    ) -> PassResult:
+        """Build every planned image, then roll out every planned service whose image is ready."""
+        result = PassResult(run_id, the_plan, True)
+        for problem in the_plan.problems:
+            self.report(f"note: {problem.subject}: {problem.message}")
+        if the_plan.empty:
+            self.report("up to date: nothing to build or roll out")
+            return result
+        artifacts: dict[str, Artifact] = {}
+        failed_images: dict[str, str] = {}
+        with ThreadPoolExecutor(max_workers=self.cfg.pipeline.build_concurrency) as pool:
+            futures = {
+                b.image: pool.submit(self._build_one, b, observed, run_id, pull_base)
+                for b in the_plan.builds
+            }
+            for image, fut in futures.items():
+                try:
+                    artifacts[image] = fut.result()
+                except PipelineError as exc:
+                    failed_images[image] = str(exc)
+                    result.errors.append(f"image {image}: {exc}")
+        rollouts = []
+        for ro in the_plan.rollouts:
+            if ro.image in failed_images:
+                self.report(f"{ro.service}: not rolled out: build of image {ro.image} failed")
+                result.errors.append(f"service {ro.service}: skipped, image {ro.image} failed")
+                continue
+            art = artifacts.get(ro.image)
+            if art is not None and art.unchanged and self._up_to_date(ro.service, art.digest):
+                self.report(f"{ro.service}: already runs {art.digest[:19]}; not restarted")
+                continue
+            rollouts.append(ro)
+        with ThreadPoolExecutor(max_workers=max(1, len(rollouts))) as pool:
+            outcomes = list(pool.map(lambda r: self._roll_one(r, artifacts, run_id), rollouts))
+        for outcome in outcomes:
+            result.rollouts.append(outcome)
+            if outcome.superseded:
+                result.superseded = True
+            elif not outcome.ok:
+                result.errors.append(f"service {outcome.service}: {outcome.error}")
+        result.ok = not result.errors and not result.superseded
+        return result
+
+    def _up_to_date(self, service: str, digest: str) -> bool:
+        record = self.state.service_records([service]).get(service)
+        spec = service_spec_hash(self.cfg.services[service], self.env_files().get(service))
+        return record is not None and record.digest == digest and record.spec_hash == spec
+
+    def _build_one(self, b: Build, observed: Observed, run_id: int, pull: bool) -> Artifact:
+        before = self.state.last_build(b.image)
+        art = self.builder.build(b, observed.revisions[b.repo], run_id, pull=pull)
+        if before is not None and before.digest == art.digest:
+            self.report(f"{b.image}: rebuilt to the same digest; nothing to roll out")
+            return Artifact(art.image, art.revision, art.digest, art.ref, unchanged=True)
+        return art
+
+    def _roll_one(self, ro: Rollout, artifacts: dict[str, Artifact], run_id: int) -> RolloutResult:
+        svc = self.cfg.services[ro.service]
+        env_text = self.env_files().get(ro.service)
+        spec_hash = service_spec_hash(svc, env_text)
+        if ro.image in artifacts:
+            art = artifacts[ro.image]
+        else:
+            last = self.state.last_build(ro.image)
+            if last is None:
+                raise PipelineError(f"service {ro.service}: image {ro.image} was never built")
+            art = Artifact(ro.image, last.revision, last.digest, last.ref)
+        return self.roll(
+            ro.service,
+            Target(
+                revision=art.revision,
+                digest=art.digest,
+                refs={h: art.ref for h in svc.hosts},
+                spec_hash=spec_hash,
+                pull=self.cfg.registry is not None,
+                auth=self.registry_auth(),
+            ),
+            run_id=run_id,
+            reason=ro.reason,
+        )
+
+    def roll(
+        self,
+        service: str,
+        target: Target,
+        *,
+        run_id: int | None,
+        reason: str | None,
+        kind: str = "deploy",
+    ) -> RolloutResult:
+        """Roll one service out under its lease; report and record the outcome."""
+        svc = self.cfg.services[service]
+        self.report(
+            f"{service}: rolling out {target.revision[:12]} to {', '.join(svc.hosts)} ({reason})"
+        )
+        executor = RolloutExecutor(
+            state=self.state,
+            service=service,
+            spec=svc,
+            hosts=self.cfg.hosts,
+            engines={h: self.engine(h) for h in svc.hosts},
+            base_dir=self.loaded.base_dir,
+            sleep=self.sleep,
+            clock=self.clock,
+            should_stop=self.should_stop,
+            report=self.report,
+            keep_images=self.cfg.pipeline.keep_revisions,
+        )
+        try:
+            with self.state.lease(f"service:{service}", self.owner):
+                outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason)
+        except PipelineError as exc:
+            return RolloutResult(service, False, 0, str(exc))
+        if outcome.ok:
+            self.report(f"{service}: {target.revision[:12]} healthy on {', '.join(svc.hosts)}")
+        else:
+            self.report(f"{service}: FAILED, rolled back: {outcome.error}")
+        return outcome
+
+    def registry_auth(self) -> dict[str, str] | None:
+        reg = self.cfg.registry
+        if reg is None or not reg.username:
+            return None
+        password = read_secret(reg.password_env, reg.password_file, self.loaded.base_dir)
+        return {"username": reg.username, "password": password or ""}
+
+
+def _summary(the_plan: Plan) -> str:
+    builds = ", ".join(b.image for b in the_plan.builds) or "none"
+    rollouts = ", ".join(r.service for r in the_plan.rollouts) or "none"
+    return f"builds: {builds}; rollouts: {rollouts}"

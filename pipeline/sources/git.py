@@ -1,0 +1,403 @@
+"""Git mirrors of followed repositories: cheap remote checks, fetches, diffs and tree exports.
+
+The only module that imports GitPython. Every command is an argv list run through GitPython's
+`Git` wrapper with `cwd` set to the bare mirror (never `os.chdir`), prompts disabled, a timeout on
+network calls, and errors rebuilt so that no credential from a URL ever reaches a message.
+The pure checks of URLs, refs, shas and tag versions live in `pipeline.sources.refs`.
+"""
+
+from __future__ import annotations
+
+import re
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypedDict, cast
+from urllib.parse import unquote
+
+import structlog
+from git.cmd import Git
+from git.exc import GitCommandNotFound
+
+from pipeline.redact import redact
+from pipeline.sources.refs import (
+    _ALLOWED_SCHEMES,
+    _HEX_SHA,
+    GitError,
+    GitStallingError,
+    GitTransientError,
+    _clean_path,
+    _newest_tag,
+    _tag_version,
+    _target,
+    _validate_url,
+    redact_url,
+    validate_sha,
+)
+from pipeline.sources.refs import validate_ref_name as validate_ref_name  # re-exported
+
+log = structlog.get_logger(__name__)
+
+NETWORK_TIMEOUT = 60.0
+FETCH_TIMEOUT = 600.0  # a first fetch of a large repository legitimately takes minutes
+
+# Git-level allow-list as a second line behind _validate_url: redirects and config cannot widen it.
+_SAFE_CONFIG = [
+    "-c", "protocol.allow=never",
+    *(arg for s in sorted(_ALLOWED_SCHEMES) for arg in ("-c", f"protocol.{s}.allow=always")),
+    "-c", "protocol.ext.allow=never",
+]  # fmt: skip
+# An empty GIT_ASKPASS stops git from falling back to core.askPass/SSH_ASKPASS helpers, and
+# GIT_TERMINAL_PROMPT=0 makes it fail instead of waiting for a password nobody will type.
+_ENV = {
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_ASKPASS": "",
+    "SSH_ASKPASS": "",
+    "SSH_ASKPASS_REQUIRE": "never",
+    "GIT_LITERAL_PATHSPECS": "1",
+}
+# stderr that means a human must act (credentials, URL, missing ref or object), not a blip.
+_STALLING = re.compile(
+    r"authentication failed|could not read (username|password)|terminal prompts disabled"
+    r"|permission denied|host key verification failed|repository not found|not allowed"
+    r"|does not appear to be a git repository|unsupported protocol|returned error: 40[134]"
+    r"|not a valid object name|not a tree object|couldn't find remote ref",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Revision:
+    """A commit a followed ref points at; `tag`/`version` are set only when following tags."""
+
+    sha: str
+    ref: str
+    tag: str | None
+    version: str | None
+
+
+class CommitInfo(TypedDict):
+    sha: str
+    author: str
+    email: str
+    subject: str
+    committed_at: str
+
+
+class Mirror:
+    """A bare mirror of one remote repository at `path`; the caller serialises ops per Mirror."""
+
+    def __init__(
+        self,
+        url: str,
+        path: Path,
+        *,
+        timeout: float = NETWORK_TIMEOUT,
+        fetch_timeout: float = FETCH_TIMEOUT,
+    ) -> None:
+        self.url = _validate_url(url)
+        self.path = Path(path).absolute()
+        self.timeout = timeout
+        self.fetch_timeout = fetch_timeout
+        self._git = Git(self.path)
+        self._ready = False
+        self._secrets = self._url_secrets(url)
+
+    def __repr__(self) -> str:
+        return f"Mirror({redact_url(self.url)!r}, {str(self.path)!r})"
+
+    # -- remote -------------------------------------------------------------------------------
+
+    def remote_head(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
+        """Ask the remote (one `ls-remote`, no fetch) where the branch or newest matching tag is."""
+        branch, tags = _target(branch, tags)
+        self._ensure_mirror()
+        if branch is not None:
+            ref = f"refs/heads/{branch}"
+            out = self._run(["ls-remote", "--heads", "--", self.url, ref], timeout=self.timeout)
+            for line in out.decode().splitlines():
+                sha, _, name = line.partition("\t")
+                if name == ref:  # ls-remote patterns match ref tails; keep only the exact ref
+                    return Revision(sha=sha, ref=ref, tag=None, version=None)
+            return None
+        assert tags is not None
+        out = self._run(["ls-remote", "--tags", "--", self.url], timeout=self.timeout)
+        shas: dict[str, str] = {}
+        peeled: dict[str, str] = {}
+        for line in out.decode().splitlines():
+            sha, _, name = line.partition("\t")
+            if not name.startswith("refs/tags/"):
+                continue
+            tag = name.removeprefix("refs/tags/")
+            if tag.endswith("^{}"):  # an annotated tag's target commit
+                peeled[tag.removesuffix("^{}")] = sha
+            else:
+                shas[tag] = sha
+        newest = _newest_tag(list(shas), tags)
+        if newest is None:
+            return None
+        sha = peeled.get(newest, shas[newest])
+        return Revision(
+            sha=sha, ref=f"refs/tags/{newest}", tag=newest, version=_tag_version(newest)
+        )
+
+    def fetch(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
+        """Fetch the branch (or all tags) with --prune; return what the local refs now point at."""
+        branch, tags = _target(branch, tags)
+        self._ensure_mirror()
+        if branch is not None:
+            refspec = f"+refs/heads/{branch}:refs/heads/{branch}"
+        else:
+            refspec = "+refs/tags/*:refs/tags/*"
+        args = ["fetch", "--prune", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head"]
+        try:
+            self._run([*args, "--quiet", "--", "origin", refspec], timeout=self.fetch_timeout)
+        except GitStallingError as exc:
+            if branch is None or "couldn't find remote ref" not in str(exc):
+                raise
+            # The branch is gone upstream: forget it locally too (the reflog keeps old commits).
+            self._run(["update-ref", "-d", f"refs/heads/{branch}"])
+        revision = self._local_revision(branch, tags)
+        log.info(
+            "git.fetched",
+            repo=redact_url(self.url),
+            ref=revision.ref if revision else None,
+            revision=revision.sha if revision else None,
+        )
+        return revision
+
+    def local_head(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
+        """Where the mirror's own refs point (no network); None before the first fetch."""
+        branch, tags = _target(branch, tags)
+        if not (self.path / "HEAD").exists():
+            return None
+        if branch is not None:
+            # A fetch writes the branch as a loose ref: reading it spares a git process per
+            # poll. Packed or odd refs fall through to rev-parse.
+            loose = self.path / "refs" / "heads" / branch
+            try:
+                sha = loose.read_text(encoding="ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                sha = ""
+            if _HEX_SHA.fullmatch(sha):
+                return Revision(sha=sha, ref=f"refs/heads/{branch}", tag=None, version=None)
+        return self._local_revision(branch, tags)
+
+    def resolve(self, rev: str) -> str:
+        """The full sha of a commit given as a sha, an unambiguous sha prefix, or a tag name."""
+        if not re.fullmatch(r"[0-9a-fA-F]{4,64}", rev):
+            _clean_path(rev, "revision")
+            rev = f"refs/tags/{rev}"
+        out = self._run(
+            ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], ok=(0, 1)
+        )
+        sha = out.decode().strip()
+        if not sha:
+            raise GitStallingError(f"revision {rev!r} not found in {self._name} (fetched?)")
+        return sha
+
+    def _local_revision(self, branch: str | None, tags: str | None) -> Revision | None:
+        if branch is not None:
+            ref = f"refs/heads/{branch}"
+            tag = None
+        else:
+            assert tags is not None
+            out = self._run(["for-each-ref", "--format=%(refname:strip=2)", "refs/tags/"])
+            tag = _newest_tag(out.decode().splitlines(), tags)
+            if tag is None:
+                return None
+            ref = f"refs/tags/{tag}"
+        # ^{commit} peels annotated tags (even tags of tags) down to the commit.
+        out = self._run(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], ok=(0, 1))
+        sha = out.decode().strip()
+        if not sha:
+            if tag is None:
+                return None
+            raise GitStallingError(f"tag {tag!r} of {self._name} does not point at a commit")
+        return Revision(sha=sha, ref=ref, tag=tag, version=_tag_version(tag) if tag else None)
+
+    # -- local --------------------------------------------------------------------------------
+
+    def changed_paths(self, old: str | None, new: str) -> frozenset[str] | None:
+        """Paths changed between two commits (renames give both paths); None means unknown."""
+        new = validate_sha(new)
+        if old is None:
+            return None
+        old = validate_sha(old)
+        self._require_commit(new)
+        if not self._has_commit(old):
+            return None
+        if old == new:
+            return frozenset()
+        # Comparing the two trees directly works whether or not old is an ancestor of new.
+        out = self._run(["diff-tree", "-r", "-z", "--no-renames", "--name-only", old, new])
+        return frozenset(p for p in out.decode(errors="surrogateescape").split("\0") if p)
+
+    def list_files(self, sha: str) -> list[str]:
+        """Every file path (blobs and symlinks, not submodules) in the tree of commit `sha`."""
+        sha = self._require_commit(validate_sha(sha))
+        out = self._run(["ls-tree", "-r", "-z", "--full-tree", sha])
+        files = []
+        for entry in out.decode(errors="surrogateescape").split("\0"):
+            meta, _, name = entry.partition("\t")
+            if name and meta.split(" ")[1] == "blob":
+                files.append(name)
+        return files
+
+    def read_file(self, sha: str, path: str) -> bytes | None:
+        """Content of the file at `path` in commit `sha`, or None if there is no such file."""
+        sha = self._require_commit(validate_sha(sha))
+        path = _clean_path(path, "path")
+        out = self._run(["ls-tree", "-z", sha, "--", path])
+        meta, _, name = out.decode(errors="surrogateescape").partition("\0")[0].partition("\t")
+        if name != path or meta.split(" ")[1] != "blob":
+            return None
+        return self._run(["cat-file", "blob", meta.split(" ")[2]])
+
+    def export(self, sha: str, dest: Path, subdir: str = "") -> Path:
+        """Write the tree of `sha` (or its `subdir`) into `dest`, created if needed; return dest.
+
+        Uses `git archive`, so `export-ignore`/`export-subst` attributes in the repo apply.
+        """
+        sha = self._require_commit(validate_sha(sha))
+        treeish = sha
+        if subdir.strip("/") not in ("", "."):
+            sub = _clean_path(subdir, "subdir")
+            treeish = f"{sha}:{sub}"
+            kind = self._run(["cat-file", "-t", treeish], ok=(0, 128)).decode().strip()
+            if kind != "tree":
+                raise GitStallingError(f"no directory {sub!r} in commit {sha} of {self._name}")
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile() as tmp:
+            self._run(["archive", "--format=tar", treeish], stream=tmp)
+            tmp.seek(0)
+            try:
+                with tarfile.open(fileobj=tmp, mode="r:") as tar:
+                    # The "data" filter refuses absolute paths, links escaping dest and devices.
+                    tar.extractall(dest, filter="data")
+            except tarfile.FilterError as exc:
+                raise GitStallingError(
+                    f"refused to export commit {sha} of {self._name}: {exc}"
+                ) from None
+        return dest
+
+    def commit_info(self, sha: str) -> CommitInfo:
+        """Author, e-mail, subject and committer time (ISO 8601) of a commit in the mirror."""
+        sha = self._require_commit(validate_sha(sha))
+        fmt = "--format=%H%x00%an%x00%ae%x00%cI%x00%s"
+        out = self._run(["log", "-1", "--no-show-signature", fmt, sha, "--"])
+        full, author, email, when, subject = out.decode(errors="replace").rstrip("\n").split("\0")
+        return CommitInfo(sha=full, author=author, email=email, subject=subject, committed_at=when)
+
+    def is_ancestor(self, old: str, new: str) -> bool:
+        """True when `old` is reachable from `new`; False too when `old` is not in the mirror."""
+        old, new = validate_sha(old), self._require_commit(validate_sha(new))
+        if not self._has_commit(old):
+            return False
+        code = self._run_status(["merge-base", "--is-ancestor", old, new], ok=(0, 1))
+        return code == 0
+
+    # -- internals ----------------------------------------------------------------------------
+
+    @property
+    def _name(self) -> str:
+        return redact_url(self.url)
+
+    @staticmethod
+    def _url_secrets(url: str) -> list[str]:
+        # Literal credentials, raw and percent-decoded, masked even where no URL syntax surrounds
+        # them (git and remote helpers sometimes echo the user name or password on their own).
+        m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/\s]*)@", url)
+        if not m:
+            return []
+        userinfo = m.group(1)
+        password = userinfo.partition(":")[2]
+        token = userinfo if not password else ""
+        found = {userinfo, unquote(userinfo), password, unquote(password), token, unquote(token)}
+        return sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
+
+    def _scrub(self, text: str) -> str:
+        text = redact(redact_url(text))
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _ensure_mirror(self) -> None:
+        if self._ready:
+            return
+        if not (self.path / "HEAD").is_file() or not (self.path / "objects").is_dir():
+            # mode 0o700: the remote URL in the config may carry a token.
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._run(["init", "--bare", "--quiet", "--template=", "--", str(self.path)])
+            # Old branch tips stay reachable through the reflog, so a force push does not let
+            # gc drop the commit we last deployed before we have diffed against it.
+            self._run(["config", "core.logAllRefUpdates", "always"])
+            log.info("git.mirror_created", repo=self._name, path=str(self.path))
+        current = self._run(["config", "--get", "remote.origin.url"], ok=(0, 1)).decode().strip()
+        if current != self.url:
+            self._run(["config", "--", "remote.origin.url", self.url])
+        self._ready = True
+
+    def _has_commit(self, sha: str) -> bool:
+        return self._run_status(["cat-file", "-e", f"{sha}^{{commit}}"], ok=None) == 0
+
+    def _require_commit(self, sha: str) -> str:
+        if not self.path.is_dir() or not self._has_commit(sha):
+            raise GitStallingError(
+                f"commit {sha} is not in the mirror of {self._name}; fetch first"
+            )
+        return sha
+
+    def _run(
+        self,
+        args: list[str],
+        *,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = (0,),
+        stream: IO[bytes] | None = None,
+    ) -> bytes:
+        return self._execute(args, timeout=timeout, ok=ok, stream=stream)[1]
+
+    def _run_status(self, args: list[str], *, ok: tuple[int, ...] | None) -> int:
+        return self._execute(args, timeout=None, ok=ok, stream=None)[0]
+
+    def _execute(
+        self,
+        args: list[str],
+        *,
+        timeout: float | None,
+        ok: tuple[int, ...] | None,
+        stream: IO[bytes] | None,
+    ) -> tuple[int, bytes]:
+        argv = ["git", *_SAFE_CONFIG, *args]
+        # GIT_DIR pins every command to this mirror, even if its directory vanished meanwhile
+        # (GitPython would then fall back to the process cwd, possibly some other repository).
+        env = _ENV if args[0] == "init" else {**_ENV, "GIT_DIR": str(self.path)}
+        try:
+            status, out, err = self._git.execute(
+                argv,
+                with_extended_output=True,
+                with_exceptions=False,
+                stdout_as_string=False,
+                strip_newline_in_stdout=False,
+                kill_after_timeout=timeout,
+                output_stream=cast(Any, stream),
+                env=env,
+            )
+        except GitCommandNotFound:
+            raise GitStallingError("the git executable was not found on PATH") from None
+        if ok is not None and status not in ok:
+            raise self._error(args[0], status, err, timeout)
+        return status, out if isinstance(out, bytes) else b""
+
+    def _error(self, op: str, status: int, stderr: str, timeout: float | None) -> GitError:
+        where = f"of {self._name}" if op in ("ls-remote", "fetch") else f"in mirror {self.path}"
+        if stderr.startswith("Timeout:"):
+            return GitTransientError(f"git {op} {where} timed out after {timeout:g}s")
+        lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+        important = [ln for ln in lines if ln.startswith(("fatal:", "error:", "remote:"))]
+        detail = self._scrub("; ".join(important or lines[-3:]))[:500] or "no output"
+        kind: type[GitError] = GitStallingError if _STALLING.search(detail) else GitTransientError
+        return kind(f"git {op} {where} failed (exit {status}): {detail}")

@@ -1,0 +1,118 @@
+"""Config loading: the example validates; bad files report every problem with file:line and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.config.load import load, parse
+from pipeline.config.model import parse_duration
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = """
+[hosts.web-1]
+docker = "tcp://10.88.0.2:2375"
+
+[repos.shop]
+url = "https://git.example.com/acme/shop.git"
+
+[images.web]
+repo = "shop"
+context = "web"
+
+[services.web]
+image = "web"
+hosts = ["web-1"]
+ports = ["8080:8080"]
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text, Path("pipeline.toml"))
+    return info.value.problems
+
+
+def test_example_config_validates() -> None:
+    """The bundled example is a valid config."""
+    loaded = load(ROOT / "pipeline.example.toml")
+    assert loaded.model.services["web"].health.http == "/health"
+
+
+def test_all_errors_reported_with_line_and_key() -> None:
+    """An unknown key, a bad duration and an unknown image are all reported, each located."""
+    text = BASE.replace('context = "web"', 'context = "web"\ncolour = "blue"') + (
+        '\n[services.api]\nimage = "nope"\nhosts = ["web-1"]\n\n'
+        '[services.api.health]\ntimeout = "soon"\n'
+    )
+    found = problems(text)
+    lines = text.splitlines()
+    assert len(found) == 3, found
+    by_key = {p.split(": ")[1]: p for p in found}
+    unknown = by_key["images.web.colour"]
+    assert unknown.startswith("pipeline.toml:")
+    assert lines[int(unknown.split(":")[1]) - 1].startswith("colour")
+    timeout = by_key["services.api.health.timeout"]
+    assert "invalid duration 'soon'" in timeout
+    assert lines[int(timeout.split(":")[1]) - 1].startswith("timeout")
+    assert "unknown image 'nope'" in by_key["services.api.image"]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('url = "https://git.example.com/acme/shop.git"', 'url = "ext::sh -c evil"', "refused"),
+        ('url = "https://git.example.com/acme/shop.git"', 'url = "--upload-pack=x"', "option"),
+        ('context = "web"', 'context = "../web"', "leaves the repository"),
+        ('context = "web"', 'context = "/etc"', "must be relative"),
+        ('[services.web]', '[services.Web_]', "invalid name"),
+        ('hosts = ["web-1"]', 'hosts = ["web-2"]', "unknown host 'web-2'"),
+        ('repo = "shop"', 'repo = "shop"\nrebuild = "61 * * * *"', "invalid cron"),
+        ('ports = ["8080:8080"]', 'ports = ["8080:99999"]', "invalid port"),
+        ('ports = ["8080:8080"]', 'ports = "8080:8080"', "valid list"),
+        ('[repos.shop]', '[repos.shop]\npassword = "hunter2"', "secrets are never inline"),
+    ],
+)
+def test_bad_values_are_refused(old: str, new: str, expected: str) -> None:
+    """Each kind of bad value is refused with a message saying what is wrong."""
+    assert old in BASE
+    found = problems(BASE.replace(old, new, 1))
+    assert any(expected in p for p in found), found
+    assert all("hunter2" not in p for p in found)
+
+
+def test_invalid_toml_names_the_line() -> None:
+    """A TOML syntax error names the file and line."""
+    found = problems("[pipeline]\ndata_dir = \n")
+    assert found[0].startswith("pipeline.toml:2: invalid TOML")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("500ms", 0.5), ("30s", 30), ("2m", 120), ("1h30m", 5400), ("0", 0)]
+)
+def test_durations(text: str, seconds: float) -> None:
+    """Durations in the documented units parse to seconds."""
+    assert parse_duration(text) == seconds
+
+
+def test_validate_cli_exit_codes(tmp_path: Path) -> None:
+    """`pipeline validate` exits 0 on the example and 2 with the errors on a bad file."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate", "-c", str(ROOT / "pipeline.example.toml")],
+        capture_output=True, text=True, check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "1 service(s)" in ok.stdout
+    bad = tmp_path / "pipeline.toml"
+    bad.write_text(BASE.replace('image = "web"', 'image = "wbe"'))
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "validate"], capture_output=True, text=True,
+        check=False, cwd=tmp_path,
+    )
+    assert res.returncode == 2
+    assert "pipeline.toml:13: services.web.image: unknown image 'wbe'" in res.stderr

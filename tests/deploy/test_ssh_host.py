@@ -1,0 +1,102 @@
+"""A target host reached over ssh://: real sshd in a lab host's netns, real dial-stdio."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from deploy_helpers import one_service_config
+
+from pipeline.config.load import load
+from pipeline.deploy.operations import status_rows
+from pipeline.deploy.runner import Runner
+from pipeline.lab.manage import LabState
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.state.store import State
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow]
+
+SSH_PORT = 2222
+
+
+@pytest.fixture
+def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """sshd on lab host 1 (its own keys and config) whose sessions reach that host's engine;
+    an `ssh` first on PATH that uses this test's client config, never ~/.ssh."""
+    if not Path("/usr/sbin/sshd").exists():
+        pytest.skip("openssh-server is not installed")
+    host = json.loads((lab.dir / "lab.json").read_text())["hosts"][0]
+    addr, ns, hdir = host["address"], host["namespace"], host["dir"]
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for key in ("host_key", "id"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True)
+    (d / "authorized_keys").write_text((d / "id.pub").read_text())
+    (d / "sshd_config").write_text(
+        f"ListenAddress {addr}:{SSH_PORT}\nHostKey {d}/host_key\n"
+        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        f"SetEnv DOCKER_HOST=unix://{hdir}/docker.sock\n"
+    )
+    host_pub = (d / "host_key.pub").read_text().split()[:2]
+    (d / "known_hosts").write_text(f"[{addr}]:{SSH_PORT} {' '.join(host_pub)}\n")
+    (d / "ssh_config").write_text(
+        f"Host {addr}\n  Port {SSH_PORT}\n  IdentityFile {d}/id\n  IdentitiesOnly yes\n"
+        f"  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
+    )
+    bin_dir = d / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {d}/ssh_config "$@"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    Path("/run/sshd").mkdir(exist_ok=True)
+    sshd = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", "/usr/sbin/sshd", "-D",
+                             "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["ssh", "-l", "root", "--", addr, "true"],
+                             capture_output=True, check=False).returncode != 0:
+            if time.monotonic() > deadline or sshd.poll() is not None:
+                pytest.fail(f"sshd did not come up: {sshd.stderr.read() if sshd.stderr else ''}")
+            time.sleep(0.2)
+        yield addr
+    finally:
+        sshd.terminate()
+        sshd.wait(timeout=10)
+
+
+def test_deploy_to_an_ssh_host(ssh_host: str, lab: LabState, tmp_path: Path,
+                               git_remote: Any) -> None:
+    """A service on a `docker = "ssh://root@HOST:PORT"` host is pulled, started, health-checked and
+    reported through the ssh connection."""
+    write_sample_app(git_remote.work, "web", "served over ssh")
+    git_remote.commit_push("app")
+    config = tmp_path / "pipeline.toml"
+    host_table = (
+        f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
+    )
+    config.write_text(
+        one_service_config(lab.registry, host_table, git_remote.url, "sshweb", 18555)
+    )
+    loaded = load(config)
+    runner = Runner(loaded, State.in_dir(loaded.data_dir))
+    try:
+        result = runner.run_pass()
+        assert result.ok, result.errors
+        assert httpx.get(f"http://{ssh_host}:18555/", timeout=5).text == "served over ssh"
+        (row,) = status_rows(runner)
+        assert row["state"] == "running" and row["host"] == "remote"
+    finally:
+        engine = runner.engine("remote")
+        for c in engine.managed_containers("sshweb"):
+            engine.remove(c.id)
+        runner.close()

@@ -1,0 +1,86 @@
+"""The state database: leases that never go stale, and a true record after a crash."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import LockedError
+from pipeline.state.store import State, default_owner, owner_alive_local
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def state(tmp_path: Path, clock: Clock) -> State:
+    return State.in_dir(tmp_path, clock=clock)
+
+
+def test_lease_excludes_a_second_owner_until_it_expires(state: State, clock: Clock) -> None:
+    """Two owners never hold one service's lease at once; an expired lease goes to the next."""
+    assert state.acquire("service:web", "host:1", ttl=60)
+    assert not state.acquire("service:web", "host:2", ttl=60)
+    clock.now += 61
+    assert state.acquire("service:web", "host:2", ttl=60)
+    assert not state.acquire("service:web", "host:1", ttl=60)
+
+
+def test_lease_of_a_dead_process_is_broken_at_once(state: State) -> None:
+    """A crashed run's lease does not block the next run, even before it expires."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = default_owner().rsplit(":", 1)[0] + f":{dead.pid}"
+    assert state.acquire("service:web", owner, ttl=3600)
+    with state.lease("service:web", default_owner()):
+        assert state.lock_holder("service:web").owner == default_owner()  # type: ignore[union-attr]
+    assert state.lock_holder("service:web") is None
+
+
+def test_lease_held_by_a_live_process_is_refused_with_its_holder(state: State) -> None:
+    """A live holder's lease is respected, and the error names who holds it."""
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        owner = default_owner().rsplit(":", 1)[0] + f":{live.pid}"
+        assert state.acquire("service:web", owner, ttl=3600)
+        with pytest.raises(LockedError, match=f":{live.pid}"), state.lease(
+            "service:web", default_owner()
+        ):
+            pass
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_interrupted_runs_are_marked_and_not_left_running(state: State) -> None:
+    """Runs, steps and releases of a dead owner are recorded as interrupted on the next start."""
+    run = state.start_run("cli", "shop", owner="elsewhere:1")
+    step = state.start_step(run, "build", "web")
+    rel = state.start_release("web", "a" * 40, "sha256:x", "r@sha256:x", "h", kind="deploy",
+                              reason="test", run_id=run)
+    assert state.interrupt_stale_runs(lambda owner: owner != "elsewhere:1") == [run]
+    assert state.run(run).status == "interrupted"  # type: ignore[union-attr]
+    assert state.steps(run)[0].id == step and state.steps(run)[0].status == "interrupted"
+    assert state.releases("web")[0].id == rel and state.releases("web")[0].status == "interrupted"
+
+
+def test_owner_alive_local_knows_dead_pids() -> None:
+    """The liveness check tells a finished local process from a running one."""
+    assert owner_alive_local(default_owner())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not owner_alive_local(default_owner().rsplit(":", 1)[0] + f":{dead.pid}")
+    assert owner_alive_local("another-machine:1")
