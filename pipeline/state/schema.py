@@ -77,6 +77,48 @@ class Release(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    # unhealthy|crashed|infrastructure|interrupted: decides whether the revision is retried
+    failure_kind: Mapped[str | None] = mapped_column(String(16))
+
+
+class ReleaseHost(Base):
+    """One host of a release's rollout, written before the host is touched: the container it
+    returns to on undo (`previous_*`), the new container once created, and the step reached.
+
+    Crash recovery reads these rows, not what happens to run on the host."""
+
+    __tablename__ = "release_hosts"
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), primary_key=True)
+    host: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # planned|pulled|stopped_old|started|checked|switched|retired|undone
+    phase: Mapped[str] = mapped_column(String(16))
+    previous_container: Mapped[str | None] = mapped_column(String(80))
+    previous_running: Mapped[bool | None] = mapped_column()
+    previous_revision: Mapped[str | None] = mapped_column(String(64))
+    previous_digest: Mapped[str | None] = mapped_column(String(160))
+    new_container: Mapped[str | None] = mapped_column(String(80))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ReleaseSettings(Base):
+    """The service's settings as a release deployed them (JSON: the `[services.NAME]` table and
+    its env file's text), so a rollback restores them. Never shown in history or the API."""
+
+    __tablename__ = "release_settings"
+    release_id: Mapped[int] = mapped_column(ForeignKey("releases.id"), primary_key=True)
+    settings: Mapped[str] = mapped_column(Text)
+
+
+class Pin(Base):
+    """A service held on a release (after `pipeline rollback`) until a newer commit or an
+    explicit `pipeline deploy`; passes leave a pinned service alone."""
+
+    __tablename__ = "pins"
+    service: Mapped[str] = mapped_column(String(128), primary_key=True)
+    release_id: Mapped[int] = mapped_column(Integer)
+    revision: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class Deployment(Base):

@@ -19,9 +19,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.plan.planner import ImageRecord, ServiceRecord
 from pipeline.redact import redact
+from pipeline.state import migrate
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
-from pipeline.state.schema import Base, BuildRow, Deployment, Release, Run, Step
+from pipeline.state.schema import BuildRow, Deployment, Release, Run, Step
 
 Clock = Callable[[], float]
 
@@ -57,7 +58,7 @@ class State(Leases):
         self.engine: Engine = create_engine(url, future=True)
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
