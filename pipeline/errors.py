@@ -6,11 +6,24 @@ Modelled on Flux's reconcile errors: a *stalling* error needs a human and is not
 
 from __future__ import annotations
 
+from typing import Literal
+
+# Why a release failed, as `history --json` shows it in `failure_kind`; it decides whether the
+# revision is tried again: an application failure (unhealthy, crashed) waits for a newer commit
+# or `pipeline deploy`; an infrastructure failure is retried on the next pass with backoff; an
+# interrupted rollout (crash, kill -9, SIGTERM) gets one fresh attempt.
+FailureKind = Literal["unhealthy", "crashed", "infrastructure", "interrupted"]
+FAILURE_KINDS: tuple[FailureKind, ...] = ("unhealthy", "crashed", "infrastructure", "interrupted")
+
 
 class PipelineError(Exception):
-    """Base of every error pipeline raises on purpose; its message is safe to show a user."""
+    """Base of every error pipeline raises on purpose; its message is safe to show a user.
+
+    `failure_kind` says what a rollout that failed on this error records: engine, registry and
+    lease errors are infrastructure unless a subclass says otherwise."""
 
     retry: bool = False
+    failure_kind: FailureKind = "infrastructure"
 
 
 class StallingError(PipelineError):

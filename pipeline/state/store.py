@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipeline.errors import FailureKind
 from pipeline.plan.planner import ImageRecord, ServiceRecord
 from pipeline.redact import redact
 from pipeline.state import migrate
@@ -273,13 +274,25 @@ class State(Leases):
             s.flush()
             return rel.id
 
-    def finish_release(self, release_id: int, status: str, error: str | None = None) -> None:
+    def finish_release(
+        self,
+        release_id: int,
+        status: str,
+        error: str | None = None,
+        *,
+        failure_kind: FailureKind | None = None,
+    ) -> None:
+        """End a release in a terminal `status` with its (redacted) error and, when it failed,
+        its `failure_kind` (see `pipeline.errors.FailureKind`)."""
         with self.session() as s:
             s.execute(
                 update(Release)
                 .where(Release.id == release_id)
                 .values(
-                    status=status, finished_at=self.now(), error=redact(error) if error else None
+                    status=status,
+                    finished_at=self.now(),
+                    error=redact(error) if error else None,
+                    failure_kind=failure_kind,
                 )
             )
 
