@@ -10,26 +10,25 @@ import re
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import structlog
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.config.load import LoadedConfig, read_secret
 from pipeline.errors import PipelineError
 from pipeline.hosts.engine import Engine
 from pipeline.plan.planner import Build, image_spec_hash
 from pipeline.redact import redact
+from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
 from pipeline.state.store import State
 
 log = structlog.get_logger(__name__)
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-PUSH_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,8 @@ def docker_tag(text: str) -> str:
     return _TAG_UNSAFE.sub("-", text).lstrip(".-")[:128] or "latest"
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, PipelineError) and exc.retry
-
-
 class Builder:
-    """Builds and pushes images; engines, mirrors and sleeping are injected."""
+    """Builds and pushes images; engines, mirrors and the retry policy of pushes are injected."""
 
     def __init__(
         self,
@@ -63,10 +58,11 @@ class Builder:
         mirror: Callable[[str], Mirror],
         *,
         report: Callable[[str], None],
-        sleep: Callable[[float], None] = time.sleep,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.loaded, self.cfg, self.state = loaded, loaded.model, state
-        self.engine, self.mirror, self.report, self.sleep = engine, mirror, report, sleep
+        self.engine, self.mirror, self.report = engine, mirror, report
+        self.retry = retry or RetryPolicy()
 
     def build(self, b: Build, rev: Revision, run_id: int | None, *, pull: bool = False) -> Artifact:
         """Build `b.image` at `rev`, push it when there is a registry, record the build."""
@@ -184,24 +180,22 @@ class Builder:
             auth = {"username": reg.username, "password": password or ""}
         engine = self.engine(host)
         digest = ""
+
+        def retrying(failed: int, _exc: BaseException, _wait: float) -> None:
+            self.report(f"{b.image}: push retry {failed + 1}/{self.retry.attempts}")
+
         for tag in tags:
             step = self._start(run_id, "push", b.image, host, rev.sha, f"{repository}:{tag}")
             try:
-                for attempt in Retrying(
-                    stop=stop_after_attempt(PUSH_ATTEMPTS),
-                    wait=wait_exponential(multiplier=0.5, max=8),
-                    retry=retry_if_exception(_retryable),
-                    sleep=self.sleep,
-                    reraise=True,
-                ):
-                    with attempt:
-                        n = attempt.retry_state.attempt_number
-                        if n > 1:
-                            self.report(f"{b.image}: push retry {n}/{PUSH_ATTEMPTS}")
-                        digest = engine.push(repository, tag, auth=auth) or digest
+                pushed = self.retry.call(
+                    partial(engine.push, repository, tag, auth=auth),
+                    f"push {repository}:{tag}",
+                    on_retry=retrying,
+                )
             except PipelineError as exc:
                 self._finish(step, "failed", error=str(exc))
                 raise PipelineError(f"push to {reg.address} failed: {exc}") from exc
+            digest = pushed or digest
             self._finish(step, "succeeded", detail=digest)
         return digest
 

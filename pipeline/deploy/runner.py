@@ -21,6 +21,7 @@ from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
 from pipeline.hosts.engine import Engine
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
+from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
 from pipeline.state.store import State, default_owner
 
@@ -60,6 +61,7 @@ class Runner:
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         should_stop: Callable[[], bool] | None = None,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self.loaded = loaded
         self.cfg = loaded.model
@@ -73,7 +75,11 @@ class Runner:
         self._engines_lock = threading.Lock()
         self._mirror_locks: dict[str, threading.Lock] = {}
         self._mirrors: dict[str, Mirror] = {}
-        self.builder = Builder(loaded, state, self.engine, self.mirror, report=report, sleep=sleep)
+        # One policy for pushes, pulls and inspections; it sleeps with the injected sleep.
+        self.retry = retry or RetryPolicy(sleep=sleep, clock=clock)
+        self.builder = Builder(
+            loaded, state, self.engine, self.mirror, report=report, retry=self.retry
+        )
 
     # -- collaborators ----------------------------------------------------------------------
     def engine(self, host: str | None) -> Engine:
@@ -82,9 +88,11 @@ class Runner:
         with self._engines_lock:
             if key not in self._engines:
                 self._engines[key] = (
-                    Engine.local()
+                    Engine.local(retry=self.retry)
                     if host is None
-                    else Engine.from_host(host, self.cfg.hosts[host], self.loaded.base_dir)
+                    else Engine.from_host(
+                        host, self.cfg.hosts[host], self.loaded.base_dir, retry=self.retry
+                    )
                 )
             return self._engines[key]
 

@@ -2,6 +2,10 @@
 
 Every docker/requests exception is translated in `_translate` into pipeline's error kinds, with a
 message naming the engine (`host lab-1 (tcp://10.88.0.2:2375): ...`) and never a credential.
+Calls that are safe to repeat (pull, image inspection) are retried under the engine's
+`RetryPolicy` when the error is transient: a registry the engine cannot reach answers a pull with
+a 500 ("dial tcp ...: connect: connection refused", "context deadline exceeded", "TLS handshake
+timeout"), an engine that does not answer raises a requests connection error or timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pipeline.hosts.containers import (
     status_of,
 )
 from pipeline.redact import redact
+from pipeline.retry import RetryPolicy
 
 __all__ = [
     "LABEL_PREFIX",
@@ -50,6 +55,9 @@ log = structlog.get_logger(__name__)
 
 _AUTH_MARKERS = ("unauthorized", "authentication required", "no basic auth credentials", "denied:")
 _NOT_FOUND_MARKERS = ("manifest unknown", "not found", "no such image")
+# The engine does not trust the registry's certificate: retrying cannot help ("TLS handshake
+# timeout", by contrast, is a network blip and stays transient).
+_TRUST_MARKERS = ("x509:", "certificate signed by unknown authority")
 _ERRNO = re.compile(r"\[Errno -?\d+\] [^'\")]+")
 _OTHER_ERRORS = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
 _BUILD_TAIL = 10
@@ -74,7 +82,8 @@ def _safe_url(url: str) -> str:
 
 
 class Engine(ContainerOps):
-    """A Docker engine reached at `url`, named after its config host; connects on first use."""
+    """A Docker engine reached at `url`, named after its config host; connects on first use
+    (unless given a `client`). Retries of safe calls follow `retry`."""
 
     def __init__(
         self,
@@ -85,16 +94,21 @@ class Engine(ContainerOps):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         timeout: float = 60,
+        retry: RetryPolicy | None = None,
+        client: Any = None,
     ) -> None:
         self.name = name
         self.url = url
+        self.retry = retry or RetryPolicy()
         self._tls_ca, self._tls_cert, self._tls_key = tls_ca, tls_cert, tls_key
         self._timeout = timeout
         self._lock = threading.Lock()
-        self._docker: Any = None
+        self._docker: Any = client  # a docker.DockerClient; None: connect on first use
 
     @classmethod
-    def from_host(cls, name: str, host: HostSection, base_dir: Path) -> Engine:
+    def from_host(
+        cls, name: str, host: HostSection, base_dir: Path, *, retry: RetryPolicy | None = None
+    ) -> Engine:
         """An engine for a `[hosts.NAME]` table; relative TLS paths are resolved from base_dir."""
 
         def path(value: str | None) -> str | None:
@@ -106,12 +120,14 @@ class Engine(ContainerOps):
             tls_ca=path(host.tls_ca),
             tls_cert=path(host.tls_cert),
             tls_key=path(host.tls_key),
+            retry=retry,
         )
 
     @classmethod
-    def local(cls) -> Engine:
+    def local(cls, *, retry: RetryPolicy | None = None) -> Engine:
         """The machine's own engine: DOCKER_HOST if set, else the default unix socket."""
-        return cls("local", os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+        url = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return cls("local", url, retry=retry)
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, {_safe_url(self.url)!r})"
@@ -146,6 +162,8 @@ class Engine(ContainerOps):
             return not_found(text)
         if "server gave http response to https client" in low:
             return StallingError(f"{text} (is the registry insecure? trust it in daemon.json)")
+        if any(m in low for m in _TRUST_MARKERS):
+            return StallingError(f"{text} (the engine does not trust the registry's certificate)")
         if status is None or status >= 500 or status in (408, 409, 429):
             return EngineError(text)
         return StallingError(text)
@@ -286,7 +304,10 @@ class Engine(ContainerOps):
         auth: Mapping[str, str] | None,
         on_output: Callable[[str], None] | None = None,
     ) -> str:
-        """Push repository:tag and return the registry's manifest digest ("sha256:...")."""
+        """Push repository:tag and return the registry's manifest digest ("sha256:...").
+
+        Not retried here: the builder retries a push under the same policy, reporting each try.
+        """
         action = f"push {repository}:{tag}"
         secrets = [auth.get("password", "")] if auth else []
         digest: str | None = None
@@ -326,7 +347,14 @@ class Engine(ContainerOps):
             )
 
     def pull(self, ref: str, *, auth: Mapping[str, str] | None) -> str:
-        """Pull `ref` (name:tag or name@digest) and return the local image id."""
+        """Pull `ref` (name:tag or name@digest) and return the local image id; a transient
+        failure (registry or engine unreachable, a timeout, a 5xx) is retried."""
+        action = f"pull {ref}"
+        image_id = self.retry.call(lambda: self._pull_once(ref, auth), f"{self._where()}: {action}")
+        log.info("image pulled", host=self.name, image=ref)
+        return image_id
+
+    def _pull_once(self, ref: str, auth: Mapping[str, str] | None) -> str:
         action = f"pull {ref}"
         secrets = [auth.get("password", "")] if auth else []
         with self._calling(action, not_found=ImageNotFound, secrets=secrets):
@@ -335,13 +363,16 @@ class Engine(ContainerOps):
             )
             for chunk in stream:
                 self._raise_stream_error(chunk, action, secrets, not_found=ImageNotFound)
-            image_id = str(self._client.api.inspect_image(ref)["Id"])
-        log.info("image pulled", host=self.name, image=ref)
-        return image_id
+            return str(self._client.api.inspect_image(ref)["Id"])
 
     def _inspect_image(self, ref: str) -> dict[str, Any]:
-        with self._calling(f"inspect image {ref}", not_found=ImageNotFound):
-            return dict(self._client.api.inspect_image(ref))
+        action = f"inspect image {ref}"
+
+        def once() -> dict[str, Any]:
+            with self._calling(action, not_found=ImageNotFound):
+                return dict(self._client.api.inspect_image(ref))
+
+        return self.retry.call(once, f"{self._where()}: {action}")
 
     def has_image(self, ref: str) -> bool:
         """True when the engine holds an image for `ref` (id, tag or repo@digest)."""
