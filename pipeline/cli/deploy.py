@@ -17,7 +17,7 @@ from pipeline.cli.common import (
 )
 from pipeline.config.load import LoadedConfig
 from pipeline.errors import PipelineError
-from pipeline.state.store import State, iso
+from pipeline.state.store import State, release_json
 
 if TYPE_CHECKING:
     from pipeline.deploy.runner import PassResult, Runner
@@ -169,25 +169,10 @@ def register(app: typer.Typer) -> None:
         json: JsonOption = False,
         limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
     ) -> None:
-        """Rollouts, newest first: service, revision, status, times, error."""
+        """Rollouts, newest first: service, revision, status, why it failed, times, error."""
         loaded = load_config(config)
         state = State.in_dir(loaded.data_dir)
-        rows: list[dict[str, Any]] = [
-            {
-                "id": r.id,
-                "service": r.service,
-                "revision": r.revision,
-                "kind": r.kind,
-                "status": r.status,
-                "reason": r.reason,
-                "digest": r.digest,
-                "run_id": r.run_id,
-                "started_at": iso(r.started_at),
-                "finished_at": iso(r.finished_at),
-                "error": r.error,
-            }
-            for r in state.releases(service, limit)
-        ]
+        rows = [release_json(r) for r in state.releases(service, limit)]
         if json:
             print_json(rows)
             return
@@ -199,6 +184,5 @@ def register(app: typer.Typer) -> None:
             }
             for r in rows
         ]
-        print_table(
-            view, ["started_at", "service", "kind", "revision", "status", "reason", "error"]
-        )
+        columns = ["started_at", "service", "kind", "revision", "status", "failure_kind"]
+        print_table(view, [*columns, "reason", "error"])

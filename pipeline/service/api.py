@@ -24,7 +24,7 @@ from pipeline.config.load import LoadedConfig, read_secret
 from pipeline.redact import redact_value
 from pipeline.state.queue import EventQueue
 from pipeline.state.schema import Run, Step
-from pipeline.state.store import State
+from pipeline.state.store import State, release_json
 
 log = structlog.get_logger(__name__)
 
@@ -198,14 +198,21 @@ def api_router(ctx: ServerContext) -> APIRouter:
     def runs(limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
         return reply(200, [run_dict(r) for r in ctx.state.runs(limit)])
 
-    @router.get("/runs/{run_id}", summary="One run and its steps")
+    @router.get("/runs/{run_id}", summary="One run, its steps and the releases it made")
     def run(run_id: int) -> JSONResponse:
         found = ctx.state.run(run_id)
         if found is None:
             return error(404, f"no run with id {run_id}")
-        return reply(
-            200, {**run_dict(found), "steps": [step_dict(s) for s in ctx.state.steps(run_id)]}
-        )
+        steps = [step_dict(s) for s in ctx.state.steps(run_id)]
+        releases = [release_json(r) for r in ctx.state.releases(limit=1000, run_id=run_id)]
+        return reply(200, {**run_dict(found), "steps": steps, "releases": releases})
+
+    @router.get("/history", summary="Releases, newest first, as `pipeline history --json`")
+    def history(
+        service: str | None = Query(None, max_length=128),
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> JSONResponse:
+        return reply(200, [release_json(r) for r in ctx.state.releases(service, limit)])
 
     @router.get("/events", summary="Queued and handled events, newest first")
     def events(limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:

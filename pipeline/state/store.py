@@ -39,6 +39,25 @@ def iso(value: datetime | None) -> str | None:
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
+def release_json(rel: Release) -> dict[str, Any]:
+    """A release as `pipeline history --json` and the API show it; `failure_kind` is null
+    unless it failed (and for releases recorded before failure kinds were)."""
+    return {
+        "id": rel.id,
+        "service": rel.service,
+        "revision": rel.revision,
+        "kind": rel.kind,
+        "status": rel.status,
+        "failure_kind": rel.failure_kind,
+        "reason": rel.reason,
+        "digest": rel.digest,
+        "run_id": rel.run_id,
+        "started_at": iso(rel.started_at),
+        "finished_at": iso(rel.finished_at),
+        "error": rel.error,
+    }
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -334,13 +353,18 @@ class State(Leases):
                 )
             )
 
-    def releases(self, service: str | None = None, limit: int = 50) -> list[Release]:
+    def releases(
+        self, service: str | None = None, limit: int = 50, *, run_id: int | None = None
+    ) -> list[Release]:
+        """Releases newest first, of one service and/or one run when given."""
         with self.session() as s:
             # By start: a superseded commit is recorded after the newer one's rollout, but it
             # arrived before it.
             q = select(Release).order_by(Release.started_at.desc(), Release.id.desc()).limit(limit)
             if service:
                 q = q.where(Release.service == service)
+            if run_id is not None:
+                q = q.where(Release.run_id == run_id)
             return list(s.scalars(q))
 
     def services_released_by(self, run_id: int) -> list[str]:

@@ -460,6 +460,25 @@ def test_runs_and_run_detail(svc: Service) -> None:
     assert "9999" in missing.json()["error"]
 
 
+def test_run_detail_and_history_show_releases_with_failure_kind(svc: Service) -> None:
+    """/api/runs/{id} lists the releases of the run and /api/history every release, each with
+    its failure_kind (null when it succeeded)."""
+    state = svc.ctx.state
+    run = state.start_run("cli", "app")
+    for revision, status, kind in [("a" * 40, "succeeded", None),
+                                   ("b" * 40, "rolled_back", "infrastructure")]:
+        rel = state.start_release("web", revision, "sha256:x", "r@sha256:x", "h", kind="deploy",
+                                  reason="test", run_id=run)
+        state.finish_release(rel, status, failure_kind=kind)  # type: ignore[arg-type]
+    state.finish_run(run, "failed")
+    detail = svc.client.get(f"/api/runs/{run}").json()
+    assert [(r["status"], r["failure_kind"]) for r in detail["releases"]] == [
+        ("rolled_back", "infrastructure"), ("succeeded", None)]
+    history = svc.client.get("/api/history", params={"service": "web"}).json()
+    assert [r["failure_kind"] for r in history] == ["infrastructure", None]
+    assert svc.client.get("/api/history", params={"service": "api"}).json() == []
+
+
 def test_events_lists_recent_events(svc: Service) -> None:
     """/api/events shows stored events newest first."""
     a = svc.queue.put(source="cli", kind="config")[0]
