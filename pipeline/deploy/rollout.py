@@ -19,7 +19,7 @@ import structlog
 
 from pipeline.config.model import HostSection, ServiceSection
 from pipeline.deploy.health import HealthResult, probe_for, wait_healthy
-from pipeline.errors import PipelineError
+from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
 from pipeline.state.store import State
 
@@ -116,6 +116,7 @@ class Rollout:
             for i in range(0, len(hosts), self.spec.max_parallel)
         ]
         failure: str | None = None
+        why: FailureKind | None = None
         with ThreadPoolExecutor(max_workers=self.spec.max_parallel) as pool:
             for batch in batches:
                 futures = [
@@ -127,6 +128,8 @@ class Rollout:
                         moved.append(move)
                     elif error is not None:
                         failure = failure or error
+                        # No move: its pull failed (engine, registry); a new container: unhealthy.
+                        why = why or ("unhealthy" if move and move.new else "infrastructure")
                 if failure:
                     break
         if failure:
@@ -137,7 +140,10 @@ class Rollout:
             if superseded:
                 failure = f"superseded before it was healthy; rolled back ({failure})"
             self.state.finish_release(
-                release_id, "superseded" if superseded else "rolled_back", failure
+                release_id,
+                "superseded" if superseded else "rolled_back",
+                failure,
+                failure_kind=None if superseded else why,
             )
             bound.error(
                 "rollout failed, rolled back",

@@ -18,6 +18,7 @@ from typing import Any
 import pathspec
 
 from pipeline.config.model import Config, ImageSection, ServiceSection
+from pipeline.plan.blocked import Blocked
 from pipeline.plan.dockerignore import DockerIgnore, DockerIgnoreError
 
 _SHOWN_PATHS = 5  # changed paths named in a reason before "+N more"
@@ -253,7 +254,7 @@ def plan(
     services: Mapping[str, ServiceRecord],
     *,
     env_files: Mapping[str, str] | None = None,
-    failed: Mapping[str, str | ServiceRecord] | None = None,
+    failed: Mapping[str, str | ServiceRecord | Blocked] | None = None,
     force_images: Iterable[str] = (),
     force_reason: str = "requested",
     only_services: Iterable[str] | None = None,
@@ -261,7 +262,8 @@ def plan(
     """Decide the builds and rollouts for the repos in `snapshots` (others are left alone).
 
     `env_files` maps a service name to the content of its `env_file`; `failed`
-    maps a service to the revision whose rollout failed last, which is not retried unless the
+    maps a service to the revision kept out of rollouts (a `Blocked`, saying why, or the bare
+    revision or record of the rollout that failed last), which is not rolled out unless the
     service's definition changed; `force_images` are built even if unchanged, with
     `force_reason` as the plan's reason; `only_services` limits rollouts, and the builds they
     need, to those services.
@@ -342,7 +344,7 @@ def _service_rollout(
     record: ServiceRecord | None,
     builds: dict[str, Build],
     env_file_text: str | None,
-    failed_attempt: str | ServiceRecord | None,
+    failed_attempt: str | ServiceRecord | Blocked | None,
 ) -> tuple[Rollout | None, Problem | None]:
     """The rollout `name` needs, if any; may add the Build of its image to `builds`."""
     spec = service_spec_hash(service, env_file_text)
@@ -369,16 +371,16 @@ def _service_rollout(
     revision = image_record.revision if image_record and not rebuild else snapshot.revision
     # A failed attempt given as a record is retried only once the definition differs from
     # the one that failed; given as a bare revision, once it differs from the deployed one.
-    if isinstance(failed_attempt, ServiceRecord):
+    why = "failed before; waiting for a newer commit (pipeline deploy forces it)"
+    if isinstance(failed_attempt, Blocked | ServiceRecord):
         failed_revision: str | None = failed_attempt.revision
         retry_anyway = failed_attempt.spec_hash != spec
+        if isinstance(failed_attempt, Blocked):
+            why = failed_attempt.why
     else:
         failed_revision, retry_anyway = failed_attempt, spec_changed
     if failed_revision is not None and failed_revision == revision and not retry_anyway:
-        # Retrying the same revision would loop; a newer commit or `pipeline deploy` moves on.
-        return None, Problem(
-            f"services.{name}",
-            f"revision {_short(revision)} failed before; waiting for a newer commit "
-            "(pipeline deploy forces it)",
-        )
+        # Retrying the same revision would loop (or, after an infrastructure failure, come
+        # before its backoff); a newer commit or `pipeline deploy` moves on.
+        return None, Problem(f"services.{name}", f"revision {_short(revision)} {why}")
     return Rollout(name, service.image, revision, "; ".join(reasons), rebuild), None

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import FailureKind
+from pipeline.plan.blocked import Blocked, ReleaseFact, blocked_revision
 from pipeline.plan.planner import ImageRecord, ServiceRecord
 from pipeline.redact import redact
 from pipeline.state import migrate
@@ -26,6 +27,9 @@ from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-e
 from pipeline.state.schema import BuildRow, Deployment, Release, Run, Step
 
 Clock = Callable[[], float]
+# Releases of a service read to decide whether its last revision waits: enough to count the
+# infrastructure failures in a row past the longest backoff.
+_RELEASES_CONSIDERED = 20
 
 
 def _utc(ts: float) -> datetime:
@@ -37,6 +41,24 @@ def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
     return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+
+
+def _epoch(value: datetime | None) -> float | None:
+    if value is None:
+        return None
+    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+
+
+def _fact(rel: Release) -> ReleaseFact:
+    return ReleaseFact(
+        revision=rel.revision,
+        digest=rel.digest,
+        spec_hash=rel.spec_hash,
+        kind=rel.kind,
+        status=rel.status,
+        failure_kind=rel.failure_kind,
+        finished_at=_epoch(rel.finished_at or rel.started_at),
+    )
 
 
 def release_json(rel: Release) -> dict[str, Any]:
@@ -398,44 +420,23 @@ class State(Leases):
                 )
         return out
 
-    def failed_revisions(self, services: list[str]) -> dict[str, ServiceRecord]:
-        """Per service, the attempt not to repeat automatically: a deploy that failed or was
-        rolled back, or the revision a manual rollback moved away from."""
+    def failed_revisions(self, services: list[str]) -> dict[str, Blocked]:
+        """Per service, the revision not to roll out automatically now, why and until when
+        (`pipeline.plan.blocked`): after an application failure or a manual rollback until a
+        newer commit; after an infrastructure failure until its backoff ends (state clock)."""
+        now = self.clock()
         out = {}
         with self.session() as s:
             for service in services:
-                last = s.scalars(
+                rows = s.scalars(
                     select(Release)
-                    .where(
-                        Release.service == service,
-                        Release.status.in_(["succeeded", "failed", "rolled_back"]),
-                    )
+                    .where(Release.service == service)
                     .order_by(Release.id.desc())
-                    .limit(1)
-                ).first()
-                if last is None:
-                    continue
-                if last.kind == "rollback" and last.status == "succeeded":
-                    # Rolling back pins the service: the release it left is not re-deployed
-                    # until a newer commit arrives (or `pipeline deploy`).
-                    left = s.scalars(
-                        select(Release)
-                        .where(
-                            Release.service == service,
-                            Release.kind == "deploy",
-                            Release.status == "succeeded",
-                            Release.id < last.id,
-                        )
-                        .order_by(Release.id.desc())
-                        .limit(1)
-                    ).first()
-                    last = left
-                elif last.status == "succeeded":
-                    continue
-                if last is not None:
-                    out[service] = ServiceRecord(
-                        revision=last.revision, digest=last.digest, spec_hash=last.spec_hash
-                    )
+                    .limit(_RELEASES_CONSIDERED)
+                )
+                blocked = blocked_revision([_fact(r) for r in rows], now)
+                if blocked is not None:
+                    out[service] = blocked
         return out
 
     # -- deployments (per service and host) -------------------------------------------------

@@ -90,7 +90,7 @@ def test_unhealthy_revision_rolls_back_everywhere(project: Project) -> None:
     # The failed revision is not retried until a newer commit arrives.
     again = project.run()
     assert again.ok and not again.rollouts
-    assert any("failed before" in p.message for p in again.plan.problems)
+    assert any("failed its health check" in p.message for p in again.plan.problems)
 
 
 def test_rollback_command_restores_previous_revision(project: Project) -> None:
