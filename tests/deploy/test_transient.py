@@ -145,7 +145,7 @@ def test_registry_down_past_the_retries_is_retried_after_backoff(project: Projec
     waiting = project.run()
     assert waiting.ok and not waiting.rollouts
     (problem,) = [p for p in waiting.plan.problems if p.subject == f"services.{project.web}"]
-    assert "infrastructure failure" in problem.message, problem.message
+    assert "infrastructure reason" in problem.message and "retrying after" in problem.message
 
     # Past the backoff (the state's clock moved 31 s on), the next pass deploys it.
     loaded = load(project.config)
