@@ -16,6 +16,8 @@ from pipeline.lab.manage import LabState
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
+# A secret-looking env value of every release: it must never be printed.
+SECRET = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
 # r2 runs httpd itself instead of the image's default shell wrapper: a command change.
 HTTPD = '["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]'
 
@@ -34,7 +36,7 @@ def _settings(project: Project, name: str, port: int, command: str | None = None
     (project.root / "web.env").write_text(f"# release {name}\nFROM_FILE={name}\n")
     project.write_config(
         web_ports=f'ports = ["{port}:8080"]',
-        web=f'env = {{ GREETING = "{name}" }}\nenv_file = "web.env"\n'
+        web=f'env = {{ GREETING = "{name}", API_KEY = "{SECRET}" }}\nenv_file = "web.env"\n'
         f'labels = {{ tier = "{name}" }}\n' + (f"command = {command}\n" if command else ""),
     )
 
@@ -103,6 +105,7 @@ def test_rollback_restores_whole_releases_twice_back_and_pins(project: Project) 
 
     res = project.cli("rollback", project.web)
     assert res.returncode == 0, res.stdout + res.stderr
+    printed = res.stdout + res.stderr
     _assert_release(project, digests["one"], "one", port_a, httpd=False, content="web v1")
 
     # Pinned: a pass leaves it on r1 although the config now says "three".
@@ -120,6 +123,10 @@ def test_rollback_restores_whole_releases_twice_back_and_pins(project: Project) 
     assert pin["revision"] == first and "rollback" in pin["reason"] and pin["since"]
     human = project.cli("status")
     assert f"pinned at {first[:12]}" in human.stdout, human.stdout
+    history = project.cli("history", project.web, "--json").stdout
+    assert [h["kind"] for h in json.loads(history)[:2]] == ["rollback", "rollback"]
+    for text in (printed, human.stdout, history, project.cli("status", "--json").stdout):
+        assert SECRET not in text
 
     # A newer commit releases the pin: deployed with the current settings.
     project.remote.write("web/www/index.html", "web v4")
