@@ -78,7 +78,7 @@ def _assert_release(
 def test_rollback_restores_whole_releases_twice_back_and_pins(project: Project) -> None:
     """From r3, `pipeline rollback` restores r2's image, env, env file, labels, port and command
     on every host, a second one r1's; passes then leave the pinned service alone until a newer
-    commit deploys it and ends the pin."""
+    commit deploys it and ends the pin (as `pipeline deploy` does after another rollback)."""
     port_a, port_b = project.web_port, project.web_port + 2000
     _settings(project, "one", port_a)
     first = project.initial_commit()
@@ -134,6 +134,17 @@ def test_rollback_restores_whole_releases_twice_back_and_pins(project: Project) 
     result = project.run()
     assert result.ok, result.errors
     assert project.web in {r.service for r in result.plan.rollouts}
+    rows = _web_status(project)
+    assert {r["pinned"] for r in rows} == {None}
+    _assert_release(project, rows[0]["digest"], "three", port_b, httpd=False, content="web v4")
+
+    # Back again: below r4's release lies r1 (r2 and r3 were rolled back from); then
+    # `pipeline deploy` unpins it and deploys the newest commit with the current settings.
+    res = project.cli("rollback", project.web)
+    assert res.returncode == 0, res.stdout + res.stderr
+    _assert_release(project, digests["one"], "one", port_a, httpd=False, content="web v1")
+    res = project.cli("deploy", project.web)
+    assert res.returncode == 0, res.stdout + res.stderr
     rows = _web_status(project)
     assert {r["pinned"] for r in rows} == {None}
     _assert_release(project, rows[0]["digest"], "three", port_b, httpd=False, content="web v4")
