@@ -10,8 +10,8 @@ from pipeline.config.model import ServiceSection
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
-from pipeline.plan.planner import PinRecord, service_spec_hash
-from pipeline.plan.rollback import choose_rollback
+from pipeline.plan.planner import service_spec_hash
+from pipeline.plan.rollback import PinRecord, choose_rollback
 from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import iso
 

@@ -12,7 +12,6 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
@@ -20,6 +19,7 @@ import pathspec
 
 from pipeline.config.model import Config, ImageSection, ServiceSection
 from pipeline.plan.dockerignore import DockerIgnore, DockerIgnoreError
+from pipeline.plan.rollback import PinRecord
 
 _SHOWN_PATHS = 5  # changed paths named in a reason before "+N more"
 _SHORT = 12  # characters of a sha shown in messages
@@ -41,18 +41,6 @@ class ServiceRecord:
     revision: str
     digest: str
     spec_hash: str  # service_spec_hash at that rollout
-
-
-@dataclass(frozen=True)
-class PinRecord:
-    """A service held on a release after a rollback, until its repo's head is another commit
-    than `head` (the head when the pin was made) or `pipeline deploy` removes it."""
-
-    revision: str  # the revision it is pinned at
-    release_id: int  # the release that put it there
-    head: str | None  # head commit of the image's repo at pin time (None: unknown, `revision`)
-    reason: str  # e.g. "rollback to r42"
-    since: datetime
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Choosing the release a rollback goes to: pure, over a service's release rows.
+"""Choosing the release a rollback goes to, pure, over a service's release rows; and the pin
+that holds a service there afterwards (the planner reads it).
 
 The succeeded releases form a stack of states the service went through: a deploy pushes its
 release; a rollback returns to the release it restored and drops what lay above it. The
@@ -12,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from pipeline.errors import StallingError
 
@@ -33,6 +35,18 @@ class PastRelease:
     digest: str = ""
     ref: str = ""
     restores: int | None = None  # a rollback: the release it brought back
+
+
+@dataclass(frozen=True)
+class PinRecord:
+    """A service held on a release after a rollback, until its repo's head is another commit
+    than `head` (the head when the pin was made) or `pipeline deploy` removes it."""
+
+    revision: str  # the revision it is pinned at
+    release_id: int  # the release that put it there
+    head: str | None  # head commit of the image's repo at pin time (None: unknown, `revision`)
+    reason: str  # e.g. "rollback to r42"
+    since: datetime
 
 
 def choose_rollback(

@@ -19,8 +19,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from pipeline.config.model import ServiceSection
-from pipeline.plan.planner import PinRecord
-from pipeline.plan.rollback import PastRelease
+from pipeline.plan.rollback import PastRelease, PinRecord
 from pipeline.state.schema import Pin, Release, ReleaseSettings
 
 log = structlog.get_logger(__name__)

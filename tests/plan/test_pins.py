@@ -14,13 +14,13 @@ from pipeline.config.load import parse
 from pipeline.config.model import Config
 from pipeline.plan.planner import (
     ImageRecord,
-    PinRecord,
     RepoSnapshot,
     ServiceRecord,
     image_spec_hash,
     plan,
     service_spec_hash,
 )
+from pipeline.plan.rollback import PinRecord
 
 OLD = "1" * 40  # built and deployed
 HEAD = "2" * 40  # the head when the pin was made (its image was not rebuilt there)
