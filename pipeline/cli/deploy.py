@@ -71,6 +71,8 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"rollout {r.service} ({how}): {r.reason}")
         for p in the_plan.problems:
             typer.echo(f"note    {p.subject}: {p.message}")
+        for name in the_plan.unpin:
+            typer.echo(f"unpin   services.{name}: a newer commit releases its pin")
 
     @app.command()
     def run(
@@ -127,11 +129,14 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--to",
-                help="Revision (sha prefix) to go back to; default: the previous successful one.",
+                help="Release to go back to: r42 (or 42) is release 42 of `history`, anything "
+                "else a revision prefix (its newest succeeded release). Default: the release "
+                "before the one deployed now.",
             ),
         ] = None,
     ) -> None:
-        """Put SERVICE back on an earlier successful revision on every host."""
+        """Put SERVICE back on an earlier succeeded release on every host, its image and its
+        settings, and pin it there until a newer commit or `pipeline deploy SERVICE`."""
         loaded = load_config(config)
         runner = _runner(loaded)
         try:
@@ -161,6 +166,13 @@ def register(app: typer.Typer) -> None:
         print_table(
             view, ["service", "host", "revision", "digest", "state", "health", "updated_at"]
         )
+        pins = {r["service"]: r["pinned"] for r in rows if r["pinned"]}
+        for name, pin in pins.items():
+            typer.echo(
+                f"{name}: pinned at {pin['revision'][:12]} (release r{pin['release_id']}) by "
+                f"{pin['reason']} since {pin['since']}; a newer commit or "
+                f"`pipeline deploy {name}` releases it"
+            )
 
     @app.command()
     def history(

@@ -4,46 +4,79 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
+from pipeline.config.model import ServiceSection
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
 from pipeline.plan.planner import service_spec_hash
+from pipeline.plan.rollback import PinRecord, choose_rollback
+from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import iso
+
+# How a service is rolled out rather than what it runs: a rollback takes these from the current
+# config (today's hosts, today's pace), everything else from the release it restores.
+_HOW = {"hosts", "strategy", "max_parallel", "stop_timeout"}
 
 
 def rollback_service(runner: Runner, service: str, to: str | None = None) -> RolloutResult:
-    """Roll `service` back to the previous successful revision (or the one starting with `to`)."""
+    """Roll `service` back to the release before the one deployed now (or the one `to` names:
+    `r42`/`42` a release id, else a revision prefix; see `choose_rollback`), restoring its image
+    and its settings, and pin it there until a newer commit or `pipeline deploy`."""
     cfg = runner.cfg
     svc = cfg.services.get(service)
     if svc is None:
         raise StallingError(f"unknown service {service!r} (known: {', '.join(cfg.services)})")
-    current = {d.digest for d in runner.state.deployments() if d.service == service}
-    candidates = runner.state.successful_releases(service)
-    if to:
-        chosen = next((r for r in candidates if r.revision.startswith(to.lower())), None)
-        if chosen is None:
-            raise StallingError(f"service {service}: no successful release at revision {to!r}")
+    deployed = [
+        d for d in runner.state.deployments() if d.service == service and d.host in svc.hosts
+    ]
+    current = max((d.release_id for d in deployed if d.release_id), default=None)
+    chosen = choose_rollback(service, runner.state.past_releases(service), current, to)
+    stored = runner.state.release_settings(chosen.id)
+    if stored is None:
+        runner.report(
+            f"{service}: release r{chosen.id} has no stored settings (made before pipeline "
+            "recorded them): rolling back its image with the current settings"
+        )
+        settings, spec = ServiceSettings(svc, runner.env_files().get(service)), svc
     else:
-        chosen = next((r for r in candidates if r.digest not in current), None)
-        if chosen is None:
-            raise StallingError(f"service {service}: no earlier successful revision to go back to")
-    runner.report(f"{service}: rolling back to {chosen.revision[:12]}")
+        settings, spec = stored, restored_spec(stored, svc)
+    runner.report(f"{service}: rolling back to r{chosen.id} ({chosen.revision[:12]})")
     target = Target(
         revision=chosen.revision,
         digest=chosen.digest,
         refs={h: chosen.ref for h in svc.hosts},
-        spec_hash=service_spec_hash(svc, runner.env_files().get(service)),
+        spec_hash=service_spec_hash(settings.service, settings.env_file_text),
         pull=cfg.registry is not None,
         auth=runner.registry_auth(),
+        settings=settings,
+        restores=chosen.id,
     )
-    run_id = runner.state.start_run("rollback", cfg.images[svc.image].repo, owner=runner.owner)
+    repo = cfg.images[svc.image].repo
+    # The head now, before anything moves: a different head later is a newer commit.
+    head = _repo_head(runner, repo) or (deployed[0].revision if deployed else None)
+    run_id = runner.state.start_run("rollback", repo, owner=runner.owner)
     outcome = runner.roll(
         service,
         target,
         run_id=run_id,
-        reason=f"rollback to {chosen.revision[:12]}",
+        reason=f"rollback to r{chosen.id} ({chosen.revision[:12]})",
         kind="rollback",
+        spec=spec,
     )
+    if outcome.ok:
+        runner.state.pin_service(
+            service,
+            release_id=outcome.release_id,
+            revision=chosen.revision,
+            head=head,
+            reason=f"rollback to r{chosen.id}",
+        )
+        runner.report(
+            f"{service}: pinned at {chosen.revision[:12]}; a newer commit or "
+            f"`pipeline deploy {service}` releases it"
+        )
     runner.state.finish_run(
         run_id,
         "succeeded" if outcome.ok else "failed",
@@ -53,11 +86,68 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
     return outcome
 
 
+def restored_spec(stored: ServiceSettings, current: ServiceSection) -> ServiceSection:
+    """The section a rollback rolls out: what the stored release ran (image, ports, env and its
+    env file's values, command, volumes, resources, network, restart, labels, health) with the
+    current config's hosts, strategy, max_parallel and stop_timeout."""
+    env = dict(stored.service.env)
+    if stored.service.env_file is not None and stored.env_file_text is not None:
+        # The file may have changed since: its stored text is folded in, as the env file was
+        # read then (explicit `env` wins, as it did).
+        env = {**parse_env_text(stored.env_file_text), **env}
+    ran = {**stored.service.model_dump(mode="json"), "env": env, "env_file": None}
+    how = current.model_dump(mode="json", include=_HOW)
+    try:
+        return ServiceSection.model_validate({**ran, **how})
+    except ValidationError:
+        # Today's strategy does not fit the stored ports (start-first with a fixed host port):
+        # roll out as that release was.
+        return ServiceSection.model_validate({**ran, **how, "strategy": ran["strategy"]})
+
+
+def parse_env_text(text: str) -> dict[str, str]:
+    """KEY=VALUE lines as `docker run --env-file` reads them (as `rollout.read_env_file`)."""
+    env: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            key, sep, value = line.partition("=")
+            if sep:
+                env[key.strip()] = value
+    return env
+
+
+def _repo_head(runner: Runner, repo: str) -> str | None:
+    """The head commit of `repo` as its mirror last fetched it (no network); None if unknown."""
+    section = runner.cfg.repos[repo]
+    branch = None if section.tags else (section.branch or "main")
+    try:
+        with runner.mirror_lock(repo):
+            rev = runner.mirror(repo).local_head(branch=branch, tags=section.tags)
+    except PipelineError:
+        return None
+    return rev.sha if rev else None
+
+
+def pin_json(pin: PinRecord | None) -> dict[str, Any] | None:
+    """A pin as `status --json` shows it: null, or its revision, release, reason and since."""
+    if pin is None:
+        return None
+    return {
+        "revision": pin.revision,
+        "release_id": pin.release_id,
+        "reason": pin.reason,
+        "since": iso(pin.since),
+    }
+
+
 def status_rows(runner: Runner) -> list[dict[str, Any]]:
     """One row per service and host: what pipeline deployed and what the engine reports now."""
     rows: list[dict[str, Any]] = []
     deployed = {(d.service, d.host): d for d in runner.state.deployments()}
+    pins = runner.state.pins()
     for name, svc in runner.cfg.services.items():
+        pinned = pin_json(pins.get(name))
         for host in svc.hosts:
             d = deployed.get((name, host))
             row: dict[str, Any] = {
@@ -70,6 +160,7 @@ def status_rows(runner: Runner) -> list[dict[str, Any]]:
                 "state": "not deployed",
                 "health": None,
                 "updated_at": iso(d.updated_at) if d else None,
+                "pinned": pinned,
             }
             if d and d.container_id:
                 try:

@@ -21,6 +21,7 @@ from pipeline.config.model import HostSection, ServiceSection
 from pipeline.deploy.health import HealthResult, probe_for, wait_healthy
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
+from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import State
 
 log = structlog.get_logger(__name__)
@@ -36,6 +37,8 @@ class Target:
     spec_hash: str
     pull: bool  # False when the image was built on the host itself
     auth: Mapping[str, str] | None = None
+    settings: ServiceSettings | None = None  # recorded with the release, for a later rollback
+    restores: int | None = None  # a rollback: the release it brings back
 
 
 @dataclass
@@ -106,6 +109,8 @@ class Rollout:
             kind=kind,
             reason=reason,
             run_id=run_id,
+            settings=target.settings,
+            restores=target.restores,
         )
         bound = log.bind(service=self.service, revision=target.revision[:12], run_id=run_id)
         bound.info("rollout started", hosts=self.spec.hosts, strategy=self.spec.strategy)

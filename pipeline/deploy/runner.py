@@ -16,6 +16,7 @@ import structlog
 
 from pipeline.build.builder import Artifact, Builder
 from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.config.model import ServiceSection
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
@@ -23,6 +24,7 @@ from pipeline.hosts.engine import Engine
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
+from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import State, default_owner
 
 log = structlog.get_logger(__name__)
@@ -207,6 +209,7 @@ class Runner:
             force_images=force_images,
             force_reason=force_reason,
             only_services=only_services,
+            pins=self.state.pins(),
         )
 
     def preview(self, repo: str | None = None) -> Plan:
@@ -236,6 +239,9 @@ class Runner:
         built even if unchanged, `force_reason` saying why (`pipeline rebuild` by default)."""
         run_id = self.state.start_run(trigger, repo, owner=self.owner)
         structlog.contextvars.bind_contextvars(run_id=run_id)
+        for name in force_services:  # `pipeline deploy` releases a pin
+            if self.state.unpin_service(name):
+                self.report(f"{name}: unpinned: deploy requested")
         try:
             observed = self.observe(self._repos(repo), pinned=pinned, run_id=run_id)
             the_plan = self.make_plan(
@@ -303,6 +309,9 @@ class Runner:
         result = PassResult(run_id, the_plan, True)
         for problem in the_plan.problems:
             self.report(f"note: {problem.subject}: {problem.message}")
+        for name in the_plan.unpin:
+            self.state.unpin_service(name)
+            self.report(f"{name}: unpinned: a newer commit arrived")
         if the_plan.empty:
             self.report("up to date: nothing to build or roll out")
             return result
@@ -374,6 +383,7 @@ class Runner:
                 spec_hash=spec_hash,
                 pull=self.cfg.registry is not None,
                 auth=self.registry_auth(),
+                settings=ServiceSettings(svc, env_text),
             ),
             run_id=run_id,
             reason=ro.reason,
@@ -387,9 +397,11 @@ class Runner:
         run_id: int | None,
         reason: str | None,
         kind: str = "deploy",
+        spec: ServiceSection | None = None,
     ) -> RolloutResult:
-        """Roll one service out under its lease; report and record the outcome."""
-        svc = self.cfg.services[service]
+        """Roll one service out under its lease with its configured settings (or `spec`: a
+        rollback's restored ones); report and record the outcome."""
+        svc = spec or self.cfg.services[service]
         self.report(
             f"{service}: rolling out {target.revision[:12]} to {', '.join(svc.hosts)} ({reason})"
         )

@@ -20,6 +20,7 @@ import pathspec
 from pipeline.config.model import Config, ImageSection, ServiceSection
 from pipeline.plan.blocked import Blocked
 from pipeline.plan.dockerignore import DockerIgnore, DockerIgnoreError
+from pipeline.plan.rollback import PinRecord
 
 _SHOWN_PATHS = 5  # changed paths named in a reason before "+N more"
 _SHORT = 12  # characters of a sha shown in messages
@@ -88,11 +89,13 @@ class Problem:
 
 @dataclass(frozen=True)
 class Plan:
-    """Builds and rollouts to apply, in name order, and the problems that held some back."""
+    """Builds and rollouts to apply, in name order, and the problems that held some back;
+    `unpin` names the services whose pin a newer commit released (applying removes it)."""
 
     builds: tuple[Build, ...] = ()
     rollouts: tuple[Rollout, ...] = ()
     problems: tuple[Problem, ...] = ()
+    unpin: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """Plain lists of dicts, for `pipeline plan --json` and the API."""
@@ -258,6 +261,7 @@ def plan(
     force_images: Iterable[str] = (),
     force_reason: str = "requested",
     only_services: Iterable[str] | None = None,
+    pins: Mapping[str, PinRecord] | None = None,
 ) -> Plan:
     """Decide the builds and rollouts for the repos in `snapshots` (others are left alone).
 
@@ -266,10 +270,14 @@ def plan(
     revision or record of the rollout that failed last), which is not rolled out unless the
     service's definition changed; `force_images` are built even if unchanged, with
     `force_reason` as the plan's reason; `only_services` limits rollouts, and the builds they
-    need, to those services.
+    need, to those services. A service in `pins` is left alone while its repo's snapshot is
+    the head it was pinned at; another commit releases it (`Plan.unpin`) and it is planned
+    as usual.
     """
     env_files = env_files or {}
     failed = failed or {}
+    pins = pins or {}
+    unpin: list[str] = []
     forced = set(force_images)
     selected = None if only_services is None else set(only_services)
     problems: list[Problem] = []
@@ -305,6 +313,12 @@ def plan(
         of_image = config.images.get(service.image)
         if of_image is None or of_image.repo not in snapshots or service.image in broken:
             continue  # another repo's business, or its image's problem is already reported
+        pin = pins.get(name)
+        if pin is not None:
+            if snapshots[of_image.repo].revision == (pin.head or pin.revision):
+                problems.append(_pinned(name, pin))
+                continue
+            unpin.append(name)
         rollout, problem = _service_rollout(
             name,
             service,
@@ -333,6 +347,16 @@ def plan(
         builds=tuple(builds[n] for n in sorted(builds)),
         rollouts=tuple(rollouts),
         problems=tuple(sorted(problems, key=lambda p: (p.subject, p.message))),
+        unpin=tuple(unpin),
+    )
+
+
+def _pinned(name: str, pin: PinRecord) -> Problem:
+    since = pin.since.strftime("%Y-%m-%d %H:%M:%S")
+    return Problem(
+        f"services.{name}",
+        f"pinned at {_short(pin.revision)} by {pin.reason} at {since} UTC; a newer commit or "
+        f"`pipeline deploy {name}` releases it",
     )
 
 

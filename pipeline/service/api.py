@@ -133,10 +133,16 @@ class DeployRequest(BaseModel):
 
 
 class RollbackRequest(BaseModel):
-    """Roll a service back, to revision `to` or to the release before the current one."""
+    """Roll a service back, image and settings, to the release before the current one, or to
+    `to`: `r42` (or `42`) is release 42, anything else a revision prefix; it stays pinned there
+    until a newer commit or a deploy."""
 
     model_config = ConfigDict(extra="forbid")
-    to: str | None = Field(default=None, pattern=_REVISION)
+    to: str | None = Field(
+        default=None,
+        pattern=_REVISION,
+        description="release id (r42 or 42) or revision prefix; default: the previous release",
+    )
 
 
 def _check_token(loaded: LoadedConfig, request: Request) -> JSONResponse | None:

@@ -79,6 +79,8 @@ class Release(Base):
     error: Mapped[str | None] = mapped_column(Text)
     # unhealthy|crashed|infrastructure|interrupted: decides whether the revision is retried
     failure_kind: Mapped[str | None] = mapped_column(String(16))
+    # A rollback: the release whose image and settings it brought back (its id, not a digest)
+    restores: Mapped[int | None] = mapped_column(Integer)
 
 
 class ReleaseHost(Base):
@@ -119,6 +121,8 @@ class Pin(Base):
     revision: Mapped[str] = mapped_column(String(64))
     reason: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The head commit of the service's repo when the pin was made; another head releases it.
+    head: Mapped[str | None] = mapped_column(String(64))
 
 
 class Deployment(Base):

@@ -24,7 +24,8 @@ from pipeline.redact import redact
 from pipeline.state import migrate
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
-from pipeline.state.schema import BuildRow, Deployment, Release, Run, Step
+from pipeline.state.rollbacks import Rollbacks, ServiceSettings
+from pipeline.state.schema import BuildRow, Deployment, Release, ReleaseSettings, Run, Step
 
 Clock = Callable[[], float]
 # Releases of a service read to decide whether its last revision waits: enough to count the
@@ -88,10 +89,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class State(Leases):
+class State(Leases, Rollbacks):
     """Facade over the state database; time is injected through `clock` (epoch seconds).
 
-    Leases (`acquire`, `lease`, ...) come from `pipeline.state.leases.Leases`.
+    Leases (`acquire`, `lease`, ...) come from `pipeline.state.leases.Leases`; release
+    settings, release rows and pins (`pin_service`, ...) from `pipeline.state.rollbacks`.
     """
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
@@ -297,7 +299,11 @@ class State(Leases):
         kind: str,
         reason: str | None,
         run_id: int | None,
+        settings: ServiceSettings | None = None,
+        restores: int | None = None,
     ) -> int:
+        """Record a release as running; with it, in one transaction, the `settings` it deploys
+        (kept for a later rollback, never shown) and, for a rollback, the release it `restores`."""
         with self.session() as s:
             rel = Release(
                 service=service,
@@ -310,9 +316,12 @@ class State(Leases):
                 status="running",
                 run_id=run_id,
                 started_at=self.now(),
+                restores=restores,
             )
             s.add(rel)
             s.flush()
+            if settings is not None:
+                s.add(ReleaseSettings(release_id=rel.id, settings=settings.to_json()))
             return rel.id
 
     def finish_release(
