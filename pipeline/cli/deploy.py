@@ -17,7 +17,8 @@ from pipeline.cli.common import (
 )
 from pipeline.config.load import LoadedConfig
 from pipeline.errors import PipelineError
-from pipeline.state.store import State, iso
+from pipeline.state.store import State
+from pipeline.timeutil import iso
 
 if TYPE_CHECKING:
     from pipeline.deploy.runner import PassResult, Runner

@@ -8,7 +8,7 @@ from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
 from pipeline.plan.planner import service_spec_hash
-from pipeline.state.store import iso
+from pipeline.timeutil import iso
 
 
 def rollback_service(runner: Runner, service: str, to: str | None = None) -> RolloutResult:

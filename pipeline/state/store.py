@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +22,9 @@ from pipeline.redact import redact
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
 from pipeline.state.schema import Base, BuildRow, Deployment, Release, Run, Step
+from pipeline.timeutil import utc
 
 Clock = Callable[[], float]
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with its offset; SQLite hands datetimes back without their zone."""
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -66,7 +56,7 @@ class State(Leases):
         return cls(f"sqlite:///{data_dir / 'state.db'}", clock=clock)
 
     def now(self) -> datetime:
-        return _utc(self.clock())
+        return utc(self.clock())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
