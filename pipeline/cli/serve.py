@@ -26,7 +26,7 @@ from pipeline.config.load import LoadedConfig
 from pipeline.config.model import RepoSection
 from pipeline.errors import ConfigError
 from pipeline.hosts.containers import parse_port
-from pipeline.sources.git import redact_url
+from pipeline.redact import redact_url
 from pipeline.state.queue import FINAL_STATUSES, EventQueue
 from pipeline.state.schema import Event
 from pipeline.state.store import State

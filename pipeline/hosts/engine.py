@@ -34,7 +34,7 @@ from pipeline.hosts.containers import (
     create_kwargs,
     status_of,
 )
-from pipeline.redact import redact
+from pipeline.redact import redact, redact_url
 
 __all__ = [
     "LABEL_PREFIX",
@@ -66,11 +66,6 @@ class RegistryAuthError(StallingError):
 
 class ImageNotFound(StallingError):
     """The image (usually a digest) does not exist in the registry or on the engine."""
-
-
-def _safe_url(url: str) -> str:
-    # Docker endpoints carry no passwords, but a user:pass@ would be masked before display.
-    return re.sub(r"://([^/@:\s]+):[^/@\s]*@", r"://\1:***@", url)
 
 
 class Engine(ContainerOps):
@@ -114,12 +109,12 @@ class Engine(ContainerOps):
         return cls("local", os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
 
     def __repr__(self) -> str:
-        return f"Engine({self.name!r}, {_safe_url(self.url)!r})"
+        return f"Engine({self.name!r}, {redact_url(self.url)!r})"
 
     # -- errors -----------------------------------------------------------------------------
 
     def _where(self) -> str:
-        return f"host {self.name} ({_safe_url(self.url)})"
+        return f"host {self.name} ({redact_url(self.url)})"
 
     def _translate(
         self,

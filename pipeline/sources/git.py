@@ -14,13 +14,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
-from urllib.parse import unquote
 
 import structlog
 from git.cmd import Git
 from git.exc import GitCommandNotFound
 
-from pipeline.redact import redact
+from pipeline.redact import redact, redact_url, url_secrets
 from pipeline.sources.refs import (
     _ALLOWED_SCHEMES,
     _HEX_SHA,
@@ -32,7 +31,6 @@ from pipeline.sources.refs import (
     _tag_version,
     _target,
     _validate_url,
-    redact_url,
     validate_sha,
 )
 from pipeline.sources.refs import validate_ref_name as validate_ref_name  # re-exported
@@ -102,7 +100,7 @@ class Mirror:
         self.fetch_timeout = fetch_timeout
         self._git = Git(self.path)
         self._ready = False
-        self._secrets = self._url_secrets(url)
+        self._secrets = url_secrets(url)
 
     def __repr__(self) -> str:
         return f"Mirror({redact_url(self.url)!r}, {str(self.path)!r})"
@@ -305,21 +303,10 @@ class Mirror:
     def _name(self) -> str:
         return redact_url(self.url)
 
-    @staticmethod
-    def _url_secrets(url: str) -> list[str]:
-        # Literal credentials, raw and percent-decoded, masked even where no URL syntax surrounds
-        # them (git and remote helpers sometimes echo the user name or password on their own).
-        m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/\s]*)@", url)
-        if not m:
-            return []
-        userinfo = m.group(1)
-        password = userinfo.partition(":")[2]
-        token = userinfo if not password else ""
-        found = {userinfo, unquote(userinfo), password, unquote(password), token, unquote(token)}
-        return sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
-
     def _scrub(self, text: str) -> str:
-        text = redact(redact_url(text))
+        # redact() masks URL credentials; the literal ones are masked too, since git and remote
+        # helpers sometimes echo the user name or password without the URL around them.
+        text = redact(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text

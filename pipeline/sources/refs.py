@@ -11,9 +11,9 @@ import re
 from typing import Any
 
 from pipeline.errors import PipelineError, StallingError, TransientError
+from pipeline.redact import redact_url
 
 _ALLOWED_SCHEMES = frozenset({"https", "http", "ssh", "git", "file"})
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]*@")
 _SCP_LIKE = re.compile(r"(?:[A-Za-z0-9._~+-]+@)?(?P<host>\[[^\]/]+\]|[A-Za-z0-9._-]+):(?P<path>.+)")
 _HEX_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
@@ -29,11 +29,6 @@ class GitTransientError(GitError, TransientError):
 
 class GitStallingError(GitError, StallingError):
     """Bad URL, ref, path or credentials, or a missing object: retrying will not help."""
-
-
-def redact_url(url: str) -> str:
-    """Replace the user-info of every `scheme://user:pw@` URL in the text by `***`."""
-    return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", url)
 
 
 def validate_ref_name(name: str) -> str:
