@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import ServiceSection, parse_port
 from pipeline.errors import PipelineError, StallingError
-from pipeline.hosts.containers import parse_port
 from pipeline.hosts.engine import ContainerInfo, Engine
 from pipeline.redact import redact
 

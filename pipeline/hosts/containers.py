@@ -11,6 +11,7 @@ from typing import Any
 import docker.errors
 import structlog
 
+from pipeline.config.model import parse_port
 from pipeline.errors import PipelineError, StallingError
 
 log = structlog.get_logger(__name__)
@@ -59,47 +60,20 @@ class ContainerInfo:
         return self.labels.get(MANAGED_LABEL) == "true"
 
 
-@dataclass(frozen=True)
-class PortMapping:
-    """One published port: container port/protocol, host port (None = any) and host IP."""
-
-    container_port: int
-    protocol: str
-    host_port: int | None
-    host_ip: str | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.container_port}/{self.protocol}"
-
-
 def status_of(exc: BaseException) -> int | None:
     """The HTTP status of a docker SDK APIError, None for errors without a response."""
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
 
 
-def parse_port(text: str) -> PortMapping:
-    """Parse config port syntax: "8080", "18080:8080", "127.0.0.1:80:8080/udp", "1.2.3.4::80"."""
-    spec, _, proto = text.partition("/")
-    proto = proto or "tcp"
-    parts = spec.split(":")
-    try:
-        if proto not in ("tcp", "udp") or len(parts) > 3:
-            raise ValueError(text)
-        container = int(parts[-1])
-        host = int(parts[-2]) if len(parts) >= 2 and parts[-2] else None
-        ip = parts[0] if len(parts) == 3 and parts[0] else None
-    except ValueError:
-        raise StallingError(f"invalid port mapping {text!r} (use 'HOST:CONTAINER[/udp]')") from None
-    return PortMapping(container, proto, host, ip)
-
-
 def port_bindings(ports: Sequence[str]) -> dict[str, list[Any]]:
     """The docker SDK `ports=` argument for config port strings (one key may bind several times)."""
     result: dict[str, list[Any]] = {}
     for text in ports:
-        mapping = parse_port(text)
+        try:
+            mapping = parse_port(text)
+        except ValueError as exc:  # the config refuses these; a spec made in code may not
+            raise StallingError(str(exc)) from None
         binding: Any = mapping.host_port
         if mapping.host_ip:
             binding = (mapping.host_ip, mapping.host_port)

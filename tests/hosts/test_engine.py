@@ -22,7 +22,7 @@ from docker_helpers import (
 )
 
 from pipeline.errors import StallingError
-from pipeline.hosts.containers import parse_port, port_bindings, restart_policy
+from pipeline.hosts.containers import port_bindings, restart_policy
 from pipeline.hosts.engine import (
     LABEL_PREFIX,
     ContainerSpec,
@@ -317,7 +317,7 @@ def test_port_bindings_from_config_syntax(text: str, expected: dict[str, list[ob
 def test_bad_port_and_restart_policy_are_stalling_errors() -> None:
     """Malformed ports or restart policies are refused as StallingError, not passed to Docker."""
     with pytest.raises(StallingError):
-        parse_port("80:80:80:80")
+        port_bindings(["80:80:80:80"])
     with pytest.raises(StallingError):
         restart_policy("always:3")
     assert restart_policy("no") == {"Name": "no"}
