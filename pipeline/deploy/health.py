@@ -125,21 +125,6 @@ def _state(info: ContainerInfo | None) -> str:
     return f"container {info.status}"
 
 
-def container_alive(engine: Engine, container_id: str) -> Callable[[], str | None]:
-    """An `alive` callable for wait_healthy: None while the container runs, else why it stopped."""
-
-    def alive() -> str | None:
-        try:
-            info = engine.inspect(container_id)
-        except PipelineError:
-            return None  # the engine blipped; the probe and the deadline decide
-        if info is not None and info.status in ("running", "created", "restarting"):
-            return None
-        return _state(info)
-
-    return alive
-
-
 FIRST_PAUSE = 0.05  # seconds before the second probe; doubles until the first success
 
 

@@ -57,10 +57,6 @@ class RolloutResult:
     superseded: bool = False  # gave way to a newer commit at a safe point; not a failure
 
 
-class RolloutFailed(PipelineError):
-    """A host's new container did not become healthy; the rollout was rolled back."""
-
-
 def container_name(service: str, revision: str, release_id: int) -> str:
     return f"{service}-{revision[:12]}-r{release_id}"
 

@@ -367,14 +367,6 @@ class Engine(ContainerOps):
             found = self._client.api.images(filters={"label": f"{label}={value}"})
         return sorted(((i["Id"], int(i.get("Created", 0))) for i in found), key=lambda x: -x[1])
 
-    def image_repo_digests(self, ref: str) -> list[str]:
-        """The image's repo digests ("registry/name@sha256:...")."""
-        return list(self._inspect_image(ref).get("RepoDigests") or [])
-
-    def image_labels(self, ref: str) -> dict[str, str]:
-        """The image's labels (empty when it has none)."""
-        return dict((self._inspect_image(ref).get("Config") or {}).get("Labels") or {})
-
     # -- containers -------------------------------------------------------------------------
 
     def run(self, spec: ContainerSpec) -> ContainerInfo:

@@ -411,10 +411,6 @@ class State(Leases):
             row.revision, row.digest, row.ref, row.spec_hash = revision, digest, ref, spec_hash
             row.container_id, row.release_id, row.updated_at = container_id, release_id, self.now()
 
-    def deployment(self, service: str, host: str) -> Deployment | None:
-        with self.session() as s:
-            return s.get(Deployment, (service, host))
-
     def deployments(self) -> list[Deployment]:
         with self.session() as s:
             return list(s.scalars(select(Deployment).order_by(Deployment.service, Deployment.host)))

@@ -14,6 +14,7 @@ import pytest
 from deploy_helpers import Project
 
 from pipeline.lab.manage import LabState
+from pipeline.lab.workrepo import git
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -177,7 +178,7 @@ def test_release_tags_are_followed(tmp_path: Path, git_remote: Any, lab: LabStat
         result = proj.run()
         assert result.ok and result.plan.empty  # no release tag yet
         sha = proj.remote.tag("v1.2.0")
-        proj.remote.push_tag("v1.2.0")
+        git("push", "origin", "refs/tags/v1.2.0:refs/tags/v1.2.0", cwd=proj.remote.work)
         result = proj.run()
         assert result.ok, result.errors
         assert {b.revision for b in result.plan.builds} == {sha}

@@ -92,7 +92,9 @@ def _spec(image: str, **changes: object) -> ContainerSpec:
 
 
 @pytest.mark.docker
-def test_build_streams_output_and_labels_image(engine: Engine, tmp_path: Path) -> None:
+def test_build_streams_output_and_labels_image(
+    engine: Engine, sdk: docker.DockerClient, tmp_path: Path
+) -> None:
     """A busybox FROM-scratch build returns an image id, streams its output and sets labels."""
     context = write_busybox_context(
         tmp_path / "ctx", SESSION, files={"index.html": str(uuid.uuid4())}
@@ -106,7 +108,7 @@ def test_build_streams_output_and_labels_image(engine: Engine, tmp_path: Path) -
     try:
         assert image_id.startswith("sha256:")
         assert any("COPY busybox" in line for line in lines)
-        assert engine.image_labels(tag)[f"{LABEL_PREFIX}revision"] == "abc123"
+        assert sdk.images.get(tag).labels[f"{LABEL_PREFIX}revision"] == "abc123"
         assert engine.has_image(f"pl-test-{SESSION}:second")
     finally:
         engine.remove_image(f"pl-test-{SESSION}:second")
@@ -131,7 +133,7 @@ def test_build_failure_raises_stalling_error_with_output_tail(
 
 @pytest.mark.docker
 def test_push_digest_matches_registry_and_pull_by_digest(
-    engine: Engine, image: str, registry: Registry
+    engine: Engine, sdk: docker.DockerClient, image: str, registry: Registry
 ) -> None:
     """A push returns the registry's manifest digest, and pulling repo@digest yields the image."""
     repository = f"{registry.address}/pl-test/web"
@@ -147,7 +149,7 @@ def test_push_digest_matches_registry_and_pull_by_digest(
     assert pushed
     engine.remove_image(f"{repository}:v1")
     assert engine.pull(f"{repository}@{digest}", auth=None) == image
-    assert f"{repository}@{digest}" in engine.image_repo_digests(image)
+    assert f"{repository}@{digest}" in sdk.images.get(image).attrs["RepoDigests"]
 
 
 @pytest.mark.docker

@@ -185,7 +185,9 @@ def _leftovers(lab_dir: Path, name: str, certs_d: Path) -> list[str]:
     found = []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     found += [f"netns {line}" for line in netns.splitlines() if line.startswith(name)]
-    found += [f"link {ifname}" for ifname in lab_net.list_links() if ifname.startswith(name)]
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    ifnames = [line.split(": ")[1].split("@")[0] for line in links.splitlines() if ": " in line]
+    found += [f"link {ifname}" for ifname in ifnames if ifname.startswith(name)]
     marker = f"{lab_dir}/"
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
