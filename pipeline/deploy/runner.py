@@ -399,7 +399,7 @@ class Runner:
             keep_images=self.cfg.pipeline.keep_revisions,
         )
         try:
-            with self.state.lease(f"service:{service}", self.owner):
+            with self.state.leases.lease(f"service:{service}", self.owner):
                 outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason)
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))

@@ -208,7 +208,7 @@ class Service:
         """Requeue events and break runs/leases of dead owners; redeploy interrupted services."""
         requeued = self.queue.requeue_interrupted(owner_alive_local)
         runs = self.state.interrupt_stale_runs(owner_alive_local)
-        locks = self.state.break_locks_of(owner_alive_local)
+        locks = self.state.leases.break_locks_of(owner_alive_local)
         if requeued or runs or locks:
             log.warning("service.recovered", events=requeued, runs=runs, locks=locks)
         cfg = self.loaded.model

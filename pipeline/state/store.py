@@ -35,10 +35,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class State(Leases):
+class State:
     """Facade over the state database; time is injected through `clock` (epoch seconds).
 
-    Leases (`acquire`, `lease`, ...) come from `pipeline.state.leases.Leases`.
+    Its leases (`acquire`, `lease`, ...) are `state.leases`, a `pipeline.state.leases.Leases`.
     """
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
@@ -49,6 +49,7 @@ class State(Leases):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.leases = Leases(self.engine, self.session, clock)
 
     @classmethod
     def in_dir(cls, data_dir: Path, *, clock: Clock = time.time) -> State:
