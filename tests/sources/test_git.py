@@ -18,10 +18,10 @@ from pipeline.errors import StallingError, TransientError
 from pipeline.sources.git import (
     GitError,
     Mirror,
-    _newest_tag,
     validate_ref_name,
     validate_sha,
 )
+from pipeline.sources.refs import newest_tag
 
 
 def git(cwd: Path, *args: str, stdin: str | None = None) -> str:
@@ -405,4 +405,4 @@ def test_invalid_tag_glob_refused(mirror: Mirror) -> None:
 )
 def test_newest_tag_orders_by_version(names: list[str], pattern: str, expected: str | None) -> None:
     """Tags compare numerically part by part, a release beats its pre-releases, globs filter."""
-    assert _newest_tag(names, pattern) == expected
+    assert newest_tag(names, pattern) == expected
