@@ -78,7 +78,7 @@ def cmd_probe(engine: Engine, container_id: str, cmd: Sequence[str]) -> Probe:
 
     def check() -> tuple[bool, str]:
         try:
-            code, output = engine.exec(container_id, cmd)
+            code, output = engine.containers.exec(container_id, cmd)
         except PipelineError as exc:
             return False, f"{shown}: {exc}"
         last = output.strip().splitlines()[-1:] or [""]
@@ -92,7 +92,7 @@ def docker_probe(engine: Engine, container_id: str) -> Probe:
 
     def check() -> tuple[bool, str]:
         try:
-            info = engine.inspect(container_id)
+            info = engine.containers.inspect(container_id)
         except PipelineError as exc:
             return False, str(exc)
         if info is None:
@@ -109,7 +109,7 @@ def running_probe(engine: Engine, container_id: str) -> Probe:
 
     def check() -> tuple[bool, str]:
         try:
-            info = engine.inspect(container_id)
+            info = engine.containers.inspect(container_id)
         except PipelineError as exc:
             return False, str(exc)
         return (info is not None and info.status == "running"), _state(info)

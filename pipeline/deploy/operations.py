@@ -73,7 +73,7 @@ def status_rows(runner: Runner) -> list[dict[str, Any]]:
             }
             if d and d.container_id:
                 try:
-                    info = runner.engine(host).inspect(d.container_id)
+                    info = runner.engine(host).containers.inspect(d.container_id)
                 except PipelineError as exc:
                     row["state"] = f"unreachable: {exc}"
                 else:

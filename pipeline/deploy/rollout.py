@@ -179,10 +179,10 @@ class Rollout:
         )
         try:
             if self.spec.network not in ("bridge", "host", "none"):
-                engine.ensure_network(self.spec.network)
+                engine.containers.ensure_network(self.spec.network)
             if old is not None and self.spec.strategy == "stop-first":
-                engine.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
-            move.new = engine.run(self._container_spec(target, ref, release_id))
+                engine.containers.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
+            move.new = engine.containers.run(self._container_spec(target, ref, release_id))
             self._end(step, "succeeded", detail=f"container {move.new.name}")
         except PipelineError as exc:
             self._end(step, "failed", error=str(exc))
@@ -191,7 +191,7 @@ class Rollout:
         self.report(f"{self.service}: {host}: started {move.new.name}, checking health")
         result = self._check(engine, move.new, host, run_id, target.revision)
         if not result.healthy:
-            tail = engine.logs_tail(move.new.id, 20)
+            tail = engine.containers.logs_tail(move.new.id, 20)
             error = (
                 f"host {host}: {self.service} at {target.revision[:12]} is unhealthy after "
                 f"{result.elapsed:.1f}s: {result.detail}"
@@ -218,11 +218,11 @@ class Rollout:
         self, engine: Engine, container: ContainerInfo, host: str, run_id: int | None, revision: str
     ) -> HealthResult:
         step = self._step(run_id, "health", host, revision, container.name)
-        fresh = engine.inspect(container.id) or container
+        fresh = engine.containers.inspect(container.id) or container
         probe = probe_for(self.spec, engine, fresh, self.hosts[host].reach_address)
 
         def alive() -> str | None:
-            info = engine.inspect(container.id)
+            info = engine.containers.inspect(container.id)
             if info is None:
                 return "container disappeared"
             if info.status in ("exited", "dead"):
@@ -250,7 +250,8 @@ class Rollout:
 
     def _current(self, engine: Engine) -> ContainerInfo | None:
         """The running container of this service on the host (the newest if several)."""
-        running = [c for c in engine.managed_containers(self.service) if c.status == "running"]
+        mine = engine.containers.managed_containers(self.service)
+        running = [c for c in mine if c.status == "running"]
         running.sort(key=lambda c: c.started_at or "", reverse=True)
         return running[0] if running else None
 
@@ -294,11 +295,11 @@ class Rollout:
         )
         try:
             if move.new is not None:
-                move.engine.remove(move.new.id)
+                move.engine.containers.remove(move.new.id)
             if move.old is not None:
-                prev = move.engine.inspect(move.old.id)
+                prev = move.engine.containers.inspect(move.old.id)
                 if prev is not None and prev.status != "running":
-                    move.engine.start(move.old.id)
+                    move.engine.containers.start(move.old.id)
                     move.restarted_old = True
                 self._restore_record(move)
             else:
@@ -341,10 +342,10 @@ class Rollout:
     def _retire_old(self, move: _Move, run_id: int | None) -> None:
         """Remove replaced (and stale) containers of the service once every host is healthy."""
         assert move.new is not None
-        for c in move.engine.managed_containers(self.service):
+        for c in move.engine.containers.managed_containers(self.service):
             if c.id != move.new.id:
                 try:
-                    move.engine.remove(c.id)
+                    move.engine.containers.remove(c.id)
                 except PipelineError as exc:
                     log.warning(
                         "could not remove old container",

@@ -213,13 +213,13 @@ def run(engine: Engine) -> Iterator[Start]:
             "network": "bridge", "restart": "no",
         }
         fields.update(changes)
-        info = engine.run(ContainerSpec(**fields))  # type: ignore[arg-type]
+        info = engine.containers.run(ContainerSpec(**fields))  # type: ignore[arg-type]
         started.append(info.id)
         return info
 
     yield start
     for container_id in started:
-        engine.remove(container_id)
+        engine.containers.remove(container_id)
 
 
 
@@ -275,7 +275,7 @@ def test_a_rollout_whose_container_exits_fails_at_once(
     assert not result.ok
     assert "container exited with code 1" in (result.error or "")
     assert time.monotonic() - started < 10
-    assert engine.managed_containers(service) == []  # the failed container was removed
+    assert engine.containers.managed_containers(service) == []  # the failed container was removed
 
 
 @pytest.mark.docker

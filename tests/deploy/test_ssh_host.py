@@ -97,6 +97,6 @@ def test_deploy_to_an_ssh_host(ssh_host: str, lab: LabState, tmp_path: Path,
         assert row["state"] == "running" and row["host"] == "remote"
     finally:
         engine = runner.engine("remote")
-        for c in engine.managed_containers("sshweb"):
-            engine.remove(c.id)
+        for c in engine.containers.managed_containers("sshweb"):
+            engine.containers.remove(c.id)
         runner.close()

@@ -122,6 +122,6 @@ def test_deploy_through_mutual_tls(lab: LabState, tmp_path: Path, git_remote: An
             anonymous.close()
         finally:
             engine = runner.engine("secure")
-            for c in engine.managed_containers("tlsweb"):
-                engine.remove(c.id)
+            for c in engine.containers.managed_containers("tlsweb"):
+                engine.containers.remove(c.id)
             runner.close()

@@ -201,10 +201,10 @@ def test_run_applies_settings_and_serves_http(
         volumes=[f"{volume}:/data", f"{tmp_path / 'shared'}:/shared:ro"],
         labels={TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "web"},
     )
-    engine.ensure_network(network)
-    engine.ensure_network(network)  # idempotent
+    engine.containers.ensure_network(network)
+    engine.containers.ensure_network(network)  # idempotent
     try:
-        info = engine.run(spec)
+        info = engine.containers.run(spec)
         assert info.status == "running" and info.managed
         assert info.ports["8080/tcp"] == port and info.ports["9090/tcp"] > 0
         attrs = sdk.api.inspect_container(info.id)
@@ -219,7 +219,8 @@ def test_run_applies_settings_and_serves_http(
         mounts = {m["Destination"]: m for m in attrs["Mounts"]}
         assert mounts["/data"]["Name"] == volume and mounts["/shared"]["RW"] is False
         assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).text == "ok\n"
-        assert engine.exec(info.id, ["/bin/busybox", "sh", "-c", "echo $GREETING"]) == (0, "hi\n")
+        greeting = ["/bin/busybox", "sh", "-c", "echo $GREETING"]
+        assert engine.containers.exec(info.id, greeting) == (0, "hi\n")
     finally:
         for container in sdk.containers.list(all=True, filters={"name": spec.name}):
             container.remove(force=True, v=True)
@@ -231,10 +232,10 @@ def test_run_applies_settings_and_serves_http(
 def test_run_replaces_a_managed_container_of_the_same_name(engine: Engine, image: str) -> None:
     """run() removes a managed container that holds the name before starting the new one."""
     spec = _spec(image)
-    first = engine.run(spec)
-    second = engine.run(spec)
+    first = engine.containers.run(spec)
+    second = engine.containers.run(spec)
     assert second.id != first.id
-    assert engine.inspect(first.id) is None
+    assert engine.containers.inspect(first.id) is None
 
 
 @pytest.mark.docker
@@ -245,7 +246,7 @@ def test_run_refuses_to_replace_an_unmanaged_container(
     name = unique_name()
     foreign = sdk.containers.create(image, name=name, labels={TEST_LABEL: SESSION})
     with pytest.raises(StallingError, match="not created by pipeline"):
-        engine.run(_spec(image, name=name))
+        engine.containers.run(_spec(image, name=name))
     assert sdk.containers.get(name).id == foreign.id
 
 
@@ -255,36 +256,40 @@ def test_remove_stop_and_rename_refuse_an_unmanaged_container(
 ) -> None:
     """remove(), stop() and rename() raise StallingError for a container pipeline did not create."""
     foreign = sdk.containers.create(image, name=unique_name(), labels={TEST_LABEL: SESSION})
-    for action in (engine.remove, engine.stop, lambda cid: engine.rename(cid, unique_name())):
+    containers = engine.containers
+    for action in (
+        containers.remove, containers.stop, lambda cid: containers.rename(cid, unique_name())
+    ):
         with pytest.raises(StallingError, match="not created by pipeline"):
             action(foreign.id)
-    assert engine.inspect(foreign.id) is not None
+    assert engine.containers.inspect(foreign.id) is not None
 
 
 @pytest.mark.docker
 def test_managed_containers_filters_by_service(engine: Engine, image: str) -> None:
     """managed_containers() lists only pipeline's containers, of one service when asked."""
-    web = engine.run(_spec(image))
+    web = engine.containers.run(_spec(image))
     api_labels = {TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "api"}
-    api = engine.run(_spec(image, labels=api_labels))
-    engine.stop(api.id, timeout=0)
-    assert {c.id for c in engine.managed_containers("web")} >= {web.id}
-    assert api.id not in {c.id for c in engine.managed_containers("web")}
-    assert api.id in {c.id for c in engine.managed_containers("api")}
-    assert api.id not in {c.id for c in engine.managed_containers("api", all=False)}
-    stopped = engine.inspect(api.id)
+    api = engine.containers.run(_spec(image, labels=api_labels))
+    engine.containers.stop(api.id, timeout=0)
+    assert {c.id for c in engine.containers.managed_containers("web")} >= {web.id}
+    assert api.id not in {c.id for c in engine.containers.managed_containers("web")}
+    assert api.id in {c.id for c in engine.containers.managed_containers("api")}
+    assert api.id not in {c.id for c in engine.containers.managed_containers("api", all=False)}
+    stopped = engine.containers.inspect(api.id)
     assert stopped is not None and stopped.status == "exited" and stopped.exit_code is not None
 
 
 @pytest.mark.docker
 def test_logs_tail_and_rename(engine: Engine, image: str) -> None:
     """logs_tail() returns the container's output and rename() changes its name."""
-    info = engine.run(_spec(image, command=["/bin/busybox", "echo", "hello-from-container"]))
+    echo = ["/bin/busybox", "echo", "hello-from-container"]
+    info = engine.containers.run(_spec(image, command=echo))
     new_name = unique_name()
-    engine.rename(info.id, new_name)
-    renamed = engine.inspect(new_name)
+    engine.containers.rename(info.id, new_name)
+    renamed = engine.containers.inspect(new_name)
     assert renamed is not None and renamed.id == info.id
-    assert "hello-from-container" in engine.logs_tail(info.id, lines=5)
+    assert "hello-from-container" in engine.containers.logs_tail(info.id, lines=5)
 
 
 def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:
@@ -299,7 +304,7 @@ def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:
 def test_run_of_a_missing_image_raises_image_not_found(engine: Engine) -> None:
     """Creating a container from an image the engine lacks raises ImageNotFound."""
     with pytest.raises(ImageNotFound):
-        engine.run(_spec(f"pl-test-missing-{SESSION}:nope"))
+        engine.containers.run(_spec(f"pl-test-missing-{SESSION}:nope"))
 
 
 @pytest.mark.parametrize(
