@@ -21,6 +21,7 @@ from pipeline.state.store import State
 from pipeline.timeutil import iso
 
 if TYPE_CHECKING:
+    from pipeline.deploy.connections import Connections
     from pipeline.deploy.runner import PassResult, Runner
 
 
@@ -28,11 +29,17 @@ def _echo(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _runner(loaded: LoadedConfig) -> Runner:
+def _connections(loaded: LoadedConfig) -> Connections:
     # Imported here: the docker SDK and GitPython are not needed by `history` or `validate`.
+    from pipeline.deploy.connections import Connections
+
+    return Connections(loaded)
+
+
+def _runner(loaded: LoadedConfig) -> Runner:
     from pipeline.deploy.runner import Runner
 
-    return Runner(loaded, State.in_dir(loaded.data_dir), report=_echo)
+    return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
 
 
 def _outcome(result: PassResult) -> None:
@@ -151,7 +158,7 @@ def register(app: typer.Typer) -> None:
         loaded = load_config(config)
         from pipeline.deploy.operations import status_rows
 
-        rows = status_rows(_runner(loaded))
+        rows = status_rows(State.in_dir(loaded.data_dir), _connections(loaded))
         if json:
             print_json(rows)
             return

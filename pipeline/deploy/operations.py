@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
 from pipeline.plan.planner import service_spec_hash
+from pipeline.state.store import State
 from pipeline.timeutil import iso
 
 
@@ -34,7 +36,7 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
         refs={h: chosen.ref for h in svc.hosts},
         spec_hash=service_spec_hash(svc, runner.env_files().get(service)),
         pull=cfg.registry is not None,
-        auth=runner.registry_auth(),
+        auth=runner.connections.registry_auth(),
     )
     run_id = runner.state.start_run("rollback", cfg.images[svc.image].repo, owner=runner.owner)
     outcome = runner.roll(
@@ -53,11 +55,12 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
     return outcome
 
 
-def status_rows(runner: Runner) -> list[dict[str, Any]]:
-    """One row per service and host: what pipeline deployed and what the engine reports now."""
+def status_rows(state: State, connections: Connections) -> list[dict[str, Any]]:
+    """One row per service and host of `connections`' config: what pipeline deployed (from
+    `state`) and what the engine reports now (an unreachable engine is said in `state`)."""
     rows: list[dict[str, Any]] = []
-    deployed = {(d.service, d.host): d for d in runner.state.deployments()}
-    for name, svc in runner.cfg.services.items():
+    deployed = {(d.service, d.host): d for d in state.deployments()}
+    for name, svc in connections.loaded.model.services.items():
         for host in svc.hosts:
             d = deployed.get((name, host))
             row: dict[str, Any] = {
@@ -73,7 +76,7 @@ def status_rows(runner: Runner) -> list[dict[str, Any]]:
             }
             if d and d.container_id:
                 try:
-                    info = runner.engine(host).containers.inspect(d.container_id)
+                    info = connections.engine(host).containers.inspect(d.container_id)
                 except PipelineError as exc:
                     row["state"] = f"unreachable: {exc}"
                 else:

@@ -6,7 +6,6 @@ Stages are visible (observe, plan, apply) so `pipeline plan` stops after the pla
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,11 +14,11 @@ from dataclasses import dataclass, field
 import structlog
 
 from pipeline.build.builder import Artifact, Builder
-from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.config.load import LoadedConfig
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
-from pipeline.hosts.engine import Engine
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
 from pipeline.sources.git import Mirror, Revision
 from pipeline.state.store import State, default_owner
@@ -48,12 +47,14 @@ class PassResult:
 
 
 class Runner:
-    """Drives observe → plan → build → roll out for one config; collaborators are injected."""
+    """Drives observe → plan → build → roll out for one config; collaborators are injected:
+    the state, the engines and mirrors (`connections`, closed by whoever made them), the clock."""
 
     def __init__(
         self,
         loaded: LoadedConfig,
         state: State,
+        connections: Connections,
         *,
         owner: str | None = None,
         report: Report = lambda _line: None,
@@ -69,45 +70,8 @@ class Runner:
         self.sleep = sleep
         self.clock = clock
         self.should_stop = should_stop
-        self._engines: dict[str, Engine] = {}
-        self._engines_lock = threading.Lock()
-        self._mirror_locks: dict[str, threading.Lock] = {}
-        self._mirrors: dict[str, Mirror] = {}
-        self.builder = Builder(loaded, state, self.engine, self.mirror, report=report, sleep=sleep)
-
-    # -- collaborators ----------------------------------------------------------------------
-    def engine(self, host: str | None) -> Engine:
-        """The engine of a configured host, or the local engine for None."""
-        key = host or "local"
-        with self._engines_lock:
-            if key not in self._engines:
-                self._engines[key] = (
-                    Engine.local()
-                    if host is None
-                    else Engine.from_host(host, self.cfg.hosts[host], self.loaded.base_dir)
-                )
-            return self._engines[key]
-
-    def mirror(self, repo: str) -> Mirror:
-        """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
-        hundreds of repos then costs one `git ls-remote` each)."""
-        url = self.cfg.repos[repo].url
-        if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)
-            url = f"file://{url}"
-        with self._engines_lock:
-            mirror = self._mirrors.get(repo)
-            if mirror is None or mirror.url != url:
-                mirror = self._mirrors[repo] = Mirror(
-                    url, self.loaded.data_dir / "git" / f"{repo}.git"
-                )
-            return mirror
-
-    def mirror_lock(self, repo: str) -> threading.Lock:
-        return self._mirror_locks.setdefault(repo, threading.Lock())
-
-    def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+        self.connections = connections
+        self.builder = Builder(loaded, state, connections, report=report, sleep=sleep)
 
     # -- observe ----------------------------------------------------------------------------
     def observe(
@@ -122,10 +86,10 @@ class Runner:
         for name in repos:
             repo = self.cfg.repos[name]
             branch, tags = (None, repo.tags) if repo.tags else (repo.branch or "main", None)
-            mirror = self.mirror(name)
+            mirror = self.connections.mirror(name)
             step = run_id and self.state.start_step(run_id, "fetch", name)
             try:
-                with self.mirror_lock(name):
+                with self.connections.mirror_lock(name):
                     remote = mirror.remote_head(branch=branch, tags=tags)
                     local = mirror.local_head(branch=branch, tags=tags)
                     rev = (
@@ -365,7 +329,7 @@ class Runner:
                 refs={h: art.ref for h in svc.hosts},
                 spec_hash=spec_hash,
                 pull=self.cfg.registry is not None,
-                auth=self.registry_auth(),
+                auth=self.connections.registry_auth(),
             ),
             run_id=run_id,
             reason=ro.reason,
@@ -390,7 +354,7 @@ class Runner:
             service=service,
             spec=svc,
             hosts=self.cfg.hosts,
-            engines={h: self.engine(h) for h in svc.hosts},
+            engines={h: self.connections.engine(h) for h in svc.hosts},
             base_dir=self.loaded.base_dir,
             sleep=self.sleep,
             clock=self.clock,
@@ -408,13 +372,6 @@ class Runner:
         else:
             self.report(f"{service}: FAILED, rolled back: {outcome.error}")
         return outcome
-
-    def registry_auth(self) -> dict[str, str] | None:
-        reg = self.cfg.registry
-        if reg is None or not reg.username:
-            return None
-        password = read_secret(reg.password_env, reg.password_file, self.loaded.base_dir)
-        return {"username": reg.username, "password": password or ""}
 
 
 def _summary(the_plan: Plan) -> str:
