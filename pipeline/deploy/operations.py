@@ -6,7 +6,7 @@ from typing import Any
 
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target
-from pipeline.deploy.runner import Runner
+from pipeline.deploy.runner import Runner, read_env_files
 from pipeline.errors import PipelineError, StallingError
 from pipeline.plan.planner import service_spec_hash
 from pipeline.state.store import State
@@ -30,13 +30,15 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
         if chosen is None:
             raise StallingError(f"service {service}: no earlier successful revision to go back to")
     runner.report(f"{service}: rolling back to {chosen.revision[:12]}")
+    env_text = read_env_files(runner.loaded).get(service)
     target = Target(
         revision=chosen.revision,
         digest=chosen.digest,
         refs={h: chosen.ref for h in svc.hosts},
-        spec_hash=service_spec_hash(svc, runner.env_files().get(service)),
+        spec_hash=service_spec_hash(svc, env_text),
         pull=cfg.registry is not None,
         auth=runner.connections.registry_auth(),
+        env_file=env_text,
     )
     run_id = runner.state.start_run("rollback", cfg.images[svc.image].repo, owner=runner.owner)
     outcome = runner.roll(

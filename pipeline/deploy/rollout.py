@@ -9,13 +9,14 @@ one revision everywhere.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
+from dotenv import dotenv_values
 
 from pipeline.config.model import HostSection, ServiceSection
 from pipeline.deploy.health import HealthResult, probe_for, wait_healthy
@@ -36,6 +37,7 @@ class Target:
     spec_hash: str
     pull: bool  # False when the image was built on the host itself
     auth: Mapping[str, str] | None = None
+    env_file: str | None = None  # the text of the service's env_file that spec_hash covers
 
 
 @dataclass
@@ -61,16 +63,12 @@ def container_name(service: str, revision: str, release_id: int) -> str:
     return f"{service}-{revision[:12]}-r{release_id}"
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines as `docker run --env-file` reads them; blank lines and # comments skipped."""
-    env: dict[str, str] = {}
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            if sep:
-                env[key.strip()] = value
-    return env
+def env_values(text: str) -> dict[str, str]:
+    """The variables of env_file text, as python-dotenv reads a .env file (quotes, `export`,
+    comments), without expanding `${VAR}`: a container gets the file's values, never pipeline's
+    own environment. A name without "=" is left out."""
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    return {key: value for key, value in values.items() if value is not None}
 
 
 @dataclass
@@ -82,7 +80,6 @@ class Rollout:
     spec: ServiceSection
     hosts: Mapping[str, HostSection]
     engines: Mapping[str, Engine]
-    base_dir: Path
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     should_stop: Callable[[], bool] | None = None
@@ -256,7 +253,7 @@ class Rollout:
         return running[0] if running else None
 
     def _container_spec(self, target: Target, ref: str, release_id: int) -> ContainerSpec:
-        env = dict(read_env_file(self.base_dir / self.spec.env_file)) if self.spec.env_file else {}
+        env = env_values(target.env_file) if target.env_file is not None else {}
         env.update(self.spec.env)
         labels = dict(self.spec.labels)
         labels.update(

@@ -7,9 +7,10 @@ Stages are visible (observe, plan, apply) so `pipeline plan` stops after the pla
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import structlog
 
@@ -28,12 +29,24 @@ log = structlog.get_logger(__name__)
 Report = Callable[[str], None]
 
 
+def read_env_files(loaded: LoadedConfig) -> Mapping[str, str]:
+    """Service name -> the text of its `env_file` (relative to the config's directory), for the
+    services that have one; read-only. Raises OSError when a file cannot be read."""
+    texts = {}
+    for name, svc in loaded.model.services.items():
+        if svc.env_file:
+            texts[name] = (loaded.base_dir / svc.env_file).read_text(encoding="utf-8")
+    return MappingProxyType(texts)
+
+
 @dataclass
 class Observed:
-    """What the observe stage read: per repo its new revision and the planner's snapshot."""
+    """What the observe stage read: per repo its new revision and the planner's snapshot, and
+    the services' env files, read once so that what is hashed for the plan is what is deployed."""
 
     revisions: dict[str, Revision] = field(default_factory=dict)
     snapshots: dict[str, RepoSnapshot] = field(default_factory=dict)
+    env_files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass
@@ -81,8 +94,9 @@ class Runner:
         pinned: dict[str, str] | None = None,
         run_id: int | None = None,
     ) -> Observed:
-        """Fetch each repo (after a cheap ls-remote says it moved) and snapshot its new revision."""
-        observed = Observed()
+        """Read the env files, then fetch each repo (after a cheap ls-remote says it moved) and
+        snapshot its new revision."""
+        observed = Observed(env_files=read_env_files(self.loaded))
         for name in repos:
             repo = self.cfg.repos[name]
             branch, tags = (None, repo.tags) if repo.tags else (repo.branch or "main", None)
@@ -135,13 +149,6 @@ class Runner:
         )
 
     # -- plan -------------------------------------------------------------------------------
-    def env_files(self) -> dict[str, str]:
-        out = {}
-        for name, svc in self.cfg.services.items():
-            if svc.env_file:
-                out[name] = (self.loaded.base_dir / svc.env_file).read_text(encoding="utf-8")
-        return out
-
     def make_plan(
         self,
         observed: Observed,
@@ -158,7 +165,7 @@ class Runner:
             observed.snapshots,
             self.state.image_records(images),
             self.state.service_records(services),
-            env_files=self.env_files(),
+            env_files=observed.env_files,
             failed={} if ignore_failed else self.state.failed_revisions(services),
             force_images=force_images,
             force_reason=force_reason,
@@ -282,12 +289,19 @@ class Runner:
                 result.errors.append(f"service {ro.service}: skipped, image {ro.image} failed")
                 continue
             art = artifacts.get(ro.image)
-            if art is not None and art.unchanged and self._up_to_date(ro.service, art.digest):
+            env_text = observed.env_files.get(ro.service)
+            if (
+                art is not None
+                and art.unchanged
+                and self._up_to_date(ro.service, art.digest, env_text)
+            ):
                 self.report(f"{ro.service}: already runs {art.digest[:19]}; not restarted")
                 continue
             rollouts.append(ro)
         with ThreadPoolExecutor(max_workers=max(1, len(rollouts))) as pool:
-            outcomes = list(pool.map(lambda r: self._roll_one(r, artifacts, run_id), rollouts))
+            outcomes = list(
+                pool.map(lambda r: self._roll_one(r, artifacts, observed, run_id), rollouts)
+            )
         for outcome in outcomes:
             result.rollouts.append(outcome)
             if outcome.superseded:
@@ -297,9 +311,9 @@ class Runner:
         result.ok = not result.errors and not result.superseded
         return result
 
-    def _up_to_date(self, service: str, digest: str) -> bool:
+    def _up_to_date(self, service: str, digest: str, env_text: str | None) -> bool:
         record = self.state.service_records([service]).get(service)
-        spec = service_spec_hash(self.cfg.services[service], self.env_files().get(service))
+        spec = service_spec_hash(self.cfg.services[service], env_text)
         return record is not None and record.digest == digest and record.spec_hash == spec
 
     def _build_one(self, b: Build, observed: Observed, run_id: int, pull: bool) -> Artifact:
@@ -310,9 +324,11 @@ class Runner:
             return Artifact(art.image, art.revision, art.digest, art.ref, unchanged=True)
         return art
 
-    def _roll_one(self, ro: Rollout, artifacts: dict[str, Artifact], run_id: int) -> RolloutResult:
+    def _roll_one(
+        self, ro: Rollout, artifacts: dict[str, Artifact], observed: Observed, run_id: int
+    ) -> RolloutResult:
         svc = self.cfg.services[ro.service]
-        env_text = self.env_files().get(ro.service)
+        env_text = observed.env_files.get(ro.service)
         spec_hash = service_spec_hash(svc, env_text)
         if ro.image in artifacts:
             art = artifacts[ro.image]
@@ -330,6 +346,7 @@ class Runner:
                 spec_hash=spec_hash,
                 pull=self.cfg.registry is not None,
                 auth=self.connections.registry_auth(),
+                env_file=env_text,
             ),
             run_id=run_id,
             reason=ro.reason,
@@ -355,7 +372,6 @@ class Runner:
             spec=svc,
             hosts=self.cfg.hosts,
             engines={h: self.connections.engine(h) for h in svc.hosts},
-            base_dir=self.loaded.base_dir,
             sleep=self.sleep,
             clock=self.clock,
             should_stop=self.should_stop,

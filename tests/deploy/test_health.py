@@ -266,7 +266,7 @@ def test_a_rollout_whose_container_exits_fails_at_once(
     rollout = Rollout(
         state=State(f"sqlite:///{tmp_path / 'state.db'}"), service=service, spec=spec,
         hosts={"local": HostSection(docker="unix:///var/run/docker.sock")},
-        engines={"local": engine}, base_dir=tmp_path,
+        engines={"local": engine},
     )
     target = Target(revision="a" * 40, digest="sha256:" + "0" * 64,
                     refs={"local": images["plain"]}, spec_hash="test", pull=False)
