@@ -51,26 +51,14 @@ _BUILD_TIMEOUT = 3600  # seconds without output before a build's HTTP read gives
 
 
 class Engine:
-    """A Docker engine reached at `url`, named after its config host; connects on first use.
+    """A Docker engine behind `conn` (its name, URL and client, connected on first use).
 
     Its containers are `engine.containers` (a `Containers` over the same connection)."""
 
-    def __init__(
-        self,
-        name: str,
-        url: str,
-        *,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        timeout: float = 60,
-    ) -> None:
-        self.name = name
-        self.url = url
-        self._conn = Connection(
-            name, url, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, timeout=timeout
-        )
-        self.containers = Containers(self._conn)
+    def __init__(self, conn: Connection) -> None:
+        self.name, self.url = conn.name, conn.url
+        self._conn = conn
+        self.containers = Containers(conn)
 
     @classmethod
     def from_host(cls, name: str, host: HostSection, base_dir: Path) -> Engine:
@@ -80,17 +68,20 @@ class Engine:
             return str(base_dir / value) if value else None
 
         return cls(
-            name,
-            host.docker,
-            tls_ca=path(host.tls_ca),
-            tls_cert=path(host.tls_cert),
-            tls_key=path(host.tls_key),
+            Connection(
+                name,
+                host.docker,
+                tls_ca=path(host.tls_ca),
+                tls_cert=path(host.tls_cert),
+                tls_key=path(host.tls_key),
+            )
         )
 
     @classmethod
     def local(cls) -> Engine:
         """The machine's own engine: DOCKER_HOST if set, else the default unix socket."""
-        return cls("local", os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+        url = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        return cls(Connection("local", url))
 
     def __repr__(self) -> str:
         return f"Engine({self.name!r}, {redact_url(self.url)!r})"

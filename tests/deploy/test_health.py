@@ -28,6 +28,7 @@ from pipeline.deploy.health import (
     wait_healthy,
 )
 from pipeline.deploy.rollout import Rollout, Target
+from pipeline.hosts.connection import Connection
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
 from pipeline.state.store import State
 
@@ -144,14 +145,15 @@ def test_probe_for_aims_at_the_published_port(
     section = ServiceSection.model_validate({"image": "web", "hosts": ["h"], **service})
     published = free_port()  # nothing listens there: the probe fails at once, naming its target
     ports = {"9000/tcp": 1, f"{container_port}/tcp": published}
-    probe = probe_for(section, Engine("unused", "tcp://127.0.0.1:1"), _info(ports), "127.0.0.1")
+    unused = Engine(Connection("unused", "tcp://127.0.0.1:1"))
+    probe = probe_for(section, unused, _info(ports), "127.0.0.1")
     ok, detail = probe()
     assert not ok and detail.startswith(target.format(published) + ": connection refused")
 
 
 def test_probe_for_host_network_and_full_url() -> None:
     """With network "host" the container port itself is probed; a full URL is used as given."""
-    engine = Engine("unused", "tcp://127.0.0.1:1")
+    engine = Engine(Connection("unused", "tcp://127.0.0.1:1"))
     port = free_port()
     host_net = ServiceSection.model_validate(
         {"image": "web", "hosts": ["h"], "network": "host", "health": {"http": "/h", "port": port}}

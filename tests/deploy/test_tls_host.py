@@ -21,6 +21,7 @@ from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import status_rows
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError
+from pipeline.hosts.connection import Connection
 from pipeline.hosts.engine import Engine
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
@@ -116,8 +117,8 @@ def test_deploy_through_mutual_tls(lab: LabState, tmp_path: Path, git_remote: An
             assert httpx.get(f"http://{host.address}:18556/", timeout=5).text == "served over tls"
             (row,) = status_rows(runner.state, runner.connections)
             assert row["state"] == "running"
-            anonymous = Engine("anonymous", f"tcp://127.0.0.1:{port}",
-                               tls_ca=str(certs / "ca.crt"))
+            anonymous = Engine(Connection("anonymous", f"tcp://127.0.0.1:{port}",
+                                          tls_ca=str(certs / "ca.crt")))
             with pytest.raises(PipelineError):
                 anonymous.ping()
             anonymous.close()

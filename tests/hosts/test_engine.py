@@ -22,6 +22,7 @@ from docker_helpers import (
 )
 
 from pipeline.errors import StallingError
+from pipeline.hosts.connection import Connection
 from pipeline.hosts.containers import port_bindings, restart_policy
 from pipeline.hosts.engine import (
     LABEL_PREFIX,
@@ -295,7 +296,7 @@ def test_logs_tail_and_rename(engine: Engine, image: str) -> None:
 def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:
     """An engine that does not answer raises a transient EngineError naming host and URL."""
     url = f"tcp://127.0.0.1:{free_port()}"
-    eng = Engine("lab-9", url, timeout=2)
+    eng = Engine(Connection("lab-9", url, timeout=2))
     with pytest.raises(EngineError, match=rf"host lab-9 \({url}\): connect: .*refused"):
         eng.ping()
 
