@@ -45,6 +45,16 @@ def status_of(exc: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
+def stream_error(chunk: Mapping[str, Any]) -> tuple[str, int | None] | None:
+    """(message, HTTP-like code or None) when a chunk of a build, push or pull stream reports
+    an error, else None."""
+    if "error" not in chunk and "errorDetail" not in chunk:
+        return None
+    detail = chunk.get("errorDetail") or {}
+    message = str(detail.get("message") or chunk.get("error") or "unknown error")
+    return message, detail.get("code") if isinstance(detail.get("code"), int) else None
+
+
 class Connection:
     """A docker SDK client for the engine at `url` (named `name` in messages), connected on first
     use of `client`; TLS files are paths, `timeout` is seconds per API call."""
@@ -142,10 +152,9 @@ class Connection:
         not_found: type[PipelineError] = StallingError,
     ) -> None:
         """Raise the pipeline error for a chunk of a push or pull stream that reports one."""
-        if "error" in chunk or "errorDetail" in chunk:
-            detail = chunk.get("errorDetail") or {}
-            message = str(detail.get("message") or chunk.get("error") or "unknown error")
-            code = detail.get("code") if isinstance(detail.get("code"), int) else None
+        reported = stream_error(chunk)
+        if reported is not None:
+            message, code = reported
             raise self._translate(
                 message, action, status=code, not_found=not_found, stream=True, secrets=secrets
             )

@@ -25,6 +25,7 @@ from pipeline.hosts.connection import (
     ImageNotFound,
     RegistryAuthError,
     status_of,
+    stream_error,
 )
 from pipeline.hosts.containers import (
     LABEL_PREFIX,
@@ -128,10 +129,9 @@ class Engine:
                 timeout=_BUILD_TIMEOUT,
             )
             for chunk in stream:
-                if "error" in chunk or "errorDetail" in chunk:
-                    detail = chunk.get("errorDetail") or {}
-                    message = str(detail.get("message") or chunk.get("error") or "unknown error")
-                    output = "\n".join(tail)
+                reported = stream_error(chunk)
+                if reported is not None:
+                    message, output = reported[0], "\n".join(tail)
                     raise StallingError(
                         f"build failed: {self._conn.where}: {redact(message)}\n{redact(output)}"
                         .rstrip()
