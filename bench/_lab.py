@@ -15,7 +15,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 
@@ -26,6 +25,7 @@ from pipeline.lab.manage import LabState, lab_down, lab_up
 from pipeline.lab.sample_app import write_sample_app
 from pipeline.lab.workrepo import WorkRepo
 from pipeline.state.store import State
+from pipeline.timeutil import epoch
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_BIN = ROOT / ".venv" / "bin" / "pipeline"
@@ -116,11 +116,6 @@ def wait_for_content(url: str, expect: str, timeout: float = 30.0, every: float 
             time.sleep(every)
 
 
-def _epoch(ts: datetime) -> float:
-    # SQLite hands back naive datetimes; the state writes them in UTC.
-    return (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).timestamp()
-
-
 @dataclass(frozen=True)
 class StepTime:
     """One recorded step of a run, as offsets in seconds from the run's start."""
@@ -165,13 +160,13 @@ def run_times(data_dir: Path, run_id: int) -> RunTimes:
         run = state.run(run_id)
         if run is None or run.finished_at is None:
             raise RuntimeError(f"run {run_id} not found or not finished in {data_dir}")
-        t0 = _epoch(run.started_at)
+        t0 = epoch(run.started_at)
         steps = tuple(
-            StepTime(s.kind, s.subject or "", s.host or "", _epoch(s.started_at) - t0,
-                     _epoch(s.finished_at or s.started_at) - t0)
+            StepTime(s.kind, s.subject or "", s.host or "", epoch(s.started_at) - t0,
+                     epoch(s.finished_at or s.started_at) - t0)
             for s in state.steps(run_id)
         )
-        return RunTimes(t0, _epoch(run.finished_at), steps)
+        return RunTimes(t0, epoch(run.finished_at), steps)
     finally:
         state.engine.dispose()
 

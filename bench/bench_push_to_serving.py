@@ -42,6 +42,7 @@ from _lab import (
 
 from pipeline import logs
 from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
@@ -137,14 +138,14 @@ class Bench:
         self.remote.write("app/www/index.html", marker)
         self.remote.commit_push(f"in-process round {rnd}")
         loaded = load(self.config)
-        runner = Runner(loaded, State.in_dir(loaded.data_dir))
+        runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
         try:
             t0 = time.perf_counter()
             result = runner.run_pass()
             wait_for_content(self._app_url(APP_PORT), marker)
             wall = time.perf_counter() - t0
         finally:
-            runner.close()
+            runner.connections.close()
             runner.state.engine.dispose()
         if not result.ok:
             raise RuntimeError(f"run_pass failed: {result.errors}")

@@ -32,6 +32,7 @@ from _lab import GitRemote, RunTimes, fmt, median, own_lab, run_times, wait_for_
 
 from pipeline import logs
 from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
@@ -81,11 +82,11 @@ timeout = "30s"
 
     def run(self, expect: str, record: bool = True) -> None:
         loaded = load(self.config)
-        runner = Runner(loaded, State.in_dir(loaded.data_dir))
+        runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
         try:
             result = runner.run_pass()
         finally:
-            runner.close()
+            runner.connections.close()
             runner.state.engine.dispose()
         if not result.ok or not result.rollouts:
             raise RuntimeError(f"{self.name}: run_pass did not roll out: {result.errors}")

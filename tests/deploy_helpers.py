@@ -13,9 +13,11 @@ import docker
 import httpx
 
 from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import PassResult, Runner
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
+from pipeline.retry import RetryPolicy
 from pipeline.state.store import State
 
 
@@ -100,14 +102,17 @@ timeout = "10s"
     # -- pipeline -------------------------------------------------------------------------
     def runner(self) -> Runner:
         loaded = load(self.config)
-        return Runner(loaded, State.in_dir(loaded.data_dir), sleep=lambda _s: None)
+        state = State.in_dir(loaded.data_dir)
+        # Retries do not sleep in these tests: a registry that is down stays down within one pass.
+        no_sleep = RetryPolicy(sleep=lambda _s: None)
+        return Runner(loaded, state, Connections(loaded, retry=no_sleep), sleep=lambda _s: None)
 
     def run(self) -> PassResult:
         runner = self.runner()
         try:
             return runner.run_pass()
         finally:
-            runner.close()
+            runner.connections.close()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "pipeline", *args, "-c", str(self.config)],

@@ -8,11 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import structlog
 
 from pipeline import logs
 from pipeline.config.load import read_secret
-from pipeline.redact import redact
+from pipeline.redact import redact, redact_url, url_secrets
 
 
 def test_url_credentials_are_masked() -> None:
@@ -50,3 +51,36 @@ def test_validate_errors_do_not_echo_url_credentials(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "tok3n-value" not in res.stderr + res.stdout
     assert "repos.x.url" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://user:token@host/x.git", "https://***@host/x.git"),
+        ("https://ghp_abc123@github.com/o/r.git", "https://***@github.com/o/r.git"),
+        ("ssh://user:pw@host:22/r.git", "ssh://***@host:22/r.git"),
+        ("https://u:p@ss@host/x", "https://***@host/x"),
+        ("git@github.com:o/r.git", "git@github.com:o/r.git"),
+        ("https://host/path@x.git", "https://host/path@x.git"),
+        (
+            "fatal: 'https://a:b@h/x' and http://c:d@h/y",
+            "fatal: 'https://***@h/x' and http://***@h/y",
+        ),
+        ("tcp://u:it's@host:2375", "tcp://***@host:2375"),
+        ('{"url":"https://h/x","mail":"a@b"}', '{"url":"https://h/x","mail":"a@b"}'),
+        ("https://:pw-only@host/x", "https://***@host/x"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    """redact_url hides user-info of scheme URLs and leaves scp-like and plain URLs intact."""
+    assert redact_url(url) == expected
+
+
+def test_url_secrets_are_the_literal_credentials_raw_and_decoded() -> None:
+    """The user-info's password, user:password and their percent-decoded forms are masked
+    literally; short fragments (under 4 characters) and URLs without user-info give none."""
+    assert url_secrets("https://bob:p%40ss-word@h/x") == [
+        "bob:p%40ss-word", "bob:p@ss-word", "p%40ss-word", "p@ss-word"
+    ]
+    assert url_secrets("https://ghp_token@h/x") == ["ghp_token"]
+    assert url_secrets("https://h/x") == [] and url_secrets("git@h:x") == []

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import structlog
 
-from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.config.load import LoadedConfig
 from pipeline.errors import PipelineError
 from pipeline.hosts.engine import Engine
 from pipeline.plan.planner import Build, image_spec_hash
@@ -47,6 +48,15 @@ def docker_tag(text: str) -> str:
     return _TAG_UNSAFE.sub("-", text).lstrip(".-")[:128] or "latest"
 
 
+class BuildConnections(Protocol):
+    """What the builder reaches through (`pipeline.deploy.connections.Connections`, which lives
+    above build/): engines by host (None: the local one), mirrors by repo, registry credentials."""
+
+    def engine(self, host: str | None) -> Engine: ...
+    def mirror(self, repo: str) -> Mirror: ...
+    def registry_auth(self) -> dict[str, str] | None: ...
+
+
 class Builder:
     """Builds and pushes images; engines, mirrors and the retry policy of pushes are injected."""
 
@@ -54,14 +64,13 @@ class Builder:
         self,
         loaded: LoadedConfig,
         state: State,
-        engine: Callable[[str | None], Engine],
-        mirror: Callable[[str], Mirror],
+        connections: BuildConnections,
         *,
         report: Callable[[str], None],
         retry: RetryPolicy | None = None,
     ) -> None:
         self.loaded, self.cfg, self.state = loaded, loaded.model, state
-        self.engine, self.mirror, self.report = engine, mirror, report
+        self.connections, self.report = connections, report
         self.retry = retry or RetryPolicy()
 
     def build(self, b: Build, rev: Revision, run_id: int | None, *, pull: bool = False) -> Artifact:
@@ -69,6 +78,7 @@ class Builder:
         image = self.cfg.images[b.image]
         blog = log.bind(image=b.image, revision=rev.sha[:12], repo=b.repo)
         self.report(f"{b.image}: building {rev.sha[:12]} ({b.reason})")
+        mirror = self.connections.mirror(b.repo)
         workdir = Path(tempfile.mkdtemp(prefix=f"pipeline-build-{b.image}-"))
         try:
             context, dockerfile = self._export(b, rev, workdir)
@@ -77,9 +87,7 @@ class Builder:
                 "org.opencontainers.image.source": redact(self.cfg.repos[b.repo].url),
                 # The commit's time, not the build's: an unchanged input then rebuilds to the
                 # same digest, so a scheduled rebuild with an unchanged base restarts nothing.
-                "org.opencontainers.image.created": self.mirror(b.repo).commit_info(rev.sha)[
-                    "committed_at"
-                ],
+                "org.opencontainers.image.created": mirror.commit_info(rev.sha)["committed_at"],
                 "dev.pipeline.image": b.image,
             }
             if rev.version:
@@ -103,7 +111,7 @@ class Builder:
     def _export(self, b: Build, rev: Revision, workdir: Path) -> tuple[Path, str]:
         """Write the build context at `rev`; a Dockerfile outside the context is copied in."""
         image = self.cfg.images[b.image]
-        mirror = self.mirror(b.repo)
+        mirror = self.connections.mirror(b.repo)
         context = workdir / "context"
         context.mkdir()
         mirror.export(rev.sha, context, "" if image.context == "." else image.context)
@@ -145,7 +153,7 @@ class Builder:
                 sys.stderr.flush()
 
         try:
-            image_id = self.engine(host).build(
+            image_id = self.connections.engine(host).build(
                 context,
                 dockerfile,
                 tags,
@@ -174,11 +182,8 @@ class Builder:
     ) -> str:
         reg = self.cfg.registry
         assert reg is not None
-        auth = None
-        if reg.username:
-            password = read_secret(reg.password_env, reg.password_file, self.loaded.base_dir)
-            auth = {"username": reg.username, "password": password or ""}
-        engine = self.engine(host)
+        auth = self.connections.registry_auth()
+        engine = self.connections.engine(host)
         digest = ""
 
         def retrying(failed: int, _exc: BaseException, _wait: float) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from pipeline.config import load as config_mod
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError
 from pipeline.redact import redact, redact_value
 
 ConfigOption = Annotated[
@@ -58,8 +58,3 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
-
-
-def handle_errors(exc: PipelineError) -> NoReturn:
-    """Turn a pipeline error into a message and the exit code its kind calls for."""
-    fail(str(exc), EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAILED)

@@ -20,6 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.state.store import State, release_json
 
 if TYPE_CHECKING:
+    from pipeline.deploy.connections import Connections
     from pipeline.deploy.runner import PassResult, Runner
 
 
@@ -27,11 +28,17 @@ def _echo(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _runner(loaded: LoadedConfig) -> Runner:
+def _connections(loaded: LoadedConfig) -> Connections:
     # Imported here: the docker SDK and GitPython are not needed by `history` or `validate`.
+    from pipeline.deploy.connections import Connections
+
+    return Connections(loaded)
+
+
+def _runner(loaded: LoadedConfig) -> Runner:
     from pipeline.deploy.runner import Runner
 
-    return Runner(loaded, State.in_dir(loaded.data_dir), report=_echo)
+    return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
 
 
 def _outcome(result: PassResult) -> None:
@@ -155,7 +162,7 @@ def register(app: typer.Typer) -> None:
         loaded = load_config(config)
         from pipeline.deploy.operations import status_rows
 
-        rows = status_rows(_runner(loaded))
+        rows = status_rows(State.in_dir(loaded.data_dir), _connections(loaded))
         if json:
             print_json(rows)
             return

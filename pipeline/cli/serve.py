@@ -23,10 +23,9 @@ from pipeline import logs
 from pipeline.cli.common import EXIT_FAILED, EXIT_USAGE, ConfigOption, fail, load_config
 from pipeline.config import load as config_mod
 from pipeline.config.load import LoadedConfig
-from pipeline.config.model import RepoSection
+from pipeline.config.model import RepoSection, parse_port
 from pipeline.errors import ConfigError
-from pipeline.hosts.containers import parse_port
-from pipeline.sources.git import redact_url
+from pipeline.redact import redact_url
 from pipeline.state.queue import FINAL_STATUSES, EventQueue
 from pipeline.state.schema import Event
 from pipeline.state.store import State

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
@@ -74,24 +75,43 @@ def _repo_url(value: str) -> str:
     )
 
 
-def _split_port(value: str) -> tuple[str, str, str] | None:
-    """(ip, host port, container port) of a `[[IP:]HOST:]CONTAINER[/proto]` mapping, or None."""
-    spec, _, proto = value.partition("/")
+@dataclass(frozen=True)
+class PortMapping:
+    """One entry of `[services.*] ports`: the container port and protocol, the host port (None:
+    Docker picks a free one) and the host IP it is published on (None: every address)."""
+
+    container_port: int
+    protocol: str  # "tcp" or "udp"
+    host_port: int | None
+    host_ip: str | None
+
+    @property
+    def key(self) -> str:
+        """Docker's name of the container port, e.g. "8080/tcp"."""
+        return f"{self.container_port}/{self.protocol}"
+
+
+def parse_port(text: str) -> PortMapping:
+    """Parse a `[[IP:]HOST:]CONTAINER[/tcp|/udp]` mapping: "8080", "18080:8080",
+    "127.0.0.1:80:8080/udp", "1.2.3.4::80". Ports are 1-65535, the IP an IPv4 address.
+
+    Raises ValueError naming the text (pydantic reports it at the config key)."""
+    spec, _, proto = text.partition("/")
     parts = spec.split(":")
-    if proto not in ("", "tcp", "udp") or len(parts) > 3:
-        return None
     ip, host, container = ([""] * (3 - len(parts)) + parts)[-3:]
-    if ip and not re.fullmatch(r"[0-9.]+", ip):
-        return None
-    for port in (host, container):
-        if port and not (port.isdigit() and 0 < int(port) <= 65535):
-            return None
-    return (ip, host, container) if container else None
+    if (
+        proto not in ("", "tcp", "udp")
+        or len(parts) > 3
+        or not container
+        or (ip and not re.fullmatch(r"[0-9.]+", ip))
+        or any(p and not (p.isdigit() and 0 < int(p) <= 65535) for p in (host, container))
+    ):
+        raise ValueError(f"invalid port mapping {text!r} (use '[IP:]HOST:CONTAINER[/udp]')")
+    return PortMapping(int(container), proto or "tcp", int(host) if host else None, ip or None)
 
 
 def _port(value: str) -> str:
-    if _split_port(value) is None:
-        raise ValueError(f"invalid port mapping {value!r} (use '[IP:]HOST:CONTAINER[/udp]')")
+    parse_port(value)
     return value
 
 
@@ -267,7 +287,7 @@ class ServiceSection(_Table):
 
     @model_validator(mode="after")
     def _ports_fit_strategy(self) -> ServiceSection:
-        fixed = [p for p in self.ports if (parts := _split_port(p)) and parts[1]]
+        fixed = [p for p in self.ports if parse_port(p).host_port is not None]
         if self.strategy == "start-first" and (fixed or self.network == "host"):
             raise ValueError(
                 "strategy 'start-first' runs old and new side by side, so it cannot publish a "

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import ServiceSection, parse_port
 from pipeline.errors import PipelineError, StallingError
-from pipeline.hosts.containers import parse_port
 from pipeline.hosts.engine import ContainerInfo, Engine
 from pipeline.redact import redact
 
@@ -79,7 +78,7 @@ def cmd_probe(engine: Engine, container_id: str, cmd: Sequence[str]) -> Probe:
 
     def check() -> tuple[bool, str]:
         try:
-            code, output = engine.exec(container_id, cmd)
+            code, output = engine.containers.exec(container_id, cmd)
         except PipelineError as exc:
             return False, f"{shown}: {exc}"
         last = output.strip().splitlines()[-1:] or [""]
@@ -93,7 +92,7 @@ def docker_probe(engine: Engine, container_id: str) -> Probe:
 
     def check() -> tuple[bool, str]:
         try:
-            info = engine.inspect(container_id)
+            info = engine.containers.inspect(container_id)
         except PipelineError as exc:
             return False, str(exc)
         if info is None:
@@ -110,7 +109,7 @@ def running_probe(engine: Engine, container_id: str) -> Probe:
 
     def check() -> tuple[bool, str]:
         try:
-            info = engine.inspect(container_id)
+            info = engine.containers.inspect(container_id)
         except PipelineError as exc:
             return False, str(exc)
         return (info is not None and info.status == "running"), _state(info)
@@ -124,21 +123,6 @@ def _state(info: ContainerInfo | None) -> str:
     if info.exit_code is not None:
         return f"container {info.status} with code {info.exit_code}"
     return f"container {info.status}"
-
-
-def container_alive(engine: Engine, container_id: str) -> Callable[[], str | None]:
-    """An `alive` callable for wait_healthy: None while the container runs, else why it stopped."""
-
-    def alive() -> str | None:
-        try:
-            info = engine.inspect(container_id)
-        except PipelineError:
-            return None  # the engine blipped; the probe and the deadline decide
-        if info is not None and info.status in ("running", "created", "restarting"):
-            return None
-        return _state(info)
-
-    return alive
 
 
 FIRST_PAUSE = 0.05  # seconds before the second probe; doubles until the first success

@@ -7,13 +7,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from pipeline.config.model import ServiceSection
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target
-from pipeline.deploy.runner import Runner
+from pipeline.deploy.runner import Runner, read_env_files
 from pipeline.errors import PipelineError, StallingError
 from pipeline.plan.planner import service_spec_hash
 from pipeline.plan.rollback import PinRecord, choose_rollback
 from pipeline.state.rollbacks import ServiceSettings
-from pipeline.state.store import iso
+from pipeline.state.store import State
+from pipeline.timeutil import iso
 
 # How a service is rolled out rather than what it runs: a rollback takes these from the current
 # config (today's hosts, today's pace), everything else from the release it restores.
@@ -32,14 +34,14 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
         d for d in runner.state.deployments() if d.service == service and d.host in svc.hosts
     ]
     current = max((d.release_id for d in deployed if d.release_id), default=None)
-    chosen = choose_rollback(service, runner.state.past_releases(service), current, to)
-    stored = runner.state.release_settings(chosen.id)
+    chosen = choose_rollback(service, runner.state.rollbacks.past_releases(service), current, to)
+    stored = runner.state.rollbacks.release_settings(chosen.id)
     if stored is None:
         runner.report(
             f"{service}: release r{chosen.id} has no stored settings (made before pipeline "
             "recorded them): rolling back its image with the current settings"
         )
-        settings, spec = ServiceSettings(svc, runner.env_files().get(service)), svc
+        settings, spec = ServiceSettings(svc, read_env_files(runner.loaded).get(service)), svc
     else:
         settings, spec = stored, restored_spec(stored, svc)
     runner.report(f"{service}: rolling back to r{chosen.id} ({chosen.revision[:12]})")
@@ -49,7 +51,8 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
         refs={h: chosen.ref for h in svc.hosts},
         spec_hash=service_spec_hash(settings.service, settings.env_file_text),
         pull=cfg.registry is not None,
-        auth=runner.registry_auth(),
+        auth=runner.connections.registry_auth(),
+        env_file=settings.env_file_text,
         settings=settings,
         restores=chosen.id,
     )
@@ -66,7 +69,7 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
         spec=spec,
     )
     if outcome.ok:
-        runner.state.pin_service(
+        runner.state.rollbacks.pin_service(
             service,
             release_id=outcome.release_id,
             revision=chosen.revision,
@@ -87,15 +90,11 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
 
 
 def restored_spec(stored: ServiceSettings, current: ServiceSection) -> ServiceSection:
-    """The section a rollback rolls out: what the stored release ran (image, ports, env and its
-    env file's values, command, volumes, resources, network, restart, labels, health) with the
-    current config's hosts, strategy, max_parallel and stop_timeout."""
-    env = dict(stored.service.env)
-    if stored.service.env_file is not None and stored.env_file_text is not None:
-        # The file may have changed since: its stored text is folded in, as the env file was
-        # read then (explicit `env` wins, as it did).
-        env = {**parse_env_text(stored.env_file_text), **env}
-    ran = {**stored.service.model_dump(mode="json"), "env": env, "env_file": None}
+    """The section a rollback rolls out: what the stored release ran (image, ports, env,
+    command, volumes, resources, network, restart, labels, health) with the current config's
+    hosts, strategy, max_parallel and stop_timeout. The env file's stored text travels beside
+    it in `Target.env_file` (the file on disk may have changed since)."""
+    ran = stored.service.model_dump(mode="json")
     how = current.model_dump(mode="json", include=_HOW)
     try:
         return ServiceSection.model_validate({**ran, **how})
@@ -105,25 +104,13 @@ def restored_spec(stored: ServiceSettings, current: ServiceSection) -> ServiceSe
         return ServiceSection.model_validate({**ran, **how, "strategy": ran["strategy"]})
 
 
-def parse_env_text(text: str) -> dict[str, str]:
-    """KEY=VALUE lines as `docker run --env-file` reads them (as `rollout.read_env_file`)."""
-    env: dict[str, str] = {}
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            if sep:
-                env[key.strip()] = value
-    return env
-
-
 def _repo_head(runner: Runner, repo: str) -> str | None:
     """The head commit of `repo` as its mirror last fetched it (no network); None if unknown."""
     section = runner.cfg.repos[repo]
     branch = None if section.tags else (section.branch or "main")
     try:
-        with runner.mirror_lock(repo):
-            rev = runner.mirror(repo).local_head(branch=branch, tags=section.tags)
+        with runner.connections.mirror_lock(repo):
+            rev = runner.connections.mirror(repo).local_head(branch=branch, tags=section.tags)
     except PipelineError:
         return None
     return rev.sha if rev else None
@@ -141,12 +128,14 @@ def pin_json(pin: PinRecord | None) -> dict[str, Any] | None:
     }
 
 
-def status_rows(runner: Runner) -> list[dict[str, Any]]:
-    """One row per service and host: what pipeline deployed and what the engine reports now."""
+def status_rows(state: State, connections: Connections) -> list[dict[str, Any]]:
+    """One row per service and host of `connections`' config: what pipeline deployed (from
+    `state`) and what the engine reports now (an unreachable engine is said in `state`), and
+    the service's pin (`pinned`, see `pin_json`)."""
     rows: list[dict[str, Any]] = []
-    deployed = {(d.service, d.host): d for d in runner.state.deployments()}
-    pins = runner.state.pins()
-    for name, svc in runner.cfg.services.items():
+    deployed = {(d.service, d.host): d for d in state.deployments()}
+    pins = state.rollbacks.pins()
+    for name, svc in connections.loaded.model.services.items():
         pinned = pin_json(pins.get(name))
         for host in svc.hosts:
             d = deployed.get((name, host))
@@ -164,7 +153,7 @@ def status_rows(runner: Runner) -> list[dict[str, Any]]:
             }
             if d and d.container_id:
                 try:
-                    info = runner.engine(host).inspect(d.container_id)
+                    info = connections.engine(host).containers.inspect(d.container_id)
                 except PipelineError as exc:
                     row["state"] = f"unreachable: {exc}"
                 else:

@@ -9,13 +9,14 @@ one revision everywhere.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import structlog
+from dotenv import dotenv_values
 
 from pipeline.config.model import HostSection, ServiceSection
 from pipeline.deploy.health import HealthResult, probe_for, wait_healthy
@@ -37,6 +38,7 @@ class Target:
     spec_hash: str
     pull: bool  # False when the image was built on the host itself
     auth: Mapping[str, str] | None = None
+    env_file: str | None = None  # the text of the service's env_file that spec_hash covers
     settings: ServiceSettings | None = None  # recorded with the release, for a later rollback
     restores: int | None = None  # a rollback: the release it brings back
 
@@ -60,24 +62,16 @@ class RolloutResult:
     superseded: bool = False  # gave way to a newer commit at a safe point; not a failure
 
 
-class RolloutFailed(PipelineError):
-    """A host's new container did not become healthy; the rollout was rolled back."""
-
-
 def container_name(service: str, revision: str, release_id: int) -> str:
     return f"{service}-{revision[:12]}-r{release_id}"
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines as `docker run --env-file` reads them; blank lines and # comments skipped."""
-    env: dict[str, str] = {}
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            key, sep, value = line.partition("=")
-            if sep:
-                env[key.strip()] = value
-    return env
+def env_values(text: str) -> dict[str, str]:
+    """The variables of env_file text, as python-dotenv reads a .env file (quotes, `export`,
+    comments), without expanding `${VAR}`: a container gets the file's values, never pipeline's
+    own environment. A name without "=" is left out."""
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    return {key: value for key, value in values.items() if value is not None}
 
 
 @dataclass
@@ -89,7 +83,6 @@ class Rollout:
     spec: ServiceSection
     hosts: Mapping[str, HostSection]
     engines: Mapping[str, Engine]
-    base_dir: Path
     sleep: Callable[[float], None] = time.sleep
     clock: Callable[[], float] = time.monotonic
     should_stop: Callable[[], bool] | None = None
@@ -194,10 +187,10 @@ class Rollout:
         )
         try:
             if self.spec.network not in ("bridge", "host", "none"):
-                engine.ensure_network(self.spec.network)
+                engine.containers.ensure_network(self.spec.network)
             if old is not None and self.spec.strategy == "stop-first":
-                engine.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
-            move.new = engine.run(self._container_spec(target, ref, release_id))
+                engine.containers.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
+            move.new = engine.containers.run(self._container_spec(target, ref, release_id))
             self._end(step, "succeeded", detail=f"container {move.new.name}")
         except PipelineError as exc:
             self._end(step, "failed", error=str(exc))
@@ -206,7 +199,7 @@ class Rollout:
         self.report(f"{self.service}: {host}: started {move.new.name}, checking health")
         result = self._check(engine, move.new, host, run_id, target.revision)
         if not result.healthy:
-            tail = engine.logs_tail(move.new.id, 20)
+            tail = engine.containers.logs_tail(move.new.id, 20)
             error = (
                 f"host {host}: {self.service} at {target.revision[:12]} is unhealthy after "
                 f"{result.elapsed:.1f}s: {result.detail}"
@@ -233,11 +226,11 @@ class Rollout:
         self, engine: Engine, container: ContainerInfo, host: str, run_id: int | None, revision: str
     ) -> HealthResult:
         step = self._step(run_id, "health", host, revision, container.name)
-        fresh = engine.inspect(container.id) or container
+        fresh = engine.containers.inspect(container.id) or container
         probe = probe_for(self.spec, engine, fresh, self.hosts[host].reach_address)
 
         def alive() -> str | None:
-            info = engine.inspect(container.id)
+            info = engine.containers.inspect(container.id)
             if info is None:
                 return "container disappeared"
             if info.status in ("exited", "dead"):
@@ -265,12 +258,13 @@ class Rollout:
 
     def _current(self, engine: Engine) -> ContainerInfo | None:
         """The running container of this service on the host (the newest if several)."""
-        running = [c for c in engine.managed_containers(self.service) if c.status == "running"]
+        mine = engine.containers.managed_containers(self.service)
+        running = [c for c in mine if c.status == "running"]
         running.sort(key=lambda c: c.started_at or "", reverse=True)
         return running[0] if running else None
 
     def _container_spec(self, target: Target, ref: str, release_id: int) -> ContainerSpec:
-        env = dict(read_env_file(self.base_dir / self.spec.env_file)) if self.spec.env_file else {}
+        env = env_values(target.env_file) if target.env_file is not None else {}
         env.update(self.spec.env)
         labels = dict(self.spec.labels)
         labels.update(
@@ -309,11 +303,11 @@ class Rollout:
         )
         try:
             if move.new is not None:
-                move.engine.remove(move.new.id)
+                move.engine.containers.remove(move.new.id)
             if move.old is not None:
-                prev = move.engine.inspect(move.old.id)
+                prev = move.engine.containers.inspect(move.old.id)
                 if prev is not None and prev.status != "running":
-                    move.engine.start(move.old.id)
+                    move.engine.containers.start(move.old.id)
                     move.restarted_old = True
                 self._restore_record(move)
             else:
@@ -356,10 +350,10 @@ class Rollout:
     def _retire_old(self, move: _Move, run_id: int | None) -> None:
         """Remove replaced (and stale) containers of the service once every host is healthy."""
         assert move.new is not None
-        for c in move.engine.managed_containers(self.service):
+        for c in move.engine.containers.managed_containers(self.service):
             if c.id != move.new.id:
                 try:
-                    move.engine.remove(c.id)
+                    move.engine.containers.remove(c.id)
                 except PipelineError as exc:
                     log.warning(
                         "could not remove old container",

@@ -6,21 +6,21 @@ Stages are visible (observe, plan, apply) so `pipeline plan` stops after the pla
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import structlog
 
 from pipeline.build.builder import Artifact, Builder
-from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.config.load import LoadedConfig
 from pipeline.config.model import ServiceSection
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
-from pipeline.hosts.engine import Engine
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
@@ -32,12 +32,24 @@ log = structlog.get_logger(__name__)
 Report = Callable[[str], None]
 
 
+def read_env_files(loaded: LoadedConfig) -> Mapping[str, str]:
+    """Service name -> the text of its `env_file` (relative to the config's directory), for the
+    services that have one; read-only. Raises OSError when a file cannot be read."""
+    texts = {}
+    for name, svc in loaded.model.services.items():
+        if svc.env_file:
+            texts[name] = (loaded.base_dir / svc.env_file).read_text(encoding="utf-8")
+    return MappingProxyType(texts)
+
+
 @dataclass
 class Observed:
-    """What the observe stage read: per repo its new revision and the planner's snapshot."""
+    """What the observe stage read: per repo its new revision and the planner's snapshot, and
+    the services' env files, read once so that what is hashed for the plan is what is deployed."""
 
     revisions: dict[str, Revision] = field(default_factory=dict)
     snapshots: dict[str, RepoSnapshot] = field(default_factory=dict)
+    env_files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass
@@ -51,12 +63,14 @@ class PassResult:
 
 
 class Runner:
-    """Drives observe → plan → build → roll out for one config; collaborators are injected."""
+    """Drives observe → plan → build → roll out for one config; collaborators are injected:
+    the state, the engines and mirrors (`connections`, closed by whoever made them), the clock."""
 
     def __init__(
         self,
         loaded: LoadedConfig,
         state: State,
+        connections: Connections,
         *,
         owner: str | None = None,
         report: Report = lambda _line: None,
@@ -73,51 +87,11 @@ class Runner:
         self.sleep = sleep
         self.clock = clock
         self.should_stop = should_stop
-        self._engines: dict[str, Engine] = {}
-        self._engines_lock = threading.Lock()
-        self._mirror_locks: dict[str, threading.Lock] = {}
-        self._mirrors: dict[str, Mirror] = {}
-        # One policy for pushes, pulls and inspections; it sleeps with the injected sleep.
-        self.retry = retry or RetryPolicy(sleep=sleep, clock=clock)
-        self.builder = Builder(
-            loaded, state, self.engine, self.mirror, report=report, retry=self.retry
-        )
-
-    # -- collaborators ----------------------------------------------------------------------
-    def engine(self, host: str | None) -> Engine:
-        """The engine of a configured host, or the local engine for None."""
-        key = host or "local"
-        with self._engines_lock:
-            if key not in self._engines:
-                self._engines[key] = (
-                    Engine.local(retry=self.retry)
-                    if host is None
-                    else Engine.from_host(
-                        host, self.cfg.hosts[host], self.loaded.base_dir, retry=self.retry
-                    )
-                )
-            return self._engines[key]
-
-    def mirror(self, repo: str) -> Mirror:
-        """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
-        hundreds of repos then costs one `git ls-remote` each)."""
-        url = self.cfg.repos[repo].url
-        if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)
-            url = f"file://{url}"
-        with self._engines_lock:
-            mirror = self._mirrors.get(repo)
-            if mirror is None or mirror.url != url:
-                mirror = self._mirrors[repo] = Mirror(
-                    url, self.loaded.data_dir / "git" / f"{repo}.git"
-                )
-            return mirror
-
-    def mirror_lock(self, repo: str) -> threading.Lock:
-        return self._mirror_locks.setdefault(repo, threading.Lock())
-
-    def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
+        self.connections = connections
+        # One policy for pushes, pulls and inspections: the one the engines were made with,
+        # unless the caller injects another (tests: one that does not sleep).
+        self.retry = retry or connections.retry
+        self.builder = Builder(loaded, state, connections, report=report, retry=self.retry)
 
     # -- observe ----------------------------------------------------------------------------
     def observe(
@@ -127,15 +101,16 @@ class Runner:
         pinned: dict[str, str] | None = None,
         run_id: int | None = None,
     ) -> Observed:
-        """Fetch each repo (after a cheap ls-remote says it moved) and snapshot its new revision."""
-        observed = Observed()
+        """Read the env files, then fetch each repo (after a cheap ls-remote says it moved) and
+        snapshot its new revision."""
+        observed = Observed(env_files=read_env_files(self.loaded))
         for name in repos:
             repo = self.cfg.repos[name]
             branch, tags = (None, repo.tags) if repo.tags else (repo.branch or "main", None)
-            mirror = self.mirror(name)
+            mirror = self.connections.mirror(name)
             step = run_id and self.state.start_step(run_id, "fetch", name)
             try:
-                with self.mirror_lock(name):
+                with self.connections.mirror_lock(name):
                     remote = mirror.remote_head(branch=branch, tags=tags)
                     local = mirror.local_head(branch=branch, tags=tags)
                     rev = (
@@ -181,13 +156,6 @@ class Runner:
         )
 
     # -- plan -------------------------------------------------------------------------------
-    def env_files(self) -> dict[str, str]:
-        out = {}
-        for name, svc in self.cfg.services.items():
-            if svc.env_file:
-                out[name] = (self.loaded.base_dir / svc.env_file).read_text(encoding="utf-8")
-        return out
-
     def make_plan(
         self,
         observed: Observed,
@@ -204,12 +172,12 @@ class Runner:
             observed.snapshots,
             self.state.image_records(images),
             self.state.service_records(services),
-            env_files=self.env_files(),
+            env_files=observed.env_files,
             failed={} if ignore_failed else self.state.failed_revisions(services),
             force_images=force_images,
             force_reason=force_reason,
             only_services=only_services,
-            pins=self.state.pins(),
+            pins=self.state.rollbacks.pins(),
         )
 
     def preview(self, repo: str | None = None) -> Plan:
@@ -240,7 +208,7 @@ class Runner:
         run_id = self.state.start_run(trigger, repo, owner=self.owner)
         structlog.contextvars.bind_contextvars(run_id=run_id)
         for name in force_services:  # `pipeline deploy` releases a pin
-            if self.state.unpin_service(name):
+            if self.state.rollbacks.unpin_service(name):
                 self.report(f"{name}: unpinned: deploy requested")
         try:
             observed = self.observe(self._repos(repo), pinned=pinned, run_id=run_id)
@@ -310,7 +278,7 @@ class Runner:
         for problem in the_plan.problems:
             self.report(f"note: {problem.subject}: {problem.message}")
         for name in the_plan.unpin:
-            self.state.unpin_service(name)
+            self.state.rollbacks.unpin_service(name)
             self.report(f"{name}: unpinned: a newer commit arrived")
         if the_plan.empty:
             self.report("up to date: nothing to build or roll out")
@@ -335,12 +303,19 @@ class Runner:
                 result.errors.append(f"service {ro.service}: skipped, image {ro.image} failed")
                 continue
             art = artifacts.get(ro.image)
-            if art is not None and art.unchanged and self._up_to_date(ro.service, art.digest):
+            env_text = observed.env_files.get(ro.service)
+            if (
+                art is not None
+                and art.unchanged
+                and self._up_to_date(ro.service, art.digest, env_text)
+            ):
                 self.report(f"{ro.service}: already runs {art.digest[:19]}; not restarted")
                 continue
             rollouts.append(ro)
         with ThreadPoolExecutor(max_workers=max(1, len(rollouts))) as pool:
-            outcomes = list(pool.map(lambda r: self._roll_one(r, artifacts, run_id), rollouts))
+            outcomes = list(
+                pool.map(lambda r: self._roll_one(r, artifacts, observed, run_id), rollouts)
+            )
         for outcome in outcomes:
             result.rollouts.append(outcome)
             if outcome.superseded:
@@ -350,9 +325,9 @@ class Runner:
         result.ok = not result.errors and not result.superseded
         return result
 
-    def _up_to_date(self, service: str, digest: str) -> bool:
+    def _up_to_date(self, service: str, digest: str, env_text: str | None) -> bool:
         record = self.state.service_records([service]).get(service)
-        spec = service_spec_hash(self.cfg.services[service], self.env_files().get(service))
+        spec = service_spec_hash(self.cfg.services[service], env_text)
         return record is not None and record.digest == digest and record.spec_hash == spec
 
     def _build_one(self, b: Build, observed: Observed, run_id: int, pull: bool) -> Artifact:
@@ -363,9 +338,11 @@ class Runner:
             return Artifact(art.image, art.revision, art.digest, art.ref, unchanged=True)
         return art
 
-    def _roll_one(self, ro: Rollout, artifacts: dict[str, Artifact], run_id: int) -> RolloutResult:
+    def _roll_one(
+        self, ro: Rollout, artifacts: dict[str, Artifact], observed: Observed, run_id: int
+    ) -> RolloutResult:
         svc = self.cfg.services[ro.service]
-        env_text = self.env_files().get(ro.service)
+        env_text = observed.env_files.get(ro.service)
         spec_hash = service_spec_hash(svc, env_text)
         if ro.image in artifacts:
             art = artifacts[ro.image]
@@ -382,7 +359,8 @@ class Runner:
                 refs={h: art.ref for h in svc.hosts},
                 spec_hash=spec_hash,
                 pull=self.cfg.registry is not None,
-                auth=self.registry_auth(),
+                auth=self.connections.registry_auth(),
+                env_file=env_text,
                 settings=ServiceSettings(svc, env_text),
             ),
             run_id=run_id,
@@ -410,8 +388,7 @@ class Runner:
             service=service,
             spec=svc,
             hosts=self.cfg.hosts,
-            engines={h: self.engine(h) for h in svc.hosts},
-            base_dir=self.loaded.base_dir,
+            engines={h: self.connections.engine(h) for h in svc.hosts},
             sleep=self.sleep,
             clock=self.clock,
             should_stop=self.should_stop,
@@ -419,7 +396,7 @@ class Runner:
             keep_images=self.cfg.pipeline.keep_revisions,
         )
         try:
-            with self.state.lease(f"service:{service}", self.owner):
+            with self.state.leases.lease(f"service:{service}", self.owner):
                 outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason)
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))
@@ -428,13 +405,6 @@ class Runner:
         else:
             self.report(f"{service}: FAILED, rolled back: {outcome.error}")
         return outcome
-
-    def registry_auth(self) -> dict[str, str] | None:
-        reg = self.cfg.registry
-        if reg is None or not reg.username:
-            return None
-        password = read_secret(reg.password_env, reg.password_file, self.loaded.base_dir)
-        return {"username": reg.username, "password": password or ""}
 
 
 def _summary(the_plan: Plan) -> str:

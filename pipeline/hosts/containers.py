@@ -1,17 +1,19 @@
 """Container side of the engine: pipeline's container types, their translation to Docker's API
-shapes (pure functions), and the container operations `Engine` inherits from `ContainerOps`."""
+shapes (pure functions), and `Containers`, the container operations of one engine
+(`engine.containers`), which refuse to touch containers pipeline did not create."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import docker.errors
 import structlog
 
+from pipeline.config.model import parse_port
 from pipeline.errors import PipelineError, StallingError
+from pipeline.hosts.connection import Connection, ImageNotFound, status_of
 
 log = structlog.get_logger(__name__)
 
@@ -59,47 +61,14 @@ class ContainerInfo:
         return self.labels.get(MANAGED_LABEL) == "true"
 
 
-@dataclass(frozen=True)
-class PortMapping:
-    """One published port: container port/protocol, host port (None = any) and host IP."""
-
-    container_port: int
-    protocol: str
-    host_port: int | None
-    host_ip: str | None
-
-    @property
-    def key(self) -> str:
-        return f"{self.container_port}/{self.protocol}"
-
-
-def status_of(exc: BaseException) -> int | None:
-    """The HTTP status of a docker SDK APIError, None for errors without a response."""
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def parse_port(text: str) -> PortMapping:
-    """Parse config port syntax: "8080", "18080:8080", "127.0.0.1:80:8080/udp", "1.2.3.4::80"."""
-    spec, _, proto = text.partition("/")
-    proto = proto or "tcp"
-    parts = spec.split(":")
-    try:
-        if proto not in ("tcp", "udp") or len(parts) > 3:
-            raise ValueError(text)
-        container = int(parts[-1])
-        host = int(parts[-2]) if len(parts) >= 2 and parts[-2] else None
-        ip = parts[0] if len(parts) == 3 and parts[0] else None
-    except ValueError:
-        raise StallingError(f"invalid port mapping {text!r} (use 'HOST:CONTAINER[/udp]')") from None
-    return PortMapping(container, proto, host, ip)
-
-
 def port_bindings(ports: Sequence[str]) -> dict[str, list[Any]]:
     """The docker SDK `ports=` argument for config port strings (one key may bind several times)."""
     result: dict[str, list[Any]] = {}
     for text in ports:
-        mapping = parse_port(text)
+        try:
+            mapping = parse_port(text)
+        except ValueError as exc:  # the config refuses these; a spec made in code may not
+            raise StallingError(str(exc)) from None
         binding: Any = mapping.host_port
         if mapping.host_ip:
             binding = (mapping.host_ip, mapping.host_port)
@@ -177,50 +146,66 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     return kwargs
 
 
-class ContainerOps:
-    """Container operations of `Engine`; they refuse to touch containers pipeline did not create."""
+class Containers:
+    """The containers of the engine behind `conn`; they refuse to touch containers pipeline did
+    not create (no managed label). Errors are pipeline's kinds, naming the engine."""
 
-    name: str
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
 
-    @property
-    def _client(self) -> Any:
-        raise NotImplementedError
+    def run(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start a container; a managed container of the same name is replaced first.
 
-    def _where(self) -> str:
-        raise NotImplementedError
-
-    def _calling(
-        self,
-        action: str,
-        *,
-        not_found: type[PipelineError] = StallingError,
-        secrets: Sequence[str] = (),
-    ) -> AbstractContextManager[None]:
-        raise NotImplementedError
+        Raises StallingError when the name belongs to a container pipeline did not create.
+        """
+        existing = self.inspect(spec.name)
+        if existing is not None and existing.name == spec.name:
+            if not existing.managed:
+                raise StallingError(
+                    f"{self._conn.where}: container {spec.name!r} exists and was not created by "
+                    f"pipeline (no {MANAGED_LABEL} label); refusing to replace it"
+                )
+            self.remove(existing.id)
+        kwargs = create_kwargs(spec)
+        action = f"create container {spec.name} from {spec.image}"
+        with self._conn.calling(action, not_found=ImageNotFound):
+            container = self._conn.client.containers.create(spec.image, **kwargs)
+        try:
+            with self._conn.calling(f"start container {spec.name}"):
+                container.start()
+                container.reload()
+        except PipelineError:
+            # A container that never started holds its name and nothing else worth keeping.
+            self._force_remove(container.id)
+            raise
+        info = container_info(container.attrs)
+        log.info("container started", host=self._conn.name, service=spec.labels.get(SERVICE_LABEL),
+                 container=info.name, image=spec.image)
+        return info
 
     def ensure_network(self, name: str) -> None:
         """Create a bridge network called `name` unless it exists (built-in networks: no-op)."""
         if name in _SPECIAL_NETWORKS:
             return
-        with self._calling(f"ensure network {name}"):
+        with self._conn.calling(f"ensure network {name}"):
             # The name filter matches substrings; compare names exactly.
-            existing = self._client.api.networks(names=[name])
+            existing = self._conn.client.api.networks(names=[name])
             if any(net.get("Name") == name for net in existing):
                 return
             try:
-                self._client.api.create_network(
+                self._conn.client.api.create_network(
                     name, driver="bridge", labels={MANAGED_LABEL: "true"}, check_duplicate=True
                 )
             except docker.errors.APIError as exc:
                 if status_of(exc) != 409:  # created meanwhile by a concurrent run
                     raise
-        log.info("network ensured", host=self.name, network=name)
+        log.info("network ensured", host=self._conn.name, network=name)
 
     def inspect(self, container_id: str) -> ContainerInfo | None:
         """The container's state by id or name, or None when there is no such container."""
-        with self._calling(f"inspect container {container_id}"):
+        with self._conn.calling(f"inspect container {container_id}"):
             try:
-                attrs = self._client.api.inspect_container(container_id)
+                attrs = self._conn.client.api.inspect_container(container_id)
             except docker.errors.NotFound:
                 return None
         return container_info(attrs)
@@ -232,8 +217,8 @@ class ContainerOps:
         filters = [f"{MANAGED_LABEL}=true"]
         if service is not None:
             filters.append(f"{SERVICE_LABEL}={service}")
-        with self._calling("list containers"):
-            found = self._client.containers.list(
+        with self._conn.calling("list containers"):
+            found = self._conn.client.containers.list(
                 all=all, filters={"label": filters}, ignore_removed=True
             )
         return [container_info(c.attrs) for c in found]
@@ -242,7 +227,7 @@ class ContainerOps:
         info = self.inspect(container_id)
         if info is not None and not info.managed:
             raise StallingError(
-                f"{self._where()}: refusing to {action} container {info.name!r}: not created by "
+                f"{self._conn.where}: refusing to {action} container {info.name!r}: not created by "
                 f"pipeline (no {MANAGED_LABEL} label)"
             )
         return info
@@ -251,15 +236,15 @@ class ContainerOps:
         """Stop a managed container (SIGTERM, then SIGKILL after `timeout` s); gone is fine."""
         if self._managed(container_id, "stop") is None:
             return
-        with self._calling(f"stop container {container_id}"):
-            self._client.api.stop(container_id, timeout=timeout)
+        with self._conn.calling(f"stop container {container_id}"):
+            self._conn.client.api.stop(container_id, timeout=timeout)
 
     def start(self, container_id: str) -> None:
         """Start a stopped managed container again (a rollback's instant way back)."""
         if self._managed(container_id, "start") is None:
-            raise StallingError(f"{self._where()}: container {container_id} is gone")
-        with self._calling(f"start container {container_id}"):
-            self._client.api.start(container_id)
+            raise StallingError(f"{self._conn.where}: container {container_id} is gone")
+        with self._conn.calling(f"start container {container_id}"):
+            self._conn.client.api.start(container_id)
 
     def remove(self, container_id: str) -> None:
         """Force-remove a managed container and its anonymous volumes; gone is fine."""
@@ -268,29 +253,29 @@ class ContainerOps:
         self._force_remove(container_id)
 
     def _force_remove(self, container_id: str) -> None:
-        with self._calling(f"remove container {container_id}"):
+        with self._conn.calling(f"remove container {container_id}"):
             try:
-                self._client.api.remove_container(container_id, force=True, v=True)
+                self._conn.client.api.remove_container(container_id, force=True, v=True)
             except docker.errors.NotFound:
                 return
 
     def rename(self, container_id: str, new_name: str) -> None:
         """Rename a managed container (e.g. keep the previous one as `web-previous`)."""
         if self._managed(container_id, "rename") is None:
-            raise StallingError(f"{self._where()}: rename: no container {container_id!r}")
-        with self._calling(f"rename container {container_id} to {new_name}"):
-            self._client.api.rename(container_id, new_name)
+            raise StallingError(f"{self._conn.where}: rename: no container {container_id!r}")
+        with self._conn.calling(f"rename container {container_id} to {new_name}"):
+            self._conn.client.api.rename(container_id, new_name)
 
     def logs_tail(self, container_id: str, lines: int = 20) -> str:
         """The container's last `lines` lines of stdout and stderr."""
-        with self._calling(f"logs of container {container_id}"):
-            data = self._client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
+        with self._conn.calling(f"logs of container {container_id}"):
+            data = self._conn.client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
         return bytes(data).decode("utf-8", errors="replace")
 
     def exec(self, container_id: str, cmd: Sequence[str]) -> tuple[int, str]:
         """Run `cmd` inside the running container; return its exit code and combined output."""
-        with self._calling(f"exec {cmd[0] if cmd else ''} in container {container_id}"):
-            created = self._client.api.exec_create(container_id, list(cmd))
-            output = self._client.api.exec_start(created["Id"])
-            code = self._client.api.exec_inspect(created["Id"]).get("ExitCode")
+        with self._conn.calling(f"exec {cmd[0] if cmd else ''} in container {container_id}"):
+            created = self._conn.client.api.exec_create(container_id, list(cmd))
+            output = self._conn.client.api.exec_start(created["Id"])
+            code = self._conn.client.api.exec_inspect(created["Id"]).get("ExitCode")
         return (int(code) if code is not None else -1), bytes(output).decode("utf-8", "replace")

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 
 from pipeline.config.load import LoadedConfig
+from pipeline.config.model import parse_port
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import lab_up
 from pipeline.lab.sample_app import write_sample_app
@@ -62,11 +64,14 @@ def run_demo(loaded: LoadedConfig, lab_dir: Path, say: Callable[[str], None]) ->
 
 def _pass(loaded: LoadedConfig, say: Callable[[str], None], title: str) -> bool:
     say(f"== {title}")
-    runner = Runner(loaded, State.in_dir(loaded.data_dir), report=lambda line: say(f"   {line}"))
+    connections = Connections(loaded)
+    runner = Runner(
+        loaded, State.in_dir(loaded.data_dir), connections, report=lambda line: say(f"   {line}")
+    )
     try:
         result = runner.run_pass(trigger="demo")
     finally:
-        runner.close()
+        connections.close()
     for error in result.errors:
         say(f"   error: {error}")
     _show(loaded, say)
@@ -76,7 +81,7 @@ def _pass(loaded: LoadedConfig, say: Callable[[str], None], title: str) -> bool:
 def _show(loaded: LoadedConfig, say: Callable[[str], None]) -> list[str]:
     bodies = []
     for name, svc in loaded.model.services.items():
-        port = svc.ports[0].split("/")[0].split(":")[-2] if svc.ports else None
+        port = parse_port(svc.ports[0]).host_port if svc.ports else None
         for host in svc.hosts:
             if port is None:
                 continue

@@ -34,12 +34,6 @@ def link_exists(ifname: str) -> bool:
         return bool(ipr.link_lookup(ifname=ifname))
 
 
-def list_links() -> list[str]:
-    """Names of every link in the machine's own namespace."""
-    with IPRoute() as ipr:
-        return [str(link.get("ifname")) for link in ipr.get_links()]
-
-
 def namespace_exists(name: str) -> bool:
     """True when a named network namespace exists (as `ip netns` sees it)."""
     return name in netns.listnetns()

@@ -69,7 +69,3 @@ class WorkRepo:
         """Tag HEAD (lightweight); return the tagged sha."""
         git("tag", "--", name, cwd=self.work)
         return git("rev-parse", "HEAD", cwd=self.work)
-
-    def push_tag(self, name: str) -> None:
-        """Push one tag to the bare repo."""
-        git("push", "origin", f"refs/tags/{name}:refs/tags/{name}", cwd=self.work)

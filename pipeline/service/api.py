@@ -11,7 +11,6 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -25,6 +24,7 @@ from pipeline.redact import redact_value
 from pipeline.state.queue import EventQueue
 from pipeline.state.schema import Run, Step
 from pipeline.state.store import State, release_json
+from pipeline.timeutil import iso
 
 log = structlog.get_logger(__name__)
 
@@ -91,12 +91,6 @@ def wake(ctx: ServerContext) -> None:
         log.warning("could not wake the worker", error=f"{type(exc).__name__}: {exc}")
 
 
-def _iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-
-
 def run_dict(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
@@ -104,8 +98,8 @@ def run_dict(run: Run) -> dict[str, Any]:
         "repo": run.repo,
         "revision": run.revision,
         "status": run.status,
-        "started_at": _iso(run.started_at),
-        "finished_at": _iso(run.finished_at),
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
         "error": run.error,
         "summary": run.summary,
     }
@@ -118,8 +112,8 @@ def step_dict(step: Step) -> dict[str, Any]:
         "host": step.host,
         "revision": step.revision,
         "status": step.status,
-        "started_at": _iso(step.started_at),
-        "finished_at": _iso(step.finished_at),
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
         "detail": step.detail,
         "error": step.error,
     }

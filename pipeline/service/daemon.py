@@ -19,8 +19,8 @@ import structlog
 
 from pipeline.config import load as config_mod
 from pipeline.config.load import LoadedConfig
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import status_rows
-from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
 from pipeline.redact import redact
 from pipeline.service import server as server_mod
@@ -68,7 +68,7 @@ class Service:
         self._loaded: LoadedConfig | None = None
         self._state: State | None = None
         self._queue: EventQueue | None = None
-        self._observer: Runner | None = None
+        self._observer: Connections | None = None
 
     # -- what the rest of the service reads -------------------------------------------------
     @property
@@ -142,7 +142,7 @@ class Service:
             idle_wait=self.idle_wait,
             report=self.report,
         )
-        self._observer = self.worker.runner(self.loaded)
+        self._observer = Connections(self.loaded)
         self.recover()
 
     def work_until(self, done: Callable[[], bool]) -> bool:
@@ -208,7 +208,7 @@ class Service:
         """Requeue events and break runs/leases of dead owners; redeploy interrupted services."""
         requeued = self.queue.requeue_interrupted(owner_alive_local)
         runs = self.state.interrupt_stale_runs(owner_alive_local)
-        locks = self.state.break_locks_of(owner_alive_local)
+        locks = self.state.leases.break_locks_of(owner_alive_local)
         if requeued or runs or locks:
             log.warning("service.recovered", events=requeued, runs=runs, locks=locks)
         cfg = self.loaded.model
@@ -267,7 +267,7 @@ class Service:
                 if before != after:
                     log.warning("config.needs_restart", key=what, running=str(before))
             self._config_text, self._loaded = text, loaded
-            previous, self._observer = self._observer, self.worker.runner(loaded)
+            previous, self._observer = self._observer, Connections(loaded)
             if previous is not None:
                 previous.close()
             self._sync_jobs()
@@ -370,4 +370,4 @@ class Service:
     # -- helpers ----------------------------------------------------------------------------
     def _status(self) -> list[dict[str, Any]]:
         observer = self._observer
-        return status_rows(observer) if observer is not None else []
+        return status_rows(self.state, observer) if observer is not None else []

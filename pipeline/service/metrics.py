@@ -8,13 +8,13 @@ true now (queue depth, last successful release per service) is read from the sta
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State
+from pipeline.timeutil import epoch
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -69,10 +69,6 @@ def observe_rollout(seconds: float) -> None:
     ROLLOUT_SECONDS.observe(seconds)
 
 
-def _epoch(value: datetime) -> float:
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
-
-
 def refresh(state: State) -> None:
     """Set the state-derived gauges from the database: queue depth, last success per service."""
     depth = EventQueue(state).depth()
@@ -81,7 +77,7 @@ def refresh(state: State) -> None:
     LAST_SUCCESS.clear()  # a service removed from history must not linger
     for service, finished in last:
         if finished is not None:
-            LAST_SUCCESS.labels(service=service).set(_epoch(finished))
+            LAST_SUCCESS.labels(service=service).set(epoch(finished))
 
 
 def render(state: State) -> bytes:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import structlog
 
 from pipeline.config.load import LoadedConfig
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import rollback_service
 from pipeline.deploy.runner import PassResult, Runner
 from pipeline.errors import PipelineError
@@ -43,8 +44,9 @@ class _Outcome:
 class Worker:
     """Claims events from `queue` and handles them one claim at a time until `stopping` is set.
 
-    `loaded` and `observer` are called each time, so a config reload is seen by the next event;
-    `reload` re-reads the config file (for "config" events).
+    `loaded` and `observer` (the service's long-lived mirrors) are called each time, so a config
+    reload is seen by the next event; `reload` re-reads the config file (for "config" events).
+    Each pass gets engines and mirrors of its own, closed when it ends.
     """
 
     def __init__(
@@ -57,7 +59,7 @@ class Worker:
         stopping: threading.Event,
         wake: threading.Event,
         reload: Callable[[], object],
-        observer: Callable[[], Runner | None],
+        observer: Callable[[], Connections | None],
         clock: Callable[[], float],
         sleep: Callable[[float], None],
         idle_wait: float,
@@ -217,7 +219,7 @@ class Worker:
             try:
                 result = rollback_service(runner, name, ev.sha)
             finally:
-                runner.close()
+                runner.connections.close()
             run_id = self._latest_run_id()
             metrics.observe_run("succeeded" if result.ok else "failed")
             return _Outcome("done" if result.ok else "failed", run_id, result.error)
@@ -259,7 +261,7 @@ class Worker:
                 pull_base=pull_base,
             )
         finally:
-            runner.close()
+            runner.connections.close()
         outcome = (
             "noop" if result.ok and result.plan.empty else ("succeeded" if result.ok else "failed")
         )
@@ -317,7 +319,9 @@ class Worker:
         should_stop: Callable[[], bool] | None = None,
         log_prefix: str = "",
     ) -> Runner:
-        """A Runner over `loaded` that logs its progress lines (and passes them to `report`)."""
+        """A Runner over `loaded`, with engines and mirrors of its own (the caller closes them:
+        `runner.connections.close()`), that logs its progress lines (and passes them to
+        `report`)."""
 
         def report(line: str) -> None:
             log.info("run.progress", line=redact(line), source=log_prefix or None)
@@ -327,6 +331,7 @@ class Worker:
         return Runner(
             loaded,
             self.state,
+            Connections(loaded),
             owner=self.owner,
             report=report,
             sleep=self.sleep,

@@ -14,26 +14,24 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
-from urllib.parse import unquote
 
 import structlog
 from git.cmd import Git
 from git.exc import GitCommandNotFound
 
-from pipeline.redact import redact
+from pipeline.redact import redact, redact_url, url_secrets
 from pipeline.sources.refs import (
-    _ALLOWED_SCHEMES,
-    _HEX_SHA,
+    ALLOWED_SCHEMES,
+    HEX_SHA,
     GitError,
     GitStallingError,
     GitTransientError,
-    _clean_path,
-    _newest_tag,
-    _tag_version,
-    _target,
-    _validate_url,
-    redact_url,
+    check_target,
+    clean_path,
+    newest_tag,
+    tag_version,
     validate_sha,
+    validate_url,
 )
 from pipeline.sources.refs import validate_ref_name as validate_ref_name  # re-exported
 
@@ -42,10 +40,10 @@ log = structlog.get_logger(__name__)
 NETWORK_TIMEOUT = 60.0
 FETCH_TIMEOUT = 600.0  # a first fetch of a large repository legitimately takes minutes
 
-# Git-level allow-list as a second line behind _validate_url: redirects and config cannot widen it.
+# Git-level allow-list as a second line behind validate_url: redirects and config cannot widen it.
 _SAFE_CONFIG = [
     "-c", "protocol.allow=never",
-    *(arg for s in sorted(_ALLOWED_SCHEMES) for arg in ("-c", f"protocol.{s}.allow=always")),
+    *(arg for s in sorted(ALLOWED_SCHEMES) for arg in ("-c", f"protocol.{s}.allow=always")),
     "-c", "protocol.ext.allow=never",
 ]  # fmt: skip
 # An empty GIT_ASKPASS stops git from falling back to core.askPass/SSH_ASKPASS helpers, and
@@ -96,13 +94,13 @@ class Mirror:
         timeout: float = NETWORK_TIMEOUT,
         fetch_timeout: float = FETCH_TIMEOUT,
     ) -> None:
-        self.url = _validate_url(url)
+        self.url = validate_url(url)
         self.path = Path(path).absolute()
         self.timeout = timeout
         self.fetch_timeout = fetch_timeout
         self._git = Git(self.path)
         self._ready = False
-        self._secrets = self._url_secrets(url)
+        self._secrets = url_secrets(url)
 
     def __repr__(self) -> str:
         return f"Mirror({redact_url(self.url)!r}, {str(self.path)!r})"
@@ -111,7 +109,7 @@ class Mirror:
 
     def remote_head(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
         """Ask the remote (one `ls-remote`, no fetch) where the branch or newest matching tag is."""
-        branch, tags = _target(branch, tags)
+        branch, tags = check_target(branch, tags)
         self._ensure_mirror()
         if branch is not None:
             ref = f"refs/heads/{branch}"
@@ -134,17 +132,17 @@ class Mirror:
                 peeled[tag.removesuffix("^{}")] = sha
             else:
                 shas[tag] = sha
-        newest = _newest_tag(list(shas), tags)
+        newest = newest_tag(list(shas), tags)
         if newest is None:
             return None
         sha = peeled.get(newest, shas[newest])
         return Revision(
-            sha=sha, ref=f"refs/tags/{newest}", tag=newest, version=_tag_version(newest)
+            sha=sha, ref=f"refs/tags/{newest}", tag=newest, version=tag_version(newest)
         )
 
     def fetch(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
         """Fetch the branch (or all tags) with --prune; return what the local refs now point at."""
-        branch, tags = _target(branch, tags)
+        branch, tags = check_target(branch, tags)
         self._ensure_mirror()
         if branch is not None:
             refspec = f"+refs/heads/{branch}:refs/heads/{branch}"
@@ -169,7 +167,7 @@ class Mirror:
 
     def local_head(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
         """Where the mirror's own refs point (no network); None before the first fetch."""
-        branch, tags = _target(branch, tags)
+        branch, tags = check_target(branch, tags)
         if not (self.path / "HEAD").exists():
             return None
         if branch is not None:
@@ -180,14 +178,14 @@ class Mirror:
                 sha = loose.read_text(encoding="ascii").strip()
             except (OSError, UnicodeDecodeError):
                 sha = ""
-            if _HEX_SHA.fullmatch(sha):
+            if HEX_SHA.fullmatch(sha):
                 return Revision(sha=sha, ref=f"refs/heads/{branch}", tag=None, version=None)
         return self._local_revision(branch, tags)
 
     def resolve(self, rev: str) -> str:
         """The full sha of a commit given as a sha, an unambiguous sha prefix, or a tag name."""
         if not re.fullmatch(r"[0-9a-fA-F]{4,64}", rev):
-            _clean_path(rev, "revision")
+            clean_path(rev, "revision")
             rev = f"refs/tags/{rev}"
         out = self._run(
             ["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"], ok=(0, 1)
@@ -204,7 +202,7 @@ class Mirror:
         else:
             assert tags is not None
             out = self._run(["for-each-ref", "--format=%(refname:strip=2)", "refs/tags/"])
-            tag = _newest_tag(out.decode().splitlines(), tags)
+            tag = newest_tag(out.decode().splitlines(), tags)
             if tag is None:
                 return None
             ref = f"refs/tags/{tag}"
@@ -215,7 +213,7 @@ class Mirror:
             if tag is None:
                 return None
             raise GitStallingError(f"tag {tag!r} of {self._name} does not point at a commit")
-        return Revision(sha=sha, ref=ref, tag=tag, version=_tag_version(tag) if tag else None)
+        return Revision(sha=sha, ref=ref, tag=tag, version=tag_version(tag) if tag else None)
 
     # -- local --------------------------------------------------------------------------------
 
@@ -248,7 +246,7 @@ class Mirror:
     def read_file(self, sha: str, path: str) -> bytes | None:
         """Content of the file at `path` in commit `sha`, or None if there is no such file."""
         sha = self._require_commit(validate_sha(sha))
-        path = _clean_path(path, "path")
+        path = clean_path(path, "path")
         out = self._run(["ls-tree", "-z", sha, "--", path])
         meta, _, name = out.decode(errors="surrogateescape").partition("\0")[0].partition("\t")
         if name != path or meta.split(" ")[1] != "blob":
@@ -263,7 +261,7 @@ class Mirror:
         sha = self._require_commit(validate_sha(sha))
         treeish = sha
         if subdir.strip("/") not in ("", "."):
-            sub = _clean_path(subdir, "subdir")
+            sub = clean_path(subdir, "subdir")
             treeish = f"{sha}:{sub}"
             kind = self._run(["cat-file", "-t", treeish], ok=(0, 128)).decode().strip()
             if kind != "tree":
@@ -305,21 +303,10 @@ class Mirror:
     def _name(self) -> str:
         return redact_url(self.url)
 
-    @staticmethod
-    def _url_secrets(url: str) -> list[str]:
-        # Literal credentials, raw and percent-decoded, masked even where no URL syntax surrounds
-        # them (git and remote helpers sometimes echo the user name or password on their own).
-        m = re.match(r"[A-Za-z][A-Za-z0-9+.-]*://([^/\s]*)@", url)
-        if not m:
-            return []
-        userinfo = m.group(1)
-        password = userinfo.partition(":")[2]
-        token = userinfo if not password else ""
-        found = {userinfo, unquote(userinfo), password, unquote(password), token, unquote(token)}
-        return sorted((s for s in found if len(s) >= 4), key=len, reverse=True)
-
     def _scrub(self, text: str) -> str:
-        text = redact(redact_url(text))
+        # redact() masks URL credentials; the literal ones are masked too, since git and remote
+        # helpers sometimes echo the user name or password without the URL around them.
+        text = redact(text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text

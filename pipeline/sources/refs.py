@@ -11,11 +11,11 @@ import re
 from typing import Any
 
 from pipeline.errors import PipelineError, StallingError, TransientError
+from pipeline.redact import redact_url
 
-_ALLOWED_SCHEMES = frozenset({"https", "http", "ssh", "git", "file"})
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]*@")
+ALLOWED_SCHEMES = frozenset({"https", "http", "ssh", "git", "file"})
 _SCP_LIKE = re.compile(r"(?:[A-Za-z0-9._~+-]+@)?(?P<host>\[[^\]/]+\]|[A-Za-z0-9._-]+):(?P<path>.+)")
-_HEX_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+HEX_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # a full SHA-1 or SHA-256 object name
 _REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 
@@ -31,11 +31,6 @@ class GitStallingError(GitError, StallingError):
     """Bad URL, ref, path or credentials, or a missing object: retrying will not help."""
 
 
-def redact_url(url: str) -> str:
-    """Replace the user-info of every `scheme://user:pw@` URL in the text by `***`."""
-    return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", url)
-
-
 def validate_ref_name(name: str) -> str:
     """Return a branch name that satisfies `git check-ref-format --branch`, else raise GitError."""
     problem = _ref_problem(name, glob=False)
@@ -47,7 +42,7 @@ def validate_ref_name(name: str) -> str:
 def validate_sha(sha: str) -> str:
     """Return a full SHA-1 (40) or SHA-256 (64) hex object name, lowercased, else raise GitError."""
     lowered = sha.strip().lower() if isinstance(sha, str) else ""
-    if not _HEX_SHA.fullmatch(lowered):
+    if not HEX_SHA.fullmatch(lowered):
         raise GitStallingError(f"invalid commit sha {str(sha)[:100]!r}: want 40 or 64 hex digits")
     return lowered
 
@@ -75,7 +70,11 @@ def _ref_problem(name: str, *, glob: bool) -> str | None:
     return None
 
 
-def _validate_url(url: str) -> str:
+def validate_url(url: str) -> str:
+    """Return `url` when git may fetch it: an allowed scheme with a host, or scp-like
+    `user@host:path`; no option-like parts, no transport helpers. Else raise GitStallingError
+    naming the (redacted) URL."""
+
     def refuse(why: str) -> GitStallingError:
         return GitStallingError(f"refused git URL {redact_url(url)[:200]!r}: {why}")
 
@@ -85,8 +84,8 @@ def _validate_url(url: str) -> str:
         raise refuse("starts with '-'")
     if m := re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", url):
         scheme = m.group(1).lower()
-        if scheme not in _ALLOWED_SCHEMES:
-            raise refuse(f"scheme {scheme!r} is not one of {sorted(_ALLOWED_SCHEMES)}")
+        if scheme not in ALLOWED_SCHEMES:
+            raise refuse(f"scheme {scheme!r} is not one of {sorted(ALLOWED_SCHEMES)}")
         authority = url[m.end() :].split("/", 1)[0]
         host = authority.rpartition("@")[2]
         if authority.startswith("-") or host.startswith("-") or (scheme != "file" and not host):
@@ -100,7 +99,9 @@ def _validate_url(url: str) -> str:
     raise refuse("want https://, http://, ssh://, git://, file:// or user@host:path")
 
 
-def _clean_path(path: str, what: str) -> str:
+def clean_path(path: str, what: str) -> str:
+    """`path` relative to the repository root, without leading/trailing slashes or "./"; raise
+    GitStallingError naming `what` when it is empty or holds "..", "." or a NUL."""
     cleaned = path.strip("/")
     while cleaned.startswith("./"):
         cleaned = cleaned[2:]
@@ -112,7 +113,8 @@ def _clean_path(path: str, what: str) -> str:
     return cleaned
 
 
-def _tag_version(tag: str) -> str:
+def tag_version(tag: str) -> str:
+    """The version a release tag names: "v1.2.0" -> "1.2.0"; other tags unchanged."""
     return tag[1:] if tag[:1] in ("v", "V") and tag[1:2].isdigit() else tag
 
 
@@ -126,16 +128,19 @@ def _version_key(tag: str) -> tuple[Any, ...]:
             for p in re.findall(r"\d+|[^\W\d_]+", text)
         )
 
-    core, _, pre = _tag_version(tag).split("+", 1)[0].partition("-")
+    core, _, pre = tag_version(tag).split("+", 1)[0].partition("-")
     return (parts(core), (1, ()) if not pre else (0, parts(pre)), tag)
 
 
-def _newest_tag(names: list[str], pattern: str) -> str | None:
+def newest_tag(names: list[str], pattern: str) -> str | None:
+    """The highest version among the tag `names` matching the glob `pattern`; None if none."""
     matching = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
     return max(matching, key=_version_key) if matching else None
 
 
-def _target(branch: str | None, tags: str | None) -> tuple[str | None, str | None]:
+def check_target(branch: str | None, tags: str | None) -> tuple[str | None, str | None]:
+    """(branch, None) or (None, tags glob), each checked; raise GitStallingError unless exactly
+    one is given and it is a valid ref name or glob."""
     if (branch is None) == (tags is None):
         raise GitStallingError("follow exactly one of a branch or a tags glob")
     if branch is not None:

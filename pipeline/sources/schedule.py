@@ -96,12 +96,6 @@ class Scheduler:
                     next_run_time=datetime.now(UTC),
                 )
 
-    def poll_interval(self, key: str) -> float | None:
-        """The interval the key is polled at now (backoff included), or None if not polled."""
-        with self._lock:
-            p = self._polls.get(key)
-            return None if p is None else backoff_interval(p.interval, p.failures, self.max_backoff)
-
     def _tick(self, key: str) -> None:
         with self._lock:
             p = self._polls.get(key)

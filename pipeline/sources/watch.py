@@ -7,6 +7,7 @@ one callback, run on a timer thread; callbacks only enqueue work.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -42,8 +43,10 @@ class _Dir:
 
 
 class _Dispatch(FileSystemEventHandler):
-    def __init__(self, owner: Watcher, key: tuple[str, bool]) -> None:
-        self.owner, self.key = owner, key
+    """Hands the paths of every relevant event under one watched directory to `on_paths`."""
+
+    def __init__(self, on_paths: Callable[[list[str]], None]) -> None:
+        self.on_paths = on_paths
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in _IGNORED:
@@ -51,7 +54,7 @@ class _Dispatch(FileSystemEventHandler):
         paths = [os.fsdecode(event.src_path)]
         if event.dest_path:
             paths.append(os.fsdecode(event.dest_path))
-        self.owner._dispatch(self.key, paths)
+        self.on_paths(paths)
 
 
 class Watcher:
@@ -134,9 +137,8 @@ class Watcher:
         with self._lock:
             d = self._dirs.get(dir_key)
             if d is None:
-                watch = self._observer.schedule(
-                    _Dispatch(self, dir_key), directory, recursive=recursive
-                )
+                handler = _Dispatch(functools.partial(self._dispatch, dir_key))
+                watch = self._observer.schedule(handler, directory, recursive=recursive)
                 d = self._dirs[dir_key] = _Dir(watch)
             d.subs.append(_Subscription(key, matches, callback, debounce))
             self._keys.setdefault(key, []).append(dir_key)

@@ -10,9 +10,8 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -42,14 +41,16 @@ def owner_alive_local(owner: str) -> bool:
 
 
 class Leases:
-    """Lease methods mixed into `State`; relies on its `session()`, `clock` and `engine`."""
+    """The leases of one state database (`State.leases`): `engine` tells the SQL dialect,
+    `session()` opens one transaction, `clock()` gives epoch seconds."""
 
-    clock: Callable[[], float]
-    engine: Engine
-
-    if TYPE_CHECKING:
-
-        def session(self) -> AbstractContextManager[Session]: ...
+    def __init__(
+        self,
+        engine: Engine,
+        session: Callable[[], AbstractContextManager[Session]],
+        clock: Callable[[], float],
+    ) -> None:
+        self.engine, self.session, self.clock = engine, session, clock
 
     def acquire(self, name: str, owner: str, ttl: float) -> bool:
         """Take the lease `name` for `ttl` seconds if it is free, expired, or already ours."""
@@ -67,20 +68,13 @@ class Leases:
             held = s.get(Lock, name)
             return held is not None and held.owner == owner
 
-    def renew(self, name: str, owner: str, ttl: float) -> bool:
-        with self.session() as s:
-            result = s.execute(
-                update(Lock)
-                .where(Lock.name == name, Lock.owner == owner)
-                .values(expires_at=self.clock() + ttl)
-            )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
-
     def release(self, name: str, owner: str) -> None:
+        """Give the lease `name` up if `owner` holds it."""
         with self.session() as s:
             s.execute(delete(Lock).where(Lock.name == name, Lock.owner == owner))
 
     def lock_holder(self, name: str) -> Lock | None:
+        """Who holds the lease `name` now; None when it is free or expired."""
         with self.session() as s:
             row = s.get(Lock, name)
             return row if row and row.expires_at >= self.clock() else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, func, insert, select, update
@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from pipeline.redact import redact
 from pipeline.state.schema import Event
 from pipeline.state.store import State
+from pipeline.timeutil import aware, iso
 
 KINDS = frozenset({"push", "tag", "rebuild", "deploy", "rollback", "config"})
 FINAL_STATUSES = frozenset({"done", "failed", "superseded", "ignored"})
@@ -47,16 +48,7 @@ class QueuedEvent:
     received_at: datetime
 
 
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite returns naive datetimes; everything written is UTC.
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
-
-
 def _queued(row: Event) -> QueuedEvent:
-    received = _aware(row.received_at)
-    assert received is not None
     return QueuedEvent(
         id=row.id,
         source=row.source,
@@ -66,7 +58,7 @@ def _queued(row: Event) -> QueuedEvent:
         sha=row.sha,
         subject=row.subject,
         delivery_id=row.delivery_id,
-        received_at=received,
+        received_at=aware(row.received_at),
     )
 
 
@@ -227,7 +219,7 @@ class EventQueue:
             newest = conn.execute(
                 select(func.max(_EVENTS.c.received_at)).where(_EVENTS.c.status == "queued")
             ).scalar_one()
-        received = _aware(newest)
+        received = aware(newest)
         if received is None:
             return None
         return max(0.0, (self.state.now() - received).total_seconds())
@@ -278,11 +270,6 @@ class EventQueue:
         return [_event_dict(r) for r in rows]
 
 
-def _iso(value: datetime | None) -> str | None:
-    aware = _aware(value)
-    return aware.isoformat() if aware else None
-
-
 def _event_dict(row: Event) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -296,7 +283,7 @@ def _event_dict(row: Event) -> dict[str, Any]:
         "status": row.status,
         "owner": row.owner,
         "run_id": row.run_id,
-        "received_at": _iso(row.received_at),
-        "finished_at": _iso(row.finished_at),
+        "received_at": iso(row.received_at),
+        "finished_at": iso(row.finished_at),
         "note": row.note,
     }

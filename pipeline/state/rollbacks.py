@@ -10,8 +10,7 @@ import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from datetime import datetime
 
 import structlog
 from pydantic import ValidationError
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 from pipeline.config.model import ServiceSection
 from pipeline.plan.rollback import PastRelease, PinRecord
 from pipeline.state.schema import Pin, Release, ReleaseSettings
+from pipeline.timeutil import aware
 
 log = structlog.get_logger(__name__)
 
@@ -64,18 +64,17 @@ class ServiceSettings:
             return None
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 class Rollbacks:
-    """Release settings, release rows and pins, mixed into `State`; relies on its `session()`
-    and `now()`."""
+    """Release settings, release rows and pins: `state.rollbacks` of a `State`, given its
+    session factory and clock."""
 
-    if TYPE_CHECKING:
-        now: Callable[[], datetime]
-
-        def session(self) -> AbstractContextManager[Session]: ...
+    def __init__(
+        self,
+        session: Callable[[], AbstractContextManager[Session]],
+        now: Callable[[], datetime],
+    ) -> None:
+        self.session = session
+        self.now = now
 
     def release_settings(self, release_id: int) -> ServiceSettings | None:
         """The settings release `release_id` deployed; None for a release made before they were
@@ -134,7 +133,7 @@ class Rollbacks:
                     release_id=p.release_id,
                     head=p.head,
                     reason=p.reason,
-                    since=_aware(p.created_at),
+                    since=aware(p.created_at),
                 )
                 for p in s.scalars(select(Pin))
             }

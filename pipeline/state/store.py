@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,28 +26,12 @@ from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
 from pipeline.state.rollbacks import Rollbacks, ServiceSettings
 from pipeline.state.schema import BuildRow, Deployment, Release, ReleaseSettings, Run, Step
+from pipeline.timeutil import epoch, iso, utc
 
 Clock = Callable[[], float]
 # Releases of a service read to decide whether its last revision waits: enough to count the
 # infrastructure failures in a row past the longest backoff.
 _RELEASES_CONSIDERED = 20
-
-
-def _utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, UTC)
-
-
-def iso(value: datetime | None) -> str | None:
-    """ISO 8601 in UTC with its offset; SQLite hands datetimes back without their zone."""
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
-
-
-def _epoch(value: datetime | None) -> float | None:
-    if value is None:
-        return None
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
 
 
 def _fact(rel: Release) -> ReleaseFact:
@@ -58,7 +42,7 @@ def _fact(rel: Release) -> ReleaseFact:
         kind=rel.kind,
         status=rel.status,
         failure_kind=rel.failure_kind,
-        finished_at=_epoch(rel.finished_at or rel.started_at),
+        finished_at=epoch(rel.finished_at or rel.started_at),
     )
 
 
@@ -89,11 +73,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class State(Leases, Rollbacks):
+class State:
     """Facade over the state database; time is injected through `clock` (epoch seconds).
 
-    Leases (`acquire`, `lease`, ...) come from `pipeline.state.leases.Leases`; release
-    settings, release rows and pins (`pin_service`, ...) from `pipeline.state.rollbacks`.
+    Its leases (`acquire`, `lease`, ...) are `state.leases`, a `pipeline.state.leases.Leases`.
     """
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
@@ -104,6 +87,8 @@ class State(Leases, Rollbacks):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.leases = Leases(self.engine, self.session, clock)
+        self.rollbacks = Rollbacks(self.session, self.now)
 
     @classmethod
     def in_dir(cls, data_dir: Path, *, clock: Clock = time.time) -> State:
@@ -111,7 +96,7 @@ class State(Leases, Rollbacks):
         return cls(f"sqlite:///{data_dir / 'state.db'}", clock=clock)
 
     def now(self) -> datetime:
-        return _utc(self.clock())
+        return utc(self.clock())
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -468,10 +453,6 @@ class State(Leases, Rollbacks):
                 s.add(row)
             row.revision, row.digest, row.ref, row.spec_hash = revision, digest, ref, spec_hash
             row.container_id, row.release_id, row.updated_at = container_id, release_id, self.now()
-
-    def deployment(self, service: str, host: str) -> Deployment | None:
-        with self.session() as s:
-            return s.get(Deployment, (service, host))
 
     def deployments(self) -> list[Deployment]:
         with self.session() as s:

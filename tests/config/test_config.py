@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config.load import load, parse
-from pipeline.config.model import parse_duration
+from pipeline.config.model import PortMapping, parse_duration, parse_port
 from pipeline.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,6 +98,29 @@ def test_invalid_toml_names_the_line() -> None:
 def test_durations(text: str, seconds: float) -> None:
     """Durations in the documented units parse to seconds."""
     assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8080", PortMapping(8080, "tcp", None, None)),
+        ("18080:8080", PortMapping(8080, "tcp", 18080, None)),
+        ("127.0.0.1:80:8080/udp", PortMapping(8080, "udp", 80, "127.0.0.1")),
+        ("1.2.3.4::80", PortMapping(80, "tcp", None, "1.2.3.4")),
+    ],
+)
+def test_port_mappings_parse(text: str, expected: PortMapping) -> None:
+    """Every form of `ports` entry parses to its container port, protocol, host port and IP."""
+    assert parse_port(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["80:80:80:80", "8080/sctp", "0", "8080:65536", "::1:80:80", "web:8080", "80:", ""]
+)
+def test_bad_port_mappings_are_refused(text: str) -> None:
+    """Too many parts, another protocol, ports out of 1-65535 or a non-IPv4 address: refused."""
+    with pytest.raises(ValueError, match="invalid port mapping"):
+        parse_port(text)
 
 
 def test_validate_cli_exit_codes(tmp_path: Path) -> None:

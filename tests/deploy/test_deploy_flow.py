@@ -13,7 +13,13 @@ import docker
 import pytest
 from deploy_helpers import Project
 
+from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
+from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import LabState
+from pipeline.lab.workrepo import git
+from pipeline.plan.planner import service_spec_hash
+from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -177,7 +183,7 @@ def test_release_tags_are_followed(tmp_path: Path, git_remote: Any, lab: LabStat
         result = proj.run()
         assert result.ok and result.plan.empty  # no release tag yet
         sha = proj.remote.tag("v1.2.0")
-        proj.remote.push_tag("v1.2.0")
+        git("push", "origin", "refs/tags/v1.2.0:refs/tags/v1.2.0", cwd=proj.remote.work)
         result = proj.run()
         assert result.ok, result.errors
         assert {b.revision for b in result.plan.builds} == {sha}
@@ -272,3 +278,40 @@ def test_start_first_and_runtime_options(project: Project) -> None:
                     client.volumes.get(vol).remove(force=True)
             finally:
                 client.close()
+
+
+def test_env_file_is_read_once_per_pass(project: Project) -> None:
+    """The env_file deployed is the one planned: rewritten as the rollout starts, the containers
+    still get the content read at the start of the pass, the content the release's hash covers."""
+    planned = 'GREETING=planned\nQUOTED="kept whole"\n'
+    env_file = project.root / "web.env"
+    env_file.write_text(planned)
+    project.write_config(web='env_file = "web.env"')
+    project.initial_commit()
+    loaded = load(project.config)
+    state = State.in_dir(loaded.data_dir)
+
+    def rewrite_when_rolling_out(line: str) -> None:
+        if line.startswith(f"{project.web}: rolling out"):
+            env_file.write_text("GREETING=changed later\n")
+
+    connections = Connections(loaded)
+    runner = Runner(loaded, state, connections, sleep=lambda _s: None,
+                    report=rewrite_when_rolling_out)
+    try:
+        result = runner.run_pass()
+    finally:
+        connections.close()
+    assert result.ok, result.errors
+    assert env_file.read_text() == "GREETING=changed later\n"  # rewritten before any start
+    (release,) = state.releases(project.web)
+    assert release.spec_hash == service_spec_hash(loaded.model.services[project.web], planned)
+    for host in project.lab.hosts[:2]:
+        client = docker.DockerClient(base_url=host.docker_url)
+        try:
+            (container,) = client.containers.list(
+                filters={"label": f"dev.pipeline.service={project.web}"})
+            env = container.attrs["Config"]["Env"]
+        finally:
+            client.close()
+        assert "GREETING=planned" in env and "QUOTED=kept whole" in env

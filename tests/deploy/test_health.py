@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import docker
 import docker.errors
@@ -17,17 +18,19 @@ from docker_helpers import (
     write_busybox_context,
 )
 
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import HostSection, ServiceSection
 from pipeline.deploy.health import (
     Probe,
-    container_alive,
     docker_probe,
     http_probe,
     probe_for,
     tcp_probe,
     wait_healthy,
 )
+from pipeline.deploy.rollout import Rollout, Target
+from pipeline.hosts.connection import Connection
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
+from pipeline.state.store import State
 
 Start = Callable[..., ContainerInfo]
 
@@ -142,14 +145,15 @@ def test_probe_for_aims_at_the_published_port(
     section = ServiceSection.model_validate({"image": "web", "hosts": ["h"], **service})
     published = free_port()  # nothing listens there: the probe fails at once, naming its target
     ports = {"9000/tcp": 1, f"{container_port}/tcp": published}
-    probe = probe_for(section, Engine("unused", "tcp://127.0.0.1:1"), _info(ports), "127.0.0.1")
+    unused = Engine(Connection("unused", "tcp://127.0.0.1:1"))
+    probe = probe_for(section, unused, _info(ports), "127.0.0.1")
     ok, detail = probe()
     assert not ok and detail.startswith(target.format(published) + ": connection refused")
 
 
 def test_probe_for_host_network_and_full_url() -> None:
     """With network "host" the container port itself is probed; a full URL is used as given."""
-    engine = Engine("unused", "tcp://127.0.0.1:1")
+    engine = Engine(Connection("unused", "tcp://127.0.0.1:1"))
     port = free_port()
     host_net = ServiceSection.model_validate(
         {"image": "web", "hosts": ["h"], "network": "host", "health": {"http": "/h", "port": port}}
@@ -211,13 +215,13 @@ def run(engine: Engine) -> Iterator[Start]:
             "network": "bridge", "restart": "no",
         }
         fields.update(changes)
-        info = engine.run(ContainerSpec(**fields))  # type: ignore[arg-type]
+        info = engine.containers.run(ContainerSpec(**fields))  # type: ignore[arg-type]
         started.append(info.id)
         return info
 
     yield start
     for container_id in started:
-        engine.remove(container_id)
+        engine.containers.remove(container_id)
 
 
 
@@ -232,8 +236,7 @@ def test_http_probe_is_healthy_when_health_endpoint_serves(
          "health": {"http": "/health"}},
     )
     probe = probe_for(section, engine, info, "127.0.0.1")
-    result = wait_healthy(probe, interval=0.1, timeout=10, threshold=2,
-                          alive=container_alive(engine, info.id))
+    result = wait_healthy(probe, interval=0.1, timeout=10, threshold=2)
     assert result.healthy, result.detail
     assert result.detail == f"GET http://127.0.0.1:{info.ports['8080/tcp']}/health -> 200"
 
@@ -251,19 +254,30 @@ def test_http_probe_of_a_missing_path_is_unhealthy_with_the_status(
 
 
 @pytest.mark.docker
-def test_an_exiting_container_fails_at_once_via_alive(
-    engine: Engine, images: dict[str, str], run: Start
+def test_a_rollout_whose_container_exits_fails_at_once(
+    engine: Engine, images: dict[str, str], tmp_path: Path
 ) -> None:
-    """A container whose command exits fails the wait at once, long before the timeout."""
-    info = run(images["plain"], command=["/bin/busybox", "false"], ports=[])
-    started = time.monotonic()
-    result = wait_healthy(
-        tcp_probe("127.0.0.1", free_port()), interval=0.1, timeout=30, threshold=1,
-        alive=container_alive(engine, info.id),
+    """A new container whose command exits fails its rollout at once, long before the health
+    timeout, and the failure says how it exited."""
+    service = unique_name()
+    spec = ServiceSection.model_validate(
+        {"image": "web", "hosts": ["local"], "command": ["/bin/busybox", "false"],
+         "restart": "no", "labels": {TEST_LABEL: SESSION},
+         "health": {"cmd": ["/bin/busybox", "true"], "timeout": "30s"}},
     )
-    assert not result.healthy
-    assert result.detail == "container exited with code 1"
-    assert time.monotonic() - started < 5
+    rollout = Rollout(
+        state=State(f"sqlite:///{tmp_path / 'state.db'}"), service=service, spec=spec,
+        hosts={"local": HostSection(docker="unix:///var/run/docker.sock")},
+        engines={"local": engine},
+    )
+    target = Target(revision="a" * 40, digest="sha256:" + "0" * 64,
+                    refs={"local": images["plain"]}, spec_hash="test", pull=False)
+    started = time.monotonic()
+    result = rollout.run(target, run_id=None)
+    assert not result.ok
+    assert "container exited with code 1" in (result.error or "")
+    assert time.monotonic() - started < 10
+    assert engine.containers.managed_containers(service) == []  # the failed container was removed
 
 
 @pytest.mark.docker
@@ -272,8 +286,7 @@ def test_docker_probe_follows_the_image_healthcheck(
 ) -> None:
     """docker_probe becomes healthy once the image's own HEALTHCHECK passes."""
     info = run(images["checked"])
-    result = wait_healthy(docker_probe(engine, info.id), interval=0.2, timeout=20, threshold=1,
-                          alive=container_alive(engine, info.id))
+    result = wait_healthy(docker_probe(engine, info.id), interval=0.2, timeout=20, threshold=1)
     assert result.healthy, result.detail
     assert result.detail == "docker health status: healthy"
 

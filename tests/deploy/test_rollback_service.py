@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config.load import load
 from pipeline.config.model import ServiceSection
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import restored_spec, rollback_service
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.deploy.runner import Runner
@@ -85,7 +86,8 @@ def runner(tmp_path: Path) -> tuple[Runner, Recorder, list[str]]:
     _deploy(tmp_path, state, 2, "two", settings=False)
     _deploy(tmp_path, state, 3, "three")
     lines: list[str] = []
-    run = Runner(load(tmp_path / "pipeline.toml"), state, report=lines.append)
+    loaded = load(tmp_path / "pipeline.toml")
+    run = Runner(loaded, state, Connections(loaded), report=lines.append)
     recorder = Recorder()
     run.roll = recorder  # type: ignore[method-assign]
     return run, recorder, lines
@@ -101,11 +103,13 @@ def test_rollback_rolls_out_the_stored_settings_and_pins(
     (call,) = recorder.calls
     target, spec = call["target"], call["spec"]
     assert (target.revision, target.digest, target.restores) == ("1" * 40, "sha256:" + "1" * 64, 1)
-    assert target.settings == run.state.release_settings(1)
-    assert spec.env == {"FROM_FILE": "one", "GREETING": "one"} and spec.env_file is None
+    assert target.settings == run.state.rollbacks.release_settings(1)
+    # The env file travels as the text r1 read, not as the file on disk today.
+    assert spec.env == {"GREETING": "one"} and spec.env_file == "web.env"
+    assert target.env_file == "FROM_FILE=one\nGREETING=from-file\n"
     assert (spec.ports, spec.labels, spec.hosts) == (["18001:8080"], {"tier": "one"}, ["h1", "h2"])
     assert call["kind"] == "rollback" and call["reason"] == f"rollback to r1 ({'1' * 12})"
-    pin = run.state.pins()["web"]
+    pin = run.state.rollbacks.pins()["web"]
     assert (pin.revision, pin.release_id, pin.reason) == ("1" * 40, 99, "rollback to r1")
     assert pin.head == "3" * 40  # no mirror yet: the revision it rolled away from
 
@@ -130,7 +134,7 @@ def test_failed_rollback_pins_nothing(runner: tuple[Runner, Recorder, list[str]]
     run, recorder, _lines = runner
     recorder.ok = False
     rollback_service(run, "web", "r1")
-    assert run.state.pins() == {}
+    assert run.state.rollbacks.pins() == {}
 
 
 def test_restored_spec_keeps_the_stored_strategy_when_todays_does_not_fit() -> None:

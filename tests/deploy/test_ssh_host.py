@@ -15,6 +15,7 @@ import pytest
 from deploy_helpers import one_service_config
 
 from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import status_rows
 from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import LabState
@@ -88,15 +89,15 @@ def test_deploy_to_an_ssh_host(ssh_host: str, lab: LabState, tmp_path: Path,
         one_service_config(lab.registry, host_table, git_remote.url, "sshweb", 18555)
     )
     loaded = load(config)
-    runner = Runner(loaded, State.in_dir(loaded.data_dir))
+    runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
     try:
         result = runner.run_pass()
         assert result.ok, result.errors
         assert httpx.get(f"http://{ssh_host}:18555/", timeout=5).text == "served over ssh"
-        (row,) = status_rows(runner)
+        (row,) = status_rows(runner.state, runner.connections)
         assert row["state"] == "running" and row["host"] == "remote"
     finally:
-        engine = runner.engine("remote")
-        for c in engine.managed_containers("sshweb"):
-            engine.remove(c.id)
-        runner.close()
+        engine = runner.connections.engine("remote")
+        for c in engine.containers.managed_containers("sshweb"):
+            engine.containers.remove(c.id)
+        runner.connections.close()

@@ -17,9 +17,11 @@ import pytest
 from deploy_helpers import one_service_config
 
 from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import status_rows
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError
+from pipeline.hosts.connection import Connection
 from pipeline.hosts.engine import Engine
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
@@ -108,20 +110,20 @@ def test_deploy_through_mutual_tls(lab: LabState, tmp_path: Path, git_remote: An
             one_service_config(lab.registry, host_table, git_remote.url, "tlsweb", 18556)
         )
         loaded = load(config)
-        runner = Runner(loaded, State.in_dir(loaded.data_dir))
+        runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
         try:
             result = runner.run_pass()
             assert result.ok, result.errors
             assert httpx.get(f"http://{host.address}:18556/", timeout=5).text == "served over tls"
-            (row,) = status_rows(runner)
+            (row,) = status_rows(runner.state, runner.connections)
             assert row["state"] == "running"
-            anonymous = Engine("anonymous", f"tcp://127.0.0.1:{port}",
-                               tls_ca=str(certs / "ca.crt"))
+            anonymous = Engine(Connection("anonymous", f"tcp://127.0.0.1:{port}",
+                                          tls_ca=str(certs / "ca.crt")))
             with pytest.raises(PipelineError):
                 anonymous.ping()
             anonymous.close()
         finally:
-            engine = runner.engine("secure")
-            for c in engine.managed_containers("tlsweb"):
-                engine.remove(c.id)
-            runner.close()
+            engine = runner.connections.engine("secure")
+            for c in engine.containers.managed_containers("tlsweb"):
+                engine.containers.remove(c.id)
+            runner.connections.close()

@@ -18,8 +18,10 @@ import pytest
 from deploy_helpers import Project
 
 from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import LabState
+from pipeline.retry import RetryPolicy
 from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -149,13 +151,17 @@ def test_registry_down_past_the_retries_is_retried_after_backoff(project: Projec
 
     # Past the backoff (the state's clock moved 31 s on), the next pass deploys it.
     loaded = load(project.config)
+    connections = Connections(loaded, retry=RetryPolicy(sleep=lambda _s: None))
     later = Runner(
-        loaded, State.in_dir(loaded.data_dir, clock=lambda: time.time() + 31), sleep=lambda _s: None
+        loaded,
+        State.in_dir(loaded.data_dir, clock=lambda: time.time() + 31),
+        connections,
+        sleep=lambda _s: None,
     )
     try:
         retried = later.run_pass()
     finally:
-        later.close()
+        connections.close()
     assert retried.ok, retried.errors
     assert [r.service for r in retried.rollouts] == [project.web]
     for i in range(2):

@@ -22,7 +22,8 @@ from docker_helpers import (
 )
 
 from pipeline.errors import StallingError
-from pipeline.hosts.containers import parse_port, port_bindings, restart_policy
+from pipeline.hosts.connection import Connection
+from pipeline.hosts.containers import port_bindings, restart_policy
 from pipeline.hosts.engine import (
     LABEL_PREFIX,
     ContainerSpec,
@@ -92,7 +93,9 @@ def _spec(image: str, **changes: object) -> ContainerSpec:
 
 
 @pytest.mark.docker
-def test_build_streams_output_and_labels_image(engine: Engine, tmp_path: Path) -> None:
+def test_build_streams_output_and_labels_image(
+    engine: Engine, sdk: docker.DockerClient, tmp_path: Path
+) -> None:
     """A busybox FROM-scratch build returns an image id, streams its output and sets labels."""
     context = write_busybox_context(
         tmp_path / "ctx", SESSION, files={"index.html": str(uuid.uuid4())}
@@ -106,7 +109,7 @@ def test_build_streams_output_and_labels_image(engine: Engine, tmp_path: Path) -
     try:
         assert image_id.startswith("sha256:")
         assert any("COPY busybox" in line for line in lines)
-        assert engine.image_labels(tag)[f"{LABEL_PREFIX}revision"] == "abc123"
+        assert sdk.images.get(tag).labels[f"{LABEL_PREFIX}revision"] == "abc123"
         assert engine.has_image(f"pl-test-{SESSION}:second")
     finally:
         engine.remove_image(f"pl-test-{SESSION}:second")
@@ -131,7 +134,7 @@ def test_build_failure_raises_stalling_error_with_output_tail(
 
 @pytest.mark.docker
 def test_push_digest_matches_registry_and_pull_by_digest(
-    engine: Engine, image: str, registry: Registry
+    engine: Engine, sdk: docker.DockerClient, image: str, registry: Registry
 ) -> None:
     """A push returns the registry's manifest digest, and pulling repo@digest yields the image."""
     repository = f"{registry.address}/pl-test/web"
@@ -147,7 +150,7 @@ def test_push_digest_matches_registry_and_pull_by_digest(
     assert pushed
     engine.remove_image(f"{repository}:v1")
     assert engine.pull(f"{repository}@{digest}", auth=None) == image
-    assert f"{repository}@{digest}" in engine.image_repo_digests(image)
+    assert f"{repository}@{digest}" in sdk.images.get(image).attrs["RepoDigests"]
 
 
 @pytest.mark.docker
@@ -199,10 +202,10 @@ def test_run_applies_settings_and_serves_http(
         volumes=[f"{volume}:/data", f"{tmp_path / 'shared'}:/shared:ro"],
         labels={TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "web"},
     )
-    engine.ensure_network(network)
-    engine.ensure_network(network)  # idempotent
+    engine.containers.ensure_network(network)
+    engine.containers.ensure_network(network)  # idempotent
     try:
-        info = engine.run(spec)
+        info = engine.containers.run(spec)
         assert info.status == "running" and info.managed
         assert info.ports["8080/tcp"] == port and info.ports["9090/tcp"] > 0
         attrs = sdk.api.inspect_container(info.id)
@@ -217,7 +220,8 @@ def test_run_applies_settings_and_serves_http(
         mounts = {m["Destination"]: m for m in attrs["Mounts"]}
         assert mounts["/data"]["Name"] == volume and mounts["/shared"]["RW"] is False
         assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).text == "ok\n"
-        assert engine.exec(info.id, ["/bin/busybox", "sh", "-c", "echo $GREETING"]) == (0, "hi\n")
+        greeting = ["/bin/busybox", "sh", "-c", "echo $GREETING"]
+        assert engine.containers.exec(info.id, greeting) == (0, "hi\n")
     finally:
         for container in sdk.containers.list(all=True, filters={"name": spec.name}):
             container.remove(force=True, v=True)
@@ -229,10 +233,10 @@ def test_run_applies_settings_and_serves_http(
 def test_run_replaces_a_managed_container_of_the_same_name(engine: Engine, image: str) -> None:
     """run() removes a managed container that holds the name before starting the new one."""
     spec = _spec(image)
-    first = engine.run(spec)
-    second = engine.run(spec)
+    first = engine.containers.run(spec)
+    second = engine.containers.run(spec)
     assert second.id != first.id
-    assert engine.inspect(first.id) is None
+    assert engine.containers.inspect(first.id) is None
 
 
 @pytest.mark.docker
@@ -243,7 +247,7 @@ def test_run_refuses_to_replace_an_unmanaged_container(
     name = unique_name()
     foreign = sdk.containers.create(image, name=name, labels={TEST_LABEL: SESSION})
     with pytest.raises(StallingError, match="not created by pipeline"):
-        engine.run(_spec(image, name=name))
+        engine.containers.run(_spec(image, name=name))
     assert sdk.containers.get(name).id == foreign.id
 
 
@@ -253,42 +257,46 @@ def test_remove_stop_and_rename_refuse_an_unmanaged_container(
 ) -> None:
     """remove(), stop() and rename() raise StallingError for a container pipeline did not create."""
     foreign = sdk.containers.create(image, name=unique_name(), labels={TEST_LABEL: SESSION})
-    for action in (engine.remove, engine.stop, lambda cid: engine.rename(cid, unique_name())):
+    containers = engine.containers
+    for action in (
+        containers.remove, containers.stop, lambda cid: containers.rename(cid, unique_name())
+    ):
         with pytest.raises(StallingError, match="not created by pipeline"):
             action(foreign.id)
-    assert engine.inspect(foreign.id) is not None
+    assert engine.containers.inspect(foreign.id) is not None
 
 
 @pytest.mark.docker
 def test_managed_containers_filters_by_service(engine: Engine, image: str) -> None:
     """managed_containers() lists only pipeline's containers, of one service when asked."""
-    web = engine.run(_spec(image))
+    web = engine.containers.run(_spec(image))
     api_labels = {TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "api"}
-    api = engine.run(_spec(image, labels=api_labels))
-    engine.stop(api.id, timeout=0)
-    assert {c.id for c in engine.managed_containers("web")} >= {web.id}
-    assert api.id not in {c.id for c in engine.managed_containers("web")}
-    assert api.id in {c.id for c in engine.managed_containers("api")}
-    assert api.id not in {c.id for c in engine.managed_containers("api", all=False)}
-    stopped = engine.inspect(api.id)
+    api = engine.containers.run(_spec(image, labels=api_labels))
+    engine.containers.stop(api.id, timeout=0)
+    assert {c.id for c in engine.containers.managed_containers("web")} >= {web.id}
+    assert api.id not in {c.id for c in engine.containers.managed_containers("web")}
+    assert api.id in {c.id for c in engine.containers.managed_containers("api")}
+    assert api.id not in {c.id for c in engine.containers.managed_containers("api", all=False)}
+    stopped = engine.containers.inspect(api.id)
     assert stopped is not None and stopped.status == "exited" and stopped.exit_code is not None
 
 
 @pytest.mark.docker
 def test_logs_tail_and_rename(engine: Engine, image: str) -> None:
     """logs_tail() returns the container's output and rename() changes its name."""
-    info = engine.run(_spec(image, command=["/bin/busybox", "echo", "hello-from-container"]))
+    echo = ["/bin/busybox", "echo", "hello-from-container"]
+    info = engine.containers.run(_spec(image, command=echo))
     new_name = unique_name()
-    engine.rename(info.id, new_name)
-    renamed = engine.inspect(new_name)
+    engine.containers.rename(info.id, new_name)
+    renamed = engine.containers.inspect(new_name)
     assert renamed is not None and renamed.id == info.id
-    assert "hello-from-container" in engine.logs_tail(info.id, lines=5)
+    assert "hello-from-container" in engine.containers.logs_tail(info.id, lines=5)
 
 
 def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:
     """An engine that does not answer raises a transient EngineError naming host and URL."""
     url = f"tcp://127.0.0.1:{free_port()}"
-    eng = Engine("lab-9", url, timeout=2)
+    eng = Engine(Connection("lab-9", url, timeout=2))
     with pytest.raises(EngineError, match=rf"host lab-9 \({url}\): connect: .*refused"):
         eng.ping()
 
@@ -297,7 +305,7 @@ def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:
 def test_run_of_a_missing_image_raises_image_not_found(engine: Engine) -> None:
     """Creating a container from an image the engine lacks raises ImageNotFound."""
     with pytest.raises(ImageNotFound):
-        engine.run(_spec(f"pl-test-missing-{SESSION}:nope"))
+        engine.containers.run(_spec(f"pl-test-missing-{SESSION}:nope"))
 
 
 @pytest.mark.parametrize(
@@ -317,7 +325,7 @@ def test_port_bindings_from_config_syntax(text: str, expected: dict[str, list[ob
 def test_bad_port_and_restart_policy_are_stalling_errors() -> None:
     """Malformed ports or restart policies are refused as StallingError, not passed to Docker."""
     with pytest.raises(StallingError):
-        parse_port("80:80:80:80")
+        port_bindings(["80:80:80:80"])
     with pytest.raises(StallingError):
         restart_policy("always:3")
     assert restart_policy("no") == {"Name": "no"}

@@ -13,6 +13,7 @@ import requests
 import requests.exceptions
 
 from pipeline.errors import PipelineError, StallingError
+from pipeline.hosts.connection import Connection
 from pipeline.hosts.engine import Engine, EngineError, ImageNotFound, RegistryAuthError
 from pipeline.retry import RetryPolicy
 
@@ -81,7 +82,8 @@ def engine_failing(*failures: BaseException | dict[str, Any]) -> tuple[Engine, F
     sleeps = Sleeps()
     api = FakeApi(list(failures))
     engine = Engine(
-        "lab-2", "tcp://10.88.0.3:2375", retry=RetryPolicy(sleep=sleeps), client=FakeClient(api)
+        Connection("lab-2", "tcp://10.88.0.3:2375", client=FakeClient(api)),
+        retry=RetryPolicy(sleep=sleeps),
     )
     return engine, api, sleeps
 

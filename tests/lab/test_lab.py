@@ -18,6 +18,7 @@ import httpx
 import pytest
 from conftest import SECOND_TEST_LAB_SUBNET
 from docker.errors import APIError, NotFound
+from pyroute2 import IPRoute
 
 from pipeline.lab import net as lab_net
 from pipeline.lab.manage import (
@@ -185,7 +186,9 @@ def _leftovers(lab_dir: Path, name: str, certs_d: Path) -> list[str]:
     found = []
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     found += [f"netns {line}" for line in netns.splitlines() if line.startswith(name)]
-    found += [f"link {ifname}" for ifname in lab_net.list_links() if ifname.startswith(name)]
+    with IPRoute() as ipr:
+        ifnames = [str(link.get("ifname")) for link in ipr.get_links()]
+    found += [f"link {ifname}" for ifname in ifnames if ifname.startswith(name)]
     marker = f"{lab_dir}/"
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():

@@ -237,16 +237,22 @@ def test_failing_repo_backs_off_while_others_carry_on(
     write_config(
         config, {"good": {"url": good.url, "poll": "1s"}, "bad": {"url": bad.url, "poll": "1s"}}
     )
-    service = services(config, watch_repos=False)
-    wait_for(lambda: finished_event(service, repo="bad"), what="bad repo mirrored")
-    subprocess.run(["rm", "-rf", str(bad.bare)], check=True)
-    scheduler = service._scheduler
-    wait_for(lambda: (scheduler.poll_interval("bad") or 0) >= 2, what="backoff of the bad repo")
-    assert scheduler.poll_interval("good") == 1
-    good.write("README", "good v2\n")
-    sha = good.commit("second")
-    good.push()
-    wait_for(lambda: finished_event(service, sha=sha), what="good repo still polled")
+
+    def failures(repo: str) -> list[dict[str, Any]]:
+        return [e for e in list(logged) if e["event"] == "poll.failed" and e["repo"] == repo]
+
+    with structlog.testing.capture_logs() as logged:
+        service = services(config, watch_repos=False)
+        wait_for(lambda: finished_event(service, repo="bad"), what="bad repo mirrored")
+        subprocess.run(["rm", "-rf", str(bad.bare)], check=True)
+        wait_for(
+            lambda: any(e["retry_in"] >= 2 for e in failures("bad")), what="backoff of the bad repo"
+        )
+        good.write("README", "good v2\n")
+        sha = good.commit("second")
+        good.push()
+        wait_for(lambda: finished_event(service, sha=sha), what="good repo still polled")
+    assert failures("good") == []
 
 
 def test_stop_returns_promptly_and_requeues_nothing_lost(

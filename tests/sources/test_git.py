@@ -18,11 +18,10 @@ from pipeline.errors import StallingError, TransientError
 from pipeline.sources.git import (
     GitError,
     Mirror,
-    _newest_tag,
-    redact_url,
     validate_ref_name,
     validate_sha,
 )
+from pipeline.sources.refs import newest_tag
 
 
 def git(cwd: Path, *args: str, stdin: str | None = None) -> str:
@@ -188,26 +187,6 @@ def test_deleted_branch_is_forgotten_by_fetch(remote: Remote, mirror: Mirror) ->
     assert mirror.fetch(branch="topic") is not None
     git(remote.work, "push", "-q", "origin", ":refs/heads/topic")
     assert mirror.fetch(branch="topic") is None
-
-
-@pytest.mark.parametrize(
-    ("url", "expected"),
-    [
-        ("https://user:token@host/x.git", "https://***@host/x.git"),
-        ("https://ghp_abc123@github.com/o/r.git", "https://***@github.com/o/r.git"),
-        ("ssh://user:pw@host:22/r.git", "ssh://***@host:22/r.git"),
-        ("https://u:p@ss@host/x", "https://***@host/x"),
-        ("git@github.com:o/r.git", "git@github.com:o/r.git"),
-        ("https://host/path@x.git", "https://host/path@x.git"),
-        (
-            "fatal: 'https://a:b@h/x' and http://c:d@h/y",
-            "fatal: 'https://***@h/x' and http://***@h/y",
-        ),
-    ],
-)
-def test_redact_url(url: str, expected: str) -> None:
-    """redact_url hides user-info of scheme URLs and leaves scp-like and plain URLs intact."""
-    assert redact_url(url) == expected
 
 
 @pytest.mark.parametrize(
@@ -426,4 +405,4 @@ def test_invalid_tag_glob_refused(mirror: Mirror) -> None:
 )
 def test_newest_tag_orders_by_version(names: list[str], pattern: str, expected: str | None) -> None:
     """Tags compare numerically part by part, a release beats its pre-releases, globs filter."""
-    assert _newest_tag(names, pattern) == expected
+    assert newest_tag(names, pattern) == expected

@@ -19,7 +19,6 @@ from pipeline.sources.webhooks.verify import (
     PushEvent,
     SignatureError,
     WebhookError,
-    detect_provider,
     parse,
     verify,
     verify_and_parse,
@@ -587,26 +586,26 @@ def test_empty_secret_is_a_configuration_error() -> None:
 )
 def test_detect_provider_on_real_header_sets(name: str, provider: str) -> None:
     """Each provider's full header set is recognised, Forgejo and Gitea despite X-GitHub-Event."""
-    assert detect_provider(headers_for(name)) == provider
+    assert {e.provider for e in parse(headers_for(name), body_of(name))} == {provider}
 
 
 def test_detect_bitbucket_by_event_key_or_payload_shape() -> None:
     """Without the id headers, Bitbucket's flavour comes from the event key, else the body shape."""
-    assert detect_provider({"X-Event-Key": "repo:refs_changed"}) == "bitbucket-server"
-    assert detect_provider({"X-Event-Key": "repo:push"}) == "bitbucket-cloud"
     cloud = body_of("bitbucket-cloud/push.json")
     server = body_of("bitbucket-server/push.json")
-    assert detect_provider({"X-Event-Key": "x:y"}, cloud) == "bitbucket-cloud"
-    assert detect_provider({"X-Event-Key": "x:y"}, server) == "bitbucket-server"
+    assert parse({"X-Event-Key": "repo:refs_changed"}, server)[0].provider == "bitbucket-server"
+    assert parse({"X-Event-Key": "repo:push"}, cloud)[0].provider == "bitbucket-cloud"
+    assert parse({"X-Event-Key": "x:y"}, cloud)[0].provider == "bitbucket-cloud"
+    assert parse({"X-Event-Key": "x:y"}, server)[0].provider == "bitbucket-server"
     with pytest.raises(PayloadError, match="X-Event-Key"):
-        detect_provider({"X-Event-Key": "x:y"})
+        parse({"X-Event-Key": "x:y"}, b"{}")
 
 
-def test_detect_generic_and_unknown() -> None:
-    """X-Pipeline-Signature marks the generic form; a request of no known shape is a 400."""
-    assert detect_provider({"x-pipeline-signature": "sha256=00"}) == "generic"
-    with pytest.raises(PayloadError) as err:
-        detect_provider({"Content-Type": "application/json"})
+def test_unknown_provider_is_a_400() -> None:
+    """A request of no known provider's shape is refused as a 400 naming the headers wanted
+    (the generic X-Pipeline-Signature form is read in test_generic_form_signed_push)."""
+    with pytest.raises(PayloadError, match="unknown webhook provider") as err:
+        parse({"Content-Type": "application/json"}, b"{}")
     assert err.value.status == 400
 
 

@@ -84,8 +84,8 @@ def test_settings_are_kept_with_their_release_and_read_back(project: Path) -> No
     state = State.in_dir(project.parent / "data")
     settings = _settings(project)
     with_settings, without = _release(state, settings), _release(state, None)
-    assert state.release_settings(with_settings) == settings
-    assert state.release_settings(without) is None
+    assert state.rollbacks.release_settings(with_settings) == settings
+    assert state.rollbacks.release_settings(without) is None
     assert SECRET not in repr(settings) and FILE_SECRET not in repr(settings)
 
 
@@ -96,7 +96,7 @@ def test_settings_that_no_longer_validate_are_none_and_logged_without_values(
     key, not the value."""
     state = State.in_dir(project.parent / "data")
     release_id = _release(state, _settings(project))
-    stored = json.loads(state.release_settings(release_id).to_json())  # type: ignore[union-attr]
+    stored = json.loads(state.rollbacks.release_settings(release_id).to_json())  # type: ignore[union-attr]
     stored["service"]["env"]["API_KEY"] = 12345678
     stored["service"]["env"]["SECRET_TWO"] = SECRET  # still a string: fine
     stored["service"]["memory"] = SECRET  # not a memory size: its value must not be logged
@@ -107,7 +107,7 @@ def test_settings_that_no_longer_validate_are_none_and_logged_without_values(
             .values(settings=json.dumps(stored))
         )
     with structlog.testing.capture_logs() as logs:
-        assert state.release_settings(release_id) is None
+        assert state.rollbacks.release_settings(release_id) is None
     assert "memory" in str(logs) and SECRET not in str(logs)
 
 
@@ -117,7 +117,7 @@ def test_rollback_rows_name_the_release_they_restore(project: Path) -> None:
     first = _release(state, None)
     back = _release(state, None, restores=first)
     state.record_superseded("web", "c" * 40, "superseded by aaaa", None)
-    rows = state.past_releases("web")
+    rows = state.rollbacks.past_releases("web")
     assert [(r.id, r.kind, r.restores) for r in rows] == [
         (first, "deploy", None),
         (back, "rollback", first),
@@ -128,10 +128,10 @@ def test_pin_replace_and_unpin(project: Path) -> None:
     """A pin is recorded with its head, a second pin replaces it, unpinning removes it once."""
     state = State.in_dir(project.parent / "data")
     for release_id, revision, reason in ((4, "a" * 40, "rollback to r2"), (5, "b" * 40, "to r1")):
-        state.pin_service(
+        state.rollbacks.pin_service(
             "web", release_id=release_id, revision=revision, head="c" * 40, reason=reason
         )
-    (pin,) = state.pins().values()
+    (pin,) = state.rollbacks.pins().values()
     assert (pin.release_id, pin.revision, pin.head, pin.reason) == (
         5,
         "b" * 40,
@@ -139,9 +139,9 @@ def test_pin_replace_and_unpin(project: Path) -> None:
         "to r1",
     )
     assert pin.since.tzinfo is not None
-    assert state.unpin_service("web") is True
-    assert state.unpin_service("web") is False
-    assert state.pins() == {}
+    assert state.rollbacks.unpin_service("web") is True
+    assert state.rollbacks.unpin_service("web") is False
+    assert state.rollbacks.pins() == {}
 
 
 def test_previous_release_database_gains_rollback_columns(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ def test_previous_release_database_gains_rollback_columns(tmp_path: Path) -> Non
     with state.engine.connect() as conn:
         assert "restores" in {c["name"] for c in inspect(conn).get_columns("releases")}
         assert "head" in {c["name"] for c in inspect(conn).get_columns("pins")}
-    (old,) = state.past_releases("web")
+    (old,) = state.rollbacks.past_releases("web")
     assert old.restores is None
 
 
@@ -164,7 +164,9 @@ def test_env_values_of_release_settings_stay_out_of_history_status_and_api(
     them."""
     state = State.in_dir(project.parent / "data")
     _release(state, _settings(project))
-    state.pin_service("web", release_id=1, revision="a" * 40, head=None, reason="rollback to r1")
+    state.rollbacks.pin_service(
+        "web", release_id=1, revision="a" * 40, head=None, reason="rollback to r1"
+    )
     outputs = []
     for args in (["history", "--json"], ["status", "--json"]):
         res = subprocess.run(
@@ -180,16 +182,16 @@ def test_env_values_of_release_settings_stay_out_of_history_status_and_api(
     assert history[0]["status"] == "succeeded"
     assert json.loads(outputs[1])[0]["pinned"]["reason"] == "rollback to r1"
 
+    from pipeline.deploy.connections import Connections
     from pipeline.deploy.operations import status_rows
-    from pipeline.deploy.runner import Runner
 
     loaded = load(project)
-    runner = Runner(loaded, state)
+    connections = Connections(loaded)
     ctx = ServerContext(
         loaded=lambda: loaded,
         state=state,
         queue=EventQueue(state),
-        status=lambda: status_rows(runner),
+        status=lambda: status_rows(state, connections),
         wake=lambda: None,
         started_at=0.0,
     )

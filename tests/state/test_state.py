@@ -32,11 +32,11 @@ def state(tmp_path: Path, clock: Clock) -> State:
 
 def test_lease_excludes_a_second_owner_until_it_expires(state: State, clock: Clock) -> None:
     """Two owners never hold one service's lease at once; an expired lease goes to the next."""
-    assert state.acquire("service:web", "host:1", ttl=60)
-    assert not state.acquire("service:web", "host:2", ttl=60)
+    assert state.leases.acquire("service:web", "host:1", ttl=60)
+    assert not state.leases.acquire("service:web", "host:2", ttl=60)
     clock.now += 61
-    assert state.acquire("service:web", "host:2", ttl=60)
-    assert not state.acquire("service:web", "host:1", ttl=60)
+    assert state.leases.acquire("service:web", "host:2", ttl=60)
+    assert not state.leases.acquire("service:web", "host:1", ttl=60)
 
 
 def test_lease_of_a_dead_process_is_broken_at_once(state: State) -> None:
@@ -44,10 +44,10 @@ def test_lease_of_a_dead_process_is_broken_at_once(state: State) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     owner = default_owner().rsplit(":", 1)[0] + f":{dead.pid}"
-    assert state.acquire("service:web", owner, ttl=3600)
-    with state.lease("service:web", default_owner()):
-        assert state.lock_holder("service:web").owner == default_owner()  # type: ignore[union-attr]
-    assert state.lock_holder("service:web") is None
+    assert state.leases.acquire("service:web", owner, ttl=3600)
+    with state.leases.lease("service:web", default_owner()):
+        assert state.leases.lock_holder("service:web").owner == default_owner()  # type: ignore[union-attr]
+    assert state.leases.lock_holder("service:web") is None
 
 
 def test_lease_held_by_a_live_process_is_refused_with_its_holder(state: State) -> None:
@@ -55,8 +55,8 @@ def test_lease_held_by_a_live_process_is_refused_with_its_holder(state: State) -
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         owner = default_owner().rsplit(":", 1)[0] + f":{live.pid}"
-        assert state.acquire("service:web", owner, ttl=3600)
-        with pytest.raises(LockedError, match=f":{live.pid}"), state.lease(
+        assert state.leases.acquire("service:web", owner, ttl=3600)
+        with pytest.raises(LockedError, match=f":{live.pid}"), state.leases.lease(
             "service:web", default_owner()
         ):
             pass

@@ -11,11 +11,11 @@ published), "ping", and "ignored" (any other event, and every deletion: `deleted
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline.sources.refs import HEX_SHA
 from pipeline.sources.webhooks.signatures import (
     PayloadError,
     bitbucket_flavour_from_payload,
@@ -24,7 +24,6 @@ from pipeline.sources.webhooks.signatures import (
     provider_from_headers,
 )
 
-_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 _MAX_REF_LEN = 1024
 _MAX_DELIVERY_ID_LEN = 200
 # Characters git check-ref-format refuses anywhere in a ref name.
@@ -158,7 +157,7 @@ def _flag(obj: Mapping[str, Any], key: str, where: str) -> bool:
 
 def _sha(value: object, where: str) -> str | None:
     """Validate a commit SHA (40 or 64 hex); all zeros (a ref created or deleted) gives None."""
-    if not isinstance(value, str) or not _SHA.fullmatch(value.lower()):
+    if not isinstance(value, str) or not HEX_SHA.fullmatch(value.lower()):
         raise PayloadError(f"{where}: not a 40- or 64-hex commit SHA: {_show(value)}")
     sha = value.lower()
     return None if sha.strip("0") == "" else sha

@@ -150,23 +150,6 @@ def bitbucket_flavour_from_payload(data: Mapping[str, Any]) -> str:
     )
 
 
-def detect_provider(headers: Mapping[str, str], body: bytes | None = None) -> str:
-    """Name the sending provider (one of PROVIDERS) from case-insensitive headers.
-
-    Only an ambiguous Bitbucket request needs the body (its payload shape); without one that
-    case raises PayloadError, as does a request matching no provider.
-    """
-    provider = provider_from_headers(headers)
-    if provider != "bitbucket":
-        return provider
-    if body is None:
-        raise PayloadError(
-            "X-Event-Key: cannot tell Bitbucket Cloud from Bitbucket Server from headers alone",
-            header="X-Event-Key",
-        )
-    return bitbucket_flavour_from_payload(load_json_object(body))
-
-
 def verify(
     headers: Mapping[str, str],
     body: bytes,

@@ -15,7 +15,6 @@ from pipeline.sources.webhooks.signatures import (
     PayloadError,
     SignatureError,
     WebhookError,
-    detect_provider,
     sign,
     verify,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "PushEvent",
     "SignatureError",
     "WebhookError",
-    "detect_provider",
     "parse",
     "sign",
     "verify",
