@@ -41,7 +41,11 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class ContainerInfo:
-    """What an engine reports about one container; `ports` maps "8080/tcp" to its host port."""
+    """What an engine reports about one container; `ports` maps "8080/tcp" to its host port.
+
+    `exit_code` is the last exit code of a stopped or restarting container (None while it runs);
+    `restart_count` counts the restarts its restart policy made; `oom_killed` stays True once
+    the kernel killed it for lack of memory, even after a restart."""
 
     id: str
     name: str
@@ -52,6 +56,8 @@ class ContainerInfo:
     labels: Mapping[str, str]
     ports: Mapping[str, int]
     started_at: str | None
+    restart_count: int = 0
+    oom_killed: bool = False
 
     @property
     def managed(self) -> bool:
@@ -131,8 +137,9 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
     config = attrs.get("Config") or {}
     status = str(state.get("Status", "unknown"))
     health = (state.get("Health") or {}).get("Status")
-    # Docker reports ExitCode 0 for running containers; it only means something once stopped.
-    exit_code = state.get("ExitCode") if status in ("exited", "dead") else None
+    # Docker reports ExitCode 0 for running containers; it only means something once stopped
+    # (or while the restart policy waits to start it again: the code it last exited with).
+    exit_code = state.get("ExitCode") if status in ("exited", "dead", "restarting") else None
     started = state.get("StartedAt")
     ports: dict[str, int] = {}
     for key, bindings in ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).items():
@@ -150,6 +157,8 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         labels=dict(config.get("Labels") or {}),
         ports=ports,
         started_at=started if started and started != _NEVER_STARTED else None,
+        restart_count=int(attrs.get("RestartCount") or 0),
+        oom_killed=bool(state.get("OOMKilled")),
     )
 
 
@@ -282,7 +291,7 @@ class ContainerOps:
             self._client.api.rename(container_id, new_name)
 
     def logs_tail(self, container_id: str, lines: int = 20) -> str:
-        """The container's last `lines` lines of stdout and stderr."""
+        """The container's last `lines` lines of stdout and stderr (of every run, restarts too)."""
         with self._calling(f"logs of container {container_id}"):
             data = self._client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
         return bytes(data).decode("utf-8", errors="replace")
