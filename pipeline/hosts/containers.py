@@ -3,6 +3,7 @@ shapes (pure functions), and the container operations `Engine` inherits from `Co
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ _SPECIAL_NETWORKS = ("bridge", "host", "none")
 MANAGED_LABEL = LABEL_PREFIX + "managed"
 SERVICE_LABEL = LABEL_PREFIX + "service"
 _NEVER_STARTED = "0001-01-01T00:00:00Z"
+_EXIT_LOOKBACK = 3600.0  # seconds of the engine's event log searched for a container's exit
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,25 @@ class ContainerOps:
         with self._calling(f"logs of container {container_id}"):
             data = self._client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
         return bytes(data).decode("utf-8", errors="replace")
+
+    def last_exit_code(self, container_id: str) -> int | None:
+        """The code the container last exited with, from the engine's event log (inspect forgets
+        it once a restart policy has started the container again); None when none is known."""
+        now = time.time()
+        with self._calling(f"events of container {container_id}"):
+            events = list(
+                self._client.api.events(
+                    since=f"{now - _EXIT_LOOKBACK:.9f}",
+                    until=f"{now:.9f}",  # past events only: a later `until` would wait for it
+                    filters={"container": container_id, "event": "die"},
+                    decode=True,
+                )
+            )
+        for event in reversed(events):
+            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode")
+            if code is not None and str(code).lstrip("-").isdigit():
+                return int(code)
+        return None
 
     def exec(self, container_id: str, cmd: Sequence[str]) -> tuple[int, str]:
         """Run `cmd` inside the running container; return its exit code and combined output."""

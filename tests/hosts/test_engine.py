@@ -310,7 +310,7 @@ def test_crash_looping_container_reports_restarts_exit_code_and_logs(
     engine: Engine, image: str
 ) -> None:
     """A container that keeps exiting under a restart policy shows a growing restart count, its
-    exit code while restarting, and the output of every run in logs_tail."""
+    exit code while restarting (and in the event log), and every run's output in logs_tail."""
     info = engine.run(_spec(
         image, restart="unless-stopped",
         command=["/bin/busybox", "sh", "-c", "echo FATAL: run >&2; exit 3"],
@@ -325,6 +325,7 @@ def test_crash_looping_container_reports_restarts_exit_code_and_logs(
         time.sleep(0.05)
     assert now.restart_count >= 2 and ("restarting", 3) in seen, seen
     assert engine.logs_tail(info.id, 50).count("FATAL: run") >= 2
+    assert engine.last_exit_code(info.id) == 3
 
 
 def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:
