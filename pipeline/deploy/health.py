@@ -210,6 +210,17 @@ def wait_healthy(
     def end(healthy: bool, detail: str, kind: FailureKind | None) -> HealthResult:
         return HealthResult(healthy, detail, attempts, clock() - start, kind, last)
 
+    def unhealthy(detail: str) -> HealthResult:
+        # A dying app fails its probe a moment before the engine reports it exited: look again
+        # shortly, so that a crash is told as one.
+        if state is not None:
+            sleep(STATE_POLL)
+            known, info, _why = _observe(state)
+            reason = crash_reason(info, restarts) if known else None
+            if reason:
+                return end(False, reason, CRASHED)
+        return end(False, detail, UNHEALTHY)
+
     while True:
         if should_stop is not None and should_stop():
             return end(False, "interrupted", None)
@@ -226,7 +237,7 @@ def wait_healthy(
             now = clock()
             if passed_at is not None:
                 if ok is False:
-                    return end(False, f"failed within the {monitor:g}s window: {last}", UNHEALTHY)
+                    return unhealthy(f"failed within the {monitor:g}s window: {last}")
                 next_probe = now + interval
             else:
                 streak = streak + 1 if ok else 0
@@ -235,7 +246,7 @@ def wait_healthy(
                 if streak >= threshold:
                     passed_at, next_probe = now, now + interval
                 elif now >= deadline:
-                    return end(False, last, UNHEALTHY)
+                    return unhealthy(last)
                 else:
                     if streak:
                         pause = interval  # between consecutive successes: the configured interval
