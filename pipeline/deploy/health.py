@@ -336,18 +336,19 @@ def check_container(
     state = container_state(engine, container)
     restarts = container.restart_count
 
-    def crashed() -> HealthResult | None:
+    def look() -> tuple[ContainerInfo | None, HealthResult | None]:
         known, info, _why = _observe(state)
         reason = crash_reason(info, restarts) if known else None
-        return HealthResult(False, reason, 0, 0.0, CRASHED) if reason else None
+        return info, (HealthResult(False, reason, 0, 0.0, CRASHED) if reason else None)
 
     # A container that died at once has no published port to aim a probe at: say it died.
-    if (died := crashed()) is not None:
+    now, died = look()
+    if died is not None:
         return died
     try:
-        probe = probe_for(service, engine, engine.inspect(container.id) or container, host_address)
+        probe = probe_for(service, engine, now or container, host_address)
     except PipelineError as exc:
-        return crashed() or HealthResult(False, str(exc), 0, 0.0, UNHEALTHY, str(exc))
+        return look()[1] or HealthResult(False, str(exc), 0, 0.0, UNHEALTHY, str(exc))
     h = service.health
     return wait_healthy(
         probe,

@@ -540,3 +540,16 @@ def test_rollout_result_carries_the_failure_kind(
             engine.remove(c.id)
     assert (result.ok, result.failure_kind) == (False, kind), result.error
     assert shown in (result.error or "")
+
+
+@pytest.mark.docker
+def test_check_container_of_a_running_app_on_an_unpublished_port_is_unhealthy_at_once(
+    engine: Engine, images: dict[str, str], run: Start
+) -> None:
+    """A check aimed at a port the running container does not publish fails at once as
+    "unhealthy" and names the port, instead of escaping the rollout as an exception."""
+    info = run(images["plain"])
+    service = _service({"http": "/health", "port": 9999, "timeout": "20s"})
+    result = check_container(service, engine, info, "127.0.0.1")
+    assert (result.healthy, result.failure_kind, result.attempts) == (False, UNHEALTHY, 0)
+    assert "container port 9999 is not published (published: 8080/tcp)" in result.detail
