@@ -20,6 +20,10 @@ from pipeline.lab.sample_app import write_sample_app
 from pipeline.retry import RetryPolicy
 from pipeline.state.store import State
 
+# Tests watch new containers briefly: the 5 s default monitoring window would make every
+# rollout in the suite 5 s slower per host. Tests of the window itself set their own.
+TEST_MONITOR = "300ms"
+
 
 class Project:
     """Two images (`web/`, `api/`) in one repo, their services on the lab hosts."""
@@ -38,6 +42,12 @@ class Project:
         self.write_config()
 
     def write_config(self, **service_extra: str) -> None:
+        """Write the config; `service_extra` keys: web_ports, web (more keys of web), web_timeout,
+        web_health (web's whole health table, "" for none)."""
+        web_health = (
+            f'[services.{self.web}.health]\nhttp = "/health"\ninterval = "200ms"\n'
+            f'timeout = "{service_extra.get("web_timeout", "10s")}"\nmonitor = "{TEST_MONITOR}"'
+        )
         hosts = "\n".join(
             f'[hosts.{h.name}]\ndocker = "{h.docker_url}"\naddress = "{h.address}"\n'
             for h in self.lab.hosts
@@ -69,10 +79,7 @@ hosts = {host_list}
 stop_timeout = "1s"
 {service_extra.get("web", "")}
 
-[services.{self.web}.health]
-http = "/health"
-interval = "200ms"
-timeout = "{service_extra.get("web_timeout", "10s")}"
+{service_extra.get("web_health", web_health)}
 
 [services.{self.api}]
 image = "{self.api}"
@@ -84,6 +91,7 @@ stop_timeout = "1s"
 http = "/health"
 interval = "200ms"
 timeout = "10s"
+monitor = "{TEST_MONITOR}"
 {self.extra}
 """)
 
@@ -174,4 +182,5 @@ ports = ["{port}:8080"]
 http = "/health"
 interval = "200ms"
 timeout = "15s"
+monitor = "{TEST_MONITOR}"
 """

@@ -227,7 +227,7 @@ class App:
     context: str
     port: int
     repo: str = "shop"
-    health: str = 'interval = "200ms"\ntimeout = "10s"'
+    health: str = 'interval = "200ms"\ntimeout = "10s"\nmonitor = "300ms"'
     rebuild: str | None = None
     service_extra: str = ""
 

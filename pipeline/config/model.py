@@ -17,6 +17,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _RESTART_RE = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
+DEFAULT_MONITOR = 5.0  # seconds a new container is watched after its check first passes
 
 
 def parse_duration(value: object) -> float:
@@ -253,6 +254,9 @@ class HealthSection(_Table):
     interval: Duration = 1.0
     timeout: Duration = 30.0
     healthy_threshold: int = Field(default=1, ge=1)
+    # After the check first passes, the container must keep running (restart count unchanged)
+    # and passing for this long (Swarm's update_config.monitor); "0" turns the window off.
+    monitor: Duration = DEFAULT_MONITOR
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthSection:

@@ -19,7 +19,12 @@ import structlog
 from dotenv import dotenv_values
 
 from pipeline.config.model import HostSection, ServiceSection
-from pipeline.deploy.health import HealthResult, probe_for, wait_healthy
+from pipeline.deploy.health import (
+    HealthResult,
+    check_container,
+    container_logs,
+    failure_text,
+)
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
 from pipeline.state.rollbacks import ServiceSettings
@@ -50,6 +55,7 @@ class _Move:
     old: ContainerInfo | None
     new: ContainerInfo | None = None
     restarted_old: bool = False
+    failure_kind: FailureKind | None = None  # why the new container failed its health gate
 
 
 @dataclass
@@ -60,6 +66,7 @@ class RolloutResult:
     error: str | None = None
     hosts: list[str] = field(default_factory=list)
     superseded: bool = False  # gave way to a newer commit at a safe point; not a failure
+    failure_kind: FailureKind | None = None  # why it failed (see `pipeline.errors.FailureKind`)
 
 
 def container_name(service: str, revision: str, release_id: int) -> str:
@@ -125,9 +132,11 @@ class Rollout:
                     if move is not None and move.new is not None and error is None:
                         moved.append(move)
                     elif error is not None:
+                        if failure is None:
+                            # The health gate's verdict (crashed, unhealthy); with none the host
+                            # failed before it (pull, start): the engine or the registry.
+                            why = (move.failure_kind if move else None) or "infrastructure"
                         failure = failure or error
-                        # No move: its pull failed (engine, registry); a new container: unhealthy.
-                        why = why or ("unhealthy" if move and move.new else "infrastructure")
                 if failure:
                     break
         if failure:
@@ -149,7 +158,13 @@ class Rollout:
                 hosts_rolled_back=[m.host for m in moved],
             )
             return RolloutResult(
-                self.service, False, release_id, failure, [m.host for m in moved], superseded
+                self.service,
+                False,
+                release_id,
+                failure,
+                [m.host for m in moved],
+                superseded,
+                None if superseded else why,
             )
         for move in moved:
             self._retire_old(move, run_id)
@@ -199,13 +214,12 @@ class Rollout:
         self.report(f"{self.service}: {host}: started {move.new.name}, checking health")
         result = self._check(engine, move.new, host, run_id, target.revision)
         if not result.healthy:
-            tail = engine.containers.logs_tail(move.new.id, 20)
-            error = (
-                f"host {host}: {self.service} at {target.revision[:12]} is unhealthy after "
-                f"{result.elapsed:.1f}s: {result.detail}"
-                + (f"\n--- last log lines of {move.new.name} ---\n{tail}" if tail else "")
+            logs = container_logs(engine, move.new.id)
+            error = f"host {host}: {self.service} at {target.revision[:12]} " + failure_text(
+                result, move.new.name, logs
             )
-            hlog.error("health check failed", detail=result.detail)
+            move.failure_kind = result.failure_kind
+            hlog.error("health check failed", detail=result.detail, kind=result.failure_kind)
             self._undo_host(move, run_id)
             return move, error
         self.state.set_deployment(
@@ -226,24 +240,11 @@ class Rollout:
         self, engine: Engine, container: ContainerInfo, host: str, run_id: int | None, revision: str
     ) -> HealthResult:
         step = self._step(run_id, "health", host, revision, container.name)
-        fresh = engine.containers.inspect(container.id) or container
-        probe = probe_for(self.spec, engine, fresh, self.hosts[host].reach_address)
-
-        def alive() -> str | None:
-            info = engine.containers.inspect(container.id)
-            if info is None:
-                return "container disappeared"
-            if info.status in ("exited", "dead"):
-                return f"container exited with code {info.exit_code}"
-            return None
-
-        h = self.spec.health
-        result = wait_healthy(
-            probe,
-            interval=h.interval,
-            timeout=h.timeout,
-            threshold=h.healthy_threshold,
-            alive=alive,
+        result = check_container(
+            self.spec,
+            engine,
+            container,
+            self.hosts[host].reach_address,
             clock=self.clock,
             sleep=self.sleep,
             should_stop=self.should_stop,

@@ -403,7 +403,9 @@ class Runner:
         if outcome.ok:
             self.report(f"{service}: {target.revision[:12]} healthy on {', '.join(svc.hosts)}")
         else:
-            self.report(f"{service}: FAILED, rolled back: {outcome.error}")
+            # Its first line only: the whole error, log lines and all, comes with the outcome.
+            first = (outcome.error or "").partition("\n")[0]
+            self.report(f"{service}: FAILED, rolled back: {first}")
         return outcome
 
 

@@ -4,6 +4,7 @@ shapes (pure functions), and `Containers`, the container operations of one engin
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ _SPECIAL_NETWORKS = ("bridge", "host", "none")
 MANAGED_LABEL = LABEL_PREFIX + "managed"
 SERVICE_LABEL = LABEL_PREFIX + "service"
 _NEVER_STARTED = "0001-01-01T00:00:00Z"
+_EXIT_LOOKBACK = 3600.0  # seconds of the engine's event log searched for a container's exit
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,11 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class ContainerInfo:
-    """What an engine reports about one container; `ports` maps "8080/tcp" to its host port."""
+    """What an engine reports about one container; `ports` maps "8080/tcp" to its host port.
+
+    `exit_code` is the last exit code of a stopped or restarting container (None while it runs);
+    `restart_count` counts the restarts its restart policy made; `oom_killed` stays True once
+    the kernel killed it for lack of memory, even after a restart."""
 
     id: str
     name: str
@@ -54,6 +60,8 @@ class ContainerInfo:
     labels: Mapping[str, str]
     ports: Mapping[str, int]
     started_at: str | None
+    restart_count: int = 0
+    oom_killed: bool = False
 
     @property
     def managed(self) -> bool:
@@ -100,8 +108,9 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
     config = attrs.get("Config") or {}
     status = str(state.get("Status", "unknown"))
     health = (state.get("Health") or {}).get("Status")
-    # Docker reports ExitCode 0 for running containers; it only means something once stopped.
-    exit_code = state.get("ExitCode") if status in ("exited", "dead") else None
+    # Docker reports ExitCode 0 for running containers; it only means something once stopped
+    # (or while the restart policy waits to start it again: the code it last exited with).
+    exit_code = state.get("ExitCode") if status in ("exited", "dead", "restarting") else None
     started = state.get("StartedAt")
     ports: dict[str, int] = {}
     for key, bindings in ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).items():
@@ -119,6 +128,8 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
         labels=dict(config.get("Labels") or {}),
         ports=ports,
         started_at=started if started and started != _NEVER_STARTED else None,
+        restart_count=int(attrs.get("RestartCount") or 0),
+        oom_killed=bool(state.get("OOMKilled")),
     )
 
 
@@ -267,10 +278,29 @@ class Containers:
             self._conn.client.api.rename(container_id, new_name)
 
     def logs_tail(self, container_id: str, lines: int = 20) -> str:
-        """The container's last `lines` lines of stdout and stderr."""
+        """The container's last `lines` lines of stdout and stderr (of every run, restarts too)."""
         with self._conn.calling(f"logs of container {container_id}"):
             data = self._conn.client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
         return bytes(data).decode("utf-8", errors="replace")
+
+    def last_exit_code(self, container_id: str) -> int | None:
+        """The code the container last exited with, from the engine's event log (inspect forgets
+        it once a restart policy has started the container again); None when none is known."""
+        now = time.time()
+        with self._conn.calling(f"events of container {container_id}"):
+            events = list(
+                self._conn.client.api.events(
+                    since=f"{now - _EXIT_LOOKBACK:.9f}",
+                    until=f"{now:.9f}",  # past events only: a later `until` would wait for it
+                    filters={"container": container_id, "event": "die"},
+                    decode=True,
+                )
+            )
+        for event in reversed(events):
+            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode")
+            if code is not None and str(code).lstrip("-").isdigit():
+                return int(code)
+        return None
 
     def exec(self, container_id: str, cmd: Sequence[str]) -> tuple[int, str]:
         """Run `cmd` inside the running container; return its exit code and combined output."""

@@ -17,7 +17,13 @@ from typing import Any
 
 import pathspec
 
-from pipeline.config.model import Config, ImageSection, ServiceSection
+from pipeline.config.model import (
+    DEFAULT_MONITOR,
+    Config,
+    HealthSection,
+    ImageSection,
+    ServiceSection,
+)
 from pipeline.plan.blocked import Blocked
 from pipeline.plan.dockerignore import DockerIgnore, DockerIgnoreError
 from pipeline.plan.rollback import PinRecord
@@ -156,9 +162,18 @@ def service_spec_hash(service: ServiceSection, env_file_text: str | None = None)
             "network": service.network,
             "restart": service.restart,
             "labels": service.labels,
-            "health": service.health.model_dump(mode="json"),
+            "health": _health_for_hash(service.health),
         }
     )
+
+
+def _health_for_hash(health: HealthSection) -> dict[str, object]:
+    """The health table as hashed: every key counts, but keys added to pipeline later count only
+    when set away from their default, so that upgrading pipeline restarts no container."""
+    data = health.model_dump(mode="json")
+    if health.monitor == DEFAULT_MONITOR:
+        del data["monitor"]
+    return data
 
 
 @lru_cache(maxsize=1024)

@@ -86,6 +86,20 @@ def test_bad_values_are_refused(old: str, new: str, expected: str) -> None:
     assert all("hunter2" not in p for p in found)
 
 
+def test_health_monitor_is_a_located_duration() -> None:
+    """`health.monitor` parses like the other durations (default 5 s) and a bad one is refused
+    with its file, line and key."""
+    text = BASE + '\n[services.web.health]\nhttp = "/health"\nmonitor = "2s"\n'
+    assert parse(text, Path("pipeline.toml")).model.services["web"].health.monitor == 2.0
+    assert parse(BASE, Path("pipeline.toml")).model.services["web"].health.monitor == 5.0
+    found = problems(text.replace('monitor = "2s"', 'monitor = "a while"'))
+    line = text.splitlines().index('monitor = "2s"') + 1
+    assert found == [
+        f"pipeline.toml:{line}: services.web.health.monitor: invalid duration 'a while' "
+        "(use e.g. '500ms', '30s', '2m', '1h')"
+    ], found
+
+
 def test_invalid_toml_names_the_line() -> None:
     """A TOML syntax error names the file and line."""
     found = problems("[pipeline]\ndata_dir = \n")

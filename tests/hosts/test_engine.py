@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from docker_helpers import (
 
 from pipeline.errors import StallingError
 from pipeline.hosts.connection import Connection
-from pipeline.hosts.containers import port_bindings, restart_policy
+from pipeline.hosts.containers import container_info, port_bindings, restart_policy
 from pipeline.hosts.engine import (
     LABEL_PREFIX,
     ContainerSpec,
@@ -291,6 +292,48 @@ def test_logs_tail_and_rename(engine: Engine, image: str) -> None:
     renamed = engine.containers.inspect(new_name)
     assert renamed is not None and renamed.id == info.id
     assert "hello-from-container" in engine.containers.logs_tail(info.id, lines=5)
+
+
+@pytest.mark.parametrize(
+    ("state", "restarts", "expected"),
+    [
+        ({"Status": "running", "ExitCode": 0}, 0, ("running", None, 0, False)),
+        ({"Status": "exited", "ExitCode": 1}, 0, ("exited", 1, 0, False)),
+        ({"Status": "restarting", "ExitCode": 3}, 2, ("restarting", 3, 2, False)),
+        ({"Status": "running", "ExitCode": 0, "OOMKilled": True}, 1, ("running", None, 1, True)),
+        ({"Status": "exited", "ExitCode": 137, "OOMKilled": True}, 0, ("exited", 137, 0, True)),
+    ],
+)
+def test_container_info_reads_exit_code_restarts_and_oom(
+    state: dict[str, object], restarts: int, expected: tuple[object, ...]
+) -> None:
+    """container_info keeps the exit code of a stopped or restarting container, the restart
+    count and OOMKilled from `docker inspect` output."""
+    info = container_info({"Id": "c", "Name": "/c", "State": state, "RestartCount": restarts})
+    assert (info.status, info.exit_code, info.restart_count, info.oom_killed) == expected
+
+
+@pytest.mark.docker
+def test_crash_looping_container_reports_restarts_exit_code_and_logs(
+    engine: Engine, image: str
+) -> None:
+    """A container that keeps exiting under a restart policy shows a growing restart count, its
+    exit code while restarting (and in the event log), and every run's output in logs_tail."""
+    info = engine.containers.run(_spec(
+        image, restart="unless-stopped",
+        command=["/bin/busybox", "sh", "-c", "echo FATAL: run >&2; exit 3"],
+    ))
+    seen = set()
+    for _ in range(100):
+        now = engine.containers.inspect(info.id)
+        assert now is not None
+        seen.add((now.status, now.exit_code))
+        if now.restart_count >= 2 and ("restarting", 3) in seen:
+            break
+        time.sleep(0.05)
+    assert now.restart_count >= 2 and ("restarting", 3) in seen, seen
+    assert engine.containers.logs_tail(info.id, 50).count("FATAL: run") >= 2
+    assert engine.containers.last_exit_code(info.id) == 3
 
 
 def test_unreachable_engine_raises_engine_error_naming_the_host() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pipeline.config.load import parse
-from pipeline.config.model import Config
+from pipeline.config.model import Config, ServiceSection
 from pipeline.plan.planner import (
     ImageRecord,
     Plan,
@@ -538,6 +538,20 @@ def test_spec_hashes_ignore_placement_only() -> None:
     assert service_spec_hash(base, "X=1") != service_spec_hash(base, "X=2")
     web = _config(_app()).images["web"]
     assert image_spec_hash(web) != image_spec_hash(web.model_copy(update={"watch": ["x/"]}))
+
+
+def test_health_monitor_counts_in_the_service_hash_only_away_from_its_default() -> None:
+    """Changing `monitor` rolls a service out like any health key, while a service that does
+    not set it keeps the hash it had before the key existed (upgrading restarts nothing)."""
+    def svc(**health: object) -> ServiceSection:
+        return ServiceSection.model_validate(
+            {"image": "web", "hosts": ["h"], "health": {"http": "/health", **health}}
+        )
+
+    before_monitor = "6c782d6f647cfa6ac40168a56adada406c70e181c0ec4bc795d81159c1703e0e"
+    assert service_spec_hash(svc()) == service_spec_hash(svc(monitor="5s")) == before_monitor
+    assert service_spec_hash(svc(monitor="1s")) != before_monitor
+    assert service_spec_hash(svc(timeout="5s")) != before_monitor
 
 
 def test_image_inputs_changed_lists_only_inputs() -> None:

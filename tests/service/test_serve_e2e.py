@@ -248,7 +248,7 @@ def test_ten_pushes_in_a_second_build_only_the_newest(
 
 # -- 4. kill -9 mid-rollout ------------------------------------------------------------------
 
-SLOW_HEALTH = 'interval = "1s"\nhealthy_threshold = 3\ntimeout = "20s"'
+SLOW_HEALTH = 'interval = "1s"\nhealthy_threshold = 3\ntimeout = "20s"\nmonitor = "300ms"'
 
 
 def test_kill_9_mid_rollout_then_restart_ends_on_one_revision_everywhere(
