@@ -17,7 +17,9 @@ from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-EXITS_AT_ONCE = DOCKERFILE.split("CMD ", 1)[0] + 'CMD ["/bin/busybox", "sh", "-c", "echo bye; exit 3"]\n'
+EXITS_AT_ONCE = (
+    DOCKERFILE.split("CMD ", 1)[0] + 'CMD ["/bin/busybox", "sh", "-c", "echo bye; exit 3"]\n'
+)
 
 
 @pytest.fixture
