@@ -23,6 +23,8 @@ from pipeline.redact import redact
 from pipeline.state import migrate
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
+from pipeline.state.rollouts import PreviousContainer as PreviousContainer  # re-exported
+from pipeline.state.rollouts import RolloutRecords
 from pipeline.state.schema import BuildRow, Deployment, Release, Run, Step
 
 Clock = Callable[[], float]
@@ -47,10 +49,11 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-class State(Leases):
+class State(Leases, RolloutRecords):
     """Facade over the state database; time is injected through `clock` (epoch seconds).
 
-    Leases (`acquire`, `lease`, ...) come from `pipeline.state.leases.Leases`.
+    Leases (`acquire`, `lease`, ...) come from `pipeline.state.leases.Leases`; per-host rollout
+    records (`plan_release_hosts`, `set_host_phase`, ...) from `pipeline.state.rollouts`.
     """
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
