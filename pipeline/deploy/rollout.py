@@ -1,29 +1,50 @@
-"""Rolling a service out to its hosts, behind health checks, rolling back everywhere on failure.
+"""Rolling a service out to its hosts behind health checks; undone on every host on any failure.
 
-Per host: pull (before anything stops), start the new container (stopping the old one first
-for `stop-first`), wait until it is healthy. The old container is kept, stopped, until every
-host is healthy: rolling back is restarting it, with no registry and no rebuild. When one host
-fails, that host and every host already moved in this rollout go back, so the service ends on
-one revision everywhere.
+A rollout is the ordered list of per-host steps `steps.plan_rollout` decides up front (pull,
+stop old, start new, check, switch; then retire once every host passed). Before any host is
+touched, each host's previous container is recorded (`release_hosts`); each step's completion
+is recorded as the host's phase. Any exception in any step (an error of any kind, a bug, a stop
+request, a lost lease) undoes the steps every touched host reached, so the service ends on one
+revision everywhere, and the release ends in a terminal state with its reason and failure kind.
+A crash (kill -9) leaves the records; `recover` puts the hosts back from them.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import structlog
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.config.model import HostSection, ServiceSection
-from pipeline.deploy.health import HealthResult, probe_for, wait_healthy
-from pipeline.errors import PipelineError
+from pipeline.deploy.health import Probe, probe_for, wait_healthy
+from pipeline.deploy.steps import (
+    PHASE_AFTER,
+    HostSteps,
+    StepKind,
+    UndoKind,
+    plan_rollout,
+    reached_by_phase,
+    recovery_action,
+    undo_for,
+)
+from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
-from pipeline.state.store import State
+from pipeline.state.leases import HeldLease
+from pipeline.state.schema import Release
+from pipeline.state.store import PreviousContainer, State
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+ProbeFactory = Callable[[ServiceSection, Engine, ContainerInfo, str], Probe]
 
 
 @dataclass(frozen=True)
@@ -39,15 +60,6 @@ class Target:
 
 
 @dataclass
-class _Move:
-    host: str
-    engine: Engine
-    old: ContainerInfo | None
-    new: ContainerInfo | None = None
-    restarted_old: bool = False
-
-
-@dataclass
 class RolloutResult:
     service: str
     ok: bool
@@ -58,7 +70,76 @@ class RolloutResult:
 
 
 class RolloutFailed(PipelineError):
-    """A host's new container did not become healthy; the rollout was rolled back."""
+    """A host's new container failed its check (unhealthy, or it crashed)."""
+
+    def __init__(self, message: str, failure_kind: FailureKind) -> None:
+        super().__init__(message)
+        self.failure_kind = failure_kind
+
+
+class Interrupted(PipelineError):
+    """The rollout was asked to stop (a newer commit waits, the service stops) at a step
+    boundary; it is undone, and the revision stays eligible."""
+
+    failure_kind: FailureKind = "interrupted"
+
+
+class _Aborted(Exception):
+    """Another host of the same batch failed: this one stops at its next step boundary."""
+
+
+class _HostFailed(Exception):
+    """A step of a host raised `cause` (or, `before` it, a boundary check did): carries where,
+    for the one place that decides."""
+
+    def __init__(self, host: str, step: StepKind, cause: Exception, *, before: bool = False):
+        super().__init__(f"host {host}: {step}: {cause}")
+        self.host, self.step, self.cause, self.before = host, step, cause, before
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a rollout failed: what the release records (`status`, `kind`) and says (`message`)."""
+
+    kind: FailureKind
+    status: str  # rolled_back | superseded | interrupted
+    message: str
+
+
+_DOING: Mapping[StepKind, str] = {
+    "pull": "pull of the image",
+    "stop": "stopping the old container",
+    "start": "could not start the new container",
+    "health": "health check",
+    "switch": "recording the deployment",
+    "retire": "retiring the old container",
+}
+
+
+def failure_of(exc: BaseException) -> Failure:
+    """The one place deciding how a failed rollout is recorded, from the error's declared
+    kind: a failed check is unhealthy or crashed, a stop request or Ctrl-C interrupted, any
+    other PipelineError what it declares (engine, registry, lease: infrastructure), and an
+    unexpected exception (a bug) infrastructure."""
+    where, cause = "", exc
+    if isinstance(exc, _HostFailed):
+        cause = exc.cause
+        if exc.before:
+            where = f"host {exc.host}: stopped before {exc.step}"
+        else:
+            where = f"host {exc.host}: {_DOING[exc.step]}"
+            where = where if exc.step == "start" else f"{where} failed"
+    if isinstance(cause, KeyboardInterrupt):
+        return Failure("interrupted", "interrupted", "interrupted (Ctrl-C); rolled back")
+    if isinstance(cause, Interrupted):
+        return Failure("interrupted", "superseded", str(cause))
+    if isinstance(cause, RolloutFailed):
+        return Failure(cause.failure_kind, "rolled_back", str(cause))
+    if isinstance(cause, PipelineError):
+        text = f"{where}: {cause}" if where else str(cause)
+        return Failure(cause.failure_kind, "rolled_back", text)
+    text = f"unexpected error {type(cause).__name__}: {cause}"
+    return Failure("infrastructure", "rolled_back", f"{where}: {text}" if where else text)
 
 
 def container_name(service: str, revision: str, release_id: int) -> str:
@@ -78,8 +159,22 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 @dataclass
+class _Pass:
+    """One rollout's working state: the records it keeps in memory beside `release_hosts`."""
+
+    target: Target
+    release_id: int
+    run_id: int | None
+    lease: HeldLease | None
+    previous: dict[str, PreviousContainer] = field(default_factory=dict)
+    new: dict[str, ContainerInfo] = field(default_factory=dict)
+    reached: dict[str, list[StepKind]] = field(default_factory=dict)
+    abort: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class Rollout:
-    """Executes one service's rollout; engines, health timing and the clock are injected."""
+    """Executes one service's rollout; engines, probes, health timing and the clock are injected."""
 
     state: State
     service: str
@@ -92,11 +187,19 @@ class Rollout:
     should_stop: Callable[[], bool] | None = None
     report: Callable[[str], None] = lambda _line: None
     keep_images: int = 3  # images of the service kept on each host for an instant rollback
+    probe_for: ProbeFactory = probe_for
+    attempts: int = 3  # tries of a step (pulls excepted) or an undo on an error declared retry
 
     def run(
-        self, target: Target, *, run_id: int | None, kind: str = "deploy", reason: str | None = None
+        self,
+        target: Target,
+        *,
+        run_id: int | None,
+        kind: str = "deploy",
+        reason: str | None = None,
+        lease: HeldLease | None = None,
     ) -> RolloutResult:
-        """Roll `target` out to every host of the service; on any failure, roll all back."""
+        """Roll `target` out to every host of the service; on any failure, undo every host."""
         release_id = self.state.start_release(
             self.service,
             target.revision,
@@ -107,132 +210,232 @@ class Rollout:
             reason=reason,
             run_id=run_id,
         )
+        p = _Pass(target, release_id, run_id, lease)
+        p.reached = {h: [] for h in self.spec.hosts}
         bound = log.bind(service=self.service, revision=target.revision[:12], run_id=run_id)
         bound.info("rollout started", hosts=self.spec.hosts, strategy=self.spec.strategy)
-        moved: list[_Move] = []
-        hosts = list(self.spec.hosts)
-        batches = [
-            hosts[i : i + self.spec.max_parallel]
-            for i in range(0, len(hosts), self.spec.max_parallel)
-        ]
-        failure: str | None = None
-        with ThreadPoolExecutor(max_workers=self.spec.max_parallel) as pool:
-            for batch in batches:
-                futures = [
-                    pool.submit(self._move_host, h, target, release_id, run_id) for h in batch
-                ]
-                for fut in futures:
-                    move, error = fut.result()
-                    if move is not None and move.new is not None and error is None:
-                        moved.append(move)
-                    elif error is not None:
-                        failure = failure or error
-                if failure:
-                    break
-        if failure:
-            self._roll_back(moved, release_id, run_id)
-            # Interrupted at a safe point (a newer commit waits, or the service stops): not a
-            # failure of this revision, so it stays eligible and is not reported as broken.
-            superseded = self.should_stop is not None and self.should_stop()
-            if superseded:
-                failure = f"superseded before it was healthy; rolled back ({failure})"
-            self.state.finish_release(
-                release_id, "superseded" if superseded else "rolled_back", failure
+        try:
+            self._observe(p)
+            plan = plan_rollout(
+                self.spec.hosts,
+                strategy=self.spec.strategy,
+                max_parallel=self.spec.max_parallel,
+                pull=target.pull,
+                previous_running={h: prev.running for h, prev in p.previous.items()},
             )
-            bound.error(
-                "rollout failed, rolled back",
-                error=failure,
-                hosts_rolled_back=[m.host for m in moved],
-            )
-            return RolloutResult(
-                self.service, False, release_id, failure, [m.host for m in moved], superseded
-            )
-        for move in moved:
-            self._retire_old(move, run_id)
-            self._prune_images(move, self.spec.image, self.keep_images)
+            for batch in plan.batches:
+                self._batch(batch, p)
+        except (Exception, KeyboardInterrupt) as exc:
+            # Anything else (SystemExit, a kill -9) ends the process: recovery's job.
+            result = self._fail(p, exc, bound)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return result
+        # Every host passed its check: the point of no return.
+        for host in plan.retire:
+            self._retire(host, p)
         self.state.finish_release(release_id, "succeeded")
-        bound.info("rollout succeeded", hosts=hosts)
-        return RolloutResult(self.service, True, release_id, None, hosts)
+        bound.info("rollout succeeded", hosts=self.spec.hosts)
+        return RolloutResult(self.service, True, release_id, None, list(self.spec.hosts))
 
-    # -- one host -------------------------------------------------------------------------
-    def _move_host(
-        self, host: str, target: Target, release_id: int, run_id: int | None
-    ) -> tuple[_Move | None, str | None]:
-        engine = self.engines[host]
-        ref = target.refs[host]
-        hlog = log.bind(
-            service=self.service, host=host, revision=target.revision[:12], run_id=run_id
-        )
-        step = self._step(run_id, "pull", host, target.revision, ref)
-        try:
-            if target.pull and not engine.has_image(ref):
-                engine.pull(ref, auth=target.auth)
-            self._end(step, "succeeded")
-        except PipelineError as exc:
-            self._end(step, "failed", error=str(exc))
-            hlog.error("pull failed", error=str(exc))
-            return None, f"host {host}: pull of {ref} failed: {exc}"
-        old = self._current(engine)
-        move = _Move(host, engine, old)
-        step = self._step(
-            run_id,
-            "start",
-            host,
-            target.revision,
-            f"strategy {self.spec.strategy}; replacing {old.name if old else 'nothing'}",
-        )
-        try:
-            if self.spec.network not in ("bridge", "host", "none"):
-                engine.ensure_network(self.spec.network)
-            if old is not None and self.spec.strategy == "stop-first":
-                engine.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
-            move.new = engine.run(self._container_spec(target, ref, release_id))
-            self._end(step, "succeeded", detail=f"container {move.new.name}")
-        except PipelineError as exc:
-            self._end(step, "failed", error=str(exc))
-            self._undo_host(move, run_id)
-            return move, f"host {host}: could not start the new container: {exc}"
-        self.report(f"{self.service}: {host}: started {move.new.name}, checking health")
-        result = self._check(engine, move.new, host, run_id, target.revision)
-        if not result.healthy:
-            tail = engine.logs_tail(move.new.id, 20)
-            error = (
-                f"host {host}: {self.service} at {target.revision[:12]} is unhealthy after "
-                f"{result.elapsed:.1f}s: {result.detail}"
-                + (f"\n--- last log lines of {move.new.name} ---\n{tail}" if tail else "")
+    def _fail(self, p: _Pass, exc: BaseException, bound: Any) -> RolloutResult:
+        failure = failure_of(exc)
+        cause = getattr(exc, "cause", exc)
+        if not isinstance(cause, PipelineError | KeyboardInterrupt):
+            bound.error(  # a bug: its traceback, as plain text
+                "rollout failed on an unexpected error",
+                traceback="".join(traceback.format_exception(cause)),
             )
-            hlog.error("health check failed", detail=result.detail)
-            self._undo_host(move, run_id)
-            return move, error
+        touched = [h for h in self.spec.hosts if undo_for(p.reached.get(h, ()))]
+        problems = self._undo(p, touched)
+        status, message = failure.status, failure.message
+        if failure.status == "rolled_back" and not touched:
+            status = "failed"  # nothing had been changed yet
+        if failure.status == "superseded":
+            message = f"superseded before it was healthy; rolled back ({message})"
+        if problems:
+            status = "failed"
+            message += "\nnot put back: " + "; ".join(problems)
+        self.state.finish_release(p.release_id, status, message, failure_kind=failure.kind)
+        bound.error("rollout failed, rolled back", error=message, failure_kind=failure.kind,
+                    hosts_rolled_back=touched)  # fmt: skip
+        return RolloutResult(
+            self.service, False, p.release_id, message, touched, failure.status == "superseded"
+        )
+
+    # -- before anything is touched ---------------------------------------------------------
+    def _observe(self, p: _Pass) -> None:
+        """Record every host's previous container (`release_hosts`, phase planned)."""
+        for host in self.spec.hosts:
+            info = self._previous(host)
+            labels = info.labels if info else {}
+            p.previous[host] = PreviousContainer(
+                host=host,
+                container=info.id if info else None,
+                running=info is not None and info.status == "running",
+                revision=labels.get(f"{LABEL_PREFIX}revision"),
+                digest=labels.get(f"{LABEL_PREFIX}digest"),
+            )
+        self.state.plan_release_hosts(p.release_id, p.previous.values())
+
+    def _previous(self, host: str) -> ContainerInfo | None:
+        """The container the host returns to on undo: the recorded deployment's when it is
+        there, else the newest running container of the service."""
+        containers = self.engines[host].managed_containers(self.service)
+        record = self.state.deployment(self.service, host)
+        for c in containers:
+            if record is not None and c.id == record.container_id:
+                return c
+        running = [c for c in containers if c.status == "running"]
+        running.sort(key=lambda c: c.started_at or "", reverse=True)
+        return running[0] if running else None
+
+    # -- moving hosts -----------------------------------------------------------------------
+    def _batch(self, batch: Sequence[HostSteps], p: _Pass) -> None:
+        if len(batch) == 1:
+            self._host(batch[0], p)
+            return
+
+        def guarded(hs: HostSteps) -> None:
+            try:
+                self._host(hs, p)
+            except BaseException:
+                p.abort.set()  # the others stop at their next step boundary
+                raise
+
+        errors: list[BaseException] = []
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            for fut in [pool.submit(guarded, hs) for hs in batch]:
+                try:
+                    fut.result()
+                except BaseException as exc:
+                    errors.append(exc)
+        crash = [e for e in errors if not isinstance(e, Exception)]
+        causes = [e for e in errors if not isinstance(e, _Aborted)]
+        if crash or causes:
+            raise (crash or causes)[0]
+
+    def _boundary(self, p: _Pass) -> None:
+        """Between two steps: stop when a sibling failed, the lease was lost, or stop is asked."""
+        if p.abort.is_set():
+            raise _Aborted()
+        if p.lease is not None:
+            p.lease.check()
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted(f"{self.service}: asked to stop")
+
+    def _host(self, hs: HostSteps, p: _Pass) -> None:
+        for step in hs.steps:
+            try:
+                self._boundary(p)
+            except _Aborted:
+                raise
+            except Exception as exc:
+                raise _HostFailed(hs.host, step, exc, before=True) from exc
+            p.reached[hs.host].append(step)
+            about = self._about(step, hs.host, p)
+            record = self._step(p.run_id, step, hs.host, p.target.revision, about)
+            try:
+                detail = self._do(step, hs.host, p)
+            except _Aborted:
+                self._end(record, "failed", error="stopped: another host of the batch failed")
+                raise
+            except KeyboardInterrupt:
+                self._end(record, "failed", error="interrupted (Ctrl-C)")
+                raise
+            except Exception as exc:
+                self._end(record, "failed", error=str(exc) or type(exc).__name__)
+                raise _HostFailed(hs.host, step, exc) from exc
+            self._end(record, "succeeded", detail=detail)
+            new = p.new.get(hs.host)
+            self.state.set_host_phase(
+                p.release_id, hs.host, PHASE_AFTER[step], new_container=new.id if new else None
+            )
+
+    def _about(self, step: StepKind, host: str, p: _Pass) -> str | None:
+        prev = p.previous[host].container
+        new = p.new.get(host)
+        return {
+            "pull": p.target.refs[host],
+            "stop": f"container {(prev or '')[:12]}",
+            "start": f"strategy {self.spec.strategy}; replacing {(prev or '')[:12] or 'nothing'}",
+            "health": new.name if new else None,
+            "switch": new.name if new else None,
+        }.get(step)
+
+    def _do(self, step: StepKind, host: str, p: _Pass) -> str | None:
+        engine, target = self.engines[host], p.target
+        ref = target.refs[host]
+        if step == "pull":
+            # Not retried here: the engine retries its own pulls.
+            if engine.has_image(ref):
+                return "already on the host"
+            engine.pull(ref, auth=target.auth)
+            return None
+        if step == "stop":
+            prev = p.previous[host].container
+            assert prev is not None
+            self._retrying(lambda: engine.stop(prev, timeout=max(0, round(self.spec.stop_timeout))))
+            return None
+        if step == "start":
+            if self.spec.network not in ("bridge", "host", "none"):
+                self._retrying(lambda: engine.ensure_network(self.spec.network))
+            spec = self._container_spec(target, ref, p.release_id)
+            new = self._retrying(lambda: engine.run(spec))
+            p.new[host] = new
+            self.report(f"{self.service}: {host}: started {new.name}, checking health")
+            return f"container {new.name}"
+        if step == "health":
+            return self._check(host, p)
+        if step == "switch":
+            new = p.new[host]
+            self._retrying(lambda: self._record(host, new, target, p.release_id))
+            return None
+        raise AssertionError(f"unknown step {step}")
+
+    def _record(self, host: str, new: ContainerInfo, target: Target, release_id: int) -> None:
         self.state.set_deployment(
             self.service,
             host,
             revision=target.revision,
             digest=target.digest,
-            ref=ref,
+            ref=target.refs.get(host, new.image),
             spec_hash=target.spec_hash,
-            container_id=move.new.id,
+            container_id=new.id,
             release_id=release_id,
         )
-        self.report(f"{self.service}: {host}: healthy ({result.detail})")
-        hlog.info("host healthy", container=move.new.name, detail=result.detail)
-        return move, None
 
-    def _check(
-        self, engine: Engine, container: ContainerInfo, host: str, run_id: int | None, revision: str
-    ) -> HealthResult:
-        step = self._step(run_id, "health", host, revision, container.name)
-        fresh = engine.inspect(container.id) or container
-        probe = probe_for(self.spec, engine, fresh, self.hosts[host].reach_address)
+    def _check(self, host: str, p: _Pass) -> str:
+        """Wait until the new container is healthy; raise RolloutFailed (unhealthy or crashed)
+        with the check's last result and the container's last log lines."""
+        engine, new = self.engines[host], p.new[host]
+        died: list[str] = []
 
         def alive() -> str | None:
-            info = engine.inspect(container.id)
+            info = engine.inspect(new.id)
             if info is None:
-                return "container disappeared"
-            if info.status in ("exited", "dead"):
-                return f"container exited with code {info.exit_code}"
-            return None
+                died.append("container disappeared")
+            elif info.status in ("exited", "dead"):
+                died.append(f"container exited with code {info.exit_code}")
+            return died[-1] if died else None
 
+        def stop() -> bool:
+            return (
+                p.abort.is_set()
+                or (p.lease is not None and p.lease.lost)
+                or (self.should_stop is not None and self.should_stop())
+            )
+
+        def gone() -> tuple[bool, str]:
+            return False, died[-1]
+
+        fresh = engine.inspect(new.id) or new
+        try:
+            probe = self.probe_for(self.spec, engine, fresh, self.hosts[host].reach_address)
+        except PipelineError:
+            if alive() is None:  # a probe that cannot be built for a running container
+                raise
+            probe = gone  # it exited before it could be checked (no port published): crashed
         h = self.spec.health
         result = wait_healthy(
             probe,
@@ -242,21 +445,36 @@ class Rollout:
             alive=alive,
             clock=self.clock,
             sleep=self.sleep,
-            should_stop=self.should_stop,
+            should_stop=stop,
         )
-        self._end(
-            step,
-            "succeeded" if result.healthy else "failed",
-            detail=result.detail,
-            error=None if result.healthy else result.detail,
+        if result.healthy:
+            self.report(f"{self.service}: {host}: healthy ({result.detail})")
+            log.info("host healthy", service=self.service, host=host, container=new.name,
+                     detail=result.detail)  # fmt: skip
+            return result.detail
+        if stop() and not died:
+            self._boundary(p)  # raises what asked the check to stop
+        kind: FailureKind = getattr(result, "failure_kind", None) or (
+            "crashed" if died else "unhealthy"
         )
-        return result
+        rev = p.target.revision[:12]
+        what = f"crashed: {result.detail}" if kind == "crashed" else (
+            f"is unhealthy after {result.elapsed:.1f}s: {result.detail}"
+        )
+        tail = self._logs(engine, new.id)
+        log.error("health check failed", service=self.service, host=host, detail=result.detail)
+        raise RolloutFailed(
+            f"host {host}: {self.service} at {rev} {what}"
+            + (f"\n--- last log lines of {new.name} ---\n{tail}" if tail else ""),
+            kind,
+        )
 
-    def _current(self, engine: Engine) -> ContainerInfo | None:
-        """The running container of this service on the host (the newest if several)."""
-        running = [c for c in engine.managed_containers(self.service) if c.status == "running"]
-        running.sort(key=lambda c: c.started_at or "", reverse=True)
-        return running[0] if running else None
+    @staticmethod
+    def _logs(engine: Engine, container_id: str) -> str:
+        try:
+            return engine.logs_tail(container_id, 20)
+        except PipelineError:
+            return ""  # a detail of the message; the failure is reported without it
 
     def _container_spec(self, target: Target, ref: str, release_id: int) -> ContainerSpec:
         env = dict(read_env_file(self.base_dir / self.spec.env_file)) if self.spec.env_file else {}
@@ -286,76 +504,186 @@ class Rollout:
             restart=self.spec.restart,
         )
 
-    # -- undo and cleanup -------------------------------------------------------------------
-    def _undo_host(self, move: _Move, run_id: int | None) -> None:
-        """Put one host back as it was before this rollout touched it."""
-        step = self._step(
-            run_id,
-            "rollback",
-            move.host,
-            None,
-            f"back to {move.old.name if move.old else 'nothing'}",
-        )
+    # -- after every host passed ------------------------------------------------------------
+    def _retire(self, host: str, p: _Pass) -> None:
+        """Remove the service's other containers on the host and prune its old images; past
+        the point of no return, so a failure here is a warning, not a rollback."""
+        new = p.new[host]
+        engine = self.engines[host]
+        record = self._step(p.run_id, "retire", host, p.target.revision, None)
+        problems = []
         try:
-            if move.new is not None:
-                move.engine.remove(move.new.id)
-            if move.old is not None:
-                prev = move.engine.inspect(move.old.id)
-                if prev is not None and prev.status != "running":
-                    move.engine.start(move.old.id)
-                    move.restarted_old = True
-                self._restore_record(move)
-            else:
-                self.state.forget_deployment(self.service, move.host)
-            self._end(step, "succeeded")
-            back_to = move.old.labels.get(f"{LABEL_PREFIX}revision", "?")[:12] if move.old else None
-            self.report(f"{self.service}: {move.host}: rolled back to {back_to or 'nothing'}")
-        except PipelineError as exc:
-            self._end(step, "failed", error=str(exc))
-            log.error(
-                "rollback of host failed", service=self.service, host=move.host, error=str(exc)
-            )
-
-    def _restore_record(self, move: _Move) -> None:
-        assert move.old is not None
-        labels = move.old.labels
-        self.state.set_deployment(
-            self.service,
-            move.host,
-            revision=labels.get(f"{LABEL_PREFIX}revision", ""),
-            digest=labels.get(f"{LABEL_PREFIX}digest", ""),
-            ref=move.old.image,
-            spec_hash=labels.get(f"{LABEL_PREFIX}spec", ""),
-            container_id=move.old.id,
-            release_id=int(labels.get(f"{LABEL_PREFIX}release", "0") or 0) or None,
-        )
-
-    def _roll_back(self, moved: Sequence[_Move], release_id: int, run_id: int | None) -> None:
-        with ThreadPoolExecutor(max_workers=max(1, self.spec.max_parallel)) as pool:
-            list(pool.map(lambda m: self._undo_host(m, run_id), moved))
-
-    def _prune_images(self, move: _Move, image: str, keep: int) -> None:
-        """Keep the newest `keep` images of this service's image on the host (for rollback)."""
-        for image_id, _created in move.engine.images_labelled("dev.pipeline.image", image)[keep:]:
-            try:
-                move.engine.remove_image(image_id)  # one still in use is left alone
-            except PipelineError as exc:
-                log.warning("could not prune image", host=move.host, image=image_id, error=str(exc))
-
-    def _retire_old(self, move: _Move, run_id: int | None) -> None:
-        """Remove replaced (and stale) containers of the service once every host is healthy."""
-        assert move.new is not None
-        for c in move.engine.managed_containers(self.service):
-            if c.id != move.new.id:
+            for c in engine.managed_containers(self.service):
+                if c.id != new.id:
+                    try:
+                        engine.remove(c.id)
+                    except PipelineError as exc:
+                        problems.append(f"could not remove {c.name}: {exc}")
+            for image_id, _created in engine.images_labelled("dev.pipeline.image", self.spec.image)[
+                self.keep_images :
+            ]:
                 try:
-                    move.engine.remove(c.id)
+                    engine.remove_image(image_id)  # one still in use is left alone
                 except PipelineError as exc:
-                    log.warning(
-                        "could not remove old container",
-                        host=move.host,
-                        container=c.name,
-                        error=str(exc),
+                    problems.append(f"could not prune image {image_id}: {exc}")
+        except Exception as exc:  # past the point of no return: a warning, whatever it is
+            problems.append(str(exc) or type(exc).__name__)
+        for problem in problems:
+            log.warning("retire incomplete", service=self.service, host=host, problem=problem)
+        self._end(record, "succeeded", detail="; ".join(problems) or None)
+        self.state.set_host_phase(p.release_id, host, "retired")
+
+    # -- undo -------------------------------------------------------------------------------
+    def _undo(self, p: _Pass, hosts: Sequence[str]) -> list[str]:
+        """Undo, host by host (the last moved first), the steps each reached; return what
+        could not be put back."""
+        problems = []
+        for host in reversed(hosts):
+            new = p.new.get(host)
+            error = self._undo_host(
+                host,
+                undo_for(p.reached[host]),
+                p.previous[host],
+                new.id if new else container_name(self.service, p.target.revision, p.release_id),
+                p.release_id,
+                p.run_id,
+            )
+            if error:
+                problems.append(error)
+        return problems
+
+    def _undo_host(
+        self,
+        host: str,
+        undos: Sequence[UndoKind],
+        prev: PreviousContainer,
+        new: str | None,
+        release_id: int,
+        run_id: int | None,
+    ) -> str | None:
+        """Put one host back on its recorded previous container (each undo idempotent); return
+        None when done, else why it could not be."""
+        back_to = (prev.revision or "?")[:12] if prev.container else "nothing"
+        record = self._step(run_id, "rollback", host, None, f"back to {back_to}")
+        try:
+            self._retrying(lambda: self._apply_undos(host, undos, prev, new))
+        except Exception as exc:
+            message = f"host {host}: {exc}"
+            self._end(record, "failed", error=message)
+            log.error("rollback of host failed", service=self.service, host=host, error=str(exc))
+            return message
+        self._end(record, "succeeded")
+        self.state.set_host_phase(release_id, host, "undone")
+        self.report(f"{self.service}: {host}: rolled back to {back_to}")
+        return None
+
+    def _apply_undos(
+        self, host: str, undos: Sequence[UndoKind], prev: PreviousContainer, new: str | None
+    ) -> None:
+        engine = self.engines[host]
+        for undo in undos:
+            if undo == "remove_new" and new:
+                engine.remove(new)  # by id or by its release's name; gone is fine
+            elif undo == "start_previous" and prev.container and prev.running:
+                info = engine.inspect(prev.container)
+                if info is None:
+                    raise PipelineError(f"previous container {prev.container[:12]} is gone")
+                if info.status != "running":
+                    engine.start(prev.container)
+            elif undo == "restore_record":
+                info = engine.inspect(prev.container) if prev.container else None
+                if info is None:
+                    self.state.forget_deployment(self.service, host)
+                else:
+                    labels = info.labels
+                    self.state.set_deployment(
+                        self.service,
+                        host,
+                        revision=labels.get(f"{LABEL_PREFIX}revision", ""),
+                        digest=labels.get(f"{LABEL_PREFIX}digest", ""),
+                        ref=info.image,
+                        spec_hash=labels.get(f"{LABEL_PREFIX}spec", ""),
+                        container_id=info.id,
+                        release_id=int(labels.get(f"{LABEL_PREFIX}release", "0") or 0) or None,
                     )
+
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """Call, again (with backoff) while it fails with an error declared `retry`."""
+        retrying = Retrying(
+            stop=stop_after_attempt(max(1, self.attempts)),
+            wait=wait_exponential(multiplier=0.5, max=5),
+            retry=retry_if_exception(lambda e: isinstance(e, PipelineError) and e.retry),
+            sleep=self.sleep,
+            reraise=True,
+        )
+        return retrying(call)
+
+    # -- crash recovery ---------------------------------------------------------------------
+    def recover(self, release: Release) -> RolloutResult:
+        """Bring a release a dead process left running to an end from its records: finish it
+        when every host had passed its check (and its new container still runs), else put
+        every host back on its recorded previous container and mark it interrupted."""
+        rows = self.state.release_hosts(release.id)
+        bound = log.bind(service=self.service, revision=release.revision[:12], release=release.id)
+        action = recovery_action({r.host: r.phase for r in rows})
+        if action == "finish":
+            news = {}
+            for r in rows:
+                info = self._inspect_quietly(r.host, r.new_container)
+                if info is None or info.status != "running":
+                    action = "undo"
+                    break
+                news[r.host] = info
+        if action == "finish":
+            target = Target(release.revision, release.digest, {}, release.spec_hash, pull=False)
+            p = _Pass(target, release.id, None, None, new=news)
+            for r in rows:
+                if r.phase == "checked":
+                    self._record(r.host, news[r.host], target, release.id)
+                    self.state.set_host_phase(release.id, r.host, "switched")
+            for r in rows:
+                if r.phase != "retired":
+                    self._retire(r.host, p)
+            self.state.finish_release(release.id, "succeeded")
+            self.report(f"{self.service}: finished the interrupted rollout of "
+                        f"{release.revision[:12]}: every host had passed its check")  # fmt: skip
+            bound.warning("recovery finished the interrupted rollout")
+            return RolloutResult(self.service, True, release.id, None, [r.host for r in rows])
+        problems = []
+        for r in rows:
+            if r.host not in self.engines:
+                problems.append(f"host {r.host}: no longer configured for {self.service}")
+                continue
+            prev = PreviousContainer(
+                r.host,
+                r.previous_container,
+                bool(r.previous_running),
+                r.previous_revision,
+                r.previous_digest,
+            )
+            new = r.new_container or container_name(self.service, release.revision, release.id)
+            undos = undo_for(reached_by_phase(r.phase))
+            if undos:
+                error = self._undo_host(r.host, undos, prev, new, release.id, None)
+                if error:
+                    problems.append(error)
+        message = "interrupted: its process ended before it finished; every host put back"
+        if problems:
+            message = "interrupted: its process ended before it finished; not put back: " + (
+                "; ".join(problems)
+            )
+        self.state.finish_release(release.id, "interrupted", message, failure_kind="interrupted")
+        bound.warning("recovery undid the interrupted rollout", problems=problems)
+        self.report(f"{self.service}: interrupted rollout of {release.revision[:12]} undone")
+        return RolloutResult(self.service, False, release.id, message, [r.host for r in rows])
+
+    def _inspect_quietly(self, host: str, container: str | None) -> ContainerInfo | None:
+        if not container or host not in self.engines:
+            return None
+        try:
+            return self.engines[host].inspect(container)
+        except PipelineError:
+            return None
 
     # -- step records -----------------------------------------------------------------------
     def _step(

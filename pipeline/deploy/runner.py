@@ -16,6 +16,7 @@ import structlog
 
 from pipeline.build.builder import Artifact, Builder
 from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.deploy.recovery import recover_service
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
@@ -380,27 +381,19 @@ class Runner:
         reason: str | None,
         kind: str = "deploy",
     ) -> RolloutResult:
-        """Roll one service out under its lease; report and record the outcome."""
+        """Roll one service out under its lease (after recovering a rollout of it that a dead
+        process left running); report and record the outcome."""
         svc = self.cfg.services[service]
         self.report(
             f"{service}: rolling out {target.revision[:12]} to {', '.join(svc.hosts)} ({reason})"
         )
-        executor = RolloutExecutor(
-            state=self.state,
-            service=service,
-            spec=svc,
-            hosts=self.cfg.hosts,
-            engines={h: self.engine(h) for h in svc.hosts},
-            base_dir=self.loaded.base_dir,
-            sleep=self.sleep,
-            clock=self.clock,
-            should_stop=self.should_stop,
-            report=self.report,
-            keep_images=self.cfg.pipeline.keep_revisions,
-        )
+        executor = self.rollout_executor(service)
         try:
-            with self.state.lease(f"service:{service}", self.owner):
-                outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason)
+            with self.state.lease(f"service:{service}", self.owner) as held:
+                recover_service(executor)
+                outcome = executor.run(
+                    target, run_id=run_id, kind=kind, reason=reason, lease=held
+                )
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))
         if outcome.ok:
@@ -408,6 +401,22 @@ class Runner:
         else:
             self.report(f"{service}: FAILED, rolled back: {outcome.error}")
         return outcome
+
+    def rollout_executor(self, service: str) -> RolloutExecutor:
+        """The executor of one service's rollouts (and of their crash recovery)."""
+        return RolloutExecutor(
+            state=self.state,
+            service=service,
+            spec=self.cfg.services[service],
+            hosts=self.cfg.hosts,
+            engines={h: self.engine(h) for h in self.cfg.services[service].hosts},
+            base_dir=self.loaded.base_dir,
+            sleep=self.sleep,
+            clock=self.clock,
+            should_stop=self.should_stop,
+            report=self.report,
+            keep_images=self.cfg.pipeline.keep_revisions,
+        )
 
     def registry_auth(self) -> dict[str, str] | None:
         reg = self.cfg.registry
