@@ -207,6 +207,7 @@ class State(Leases, RolloutRecords):
                         status="interrupted",
                         finished_at=now,
                         error="interrupted: its process ended before it finished",
+                        failure_kind="interrupted",
                     )
                 )
             return [r.id for r in stale]
