@@ -14,10 +14,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from pipeline.deploy.rollout import Rollout, RolloutResult
-from pipeline.errors import LockedError
+from pipeline.deploy.rollout import Rollout, RolloutResult, Target, container_name
+from pipeline.deploy.steps import reached_by_phase, recovery_action, undo_for
+from pipeline.errors import LockedError, PipelineError
+from pipeline.hosts.engine import ContainerInfo
 from pipeline.state.schema import Release
-from pipeline.state.store import owner_alive_local
+from pipeline.state.store import PreviousContainer, owner_alive_local
 
 if TYPE_CHECKING:
     from pipeline.deploy.runner import Runner
@@ -34,9 +36,73 @@ def recover_service(
     """Recover the service's releases left running by a dead owner; the caller holds the
     service's lease."""
     return [
-        executor.recover(rel)
+        recover_release(executor, rel)
         for rel in executor.state.abandoned_releases(owner_alive, executor.service)
     ]
+
+
+def recover_release(executor: Rollout, release: Release) -> RolloutResult:
+    """Bring a release a dead process left running to an end from its records: finish it when
+    every host had passed its check (and its new container still runs), else put every host
+    back on its recorded previous container and mark the release interrupted."""
+    rows = executor.state.release_hosts(release.id)
+    service = executor.service
+    bound = log.bind(service=service, revision=release.revision[:12], release=release.id)
+    news: dict[str, ContainerInfo] = {}
+    if recovery_action({r.host: r.phase for r in rows}) == "finish":
+        for r in rows:
+            info = _inspect_quietly(executor, r.host, r.new_container)
+            if info is None or info.status != "running":
+                break
+            news[r.host] = info
+    if rows and len(news) == len(rows):
+        target = Target(release.revision, release.digest, {}, release.spec_hash, pull=False)
+        for r in rows:
+            if r.phase == "checked":
+                executor.record_deployment(r.host, news[r.host], target, release.id)
+                executor.state.set_host_phase(release.id, r.host, "switched")
+        for r in rows:
+            if r.phase != "retired":
+                executor.retire(r.host, news[r.host], release.id, None, release.revision)
+        executor.state.finish_release(release.id, "succeeded")
+        executor.report(
+            f"{service}: finished the interrupted rollout of {release.revision[:12]}: every "
+            "host had passed its check"
+        )
+        bound.warning("recovery.finished", hosts=[r.host for r in rows])
+        return RolloutResult(service, True, release.id, None, [r.host for r in rows])
+    problems = []
+    for r in rows:
+        if r.host not in executor.engines:
+            problems.append(f"host {r.host}: no longer configured for {service}")
+            continue
+        prev = PreviousContainer(
+            r.host, r.previous_container, bool(r.previous_running), r.previous_revision,
+            r.previous_digest,
+        )  # fmt: skip
+        undos = undo_for(reached_by_phase(r.phase))
+        new = r.new_container or container_name(service, release.revision, release.id)
+        error = executor.undo_host(r.host, undos, prev, new, release.id, None) if undos else None
+        if error:
+            problems.append(error)
+    message = "interrupted: its process ended before it finished; every host put back"
+    if problems:
+        message = "interrupted: its process ended before it finished; not put back: " + (
+            "; ".join(problems)
+        )
+    executor.state.finish_release(release.id, "interrupted", message, failure_kind="interrupted")
+    bound.warning("recovery.undone", problems=problems)
+    executor.report(f"{service}: interrupted rollout of {release.revision[:12]} put back")
+    return RolloutResult(service, False, release.id, message, [r.host for r in rows])
+
+
+def _inspect_quietly(executor: Rollout, host: str, container: str | None) -> ContainerInfo | None:
+    if not container or host not in executor.engines:
+        return None
+    try:
+        return executor.engines[host].inspect(container)
+    except PipelineError:
+        return None
 
 
 def recover_interrupted(

@@ -18,32 +18,34 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.config.model import HostSection, ServiceSection
+from pipeline.deploy.failures import (
+    Aborted,
+    HostFailed,
+    Interrupted,
+    RolloutFailed,
+    failure_of,
+)
 from pipeline.deploy.health import Probe, probe_for, wait_healthy
 from pipeline.deploy.steps import (
     PHASE_AFTER,
     HostSteps,
     StepKind,
-    UndoKind,
     plan_rollout,
-    reached_by_phase,
-    recovery_action,
     undo_for,
 )
+from pipeline.deploy.undo import UndoSteps
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
 from pipeline.state.leases import HeldLease
-from pipeline.state.schema import Release
 from pipeline.state.store import PreviousContainer, State
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
 ProbeFactory = Callable[[ServiceSection, Engine, ContainerInfo, str], Probe]
 
 
@@ -68,78 +70,6 @@ class RolloutResult:
     hosts: list[str] = field(default_factory=list)
     superseded: bool = False  # gave way to a newer commit at a safe point; not a failure
 
-
-class RolloutFailed(PipelineError):
-    """A host's new container failed its check (unhealthy, or it crashed)."""
-
-    def __init__(self, message: str, failure_kind: FailureKind) -> None:
-        super().__init__(message)
-        self.failure_kind = failure_kind
-
-
-class Interrupted(PipelineError):
-    """The rollout was asked to stop (a newer commit waits, the service stops) at a step
-    boundary; it is undone, and the revision stays eligible."""
-
-    failure_kind: FailureKind = "interrupted"
-
-
-class _Aborted(Exception):
-    """Another host of the same batch failed: this one stops at its next step boundary."""
-
-
-class _HostFailed(Exception):
-    """A step of a host raised `cause` (or, `before` it, a boundary check did): carries where,
-    for the one place that decides."""
-
-    def __init__(self, host: str, step: StepKind, cause: Exception, *, before: bool = False):
-        super().__init__(f"host {host}: {step}: {cause}")
-        self.host, self.step, self.cause, self.before = host, step, cause, before
-
-
-@dataclass(frozen=True)
-class Failure:
-    """How a rollout failed: what the release records (`status`, `kind`) and says (`message`)."""
-
-    kind: FailureKind
-    status: str  # rolled_back | superseded | interrupted
-    message: str
-
-
-_DOING: Mapping[StepKind, str] = {
-    "pull": "pull of the image",
-    "stop": "stopping the old container",
-    "start": "could not start the new container",
-    "health": "health check",
-    "switch": "recording the deployment",
-    "retire": "retiring the old container",
-}
-
-
-def failure_of(exc: BaseException) -> Failure:
-    """The one place deciding how a failed rollout is recorded, from the error's declared
-    kind: a failed check is unhealthy or crashed, a stop request or Ctrl-C interrupted, any
-    other PipelineError what it declares (engine, registry, lease: infrastructure), and an
-    unexpected exception (a bug) infrastructure."""
-    where, cause = "", exc
-    if isinstance(exc, _HostFailed):
-        cause = exc.cause
-        if exc.before:
-            where = f"host {exc.host}: stopped before {exc.step}"
-        else:
-            where = f"host {exc.host}: {_DOING[exc.step]}"
-            where = where if exc.step == "start" else f"{where} failed"
-    if isinstance(cause, KeyboardInterrupt):
-        return Failure("interrupted", "interrupted", "interrupted (Ctrl-C); rolled back")
-    if isinstance(cause, Interrupted):
-        return Failure("interrupted", "superseded", str(cause))
-    if isinstance(cause, RolloutFailed):
-        return Failure(cause.failure_kind, "rolled_back", str(cause))
-    if isinstance(cause, PipelineError):
-        text = f"{where}: {cause}" if where else str(cause)
-        return Failure(cause.failure_kind, "rolled_back", text)
-    text = f"unexpected error {type(cause).__name__}: {cause}"
-    return Failure("infrastructure", "rolled_back", f"{where}: {text}" if where else text)
 
 
 def container_name(service: str, revision: str, release_id: int) -> str:
@@ -173,7 +103,7 @@ class _Pass:
 
 
 @dataclass
-class Rollout:
+class Rollout(UndoSteps):
     """Executes one service's rollout; engines, probes, health timing and the clock are injected."""
 
     state: State
@@ -233,7 +163,7 @@ class Rollout:
             return result
         # Every host passed its check: the point of no return.
         for host in plan.retire:
-            self._retire(host, p)
+            self.retire(host, p.new[host], release_id, run_id, target.revision)
         self.state.finish_release(release_id, "succeeded")
         bound.info("rollout succeeded", hosts=self.spec.hosts)
         return RolloutResult(self.service, True, release_id, None, list(self.spec.hosts))
@@ -311,14 +241,14 @@ class Rollout:
                 except BaseException as exc:
                     errors.append(exc)
         crash = [e for e in errors if not isinstance(e, Exception)]
-        causes = [e for e in errors if not isinstance(e, _Aborted)]
+        causes = [e for e in errors if not isinstance(e, Aborted)]
         if crash or causes:
             raise (crash or causes)[0]
 
     def _boundary(self, p: _Pass) -> None:
         """Between two steps: stop when a sibling failed, the lease was lost, or stop is asked."""
         if p.abort.is_set():
-            raise _Aborted()
+            raise Aborted()
         if p.lease is not None:
             p.lease.check()
         if self.should_stop is not None and self.should_stop():
@@ -328,16 +258,16 @@ class Rollout:
         for step in hs.steps:
             try:
                 self._boundary(p)
-            except _Aborted:
+            except Aborted:
                 raise
             except Exception as exc:
-                raise _HostFailed(hs.host, step, exc, before=True) from exc
+                raise HostFailed(hs.host, step, exc, before=True) from exc
             p.reached[hs.host].append(step)
             about = self._about(step, hs.host, p)
             record = self._step(p.run_id, step, hs.host, p.target.revision, about)
             try:
                 detail = self._do(step, hs.host, p)
-            except _Aborted:
+            except Aborted:
                 self._end(record, "failed", error="stopped: another host of the batch failed")
                 raise
             except KeyboardInterrupt:
@@ -345,7 +275,7 @@ class Rollout:
                 raise
             except Exception as exc:
                 self._end(record, "failed", error=str(exc) or type(exc).__name__)
-                raise _HostFailed(hs.host, step, exc) from exc
+                raise HostFailed(hs.host, step, exc) from exc
             self._end(record, "succeeded", detail=detail)
             new = p.new.get(hs.host)
             self.state.set_host_phase(
@@ -389,11 +319,14 @@ class Rollout:
             return self._check(host, p)
         if step == "switch":
             new = p.new[host]
-            self._retrying(lambda: self._record(host, new, target, p.release_id))
+            self._retrying(lambda: self.record_deployment(host, new, target, p.release_id))
             return None
         raise AssertionError(f"unknown step {step}")
 
-    def _record(self, host: str, new: ContainerInfo, target: Target, release_id: int) -> None:
+    def record_deployment(
+        self, host: str, new: ContainerInfo, target: Target, release_id: int
+    ) -> None:
+        """Record `new` as what the host runs for the service (the switch step)."""
         self.state.set_deployment(
             self.service,
             host,
@@ -505,12 +438,13 @@ class Rollout:
         )
 
     # -- after every host passed ------------------------------------------------------------
-    def _retire(self, host: str, p: _Pass) -> None:
+    def retire(
+        self, host: str, new: ContainerInfo, release_id: int, run_id: int | None, revision: str
+    ) -> None:
         """Remove the service's other containers on the host and prune its old images; past
         the point of no return, so a failure here is a warning, not a rollback."""
-        new = p.new[host]
         engine = self.engines[host]
-        record = self._step(p.run_id, "retire", host, p.target.revision, None)
+        record = self._step(run_id, "retire", host, revision, None)
         problems = []
         try:
             for c in engine.managed_containers(self.service):
@@ -531,7 +465,7 @@ class Rollout:
         for problem in problems:
             log.warning("retire incomplete", service=self.service, host=host, problem=problem)
         self._end(record, "succeeded", detail="; ".join(problems) or None)
-        self.state.set_host_phase(p.release_id, host, "retired")
+        self.state.set_host_phase(release_id, host, "retired")
 
     # -- undo -------------------------------------------------------------------------------
     def _undo(self, p: _Pass, hosts: Sequence[str]) -> list[str]:
@@ -540,7 +474,7 @@ class Rollout:
         problems = []
         for host in reversed(hosts):
             new = p.new.get(host)
-            error = self._undo_host(
+            error = self.undo_host(
                 host,
                 undo_for(p.reached[host]),
                 p.previous[host],
@@ -552,151 +486,3 @@ class Rollout:
                 problems.append(error)
         return problems
 
-    def _undo_host(
-        self,
-        host: str,
-        undos: Sequence[UndoKind],
-        prev: PreviousContainer,
-        new: str | None,
-        release_id: int,
-        run_id: int | None,
-    ) -> str | None:
-        """Put one host back on its recorded previous container (each undo idempotent); return
-        None when done, else why it could not be."""
-        back_to = (prev.revision or "?")[:12] if prev.container else "nothing"
-        record = self._step(run_id, "rollback", host, None, f"back to {back_to}")
-        try:
-            self._retrying(lambda: self._apply_undos(host, undos, prev, new))
-        except Exception as exc:
-            message = f"host {host}: {exc}"
-            self._end(record, "failed", error=message)
-            log.error("rollback of host failed", service=self.service, host=host, error=str(exc))
-            return message
-        self._end(record, "succeeded")
-        self.state.set_host_phase(release_id, host, "undone")
-        self.report(f"{self.service}: {host}: rolled back to {back_to}")
-        return None
-
-    def _apply_undos(
-        self, host: str, undos: Sequence[UndoKind], prev: PreviousContainer, new: str | None
-    ) -> None:
-        engine = self.engines[host]
-        for undo in undos:
-            if undo == "remove_new" and new:
-                engine.remove(new)  # by id or by its release's name; gone is fine
-            elif undo == "start_previous" and prev.container and prev.running:
-                info = engine.inspect(prev.container)
-                if info is None:
-                    raise PipelineError(f"previous container {prev.container[:12]} is gone")
-                if info.status != "running":
-                    engine.start(prev.container)
-            elif undo == "restore_record":
-                info = engine.inspect(prev.container) if prev.container else None
-                if info is None:
-                    self.state.forget_deployment(self.service, host)
-                else:
-                    labels = info.labels
-                    self.state.set_deployment(
-                        self.service,
-                        host,
-                        revision=labels.get(f"{LABEL_PREFIX}revision", ""),
-                        digest=labels.get(f"{LABEL_PREFIX}digest", ""),
-                        ref=info.image,
-                        spec_hash=labels.get(f"{LABEL_PREFIX}spec", ""),
-                        container_id=info.id,
-                        release_id=int(labels.get(f"{LABEL_PREFIX}release", "0") or 0) or None,
-                    )
-
-    def _retrying(self, call: Callable[[], T]) -> T:
-        """Call, again (with backoff) while it fails with an error declared `retry`."""
-        retrying = Retrying(
-            stop=stop_after_attempt(max(1, self.attempts)),
-            wait=wait_exponential(multiplier=0.5, max=5),
-            retry=retry_if_exception(lambda e: isinstance(e, PipelineError) and e.retry),
-            sleep=self.sleep,
-            reraise=True,
-        )
-        return retrying(call)
-
-    # -- crash recovery ---------------------------------------------------------------------
-    def recover(self, release: Release) -> RolloutResult:
-        """Bring a release a dead process left running to an end from its records: finish it
-        when every host had passed its check (and its new container still runs), else put
-        every host back on its recorded previous container and mark it interrupted."""
-        rows = self.state.release_hosts(release.id)
-        bound = log.bind(service=self.service, revision=release.revision[:12], release=release.id)
-        action = recovery_action({r.host: r.phase for r in rows})
-        if action == "finish":
-            news = {}
-            for r in rows:
-                info = self._inspect_quietly(r.host, r.new_container)
-                if info is None or info.status != "running":
-                    action = "undo"
-                    break
-                news[r.host] = info
-        if action == "finish":
-            target = Target(release.revision, release.digest, {}, release.spec_hash, pull=False)
-            p = _Pass(target, release.id, None, None, new=news)
-            for r in rows:
-                if r.phase == "checked":
-                    self._record(r.host, news[r.host], target, release.id)
-                    self.state.set_host_phase(release.id, r.host, "switched")
-            for r in rows:
-                if r.phase != "retired":
-                    self._retire(r.host, p)
-            self.state.finish_release(release.id, "succeeded")
-            self.report(f"{self.service}: finished the interrupted rollout of "
-                        f"{release.revision[:12]}: every host had passed its check")  # fmt: skip
-            bound.warning("recovery finished the interrupted rollout")
-            return RolloutResult(self.service, True, release.id, None, [r.host for r in rows])
-        problems = []
-        for r in rows:
-            if r.host not in self.engines:
-                problems.append(f"host {r.host}: no longer configured for {self.service}")
-                continue
-            prev = PreviousContainer(
-                r.host,
-                r.previous_container,
-                bool(r.previous_running),
-                r.previous_revision,
-                r.previous_digest,
-            )
-            new = r.new_container or container_name(self.service, release.revision, release.id)
-            undos = undo_for(reached_by_phase(r.phase))
-            if undos:
-                error = self._undo_host(r.host, undos, prev, new, release.id, None)
-                if error:
-                    problems.append(error)
-        message = "interrupted: its process ended before it finished; every host put back"
-        if problems:
-            message = "interrupted: its process ended before it finished; not put back: " + (
-                "; ".join(problems)
-            )
-        self.state.finish_release(release.id, "interrupted", message, failure_kind="interrupted")
-        bound.warning("recovery undid the interrupted rollout", problems=problems)
-        self.report(f"{self.service}: interrupted rollout of {release.revision[:12]} undone")
-        return RolloutResult(self.service, False, release.id, message, [r.host for r in rows])
-
-    def _inspect_quietly(self, host: str, container: str | None) -> ContainerInfo | None:
-        if not container or host not in self.engines:
-            return None
-        try:
-            return self.engines[host].inspect(container)
-        except PipelineError:
-            return None
-
-    # -- step records -----------------------------------------------------------------------
-    def _step(
-        self, run_id: int | None, kind: str, host: str, revision: str | None, detail: str | None
-    ) -> int | None:
-        if run_id is None:
-            return None
-        return self.state.start_step(
-            run_id, kind, self.service, host=host, revision=revision, detail=detail
-        )
-
-    def _end(
-        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
-    ) -> None:
-        if step is not None:
-            self.state.finish_step(step, status, detail=detail, error=error)

@@ -14,15 +14,9 @@ import pytest
 from rollout_double import KINDS, Clock, Crash, Fault, World, probe_for, spec_of
 
 from pipeline.config.model import HealthSection, HostSection, ServiceSection
+from pipeline.deploy.failures import HostFailed, Interrupted, RolloutFailed, failure_of
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
-from pipeline.deploy.rollout import (
-    Interrupted,
-    Rollout,
-    RolloutFailed,
-    Target,
-    _HostFailed,
-    failure_of,
-)
+from pipeline.deploy.rollout import Rollout, Target
 from pipeline.deploy.steps import (
     HostSteps,
     plan_rollout,
@@ -127,16 +121,16 @@ def test_recovery_finishes_only_when_every_host_passed(phases: dict[str, str], a
 @pytest.mark.parametrize(
     ("exc", "kind", "status"),
     [
-        (_HostFailed("h1", "pull", EngineError("registry down")), "infrastructure", "rolled_back"),
-        (_HostFailed("h1", "stop", StallingError("refused")), "infrastructure", "rolled_back"),
-        (_HostFailed("h1", "health", RolloutFailed("404", "unhealthy")), "unhealthy",
+        (HostFailed("h1", "pull", EngineError("registry down")), "infrastructure", "rolled_back"),
+        (HostFailed("h1", "stop", StallingError("refused")), "infrastructure", "rolled_back"),
+        (HostFailed("h1", "health", RolloutFailed("404", "unhealthy")), "unhealthy",
          "rolled_back"),
-        (_HostFailed("h1", "health", RolloutFailed("exit 3", "crashed")), "crashed",
+        (HostFailed("h1", "health", RolloutFailed("exit 3", "crashed")), "crashed",
          "rolled_back"),
-        (_HostFailed("h2", "start", RuntimeError("bug")), "infrastructure", "rolled_back"),
-        (_HostFailed("h2", "pull", Interrupted("stop"), before=True), "interrupted",
+        (HostFailed("h2", "start", RuntimeError("bug")), "infrastructure", "rolled_back"),
+        (HostFailed("h2", "pull", Interrupted("stop"), before=True), "interrupted",
          "superseded"),
-        (_HostFailed("h2", "pull", LeaseLost("lost"), before=True), "infrastructure",
+        (HostFailed("h2", "pull", LeaseLost("lost"), before=True), "infrastructure",
          "rolled_back"),
         (KeyboardInterrupt(), "interrupted", "interrupted"),
         (PipelineError("host h2 unreachable"), "infrastructure", "rolled_back"),
