@@ -209,16 +209,15 @@ class Rollout(UndoSteps):
         self.state.plan_release_hosts(p.release_id, p.previous.values())
 
     def _previous(self, host: str) -> ContainerInfo | None:
-        """The container the host returns to on undo: the recorded deployment's when it is
-        there, else the newest running container of the service."""
+        """The container the host returns to on undo: the recorded deployment's when it runs,
+        else the newest running container of the service, else the recorded one (stopped)."""
         containers = self.engines[host].managed_containers(self.service)
         record = self.state.deployment(self.service, host)
-        for c in containers:
-            if record is not None and c.id == record.container_id:
-                return c
+        recorded = [c for c in containers if record is not None and c.id == record.container_id]
         running = [c for c in containers if c.status == "running"]
-        running.sort(key=lambda c: c.started_at or "", reverse=True)
-        return running[0] if running else None
+        running.sort(key=lambda c: (c in recorded, c.started_at or ""), reverse=True)
+        found = running or recorded
+        return found[0] if found else None
 
     # -- moving hosts -----------------------------------------------------------------------
     def _batch(self, batch: Sequence[HostSteps], p: _Pass) -> None:
