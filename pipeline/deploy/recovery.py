@@ -33,23 +33,25 @@ MAX_INTERRUPTIONS = 2
 def recover_service(
     executor: Rollout, owner_alive: Callable[[str], bool] = owner_alive_local
 ) -> list[RolloutResult]:
-    """Recover the service's releases left running by a dead owner; the caller holds the
-    service's lease."""
-    return [
-        recover_release(executor, rel)
-        for rel in executor.state.abandoned_releases(owner_alive, executor.service)
-    ]
+    """Recover the service's releases left running by a dead owner, and put back hosts whose
+    undo the engine refused before; the caller holds the service's lease."""
+    state, service = executor.state, executor.service
+    releases = state.abandoned_releases(owner_alive, service) + state.unrestored_releases(service)
+    return [recover_release(executor, rel) for rel in releases]
 
 
 def recover_release(executor: Rollout, release: Release) -> RolloutResult:
     """Bring a release a dead process left running to an end from its records: finish it when
     every host had passed its check (and its new container still runs), else put every host
-    back on its recorded previous container and mark the release interrupted."""
+    back on its recorded previous container and mark the release interrupted. A failed
+    release whose undo was refused is put back and then marked rolled back."""
     rows = executor.state.release_hosts(release.id)
     service = executor.service
     bound = log.bind(service=service, revision=release.revision[:12], release=release.id)
     news: dict[str, ContainerInfo] = {}
-    if recovery_action({r.host: r.phase for r in rows}) == "finish":
+    if release.status == "running" and recovery_action({r.host: r.phase for r in rows}) == (
+        "finish"
+    ):
         for r in rows:
             info = _inspect_quietly(executor, r.host, r.new_container)
             if info is None or info.status != "running":
@@ -85,6 +87,20 @@ def recover_release(executor: Rollout, release: Release) -> RolloutResult:
         error = executor.undo_host(r.host, undos, prev, new, release.id, None) if undos else None
         if error:
             problems.append(error)
+    if release.status == "failed":  # its own rollout could not undo everything
+        if problems:
+            bound.error("recovery.still_not_put_back", problems=problems)
+            return RolloutResult(service, False, release.id, release.error, [])
+        failure = (release.error or "").split("\nnot put back: ", 1)[0]
+        executor.state.finish_release(
+            release.id,
+            "rolled_back",
+            f"{failure}\n(put back by a later recovery)",
+            failure_kind=release.failure_kind,  # type: ignore[arg-type]
+        )
+        executor.report(f"{service}: hosts of the failed rollout of {release.revision[:12]} "
+                        "put back")  # fmt: skip
+        return RolloutResult(service, False, release.id, failure, [r.host for r in rows])
     message = "interrupted: its process ended before it finished; every host put back"
     if problems:
         message = "interrupted: its process ended before it finished; not put back: " + (
@@ -113,7 +129,8 @@ def recover_interrupted(
     process holds is left to it (it recovers before its own rollout)."""
     results: list[RolloutResult] = []
     abandoned = runner.state.abandoned_releases(owner_alive)
-    for service in sorted({rel.service for rel in abandoned}):
+    unrestored = runner.state.unrestored_releases()
+    for service in sorted({rel.service for rel in abandoned + unrestored}):
         if service not in runner.cfg.services:
             for rel in abandoned:
                 if rel.service == service:

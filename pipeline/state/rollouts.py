@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.state.schema import Release, ReleaseHost, Run
 
 # The phases of `release_hosts.phase`, in the order a host goes through them.
 PHASES = ("planned", "pulled", "stopped_old", "started", "checked", "switched", "retired", "undone")
+# Phases of a host whose serving containers the rollout changed (and undo has not restored).
+TOUCHED = ("stopped_old", "started", "checked", "switched")
 
 
 @dataclass(frozen=True)
@@ -100,3 +102,27 @@ class RolloutRecords:
             if service is not None:
                 q = q.where(Release.service == service)
             return [rel for rel, owner in s.execute(q) if owner is None or not owner_alive(owner)]
+
+    def unrestored_releases(self, service: str | None = None) -> list[Release]:
+        """Failed releases whose undo the engine refused on some host (a row still in a
+        touched phase), each the newest release of its service: recovery tries again."""
+        with self.session() as s:
+            newest = (
+                select(Release.service, func.max(Release.id).label("id"))
+                .group_by(Release.service)
+                .subquery()
+            )
+            q = (
+                select(Release)
+                .join(newest, newest.c.id == Release.id)
+                .where(
+                    Release.status == "failed",
+                    Release.id.in_(
+                        select(ReleaseHost.release_id).where(ReleaseHost.phase.in_(TOUCHED))
+                    ),
+                )
+                .order_by(Release.id)
+            )
+            if service is not None:
+                q = q.where(Release.service == service)
+            return list(s.scalars(q))

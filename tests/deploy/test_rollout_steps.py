@@ -378,10 +378,14 @@ def test_a_fault_at_any_step_leaves_one_revision_everywhere(
     else:
         assert not kind.startswith("crash") or not fault.fired
         if undo_refused:
-            # The engine refused to undo (once): that host is reported, never left unsaid.
+            # The engine refused to undo (once): the host is named, and the next recovery
+            # (the next command, serve's start, the service's next rollout) puts it back.
             rel = bed.state.releases("web")[0]
             assert rel.status == "failed" and "not put back" in (rel.error or ""), rel.error
             assert f"host {host}" in (rel.error or "")
+            state = recover(bed)
+            assert assert_invariants(bed, state, allowed) == "rolled_back"
+            assert "put back by a later recovery" in (state.releases("web")[0].error or "")
         else:
             status = assert_invariants(bed, bed.state, allowed)
             assert result.ok is (status == "succeeded")
@@ -421,9 +425,10 @@ def test_start_first_never_stops_the_old_container(bed: Bed) -> None:
     assert assert_invariants(bed, bed.state, {"unhealthy"}) == "rolled_back"
 
 
-def test_an_undo_the_engine_keeps_refusing_is_reported_not_hidden(bed: Bed) -> None:
+def test_an_undo_the_engine_keeps_refusing_is_reported_then_retried(bed: Bed) -> None:
     """When a host's old container cannot be started again, the release ends failed, naming
-    the host and why, and the other host is still put back."""
+    the host and why, the other host is still put back, and recovery keeps trying the refused
+    host until it is back (then the release is rolled back)."""
     bed.world.bad_images.add(NEW_IMAGE)
     bed.world.bad_hosts.add("h2")
     bed.world.faults += [Fault("h1", "start", "stalling", after="logs_tail") for _ in range(5)]
@@ -433,6 +438,11 @@ def test_an_undo_the_engine_keeps_refusing_is_reported_not_hidden(bed: Bed) -> N
     assert rel.failure_kind == "unhealthy"
     assert not result.ok
     assert [c.id for c in bed.world.running("web")["h2"]] == [bed.before["h2"]]
+    runner = _Runner(bed)
+    recover_interrupted(runner, lambda owner: owner != DEAD)  # type: ignore[arg-type]
+    assert runner.state.releases("web")[0].status == "failed"  # refused again: still said
+    state = recover(bed)  # the engine accepts now
+    assert assert_invariants(bed, state, {"unhealthy"}) == "rolled_back"
 
 
 def test_ctrl_c_undoes_then_stops(bed: Bed) -> None:
