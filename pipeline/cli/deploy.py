@@ -41,6 +41,14 @@ def _runner(loaded: LoadedConfig) -> Runner:
     return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
 
 
+def _recovered(runner: Runner) -> Runner:
+    """The runner, once rollouts a dead process left running are put back (or finished)."""
+    from pipeline.deploy.recovery import recover_interrupted
+
+    recover_interrupted(runner)
+    return runner
+
+
 def _outcome(result: PassResult) -> None:
     """Print a pass's errors and outcome; exit 1 when it failed."""
     for error in result.errors:
@@ -88,7 +96,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """One pass: bring every service to the newest commit. Exit 1 if anything failed."""
         loaded = load_config(config)
-        result = _runner(loaded).run_pass(repo)
+        result = _recovered(_runner(loaded)).run_pass(repo)
         _outcome(result)
 
     @app.command()
@@ -105,7 +113,7 @@ def register(app: typer.Typer) -> None:
         if svc is None:
             fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})", 2)
         repo = loaded.model.images[svc.image].repo
-        result = _runner(loaded).run_pass(
+        result = _recovered(_runner(loaded)).run_pass(
             repo,
             trigger="deploy",
             only_services=[service],
@@ -123,7 +131,7 @@ def register(app: typer.Typer) -> None:
         img = loaded.model.images.get(image)
         if img is None:
             fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", 2)
-        result = _runner(loaded).run_pass(
+        result = _recovered(_runner(loaded)).run_pass(
             img.repo, trigger="rebuild", force_images=[image], pull_base=True
         )
         _outcome(result)
@@ -149,7 +157,7 @@ def register(app: typer.Typer) -> None:
         try:
             from pipeline.deploy.operations import rollback_service
 
-            outcome = rollback_service(runner, service, to)
+            outcome = rollback_service(_recovered(runner), service, to)
         except PipelineError as exc:
             fail(str(exc))
         if not outcome.ok:

@@ -33,6 +33,13 @@ STATE_POLL = 0.25  # seconds between looks at the container while probes are fur
 FIRST_PAUSE = 0.05  # seconds before the second probe; doubles until the first success
 
 
+class ProbeTargetError(StallingError):
+    """The check has nothing to aim at (the port it needs is not published): a failure of this
+    revision's settings, kept out like an unhealthy one, not retried as infrastructure."""
+
+    failure_kind = "unhealthy"
+
+
 @dataclass(frozen=True)
 class HealthResult:
     """The gate's outcome: healthy or not; `detail` says why it failed (or what passed);
@@ -268,7 +275,7 @@ def _host_port(
         elif container.ports:
             return next(iter(container.ports.values()))
         else:
-            raise StallingError(
+            raise ProbeTargetError(
                 f"service container {container.name}: the health check needs a port "
                 "(set health.port or publish one in 'ports')"
             )
@@ -277,7 +284,7 @@ def _host_port(
     for key in (f"{container_port}/tcp", f"{container_port}/udp"):
         if key in container.ports:
             return container.ports[key]
-    raise StallingError(
+    raise ProbeTargetError(
         f"service container {container.name}: container port {container_port} is not published "
         f"(published: {', '.join(container.ports) or 'none'})"
     )
@@ -330,9 +337,12 @@ def check_container(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     should_stop: Callable[[], bool] | None = None,
+    probe_for: Callable[[ServiceSection, Engine, ContainerInfo, str], Probe | None] = probe_for,
 ) -> HealthResult:
     """Hold a just-started container (as `Engine.run` returned it) to the gate its service's
-    `[health]` table describes: `wait_healthy` with the table's settings. Never raises."""
+    `[health]` table describes: `wait_healthy` with the table's settings. Raises only an engine
+    error met while aiming the check (its declared kind decides how the rollout records it).
+    `probe_for` makes the check (injected by tests of the rollout with an engine double)."""
     state = container_state(engine, container)
     restarts = container.restart_count
 
@@ -348,7 +358,12 @@ def check_container(
     try:
         probe = probe_for(service, engine, now or container, host_address)
     except PipelineError as exc:
-        return look()[1] or HealthResult(False, str(exc), 0, 0.0, UNHEALTHY, str(exc))
+        died = look()[1]
+        if died is not None:
+            return died
+        if isinstance(exc, ProbeTargetError):
+            return HealthResult(False, str(exc), 0, 0.0, UNHEALTHY, str(exc))
+        raise
     h = service.health
     return wait_healthy(
         probe,

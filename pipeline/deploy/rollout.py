@@ -1,36 +1,60 @@
-"""Rolling a service out to its hosts, behind health checks, rolling back everywhere on failure.
+"""Rolling a service out to its hosts behind health checks; undone on every host on any failure.
 
-Per host: pull (before anything stops), start the new container (stopping the old one first
-for `stop-first`), wait until it is healthy. The old container is kept, stopped, until every
-host is healthy: rolling back is restarting it, with no registry and no rebuild. When one host
-fails, that host and every host already moved in this rollout go back, so the service ends on
-one revision everywhere.
+A rollout is the ordered list of per-host steps `steps.plan_rollout` decides up front (pull,
+stop old, start new, check, switch; then retire once every host passed). Before any host is
+touched, each host's previous container is recorded (`release_hosts`); each step's completion
+is recorded as the host's phase. Any exception in any step (an error of any kind, a bug, a stop
+request, a lost lease) undoes the steps every touched host reached, so the service ends on one
+revision everywhere, and the release ends in a terminal state with its reason and failure kind.
+A crash (kill -9) leaves the records; `recover` puts the hosts back from them.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from dotenv import dotenv_values
 
 from pipeline.config.model import HostSection, ServiceSection
+from pipeline.deploy.failures import (
+    Aborted,
+    HostFailed,
+    Interrupted,
+    RolloutFailed,
+    failure_of,
+)
 from pipeline.deploy.health import (
-    HealthResult,
+    Probe,
     check_container,
     container_logs,
     failure_text,
+    probe_for,
 )
+from pipeline.deploy.steps import (
+    PHASE_AFTER,
+    HostSteps,
+    StepKind,
+    plan_rollout,
+    undo_for,
+)
+from pipeline.deploy.undo import UndoSteps
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
+from pipeline.state.leases import HeldLease
 from pipeline.state.rollbacks import ServiceSettings
-from pipeline.state.store import State
+from pipeline.state.store import PreviousContainer, State
 
 log = structlog.get_logger(__name__)
+
+ProbeFactory = Callable[[ServiceSection, Engine, ContainerInfo, str], Probe | None]
 
 
 @dataclass(frozen=True)
@@ -46,16 +70,6 @@ class Target:
     env_file: str | None = None  # the text of the service's env_file that spec_hash covers
     settings: ServiceSettings | None = None  # recorded with the release, for a later rollback
     restores: int | None = None  # a rollback: the release it brings back
-
-
-@dataclass
-class _Move:
-    host: str
-    engine: Engine
-    old: ContainerInfo | None
-    new: ContainerInfo | None = None
-    restarted_old: bool = False
-    failure_kind: FailureKind | None = None  # why the new container failed its health gate
 
 
 @dataclass
@@ -82,8 +96,22 @@ def env_values(text: str) -> dict[str, str]:
 
 
 @dataclass
-class Rollout:
-    """Executes one service's rollout; engines, health timing and the clock are injected."""
+class _Pass:
+    """One rollout's working state: the records it keeps in memory beside `release_hosts`."""
+
+    target: Target
+    release_id: int
+    run_id: int | None
+    lease: HeldLease | None
+    previous: dict[str, PreviousContainer] = field(default_factory=dict)
+    new: dict[str, ContainerInfo] = field(default_factory=dict)
+    reached: dict[str, list[StepKind]] = field(default_factory=dict)
+    abort: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Rollout(UndoSteps):
+    """Executes one service's rollout; engines, probes, health timing and the clock are injected."""
 
     state: State
     service: str
@@ -95,11 +123,19 @@ class Rollout:
     should_stop: Callable[[], bool] | None = None
     report: Callable[[str], None] = lambda _line: None
     keep_images: int = 3  # images of the service kept on each host for an instant rollback
+    probe_for: ProbeFactory = probe_for
+    attempts: int = 3  # tries of a step (pulls excepted) or an undo on an error declared retry
 
     def run(
-        self, target: Target, *, run_id: int | None, kind: str = "deploy", reason: str | None = None
+        self,
+        target: Target,
+        *,
+        run_id: int | None,
+        kind: str = "deploy",
+        reason: str | None = None,
+        lease: HeldLease | None = None,
     ) -> RolloutResult:
-        """Roll `target` out to every host of the service; on any failure, roll all back."""
+        """Roll `target` out to every host of the service; on any failure, undo every host."""
         release_id = self.state.start_release(
             self.service,
             target.revision,
@@ -112,157 +148,247 @@ class Rollout:
             settings=target.settings,
             restores=target.restores,
         )
+        p = _Pass(target, release_id, run_id, lease)
+        p.reached = {h: [] for h in self.spec.hosts}
         bound = log.bind(service=self.service, revision=target.revision[:12], run_id=run_id)
         bound.info("rollout started", hosts=self.spec.hosts, strategy=self.spec.strategy)
-        moved: list[_Move] = []
-        hosts = list(self.spec.hosts)
-        batches = [
-            hosts[i : i + self.spec.max_parallel]
-            for i in range(0, len(hosts), self.spec.max_parallel)
-        ]
-        failure: str | None = None
-        why: FailureKind | None = None
-        with ThreadPoolExecutor(max_workers=self.spec.max_parallel) as pool:
-            for batch in batches:
-                futures = [
-                    pool.submit(self._move_host, h, target, release_id, run_id) for h in batch
-                ]
-                for fut in futures:
-                    move, error = fut.result()
-                    if move is not None and move.new is not None and error is None:
-                        moved.append(move)
-                    elif error is not None:
-                        if failure is None:
-                            # The health gate's verdict (crashed, unhealthy); with none the host
-                            # failed before it (pull, start): the engine or the registry.
-                            why = (move.failure_kind if move else None) or "infrastructure"
-                        failure = failure or error
-                if failure:
-                    break
-        if failure:
-            self._roll_back(moved, release_id, run_id)
-            # Interrupted at a safe point (a newer commit waits, or the service stops): not a
-            # failure of this revision, so it stays eligible and is not reported as broken.
-            superseded = self.should_stop is not None and self.should_stop()
-            if superseded:
-                failure = f"superseded before it was healthy; rolled back ({failure})"
-            self.state.finish_release(
-                release_id,
-                "superseded" if superseded else "rolled_back",
-                failure,
-                failure_kind=None if superseded else why,
+        try:
+            self._observe(p)
+            plan = plan_rollout(
+                self.spec.hosts,
+                strategy=self.spec.strategy,
+                max_parallel=self.spec.max_parallel,
+                pull=target.pull,
+                previous_running={h: prev.running for h, prev in p.previous.items()},
             )
-            bound.error(
-                "rollout failed, rolled back",
-                error=failure,
-                hosts_rolled_back=[m.host for m in moved],
-            )
-            return RolloutResult(
-                self.service,
-                False,
-                release_id,
-                failure,
-                [m.host for m in moved],
-                superseded,
-                None if superseded else why,
-            )
-        for move in moved:
-            self._retire_old(move, run_id)
-            self._prune_images(move, self.spec.image, self.keep_images)
+            for batch in plan.batches:
+                self._batch(batch, p)
+        except (Exception, KeyboardInterrupt) as exc:
+            # Anything else (SystemExit, a kill -9) ends the process: recovery's job.
+            result = self._fail(p, exc, bound)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            return result
+        # Every host passed its check: the point of no return.
+        for host in plan.retire:
+            self.retire(host, p.new[host], release_id, run_id, target.revision)
         self.state.finish_release(release_id, "succeeded")
-        bound.info("rollout succeeded", hosts=hosts)
-        return RolloutResult(self.service, True, release_id, None, hosts)
+        bound.info("rollout succeeded", hosts=self.spec.hosts)
+        return RolloutResult(self.service, True, release_id, None, list(self.spec.hosts))
 
-    # -- one host -------------------------------------------------------------------------
-    def _move_host(
-        self, host: str, target: Target, release_id: int, run_id: int | None
-    ) -> tuple[_Move | None, str | None]:
-        engine = self.engines[host]
-        ref = target.refs[host]
-        hlog = log.bind(
-            service=self.service, host=host, revision=target.revision[:12], run_id=run_id
-        )
-        step = self._step(run_id, "pull", host, target.revision, ref)
-        try:
-            if target.pull and not engine.has_image(ref):
-                engine.pull(ref, auth=target.auth)
-            self._end(step, "succeeded")
-        except PipelineError as exc:
-            self._end(step, "failed", error=str(exc))
-            hlog.error("pull failed", error=str(exc))
-            return None, f"host {host}: pull of {ref} failed: {exc}"
-        old = self._current(engine)
-        move = _Move(host, engine, old)
-        step = self._step(
-            run_id,
-            "start",
-            host,
-            target.revision,
-            f"strategy {self.spec.strategy}; replacing {old.name if old else 'nothing'}",
-        )
-        try:
-            if self.spec.network not in ("bridge", "host", "none"):
-                engine.containers.ensure_network(self.spec.network)
-            if old is not None and self.spec.strategy == "stop-first":
-                engine.containers.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
-            move.new = engine.containers.run(self._container_spec(target, ref, release_id))
-            self._end(step, "succeeded", detail=f"container {move.new.name}")
-        except PipelineError as exc:
-            self._end(step, "failed", error=str(exc))
-            self._undo_host(move, run_id)
-            return move, f"host {host}: could not start the new container: {exc}"
-        self.report(f"{self.service}: {host}: started {move.new.name}, checking health")
-        result = self._check(engine, move.new, host, run_id, target.revision)
-        if not result.healthy:
-            logs = container_logs(engine, move.new.id)
-            error = f"host {host}: {self.service} at {target.revision[:12]} " + failure_text(
-                result, move.new.name, logs
+    def _fail(self, p: _Pass, exc: BaseException, bound: Any) -> RolloutResult:
+        failure = failure_of(exc)
+        cause = getattr(exc, "cause", exc)
+        if not isinstance(cause, PipelineError | KeyboardInterrupt):
+            bound.error(  # a bug: its traceback, as plain text
+                "rollout failed on an unexpected error",
+                traceback="".join(traceback.format_exception(cause)),
             )
-            move.failure_kind = result.failure_kind
-            hlog.error("health check failed", detail=result.detail, kind=result.failure_kind)
-            self._undo_host(move, run_id)
-            return move, error
+        touched = [h for h in self.spec.hosts if undo_for(p.reached.get(h, ()))]
+        problems = self._undo(p, touched)
+        status, message = failure.status, failure.message
+        if failure.status == "rolled_back" and not touched:
+            status = "failed"  # nothing had been changed yet
+        if failure.status == "superseded":
+            message = f"superseded before it was healthy; rolled back ({message})"
+        if problems:
+            status = "failed"
+            message += "\nnot put back: " + "; ".join(problems)
+        self.state.finish_release(p.release_id, status, message, failure_kind=failure.kind)
+        bound.error("rollout failed, rolled back", error=message, failure_kind=failure.kind,
+                    hosts_rolled_back=touched)  # fmt: skip
+        return RolloutResult(
+            self.service,
+            False,
+            p.release_id,
+            message,
+            touched,
+            failure.status == "superseded",
+            failure.kind,
+        )
+
+    # -- before anything is touched ---------------------------------------------------------
+    def _observe(self, p: _Pass) -> None:
+        """Record every host's previous container (`release_hosts`, phase planned)."""
+        for host in self.spec.hosts:
+            info = self._previous(host)
+            labels = info.labels if info else {}
+            p.previous[host] = PreviousContainer(
+                host=host,
+                container=info.id if info else None,
+                running=info is not None and info.status == "running",
+                revision=labels.get(f"{LABEL_PREFIX}revision"),
+                digest=labels.get(f"{LABEL_PREFIX}digest"),
+            )
+        self.state.rollouts.plan_release_hosts(p.release_id, p.previous.values())
+
+    def _previous(self, host: str) -> ContainerInfo | None:
+        """The container the host returns to on undo: the recorded deployment's when it runs,
+        else the newest running container of the service, else the recorded one (stopped)."""
+        containers = self.engines[host].containers.managed_containers(self.service)
+        record = self.state.deployment(self.service, host)
+        recorded = [c for c in containers if record is not None and c.id == record.container_id]
+        running = [c for c in containers if c.status == "running"]
+        running.sort(key=lambda c: (c in recorded, c.started_at or ""), reverse=True)
+        found = running or recorded
+        return found[0] if found else None
+
+    # -- moving hosts -----------------------------------------------------------------------
+    def _batch(self, batch: Sequence[HostSteps], p: _Pass) -> None:
+        if len(batch) == 1:
+            self._host(batch[0], p)
+            return
+
+        def guarded(hs: HostSteps) -> None:
+            try:
+                self._host(hs, p)
+            except BaseException:
+                p.abort.set()  # the others stop at their next step boundary
+                raise
+
+        errors: list[BaseException] = []
+        with ThreadPoolExecutor(max_workers=len(batch)) as pool:
+            for fut in [pool.submit(guarded, hs) for hs in batch]:
+                try:
+                    fut.result()
+                except BaseException as exc:
+                    errors.append(exc)
+        crash = [e for e in errors if not isinstance(e, Exception)]
+        causes = [e for e in errors if not isinstance(e, Aborted)]
+        if crash or causes:
+            raise (crash or causes)[0]
+
+    def _boundary(self, p: _Pass) -> None:
+        """Between two steps: stop when a sibling failed, the lease was lost, or stop is asked."""
+        if p.abort.is_set():
+            raise Aborted()
+        if p.lease is not None:
+            p.lease.check()
+        if self.should_stop is not None and self.should_stop():
+            raise Interrupted(f"{self.service}: asked to stop")
+
+    def _host(self, hs: HostSteps, p: _Pass) -> None:
+        for step in hs.steps:
+            try:
+                self._boundary(p)
+            except Aborted:
+                raise
+            except Exception as exc:
+                raise HostFailed(hs.host, step, exc, before=True) from exc
+            p.reached[hs.host].append(step)
+            about = self._about(step, hs.host, p)
+            record = self._step(p.run_id, step, hs.host, p.target.revision, about)
+            try:
+                detail = self._do(step, hs.host, p)
+            except Aborted:
+                self._end(record, "failed", error="stopped: another host of the batch failed")
+                raise
+            except KeyboardInterrupt:
+                self._end(record, "failed", error="interrupted (Ctrl-C)")
+                raise
+            except Exception as exc:
+                self._end(record, "failed", error=str(exc) or type(exc).__name__)
+                raise HostFailed(hs.host, step, exc) from exc
+            self._end(record, "succeeded", detail=detail)
+            new = p.new.get(hs.host)
+            self.state.rollouts.set_host_phase(
+                p.release_id, hs.host, PHASE_AFTER[step], new_container=new.id if new else None
+            )
+
+    def _about(self, step: StepKind, host: str, p: _Pass) -> str | None:
+        prev = p.previous[host].container
+        new = p.new.get(host)
+        return {
+            "pull": p.target.refs[host],
+            "stop": f"container {(prev or '')[:12]}",
+            "start": f"strategy {self.spec.strategy}; replacing {(prev or '')[:12] or 'nothing'}",
+            "health": new.name if new else None,
+            "switch": new.name if new else None,
+        }.get(step)
+
+    def _do(self, step: StepKind, host: str, p: _Pass) -> str | None:
+        engine, target = self.engines[host], p.target
+        ref = target.refs[host]
+        if step == "pull":
+            # Not retried here: the engine retries its own pulls.
+            if engine.has_image(ref):
+                return "already on the host"
+            engine.pull(ref, auth=target.auth)
+            return None
+        if step == "stop":
+            prev = p.previous[host].container
+            assert prev is not None
+            grace = max(0, round(self.spec.stop_timeout))
+            self._retrying(lambda: engine.containers.stop(prev, timeout=grace))
+            return None
+        if step == "start":
+            if self.spec.network not in ("bridge", "host", "none"):
+                self._retrying(lambda: engine.containers.ensure_network(self.spec.network))
+            spec = self._container_spec(target, ref, p.release_id)
+            new = self._retrying(lambda: engine.containers.run(spec))
+            p.new[host] = new
+            self.report(f"{self.service}: {host}: started {new.name}, checking health")
+            return f"container {new.name}"
+        if step == "health":
+            return self._check(host, p)
+        if step == "switch":
+            new = p.new[host]
+            self._retrying(lambda: self.record_deployment(host, new, target, p.release_id))
+            return None
+        raise AssertionError(f"unknown step {step}")
+
+    def record_deployment(
+        self, host: str, new: ContainerInfo, target: Target, release_id: int
+    ) -> None:
+        """Record `new` as what the host runs for the service (the switch step)."""
         self.state.set_deployment(
             self.service,
             host,
             revision=target.revision,
             digest=target.digest,
-            ref=ref,
+            ref=target.refs.get(host, new.image),
             spec_hash=target.spec_hash,
-            container_id=move.new.id,
+            container_id=new.id,
             release_id=release_id,
         )
-        self.report(f"{self.service}: {host}: healthy ({result.detail})")
-        hlog.info("host healthy", container=move.new.name, detail=result.detail)
-        return move, None
 
-    def _check(
-        self, engine: Engine, container: ContainerInfo, host: str, run_id: int | None, revision: str
-    ) -> HealthResult:
-        step = self._step(run_id, "health", host, revision, container.name)
+    def _check(self, host: str, p: _Pass) -> str:
+        """Hold the new container to its health gate; raise RolloutFailed (unhealthy or crashed)
+        with the check's last result and the container's last log lines."""
+        engine, new = self.engines[host], p.new[host]
+
+        def stop() -> bool:
+            return (
+                p.abort.is_set()
+                or (p.lease is not None and p.lease.lost)
+                or (self.should_stop is not None and self.should_stop())
+            )
+
         result = check_container(
             self.spec,
             engine,
-            container,
+            new,
             self.hosts[host].reach_address,
             clock=self.clock,
             sleep=self.sleep,
-            should_stop=self.should_stop,
+            should_stop=stop,
+            probe_for=self.probe_for,
         )
-        self._end(
-            step,
-            "succeeded" if result.healthy else "failed",
-            detail=result.detail,
-            error=None if result.healthy else result.detail,
+        if result.healthy:
+            self.report(f"{self.service}: {host}: healthy ({result.detail})")
+            log.info("host healthy", service=self.service, host=host, container=new.name,
+                     detail=result.detail)  # fmt: skip
+            return result.detail
+        if result.failure_kind is None and stop():
+            self._boundary(p)  # raises what asked the check to stop
+        kind: FailureKind = result.failure_kind or "unhealthy"
+        log.error("health check failed", service=self.service, host=host, detail=result.detail,
+                  kind=kind)  # fmt: skip
+        raise RolloutFailed(
+            f"host {host}: {self.service} at {p.target.revision[:12]} "
+            + failure_text(result, new.name, container_logs(engine, new.id)),
+            kind,
         )
-        return result
-
-    def _current(self, engine: Engine) -> ContainerInfo | None:
-        """The running container of this service on the host (the newest if several)."""
-        mine = engine.containers.managed_containers(self.service)
-        running = [c for c in mine if c.status == "running"]
-        running.sort(key=lambda c: c.started_at or "", reverse=True)
-        return running[0] if running else None
 
     def _container_spec(self, target: Target, ref: str, release_id: int) -> ContainerSpec:
         env = env_values(target.env_file) if target.env_file is not None else {}
@@ -292,89 +418,52 @@ class Rollout:
             restart=self.spec.restart,
         )
 
-    # -- undo and cleanup -------------------------------------------------------------------
-    def _undo_host(self, move: _Move, run_id: int | None) -> None:
-        """Put one host back as it was before this rollout touched it."""
-        step = self._step(
-            run_id,
-            "rollback",
-            move.host,
-            None,
-            f"back to {move.old.name if move.old else 'nothing'}",
-        )
-        try:
-            if move.new is not None:
-                move.engine.containers.remove(move.new.id)
-            if move.old is not None:
-                prev = move.engine.containers.inspect(move.old.id)
-                if prev is not None and prev.status != "running":
-                    move.engine.containers.start(move.old.id)
-                    move.restarted_old = True
-                self._restore_record(move)
-            else:
-                self.state.forget_deployment(self.service, move.host)
-            self._end(step, "succeeded")
-            back_to = move.old.labels.get(f"{LABEL_PREFIX}revision", "?")[:12] if move.old else None
-            self.report(f"{self.service}: {move.host}: rolled back to {back_to or 'nothing'}")
-        except PipelineError as exc:
-            self._end(step, "failed", error=str(exc))
-            log.error(
-                "rollback of host failed", service=self.service, host=move.host, error=str(exc)
-            )
-
-    def _restore_record(self, move: _Move) -> None:
-        assert move.old is not None
-        labels = move.old.labels
-        self.state.set_deployment(
-            self.service,
-            move.host,
-            revision=labels.get(f"{LABEL_PREFIX}revision", ""),
-            digest=labels.get(f"{LABEL_PREFIX}digest", ""),
-            ref=move.old.image,
-            spec_hash=labels.get(f"{LABEL_PREFIX}spec", ""),
-            container_id=move.old.id,
-            release_id=int(labels.get(f"{LABEL_PREFIX}release", "0") or 0) or None,
-        )
-
-    def _roll_back(self, moved: Sequence[_Move], release_id: int, run_id: int | None) -> None:
-        with ThreadPoolExecutor(max_workers=max(1, self.spec.max_parallel)) as pool:
-            list(pool.map(lambda m: self._undo_host(m, run_id), moved))
-
-    def _prune_images(self, move: _Move, image: str, keep: int) -> None:
-        """Keep the newest `keep` images of this service's image on the host (for rollback)."""
-        for image_id, _created in move.engine.images_labelled("dev.pipeline.image", image)[keep:]:
-            try:
-                move.engine.remove_image(image_id)  # one still in use is left alone
-            except PipelineError as exc:
-                log.warning("could not prune image", host=move.host, image=image_id, error=str(exc))
-
-    def _retire_old(self, move: _Move, run_id: int | None) -> None:
-        """Remove replaced (and stale) containers of the service once every host is healthy."""
-        assert move.new is not None
-        for c in move.engine.containers.managed_containers(self.service):
-            if c.id != move.new.id:
-                try:
-                    move.engine.containers.remove(c.id)
-                except PipelineError as exc:
-                    log.warning(
-                        "could not remove old container",
-                        host=move.host,
-                        container=c.name,
-                        error=str(exc),
-                    )
-
-    # -- step records -----------------------------------------------------------------------
-    def _step(
-        self, run_id: int | None, kind: str, host: str, revision: str | None, detail: str | None
-    ) -> int | None:
-        if run_id is None:
-            return None
-        return self.state.start_step(
-            run_id, kind, self.service, host=host, revision=revision, detail=detail
-        )
-
-    def _end(
-        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
+    # -- after every host passed ------------------------------------------------------------
+    def retire(
+        self, host: str, new: ContainerInfo, release_id: int, run_id: int | None, revision: str
     ) -> None:
-        if step is not None:
-            self.state.finish_step(step, status, detail=detail, error=error)
+        """Remove the service's other containers on the host and prune its old images; past
+        the point of no return, so a failure here is a warning, not a rollback."""
+        engine = self.engines[host]
+        record = self._step(run_id, "retire", host, revision, None)
+        problems = []
+        try:
+            for c in engine.containers.managed_containers(self.service):
+                if c.id != new.id:
+                    try:
+                        engine.containers.remove(c.id)
+                    except PipelineError as exc:
+                        problems.append(f"could not remove {c.name}: {exc}")
+            for image_id, _created in engine.images_labelled("dev.pipeline.image", self.spec.image)[
+                self.keep_images :
+            ]:
+                try:
+                    engine.remove_image(image_id)  # one still in use is left alone
+                except PipelineError as exc:
+                    problems.append(f"could not prune image {image_id}: {exc}")
+        except Exception as exc:  # past the point of no return: a warning, whatever it is
+            problems.append(str(exc) or type(exc).__name__)
+        for problem in problems:
+            log.warning("retire incomplete", service=self.service, host=host, problem=problem)
+        self._end(record, "succeeded", detail="; ".join(problems) or None)
+        self.state.rollouts.set_host_phase(release_id, host, "retired")
+
+    # -- undo -------------------------------------------------------------------------------
+    def _undo(self, p: _Pass, hosts: Sequence[str]) -> list[str]:
+        """Undo, host by host (the last moved first), the steps each reached; return what
+        could not be put back."""
+        problems = []
+        for host in reversed(hosts):
+            new = p.new.get(host)
+            error = self.undo_host(
+                host,
+                undo_for(p.reached[host]),
+                p.previous[host],
+                new.id if new else container_name(self.service, p.target.revision, p.release_id),
+                p.release_id,
+                p.run_id,
+            )
+            if error:
+                problems.append(error)
+        return problems
+

@@ -18,6 +18,7 @@ from pipeline.build.builder import Artifact, Builder
 from pipeline.config.load import LoadedConfig
 from pipeline.config.model import ServiceSection
 from pipeline.deploy.connections import Connections
+from pipeline.deploy.recovery import recover_service
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
@@ -378,12 +379,36 @@ class Runner:
         spec: ServiceSection | None = None,
     ) -> RolloutResult:
         """Roll one service out under its lease with its configured settings (or `spec`: a
-        rollback's restored ones); report and record the outcome."""
+        rollback's restored ones), after recovering a rollout of it that a dead process left
+        running; report and record the outcome."""
         svc = spec or self.cfg.services[service]
         self.report(
             f"{service}: rolling out {target.revision[:12]} to {', '.join(svc.hosts)} ({reason})"
         )
-        executor = RolloutExecutor(
+        executor = self.rollout_executor(service, svc)
+        try:
+            with self.state.leases.lease(f"service:{service}", self.owner) as held:
+                recover_service(executor)
+                outcome = executor.run(
+                    target, run_id=run_id, kind=kind, reason=reason, lease=held
+                )
+        except PipelineError as exc:
+            return RolloutResult(service, False, 0, str(exc))
+        if outcome.ok:
+            self.report(f"{service}: {target.revision[:12]} healthy on {', '.join(svc.hosts)}")
+        else:
+            # Its first line only: the whole error, log lines and all, comes with the outcome.
+            first = (outcome.error or "").partition("\n")[0]
+            self.report(f"{service}: FAILED, rolled back: {first}")
+        return outcome
+
+    def rollout_executor(
+        self, service: str, spec: ServiceSection | None = None
+    ) -> RolloutExecutor:
+        """The executor of one service's rollouts (and of their crash recovery), with its
+        configured settings or `spec`."""
+        svc = spec or self.cfg.services[service]
+        return RolloutExecutor(
             state=self.state,
             service=service,
             spec=svc,
@@ -395,18 +420,6 @@ class Runner:
             report=self.report,
             keep_images=self.cfg.pipeline.keep_revisions,
         )
-        try:
-            with self.state.leases.lease(f"service:{service}", self.owner):
-                outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason)
-        except PipelineError as exc:
-            return RolloutResult(service, False, 0, str(exc))
-        if outcome.ok:
-            self.report(f"{service}: {target.revision[:12]} healthy on {', '.join(svc.hosts)}")
-        else:
-            # Its first line only: the whole error, log lines and all, comes with the outcome.
-            first = (outcome.error or "").partition("\n")[0]
-            self.report(f"{service}: FAILED, rolled back: {first}")
-        return outcome
 
 
 def _summary(the_plan: Plan) -> str:

@@ -21,6 +21,8 @@ from pipeline.config import load as config_mod
 from pipeline.config.load import LoadedConfig
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import status_rows
+from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
+from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
 from pipeline.redact import redact
 from pipeline.service import server as server_mod
@@ -205,18 +207,37 @@ class Service:
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self) -> None:
-        """Requeue events and break runs/leases of dead owners; redeploy interrupted services."""
+        """Requeue events of dead owners; put back (or finish) the rollouts they left running,
+        from what was recorded before each host was touched; mark their runs interrupted and
+        free their leases; give each interrupted revision one fresh attempt."""
         requeued = self.queue.requeue_interrupted(owner_alive_local)
+        assert self._observer is not None
+        recovery = Runner(self.loaded, self.state, self._observer, owner=self.owner)
+        recovered = recover_interrupted(recovery, owner_alive_local)
         runs = self.state.interrupt_stale_runs(owner_alive_local)
         locks = self.state.leases.break_locks_of(owner_alive_local)
-        if requeued or runs or locks:
-            log.warning("service.recovered", events=requeued, runs=runs, locks=locks)
+        if requeued or recovered or runs or locks:
+            log.warning(
+                "service.recovered",
+                events=requeued,
+                releases=[r.release_id for r in recovered],
+                runs=runs,
+                locks=locks,
+            )
         cfg = self.loaded.model
         for name, svc in cfg.services.items():
-            latest = self.state.releases(name, limit=1)
-            if not latest or latest[0].status != "interrupted":
+            releases = self.state.releases(name, limit=100)
+            if not releases or releases[0].status != "interrupted":
                 continue
-            rel = latest[0]
+            rel = releases[0]
+            if not fresh_attempt_due(releases, rel.id):
+                log.warning(
+                    "service.interrupted_not_retried",
+                    service=name,
+                    revision=rel.revision[:12],
+                    reason="interrupted before; waiting for a newer commit or pipeline deploy",
+                )
+                continue
             # The delivery id makes this idempotent: two quick restarts queue it once.
             event_id, created = self.queue.put(
                 source="recover",

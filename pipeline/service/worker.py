@@ -16,6 +16,7 @@ import structlog
 from pipeline.config.load import LoadedConfig
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import rollback_service
+from pipeline.deploy.recovery import fresh_attempt_due
 from pipeline.deploy.runner import PassResult, Runner
 from pipeline.errors import PipelineError
 from pipeline.redact import redact
@@ -196,12 +197,21 @@ class Worker:
         if ev.kind == "deploy" and ev.source == "recover":
             # The requeued event that was interrupted usually redeploys the service first; a
             # second rollout of the same revision would only restart it on every host again.
-            latest = self.state.releases(name, limit=1)
+            latest = self.state.releases(name, limit=100)
             if latest and latest[0].status == "succeeded" and latest[0].revision == ev.sha:
                 return _Outcome(
                     "superseded",
                     latest[0].run_id,
                     f"{name} already redeployed at {latest[0].revision[:12]}",
+                )
+            # One fresh attempt per interruption: not when a pass already made it.
+            interrupted = (ev.delivery_id or "").removeprefix("release-")
+            if interrupted.isdigit() and not fresh_attempt_due(latest, int(interrupted)):
+                return _Outcome(
+                    "superseded",
+                    latest[0].run_id if latest else None,
+                    f"{name} at {(ev.sha or '')[:12]} was already tried again after its "
+                    "interruption",
                 )
         if ev.kind == "deploy":
             repo = cfg.images[svc.image].repo

@@ -25,6 +25,8 @@ from pipeline.state import migrate
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
 from pipeline.state.rollbacks import Rollbacks, ServiceSettings
+from pipeline.state.rollouts import PreviousContainer as PreviousContainer  # re-exported
+from pipeline.state.rollouts import RolloutRecords
 from pipeline.state.schema import BuildRow, Deployment, Release, ReleaseSettings, Run, Step
 from pipeline.timeutil import epoch, iso, utc
 
@@ -76,7 +78,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class State:
     """Facade over the state database; time is injected through `clock` (epoch seconds).
 
-    Its leases (`acquire`, `lease`, ...) are `state.leases`, a `pipeline.state.leases.Leases`.
+    Beside its own records (runs, steps, builds, releases, deployments) it holds three objects
+    over the same database: `state.leases` (`lease`, `acquire`, ...: `state.leases.Leases`),
+    `state.rollouts` (per-host rollout records: `state.rollouts.RolloutRecords`) and
+    `state.rollbacks` (release settings and pins: `state.rollbacks.Rollbacks`).
     """
 
     def __init__(self, url: str, *, clock: Clock = time.time) -> None:
@@ -89,6 +94,7 @@ class State:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.leases = Leases(self.engine, self.session, clock)
         self.rollbacks = Rollbacks(self.session, self.now)
+        self.rollouts = RolloutRecords(self.session, self.now)
 
     @classmethod
     def in_dir(cls, data_dir: Path, *, clock: Clock = time.time) -> State:
@@ -232,6 +238,7 @@ class State:
                         status="interrupted",
                         finished_at=now,
                         error="interrupted: its process ended before it finished",
+                        failure_kind="interrupted",
                     )
                 )
             return [r.id for r in stale]
@@ -453,6 +460,11 @@ class State:
                 s.add(row)
             row.revision, row.digest, row.ref, row.spec_hash = revision, digest, ref, spec_hash
             row.container_id, row.release_id, row.updated_at = container_id, release_id, self.now()
+
+    def deployment(self, service: str, host: str) -> Deployment | None:
+        """What pipeline last left running for `service` on `host`; None if nothing."""
+        with self.session() as s:
+            return s.get(Deployment, (service, host))
 
     def deployments(self) -> list[Deployment]:
         with self.session() as s:
