@@ -37,7 +37,8 @@ def recover_service(
     undo the engine refused before; the caller holds the service's lease."""
     state, service = executor.state, executor.service
     records = state.rollouts
-    releases = records.abandoned_releases(owner_alive, service) + records.unrestored_releases(service)
+    releases = records.abandoned_releases(owner_alive, service)
+    releases += records.unrestored_releases(service)
     return [recover_release(executor, rel) for rel in releases]
 
 
@@ -85,7 +86,9 @@ def recover_release(executor: Rollout, release: Release) -> RolloutResult:
         )  # fmt: skip
         undos = undo_for(reached_by_phase(r.phase))
         new = r.new_container or container_name(service, release.revision, release.id)
-        error = executor.undo_host(r.host, undos, prev, new, release.id, None) if undos else None
+        error = None
+        if undos:
+            error = executor.undo.undo_host(r.host, undos, prev, new, release.id, None)
         if error:
             problems.append(error)
     if release.status == "failed":  # its own rollout could not undo everything

@@ -45,9 +45,10 @@ from pipeline.deploy.steps import (
     plan_rollout,
     undo_for,
 )
-from pipeline.deploy.undo import UndoSteps
+from pipeline.deploy.undo import HostUndo, StepLog
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
+from pipeline.retry import RetryPolicy
 from pipeline.state.leases import HeldLease
 from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import PreviousContainer, State
@@ -110,7 +111,7 @@ class _Pass:
 
 
 @dataclass
-class Rollout(UndoSteps):
+class Rollout:
     """Executes one service's rollout; engines, probes, health timing and the clock are injected."""
 
     state: State
@@ -125,6 +126,17 @@ class Rollout(UndoSteps):
     keep_images: int = 3  # images of the service kept on each host for an instant rollback
     probe_for: ProbeFactory = probe_for
     attempts: int = 3  # tries of a step (pulls excepted) or an undo on an error declared retry
+
+    def __post_init__(self) -> None:
+        # Steps and undos are retried under the shared policy, fewer tries than a pull: they
+        # talk to an engine that just answered, and a rollout should not hang on one.
+        self.retry = RetryPolicy(
+            attempts=max(1, self.attempts), maximum=5.0, sleep=self.sleep, clock=self.clock
+        )
+        self.steps = StepLog(self.state, self.service)
+        self.undo = HostUndo(
+            self.state, self.service, self.engines, self.report, self.retry, self.steps
+        )
 
     def run(
         self,
@@ -277,19 +289,19 @@ class Rollout(UndoSteps):
                 raise HostFailed(hs.host, step, exc, before=True) from exc
             p.reached[hs.host].append(step)
             about = self._about(step, hs.host, p)
-            record = self._step(p.run_id, step, hs.host, p.target.revision, about)
+            record = self.steps.start(p.run_id, step, hs.host, p.target.revision, about)
             try:
                 detail = self._do(step, hs.host, p)
             except Aborted:
-                self._end(record, "failed", error="stopped: another host of the batch failed")
+                self.steps.end(record, "failed", error="stopped: another host of the batch failed")
                 raise
             except KeyboardInterrupt:
-                self._end(record, "failed", error="interrupted (Ctrl-C)")
+                self.steps.end(record, "failed", error="interrupted (Ctrl-C)")
                 raise
             except Exception as exc:
-                self._end(record, "failed", error=str(exc) or type(exc).__name__)
+                self.steps.end(record, "failed", error=str(exc) or type(exc).__name__)
                 raise HostFailed(hs.host, step, exc) from exc
-            self._end(record, "succeeded", detail=detail)
+            self.steps.end(record, "succeeded", detail=detail)
             new = p.new.get(hs.host)
             self.state.rollouts.set_host_phase(
                 p.release_id, hs.host, PHASE_AFTER[step], new_container=new.id if new else None
@@ -319,13 +331,16 @@ class Rollout(UndoSteps):
             prev = p.previous[host].container
             assert prev is not None
             grace = max(0, round(self.spec.stop_timeout))
-            self._retrying(lambda: engine.containers.stop(prev, timeout=grace))
+            self.retry.call(lambda: engine.containers.stop(prev, timeout=grace), f"stop on {host}")
             return None
         if step == "start":
             if self.spec.network not in ("bridge", "host", "none"):
-                self._retrying(lambda: engine.containers.ensure_network(self.spec.network))
+                network = self.spec.network
+                self.retry.call(
+                    lambda: engine.containers.ensure_network(network), f"network on {host}"
+                )
             spec = self._container_spec(target, ref, p.release_id)
-            new = self._retrying(lambda: engine.containers.run(spec))
+            new = self.retry.call(lambda: engine.containers.run(spec), f"start on {host}")
             p.new[host] = new
             self.report(f"{self.service}: {host}: started {new.name}, checking health")
             return f"container {new.name}"
@@ -333,7 +348,10 @@ class Rollout(UndoSteps):
             return self._check(host, p)
         if step == "switch":
             new = p.new[host]
-            self._retrying(lambda: self.record_deployment(host, new, target, p.release_id))
+            self.retry.call(
+                lambda: self.record_deployment(host, new, target, p.release_id),
+                f"record on {host}",
+            )
             return None
         raise AssertionError(f"unknown step {step}")
 
@@ -425,7 +443,7 @@ class Rollout(UndoSteps):
         """Remove the service's other containers on the host and prune its old images; past
         the point of no return, so a failure here is a warning, not a rollback."""
         engine = self.engines[host]
-        record = self._step(run_id, "retire", host, revision, None)
+        record = self.steps.start(run_id, "retire", host, revision, None)
         problems = []
         try:
             for c in engine.containers.managed_containers(self.service):
@@ -445,7 +463,7 @@ class Rollout(UndoSteps):
             problems.append(str(exc) or type(exc).__name__)
         for problem in problems:
             log.warning("retire incomplete", service=self.service, host=host, problem=problem)
-        self._end(record, "succeeded", detail="; ".join(problems) or None)
+        self.steps.end(record, "succeeded", detail="; ".join(problems) or None)
         self.state.rollouts.set_host_phase(release_id, host, "retired")
 
     # -- undo -------------------------------------------------------------------------------
@@ -455,7 +473,7 @@ class Rollout(UndoSteps):
         problems = []
         for host in reversed(hosts):
             new = p.new.get(host)
-            error = self.undo_host(
+            error = self.undo.undo_host(
                 host,
                 undo_for(p.reached[host]),
                 p.previous[host],

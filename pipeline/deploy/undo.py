@@ -1,34 +1,59 @@
-"""Undo of a host and the step records, mixed into `Rollout`: shared by a failing rollout and
-by crash recovery, which calls them with what `release_hosts` recorded."""
+"""Putting one host back, and the step records of a rollout: shared by a failing rollout and by
+crash recovery, which calls `HostUndo.undo_host` with what `release_hosts` recorded."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from dataclasses import dataclass
 
 import structlog
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from pipeline.deploy.steps import UndoKind
 from pipeline.errors import PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, Engine
+from pipeline.retry import RetryPolicy
 from pipeline.state.store import PreviousContainer, State
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
+
+@dataclass(frozen=True)
+class StepLog:
+    """The run's step records of one service's rollout (`steps` rows); without a run (a
+    rollout outside a pass, recovery) nothing is recorded."""
+
+    state: State
+    service: str
+
+    def start(
+        self, run_id: int | None, kind: str, host: str, revision: str | None, detail: str | None
+    ) -> int | None:
+        """Record step `kind` on `host` as running; its id, or None without a run."""
+        if run_id is None:
+            return None
+        return self.state.start_step(
+            run_id, kind, self.service, host=host, revision=revision, detail=detail
+        )
+
+    def end(
+        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
+    ) -> None:
+        """Record how step `step` ended (succeeded, failed, skipped)."""
+        if step is not None:
+            self.state.finish_step(step, status, detail=detail, error=error)
 
 
-class UndoSteps:
-    """Undo methods of `Rollout`; relies on its state, service, engines, report, sleep and
-    attempts."""
+@dataclass(frozen=True)
+class HostUndo:
+    """Puts a host of `service` back on its recorded previous container; each undo is
+    idempotent, and one that fails with an error declared transient is retried by `retry`."""
 
     state: State
     service: str
     engines: Mapping[str, Engine]
     report: Callable[[str], None]
-    sleep: Callable[[float], None]
-    attempts: int
+    retry: RetryPolicy
+    steps: StepLog
 
     def undo_host(
         self,
@@ -39,18 +64,20 @@ class UndoSteps:
         release_id: int,
         run_id: int | None,
     ) -> str | None:
-        """Put one host back on its recorded previous container (each undo idempotent); return
-        None when done, else why it could not be."""
+        """Apply `undos` (in order) on `host`, `new` being the new container's id or name;
+        return None when done, else why it could not be (the host then needs another try)."""
         back_to = (prev.revision or "?")[:12] if prev.container else "nothing"
-        record = self._step(run_id, "rollback", host, None, f"back to {back_to}")
+        record = self.steps.start(run_id, "rollback", host, None, f"back to {back_to}")
         try:
-            self._retrying(lambda: self._apply_undos(host, undos, prev, new))
+            self.retry.call(
+                lambda: self._apply_undos(host, undos, prev, new), f"undo on host {host}"
+            )
         except Exception as exc:
             message = f"host {host}: {exc}"
-            self._end(record, "failed", error=message)
+            self.steps.end(record, "failed", error=message)
             log.error("rollback of host failed", service=self.service, host=host, error=str(exc))
             return message
-        self._end(record, "succeeded")
+        self.steps.end(record, "succeeded")
         self.state.rollouts.set_host_phase(release_id, host, "undone")
         self.report(f"{self.service}: {host}: rolled back to {back_to}")
         return None
@@ -84,29 +111,3 @@ class UndoSteps:
                         container_id=info.id,
                         release_id=int(labels.get(f"{LABEL_PREFIX}release", "0") or 0) or None,
                     )
-
-    def _retrying(self, call: Callable[[], T]) -> T:
-        """Call, again (with backoff) while it fails with an error declared `retry`."""
-        retrying = Retrying(
-            stop=stop_after_attempt(max(1, self.attempts)),
-            wait=wait_exponential(multiplier=0.5, max=5),
-            retry=retry_if_exception(lambda e: isinstance(e, PipelineError) and e.retry),
-            sleep=self.sleep,
-            reraise=True,
-        )
-        return retrying(call)
-
-    def _step(
-        self, run_id: int | None, kind: str, host: str, revision: str | None, detail: str | None
-    ) -> int | None:
-        if run_id is None:
-            return None
-        return self.state.start_step(
-            run_id, kind, self.service, host=host, revision=revision, detail=detail
-        )
-
-    def _end(
-        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
-    ) -> None:
-        if step is not None:
-            self.state.finish_step(step, status, detail=detail, error=error)
