@@ -297,8 +297,14 @@ class Worker:
         """True when a push/tag of `repo` queued after event `than_id` brings a commit that the
         one this pass rolls out (pinned, else the mirror's head) does not contain. Late
         deliveries of older commits (ten pushes in a second) must not undo a rollout of the
-        newest; `contained` caches the commits found to be included."""
-        waiting = [sha for sha in self.queue.waiting_shas(repo, than_id) if sha not in contained]
+        newest; `contained` caches the commits found to be included. A retry event brings no
+        commit, it names one that failed before: it must not cut short a rollout (such as
+        `pipeline deploy` of an older revision)."""
+        waiting = [
+            sha
+            for sha in self.queue.waiting_shas(repo, than_id, ignore_source=RETRY_SOURCE)
+            if sha not in contained
+        ]
         if not waiting:
             return False
         observer, section = self._observer(), self.loaded().model.repos.get(repo)

@@ -210,3 +210,14 @@ def test_timers_follow_the_services_that_still_wait(setup: Setup) -> None:
     (event,) = setup.retry_events()
     assert event["kind"] == "tag" and event["repo"] == "prod" and event["ref"] is None
 
+
+def test_a_queued_retry_is_not_a_newer_commit(setup: Setup) -> None:
+    """The worker's "newer commit waiting" check leaves retry events out, so a retry queued
+    during a rollout (a `pipeline deploy` of an older revision) does not supersede it."""
+    running, _ = setup.queue.put(source="api", kind="deploy", repo="shop", subject="web", sha=A)
+    setup.release("web", B, "rolled_back", "infrastructure")
+    setup.retrier.sync()
+    setup.clock.now = T0 + 30
+    setup.timers.fire("web")
+    assert setup.queue.waiting_shas("shop", running) == [B]
+    assert setup.queue.waiting_shas("shop", running, ignore_source="retry") == []
