@@ -21,6 +21,7 @@ from pipeline.config.model import Config
 from pipeline.plan.blocked import Blocked
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State
+from pipeline.timeutil import iso, utc
 
 log = structlog.get_logger(__name__)
 
@@ -112,7 +113,7 @@ class Retrier:
                     service=retry.service,
                     repo=retry.repo,
                     revision=retry.revision[:12],
-                    until=retry.until,
+                    until=iso(utc(retry.until)),
                 )
 
     def fire(self, retry: Retry) -> None:
