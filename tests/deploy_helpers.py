@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -184,3 +188,51 @@ interval = "200ms"
 timeout = "15s"
 monitor = "{TEST_MONITOR}"
 """
+
+
+# -- a registry one host cannot reach -----------------------------------------------------
+
+
+class RegistryBlock:
+    """An iptables rule in one lab host's network namespace rejecting its connections to the
+    lab registry; `packets` says how many it rejected."""
+
+    def __init__(self, lab: LabState, index: int) -> None:
+        hosts = json.loads((lab.dir / "lab.json").read_text())["hosts"]
+        self.nsenter = ["nsenter", f"--net=/var/run/netns/{hosts[index]['namespace']}", "--"]
+        address, port = lab.registry.rsplit(":", 1)
+        self.rule = ["OUTPUT", "-d", address, "-p", "tcp", "--dport", port, "-j", "REJECT"]
+        self.packets = 0
+        self._lock = threading.Lock()
+        self._on = False
+
+    def add(self) -> None:
+        subprocess.run([*self.nsenter, "iptables", "-I", *self.rule], check=True)
+        self._on = True
+
+    def remove(self) -> None:
+        """Delete the rule (once; later calls do nothing), keeping its packet count."""
+        with self._lock:
+            if not self._on:
+                return
+            listing = subprocess.run(
+                [*self.nsenter, "iptables", "-L", "OUTPUT", "-v", "-n", "-x"],
+                capture_output=True, text=True, check=False,
+            ).stdout
+            for line in listing.splitlines():
+                if "REJECT" in line and re.search(rf"dpt:{self.rule[6]}\b", line):
+                    self.packets += int(line.split()[0])
+            subprocess.run([*self.nsenter, "iptables", "-D", *self.rule], check=False)
+            self._on = False
+
+
+@contextmanager
+def registry_blocked(lab: LabState, index: int) -> Iterator[RegistryBlock]:
+    """Host `index` cannot reach the registry inside the block; the rule is removed on exit
+    whatever happens (a timer may remove it earlier)."""
+    block = RegistryBlock(lab, index)
+    block.add()
+    try:
+        yield block
+    finally:
+        block.remove()

@@ -114,6 +114,17 @@ def blocked_revision(releases: Sequence[ReleaseFact], now: float) -> Blocked | N
     return _blocked(last, f"{what}; {_UNTIL_NEWER}", kind=kind)
 
 
+def infrastructure_retry(releases: Sequence[ReleaseFact]) -> Blocked | None:
+    """The revision of one service waiting out an infrastructure failure, with the `until` when
+    a pass may retry it, whether or not that time has come (given its releases newest first);
+    None when its last attempt did not fail for an infrastructure reason."""
+    # Seen from before any backoff could end, the last failure is always still waiting.
+    blocked = blocked_revision(releases, now=float("-inf"))
+    if blocked is None or blocked.failure_kind != "infrastructure":
+        return None
+    return blocked
+
+
 def _blocked(
     release: ReleaseFact, why: str, *, until: float | None = None, kind: str | None = None
 ) -> Blocked:

@@ -1,9 +1,10 @@
 """`pipeline serve`: the long-running service around the runner.
 
-Triggers (webhooks, polls, cron ticks, file events, git hooks) only put events in the durable
-queue; ONE worker thread (`pipeline.service.worker`) claims them and runs passes, so two
-deploys never race. On start it recovers what a crash left behind: events still "working",
-runs and leases of dead owners, and services whose rollout was interrupted midway.
+Triggers (webhooks, polls, cron ticks, file events, git hooks, and the timers that retry a
+revision after an infrastructure failure) only put events in the durable queue; ONE worker
+thread (`pipeline.service.worker`) claims them and runs passes, so two deploys never race. On
+start it recovers what a crash left behind: events still "working", runs and leases of dead
+owners, and services whose rollout was interrupted midway.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
 from pipeline.redact import redact
 from pipeline.service import server as server_mod
+from pipeline.service.retries import Retrier
 from pipeline.service.worker import Worker
 from pipeline.sources.schedule import Scheduler
 from pipeline.sources.watch import Watcher, git_dir_of, local_repo_path
@@ -71,6 +73,7 @@ class Service:
         self._state: State | None = None
         self._queue: EventQueue | None = None
         self._observer: Connections | None = None
+        self._retrier: Retrier | None = None
 
     # -- what the rest of the service reads -------------------------------------------------
     @property
@@ -114,6 +117,14 @@ class Service:
         try:
             self._scheduler.start()
             self._sync_jobs()
+            self._retrier = Retrier(
+                state=self.state,
+                queue=self.queue,
+                timers=self._scheduler,
+                config=lambda: self.loaded.model,
+                wake=self.wake,
+            )
+            self._retrier.sync()  # waits left by the last run of the service, or by the CLI
             self._watcher.watch_file("config", self.config_path, self._on_config_change)
             self._sync_repo_watches()
             self._watcher.start()
@@ -143,6 +154,7 @@ class Service:
             sleep=self.sleep,
             idle_wait=self.idle_wait,
             report=self.report,
+            after_pass=self._sync_retries,
         )
         self._observer = Connections(self.loaded)
         self.recover()
@@ -314,6 +326,11 @@ class Service:
         self._scheduler.sync_polls(polls, self.poll)
         crons = {name: img.rebuild for name, img in cfg.images.items() if img.rebuild}
         self._scheduler.sync_crons(crons, self._on_cron)
+
+    def _sync_retries(self) -> None:
+        """Re-arm the retry timers after a pass (none in `work_until`, which has no timers)."""
+        if self._retrier is not None:
+            self._retrier.sync()
 
     def _sync_repo_watches(self) -> None:
         wanted: dict[str, Path] = {}

@@ -21,6 +21,7 @@ from pipeline.deploy.runner import PassResult, Runner
 from pipeline.errors import PipelineError
 from pipeline.redact import redact
 from pipeline.service import metrics
+from pipeline.service.retries import SOURCE as RETRY_SOURCE
 from pipeline.state.queue import EventQueue, QueuedEvent
 from pipeline.state.store import State
 
@@ -46,7 +47,8 @@ class Worker:
     """Claims events from `queue` and handles them one claim at a time until `stopping` is set.
 
     `loaded` and `observer` (the service's long-lived mirrors) are called each time, so a config
-    reload is seen by the next event; `reload` re-reads the config file (for "config" events).
+    reload is seen by the next event; `reload` re-reads the config file (for "config" events);
+    `after_pass` is called after each claim it handles (the service re-arms its retry timers).
     Each pass gets engines and mirrors of its own, closed when it ends.
     """
 
@@ -65,6 +67,7 @@ class Worker:
         sleep: Callable[[float], None],
         idle_wait: float,
         report: Callable[[str], None] | None = None,
+        after_pass: Callable[[], None] | None = None,
     ) -> None:
         self.loaded, self.state, self.queue, self.owner = loaded, state, queue, owner
         self._stopping, self._wake = stopping, wake
@@ -72,6 +75,7 @@ class Worker:
         self.clock, self.sleep = clock, sleep
         self.idle_wait = idle_wait
         self.report = report
+        self._after_pass = after_pass
 
     def run(self) -> None:
         """The worker thread's loop: settle, claim, handle; idle until woken or `idle_wait`."""
@@ -87,6 +91,11 @@ class Worker:
                 self._wake.wait(self.idle_wait)
                 continue
             self.handle(events)
+            if self._after_pass is not None and not self._stopping.is_set():
+                try:
+                    self._after_pass()
+                except Exception as exc:  # the next pass tries again
+                    log.error("worker.after_pass_failed", error=redact(str(exc)))
 
     def _settle(self) -> None:
         """Let a burst land before work starts: while events keep arriving less than SETTLE
@@ -116,6 +125,8 @@ class Worker:
         mirror = observer.mirror(newest.repo) if observer is not None else None
         seen = {deployed}
         for ev in events:
+            if ev.source == RETRY_SOURCE:
+                continue  # names a revision already rolled out once, not a commit gone past
             commit = ev.sha
             if commit and mirror is not None:
                 with contextlib.suppress(PipelineError):
@@ -296,8 +307,14 @@ class Worker:
         """True when a push/tag of `repo` queued after event `than_id` brings a commit that the
         one this pass rolls out (pinned, else the mirror's head) does not contain. Late
         deliveries of older commits (ten pushes in a second) must not undo a rollout of the
-        newest; `contained` caches the commits found to be included."""
-        waiting = [sha for sha in self.queue.waiting_shas(repo, than_id) if sha not in contained]
+        newest; `contained` caches the commits found to be included. A retry event brings no
+        commit, it names one that failed before: it must not cut short a rollout (such as
+        `pipeline deploy` of an older revision)."""
+        waiting = [
+            sha
+            for sha in self.queue.waiting_shas(repo, than_id, ignore_source=RETRY_SOURCE)
+            if sha not in contained
+        ]
         if not waiting:
             return False
         observer, section = self._observer(), self.loaded().model.repos.get(repo)

@@ -1,4 +1,5 @@
-"""The service's timed jobs (polls with jitter and backoff, cron rebuilds), run by APScheduler.
+"""The service's timed jobs (polls with jitter and backoff, cron rebuilds, one-shot retries),
+run by APScheduler.
 
 Cron expressions are parsed by `pipeline.config.cron`, where the config is validated."""
 
@@ -13,10 +14,12 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline.config.cron import parse_cron
 from pipeline.redact import redact
+from pipeline.timeutil import utc
 
 log = structlog.get_logger(__name__)
 # APScheduler logs every job added and every tick skipped at INFO/WARNING through stdlib logging;
@@ -49,14 +52,16 @@ class _Poll:
 
 
 class Scheduler:
-    """Poll jobs (interval with jitter, per-key backoff on failure) and cron jobs, run in a small
-    thread pool. Jobs only enqueue work; `sync_*` add, change and remove jobs while running."""
+    """Poll jobs (interval with jitter, per-key backoff on failure), cron jobs and one-shot
+    retries, run in a small thread pool. Jobs only enqueue work; `sync_*` and `retry_at` add,
+    change and remove jobs while running."""
 
     def __init__(self, *, workers: int = 4, max_backoff: float = MAX_BACKOFF) -> None:
         self.max_backoff = max_backoff
         self._lock = threading.Lock()
         self._polls: dict[str, _Poll] = {}
         self._crons: dict[str, str] = {}
+        self._retries: dict[str, float] = {}  # key -> when (epoch seconds), until it fires
         self._sched = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(workers)},
             # A poll that is still running when its next tick comes is not doubled (max 1),
@@ -145,6 +150,41 @@ class Scheduler:
                 self._sched.add_job(
                     fire, parse_cron(expr), args=[key], id=f"cron:{key}", name=f"cron {key}"
                 )
+
+    # -- one-shot retries ---------------------------------------------------------------------
+    def retry_at(self, key: str, when: float, fire: Callable[[], None]) -> None:
+        """Call `fire()` once at `when` (epoch seconds; at once when already past), replacing
+        the retry of `key` still waiting, if any."""
+        with self._lock:
+            self._retries[key] = when
+            self._sched.add_job(
+                self._fire_retry,
+                DateTrigger(run_date=utc(when), timezone="UTC"),
+                args=[key, when, fire],
+                id=f"retry:{key}",
+                name=f"retry {key}",
+                replace_existing=True,
+            )
+
+    def cancel_retry(self, key: str) -> None:
+        """Drop the retry of `key` if it has not fired yet."""
+        with self._lock:
+            if self._retries.pop(key, None) is not None:
+                self._remove(f"retry:{key}")
+
+    def retries(self) -> dict[str, float]:
+        """The retries waiting to fire: key -> when (epoch seconds)."""
+        with self._lock:
+            return dict(self._retries)
+
+    def _fire_retry(self, key: str, when: float, fire: Callable[[], None]) -> None:
+        with self._lock:
+            if self._retries.get(key) == when:
+                del self._retries[key]
+        try:
+            fire()
+        except Exception as exc:  # logged here: APScheduler's own logging is silenced above
+            log.warning("retry.failed", key=key, error=redact(str(exc)))
 
     def _remove(self, job_id: str) -> None:
         if self._sched.get_job(job_id) is not None:

@@ -197,21 +197,21 @@ class EventQueue:
             ).first()
             return found is not None
 
-    def waiting_shas(self, repo: str, than_id: int) -> list[str | None]:
-        """The commits (None: not known) of pushes and tags of `repo` queued above `than_id`."""
+    def waiting_shas(
+        self, repo: str, than_id: int, *, ignore_source: str | None = None
+    ) -> list[str | None]:
+        """The commits (None: not known) of pushes and tags of `repo` queued above `than_id`,
+        except those queued by `ignore_source`."""
+        query = select(Event.sha).where(
+            Event.status == "queued",
+            Event.repo == repo,
+            Event.kind.in_(_COALESCING),
+            Event.id > than_id,
+        )
+        if ignore_source is not None:
+            query = query.where(Event.source != ignore_source)
         with self.state.session() as s:
-            return list(
-                s.scalars(
-                    select(Event.sha)
-                    .where(
-                        Event.status == "queued",
-                        Event.repo == repo,
-                        Event.kind.in_(_COALESCING),
-                        Event.id > than_id,
-                    )
-                    .order_by(Event.id)
-                )
-            )
+            return list(s.scalars(query.order_by(Event.id)))
 
     def quiet_for(self) -> float | None:
         """Seconds since the newest queued event arrived; None when nothing waits."""

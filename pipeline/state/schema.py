@@ -158,7 +158,8 @@ class Event(Base):
         Index("ix_events_status", "status"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    source: Mapped[str] = mapped_column(String(32))  # poll|webhook|hook|cron|watch|api|cli
+    # poll|webhook|hook|cron|watch|api|cli|recover|retry
+    source: Mapped[str] = mapped_column(String(32))
     delivery_id: Mapped[str | None] = mapped_column(String(160))
     repo: Mapped[str | None] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # push|tag|rebuild|deploy|rollback|config

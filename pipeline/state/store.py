@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import FailureKind
-from pipeline.plan.blocked import Blocked, ReleaseFact, blocked_revision
+from pipeline.plan.blocked import Blocked, ReleaseFact, blocked_revision, infrastructure_retry
 from pipeline.plan.planner import ImageRecord, ServiceRecord
 from pipeline.redact import redact
 from pipeline.state import migrate
@@ -426,6 +426,17 @@ class State:
         (`pipeline.plan.blocked`): after an application failure or a manual rollback until a
         newer commit; after an infrastructure failure until its backoff ends (state clock)."""
         now = self.clock()
+        return self._decide(services, lambda facts: blocked_revision(facts, now))
+
+    def infrastructure_retries(self, services: list[str]) -> dict[str, Blocked]:
+        """Per service, the revision whose last rollout failed for an infrastructure reason and
+        `until` when a pass may retry it, including a time already past (the service's own
+        timer queues that pass)."""
+        return self._decide(services, infrastructure_retry)
+
+    def _decide(
+        self, services: list[str], decide: Callable[[list[ReleaseFact]], Blocked | None]
+    ) -> dict[str, Blocked]:
         out = {}
         with self.session() as s:
             for service in services:
@@ -435,7 +446,7 @@ class State:
                     .order_by(Release.id.desc())
                     .limit(_RELEASES_CONSIDERED)
                 )
-                blocked = blocked_revision([_fact(r) for r in rows], now)
+                blocked = decide([_fact(r) for r in rows])
                 if blocked is not None:
                     out[service] = blocked
         return out

@@ -10,6 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import docker
 import docker.errors
 import pytest
 from conftest import GitRemote
+from deploy_helpers import registry_blocked
 from serve_helpers import (
     App,
     Repo,
@@ -442,3 +444,50 @@ def test_rebuild_restarts_nothing_until_the_base_image_changes(
         assert sp.containers(app.name) == after and digests(sp, app.name) == new_digest
     finally:
         remove_images(local_engine, f"{sp.lab.registry}/{app.name}", base.rsplit(":", 1)[0])
+
+
+# -- 7. an infrastructure failure, retried by the service ------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_registry_down_past_the_retries_deploys_after_the_backoff_without_a_push(
+    sp: ServeProject, serve: ServeProcesses
+) -> None:
+    """With webhooks only, a revision whose rollout failed because host 2 could not reach the
+    registry through every pull retry is deployed on both hosts once its 30 s backoff ends,
+    through the service's own "retry" event, with no further push."""
+    secret = with_secret(sp)
+    first = sp.project.initial_commit()
+    res = sp.cli("run")  # v1 everywhere before the service starts
+    assert res.returncode == 0, res.stdout + res.stderr
+    srv = serve(sp, watch_repos=False)  # no poll, no watch: only webhooks trigger
+    sha = change_web(sp, "web v2")
+    sp.project.remote.push()
+
+    def failed() -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = sp.cli_json("history", sp.web.name)
+        return [h for h in rows if h["revision"] == sha and h["status"] != "running"]
+
+    with registry_blocked(sp.lab, 1) as block:
+        answer = github_push(srv, "shop", secret, before=first, after=sha)
+        assert answer.status_code == 202, answer.text
+        (release,) = wait_for(failed, 180, "the rollout of web v2 to fail", every=1)
+    assert block.packets > 0, "host 2 never hit the blocked registry"
+    assert release["failure_kind"] == "infrastructure", release
+    assert sp.serves(sp.web.port, "web v1")
+
+    def retried() -> list[dict[str, Any]]:
+        return [e for e in srv.events() if e["source"] == "retry" and e["status"] == "done"]
+
+    # Serving starts before the rollout ends (health and monitor window): wait for both.
+    wait_for(retried, 90, "the retry event done", every=0.5)
+    assert sp.serves(sp.web.port, "web v2")
+    events = srv.events()
+    assert [(e["source"], e["sha"]) for e in events] == [("webhook", sha), ("retry", sha)]
+    retry = events[1]
+    assert datetime.fromisoformat(retry["received_at"]) >= datetime.fromisoformat(
+        release["finished_at"]
+    ) + timedelta(seconds=30)
+    assert srv.run(retry["run_id"])["trigger"] == "retry"
+    history = sp.cli_json("history", sp.web.name)
+    assert (history[0]["revision"], history[0]["status"]) == (sha, "succeeded"), history

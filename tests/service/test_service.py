@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +301,46 @@ def test_a_service_whose_rollout_was_interrupted_is_queued_for_redeploy(
     assert recover[0]["kind"] == "deploy" and recover[0]["subject"] == "web"
     assert recover[0]["sha"] == "c" * 40 and recover[0]["status"] == "queued"
     assert state.releases("web")[0].status == "interrupted"
+
+
+def test_a_revision_failed_for_infrastructure_is_retried_without_a_push(
+    tmp_path: Path, make_remote: Callable[[str], GitRemote], services: Callable[..., Service]
+) -> None:
+    """With no poll and no push, the service queues exactly one "retry" push of the repo of a
+    revision that failed for an infrastructure reason, when its backoff ends, and none for a
+    revision that failed its health check."""
+    app, other = make_remote("app"), make_remote("other")
+    config = tmp_path / "pipeline.toml"
+    write_config(
+        config,
+        {"app": {"url": app.url}, "other": {"url": other.url}},
+        extra='[hosts.h1]\ndocker = "tcp://127.0.0.1:1"\n\n'
+        '[images.web]\nrepo = "app"\n\n[images.api]\nrepo = "other"\n\n'
+        '[services.web]\nimage = "web"\nhosts = ["h1"]\n\n'
+        '[services.api]\nimage = "api"\nhosts = ["h1"]\n',
+    )
+    # Both failed 28 s ago, by the state's clock: web's 30 s backoff ends in 2 s.
+    state = State.in_dir(tmp_path / "data", clock=lambda: time.time() - 28)
+    failures = (("web", "b" * 40, "infrastructure"), ("api", "c" * 40, "unhealthy"))
+    for name, revision, kind in failures:
+        rel = state.start_release(
+            name, revision, "sha256:" + "d" * 64, "r@sha256:x", "spec", kind="deploy",
+            reason="new commit", run_id=None,
+        )  # fmt: skip
+        state.finish_release(rel, "rolled_back", "it failed", failure_kind=kind)  # type: ignore[arg-type]
+    until = state.infrastructure_retries(["web"])["web"].until
+    assert until is not None
+
+    service = services(config, watch_repos=False)
+    ev = wait_for(lambda: finished_event(service, source="retry"), what="retry event run")
+    assert ev["repo"] == "app" and ev["kind"] == "push" and ev["sha"] == "b" * 40
+    assert datetime.fromisoformat(ev["received_at"]).timestamp() >= until
+    run = service.state.run(ev["run_id"])
+    assert run is not None and run.trigger == "retry"
+    # Later passes (here: pushes of both repos) queue no second retry.
+    queue = service.queue
+    later = [queue.put(source="webhook", kind="push", repo=r)[0] for r in ("app", "other")]
+    service.wake()
+    for event_id in later:
+        wait_for(lambda i=event_id: finished_event(service, id=i), what=f"event {event_id}")
+    assert [e["repo"] for e in events(service) if e["source"] == "retry"] == ["app"]

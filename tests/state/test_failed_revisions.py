@@ -49,3 +49,19 @@ def test_rows_without_a_kind_are_application_failures(tmp_path: Path) -> None:
     blocked = state.failed_revisions(["web", "api"])
     assert list(blocked) == ["web"] and blocked["web"].until is None
     assert blocked["web"].spec_hash == "spec"
+
+
+def test_infrastructure_retries_keep_their_until_once_it_has_passed(tmp_path: Path) -> None:
+    """`infrastructure_retries` names an infrastructure-failed revision and its `until` before
+    and after that time, and leaves out application failures and retried revisions."""
+    clock = Clock()
+    state = State.in_dir(tmp_path, clock=clock)
+    _release(state, B, "rolled_back", "infrastructure")
+    assert state.infrastructure_retries(["web"])["web"].until == 1_000_030.0
+    clock.now += 3600
+    retry = state.infrastructure_retries(["web"])["web"]
+    assert retry.revision == B and retry.until == 1_000_030.0
+    _release(state, B, "succeeded", None)
+    assert state.infrastructure_retries(["web"]) == {}
+    _release(state, A, "rolled_back", "unhealthy")
+    assert state.infrastructure_retries(["web"]) == {}
