@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ipaddress
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
 import pytest
+from lab_subnets import TEST_LAB_SUBNET
 
 from pipeline.lab import manage as lab_mod
 from pipeline.lab.sample_app import write_sample_app
 from pipeline.lab.workrepo import WorkRepo
 
-# Distinct from the `pipeline lab up` default (10.88.0.0/24), so a user's lab can stay up.
-# Overridable so that two test sessions on one machine (e.g. two developers) do not collide.
-TEST_LAB_SUBNET = os.environ.get("PIPELINE_TEST_LAB_SUBNET", "10.88.200.0/24")
-# The next /24 up: for the test that makes and removes a lab of its own.
-SECOND_TEST_LAB_SUBNET = str(
-    ipaddress.ip_network(TEST_LAB_SUBNET).network_address + 256
-) + "/24"
 LOCAL_DOCKER = "unix:///var/run/docker.sock"
 
 

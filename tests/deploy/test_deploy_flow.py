@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from pipeline.plan.planner import service_spec_hash
 from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
-
-
-@pytest.fixture
-def project(tmp_path: Path, git_remote: Any, lab: LabState) -> Iterator[Project]:
-    proj = Project(tmp_path, git_remote, lab)
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
 
 
 def test_first_run_builds_and_deploys_both(project: Project) -> None:

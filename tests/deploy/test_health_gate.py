@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from deploy_helpers import TEST_MONITOR, Project
 
-from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import APP_PORT
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -24,15 +21,6 @@ SERVES_THEN_EXITS = _FROM + (
 FATAL_AT_ONCE = _FROM + (
     'CMD ["/bin/busybox", "sh", "-c", "echo \'FATAL: DATABASE_URL is not set\' >&2; exit 1"]\n'
 )
-
-
-@pytest.fixture
-def project(tmp_path: Path, git_remote: Any, lab: LabState) -> Iterator[Project]:
-    proj = Project(tmp_path, git_remote, lab)
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
 
 
 def _history(project: Project) -> list[dict[str, Any]]:

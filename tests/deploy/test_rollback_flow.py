@@ -4,15 +4,11 @@ settings, on every host; a second one goes further back; the service stays pinne
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 from deploy_helpers import Project
-
-from pipeline.lab.manage import LabState
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -20,15 +16,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 SECRET = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
 # r2 runs httpd itself instead of the image's default shell wrapper: a command change.
 HTTPD = '["/bin/busybox", "httpd", "-f", "-p", "8080", "-h", "/www"]'
-
-
-@pytest.fixture
-def project(tmp_path: Path, git_remote: Any, lab: LabState) -> Iterator[Project]:
-    proj = Project(tmp_path, git_remote, lab)
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
 
 
 def _settings(project: Project, name: str, port: int, command: str | None = None) -> None:

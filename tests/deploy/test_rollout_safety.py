@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from deploy_helpers import Project
 
 from pipeline.config.load import load
-from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import DOCKERFILE
 from pipeline.state.store import State
 
@@ -20,15 +16,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow]
 EXITS_AT_ONCE = (
     DOCKERFILE.split("CMD ", 1)[0] + 'CMD ["/bin/busybox", "sh", "-c", "echo bye; exit 3"]\n'
 )
-
-
-@pytest.fixture
-def project(tmp_path: Path, git_remote: Any, lab: LabState) -> Iterator[Project]:
-    proj = Project(tmp_path, git_remote, lab)
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
 
 
 def test_revision_that_exits_at_once_is_rolled_back_on_every_host(project: Project) -> None:

@@ -8,9 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from deploy_helpers import Project, registry_blocked
@@ -18,22 +15,12 @@ from deploy_helpers import Project, registry_blocked
 from pipeline.config.load import load
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
-from pipeline.lab.manage import LabState
 from pipeline.retry import RetryPolicy
 from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 BLIP = 2.0  # seconds host 2 cannot reach the registry once its pull has started
-
-
-@pytest.fixture
-def project(tmp_path: Path, git_remote: Any, lab: LabState) -> Iterator[Project]:
-    proj = Project(tmp_path, git_remote, lab)
-    try:
-        yield proj
-    finally:
-        proj.cleanup()
 
 
 def _pull_started(state: State, host: str, after_run: int) -> bool:

@@ -16,8 +16,8 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
-from conftest import SECOND_TEST_LAB_SUBNET
 from docker.errors import APIError, NotFound
+from lab_subnets import SECOND_TEST_LAB_SUBNET
 from pyroute2 import IPRoute
 
 from pipeline.lab import net as lab_net

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GitRemote
 
 from pipeline.lab.workrepo import GIT_ENV as _GIT_ENV
 from pipeline.lab.workrepo import GIT_ID as _GIT_ID
+from pipeline.lab.workrepo import WorkRepo as GitRemote
 from pipeline.lab.workrepo import git
 from pipeline.service.daemon import Service
 from pipeline.state.queue import EventQueue

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from typing import Any
 import docker
 import docker.errors
 import pytest
-from conftest import GitRemote
 from deploy_helpers import registry_blocked
 from serve_helpers import (
     App,
@@ -29,33 +27,15 @@ from serve_helpers import (
     wait_for,
 )
 
-from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import BUSYBOX, DOCKERFILE, write_sample_app
 from pipeline.lab.workrepo import GIT_ENV, GIT_ID, git
+from pipeline.lab.workrepo import WorkRepo as GitRemote
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(240)]
 
 DEPLOY_DEADLINE = 30.0
 
 
-@pytest.fixture
-def sp(tmp_path: Path, git_remote: GitRemote, lab: LabState) -> Iterator[ServeProject]:
-    """The lab project; its containers are removed at teardown (after `serve` stopped)."""
-    project = ServeProject.make(tmp_path, git_remote, lab)
-    try:
-        yield project
-    finally:
-        project.cleanup()
-
-
-@pytest.fixture
-def serve(tmp_path: Path, sp: ServeProject) -> Iterator[ServeProcesses]:
-    """`serve(sp, watch_repos=...)` starts `pipeline serve`; all are stopped at teardown."""
-    processes = ServeProcesses(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
 
 
 def with_secret(sp: ServeProject) -> str:

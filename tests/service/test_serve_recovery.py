@@ -4,37 +4,17 @@ every host back on what was recorded before it was touched."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import GitRemote
 from serve_helpers import ServeProcesses, ServeProject, wait_for
 
 from pipeline.config.load import load
-from pipeline.lab.manage import LabState
 from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
-@pytest.fixture
-def sp(tmp_path: Path, git_remote: GitRemote, lab: LabState) -> Iterator[ServeProject]:
-    project = ServeProject.make(tmp_path, git_remote, lab)
-    try:
-        yield project
-    finally:
-        project.cleanup()
-
-
-@pytest.fixture
-def serve(tmp_path: Path, sp: ServeProject) -> Iterator[ServeProcesses]:
-    processes = ServeProcesses(tmp_path)
-    try:
-        yield processes
-    finally:
-        processes.stop_all()
 
 
 def test_kill_9_during_the_check_of_a_bad_revision_restores_the_old_one_everywhere(

@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 import structlog
-from conftest import GitRemote
 
+from pipeline.lab.workrepo import WorkRepo as GitRemote
 from pipeline.service.daemon import Service
 from pipeline.sources.schedule import backoff_interval, poll_jitter
 from pipeline.state.queue import EventQueue
