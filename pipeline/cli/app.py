@@ -68,11 +68,13 @@ def demo(
 
 def _register_subcommands() -> None:
     from pipeline.cli import deploy as cli_deploy
+    from pipeline.cli import hooks as cli_hooks
     from pipeline.cli import serve as cli_serve
     from pipeline.cli.lab import lab_app
 
     cli_deploy.register(app)
     cli_serve.register(app)
+    cli_hooks.register(app)
 
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
 
