@@ -36,7 +36,7 @@ def test_revision_that_exits_at_once_is_rolled_back_on_every_host(project: Proje
     assert project.containers(project.web) == before  # the old containers, running again
     history = json.loads(project.cli("history", project.web, "--json").stdout)
     assert history[0]["status"] == "rolled_back", history[0]
-    assert "exited with code 3" in history[0]["error"], history[0]
+    assert "exited (exit code 3)" in history[0]["error"], history[0]
     state = State.in_dir(load(project.config).data_dir)
     assert state.releases(project.web)[0].failure_kind == "crashed"
     assert all(r.status != "running" for r in state.runs())
