@@ -25,6 +25,14 @@ T = TypeVar("T")
 OnRetry = Callable[[int, BaseException, float], None]
 
 
+def capped_doubling(first: float, count: int, cap: float) -> float:
+    """The wait after `count` consecutive failures (seconds): `first`, then doubling, never
+    above `cap` (nor below `first`). Shared by every backoff of pipeline: engine retries,
+    polls of a failing repo, retries of a revision after an infrastructure failure."""
+    exponent = max(0, min(count - 1, 32))  # 2**32 of any base is past every cap already
+    return min(first * 2.0**exponent, max(cap, first))
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for an error that declares itself worth retrying (a TransientError: connection
     refused or reset, a timeout, a 5xx); auth refusals and unknown images are not."""

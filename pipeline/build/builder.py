@@ -25,6 +25,7 @@ from pipeline.plan.planner import Build, image_spec_hash
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
+from pipeline.state.steps import StepLog
 from pipeline.state.store import State
 
 log = structlog.get_logger(__name__)
@@ -139,7 +140,8 @@ class Builder:
         labels: dict[str, str],
         pull: bool = False,
     ) -> str:
-        step = self._start(run_id, "build", b.image, host, rev.sha, f"tags {', '.join(tags)}")
+        steps = StepLog(self.state, b.image)
+        step = steps.start(run_id, "build", host, rev.sha, f"tags {', '.join(tags)}")
         blog = log.bind(image=b.image, revision=rev.sha[:12], host=host or "local")
         tty = sys.stderr.isatty()
 
@@ -163,12 +165,12 @@ class Builder:
                 on_output=output,
             )
         except PipelineError as exc:
-            self._finish(step, "failed", error=str(exc))
+            steps.end(step, "failed", error=str(exc))
             raise
         finally:
             if tty:
                 sys.stderr.write("\r\033[2K")
-        self._finish(step, "succeeded", detail=image_id)
+        steps.end(step, "succeeded", detail=image_id)
         return image_id
 
     def _push(
@@ -189,8 +191,9 @@ class Builder:
         def retrying(failed: int, _exc: BaseException, _wait: float) -> None:
             self.report(f"{b.image}: push retry {failed + 1}/{self.retry.attempts}")
 
+        steps = StepLog(self.state, b.image)
         for tag in tags:
-            step = self._start(run_id, "push", b.image, host, rev.sha, f"{repository}:{tag}")
+            step = steps.start(run_id, "push", host, rev.sha, f"{repository}:{tag}")
             try:
                 pushed = self.retry.call(
                     partial(engine.push, repository, tag, auth=auth),
@@ -198,10 +201,10 @@ class Builder:
                     on_retry=retrying,
                 )
             except PipelineError as exc:
-                self._finish(step, "failed", error=str(exc))
+                steps.end(step, "failed", error=str(exc))
                 raise PipelineError(f"push to {reg.address} failed: {exc}") from exc
             digest = pushed or digest
-            self._finish(step, "succeeded", detail=digest)
+            steps.end(step, "succeeded", detail=digest)
         return digest
 
     def _build_on_hosts(
@@ -227,24 +230,3 @@ class Builder:
         image = self.cfg.images[b.image]
         self.state.record_build(b.image, rev.sha, digest, tag, image_spec_hash(image), run_id)
         return Artifact(b.image, rev.sha, digest, tag)
-
-    def _start(
-        self,
-        run_id: int | None,
-        kind: str,
-        subject: str,
-        host: str | None,
-        revision: str,
-        detail: str,
-    ) -> int | None:
-        if run_id is None:
-            return None
-        return self.state.start_step(
-            run_id, kind, subject, host=host, revision=revision, detail=detail
-        )
-
-    def _finish(
-        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
-    ) -> None:
-        if step is not None:
-            self.state.finish_step(step, status, detail=detail, error=error)

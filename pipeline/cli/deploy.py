@@ -206,10 +206,11 @@ def register(app: typer.Typer) -> None:
         view = [
             {
                 **r,
+                "id": f"r{r['id']}",  # what `pipeline rollback --to` takes
                 "revision": r["revision"][:12],
                 "error": (r["error"] or "").splitlines()[0][:80] if r["error"] else None,
             }
             for r in rows
         ]
-        columns = ["started_at", "service", "kind", "revision", "status", "failure_kind"]
+        columns = ["id", "started_at", "service", "kind", "revision", "status", "failure_kind"]
         print_table(view, [*columns, "reason", "error"])

@@ -45,12 +45,13 @@ from pipeline.deploy.steps import (
     plan_rollout,
     undo_for,
 )
-from pipeline.deploy.undo import HostUndo, StepLog
+from pipeline.deploy.undo import HostUndo
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
 from pipeline.retry import RetryPolicy
 from pipeline.state.leases import HeldLease
 from pipeline.state.rollbacks import ServiceSettings
+from pipeline.state.steps import StepLog
 from pipeline.state.store import PreviousContainer, State
 
 log = structlog.get_logger(__name__)

@@ -12,35 +12,10 @@ from pipeline.deploy.steps import UndoKind
 from pipeline.errors import PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, Engine
 from pipeline.retry import RetryPolicy
+from pipeline.state.steps import StepLog
 from pipeline.state.store import PreviousContainer, State
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class StepLog:
-    """The run's step records of one service's rollout (`steps` rows); without a run (a
-    rollout outside a pass, recovery) nothing is recorded."""
-
-    state: State
-    service: str
-
-    def start(
-        self, run_id: int | None, kind: str, host: str, revision: str | None, detail: str | None
-    ) -> int | None:
-        """Record step `kind` on `host` as running; its id, or None without a run."""
-        if run_id is None:
-            return None
-        return self.state.start_step(
-            run_id, kind, self.service, host=host, revision=revision, detail=detail
-        )
-
-    def end(
-        self, step: int | None, status: str, *, detail: str | None = None, error: str | None = None
-    ) -> None:
-        """Record how step `step` ended (succeeded, failed, skipped)."""
-        if step is not None:
-            self.state.finish_step(step, status, detail=detail, error=error)
 
 
 @dataclass(frozen=True)

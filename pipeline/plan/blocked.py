@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+
+from pipeline.retry import capped_doubling
+from pipeline.timeutil import utc
 
 INFRASTRUCTURE_BACKOFF = 30.0  # seconds after the first infrastructure failure of a revision
 INFRASTRUCTURE_BACKOFF_MAX = 600.0
@@ -50,8 +52,7 @@ class Blocked:
 def infrastructure_backoff(failures: int) -> float:
     """Seconds to wait after `failures` consecutive infrastructure failures: 30, 60, 120, ...
     up to 10 minutes."""
-    exponent = max(0, min(failures - 1, 16))  # 2**16 * 30 s is far past the cap already
-    return min(INFRASTRUCTURE_BACKOFF * 2**exponent, INFRASTRUCTURE_BACKOFF_MAX)
+    return capped_doubling(INFRASTRUCTURE_BACKOFF, failures, INFRASTRUCTURE_BACKOFF_MAX)
 
 
 def effective_kind(release: ReleaseFact) -> str | None:
@@ -63,7 +64,7 @@ def effective_kind(release: ReleaseFact) -> str | None:
 
 
 def _clock_time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).strftime("%H:%M:%S")
+    return utc(epoch).strftime("%H:%M:%S")
 
 
 def blocked_revision(releases: Sequence[ReleaseFact], now: float) -> Blocked | None:

@@ -19,6 +19,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline.config.cron import parse_cron
 from pipeline.redact import redact
+from pipeline.retry import capped_doubling
 from pipeline.timeutil import utc
 
 log = structlog.get_logger(__name__)
@@ -39,9 +40,7 @@ def poll_jitter(interval: float) -> float:
 
 def backoff_interval(interval: float, failures: int, cap: float = MAX_BACKOFF) -> float:
     """The poll interval after `failures` consecutive failures: doubled each time, capped."""
-    if failures <= 0:
-        return interval
-    return min(interval * 2.0**failures, max(cap, interval))
+    return capped_doubling(interval, failures + 1, cap)
 
 
 @dataclass
