@@ -111,7 +111,8 @@ class Worker:
     def _record_superseded(self, events: Sequence[QueuedEvent], run_id: int | None) -> None:
         """Show the pushed commits the run went past (all of `events`' but the one it deployed:
         coalesced, or already behind the branch's head when fetched) in `history` of the
-        services the run rolled out, as superseded: the others did not change in them."""
+        services the run rolled out (or, when an earlier run of the burst already rolled the
+        head out, of the services running it), as superseded: the others did not change."""
         newest, cfg = events[-1], self.loaded()
         if newest.kind not in ("push", "tag") or newest.repo not in cfg.model.repos:
             return
@@ -120,7 +121,7 @@ class Worker:
         if deployed is None:  # nothing fetched: no newer commit is known to have replaced them
             return
         assert run_id is not None
-        services = self.state.services_released_by(run_id)
+        services = self.state.services_released_by(run_id) or self._running(newest.repo, deployed)
         observer = self._observer()
         mirror = observer.mirror(newest.repo) if observer is not None else None
         seen = {deployed}
@@ -141,6 +142,22 @@ class Worker:
                         run_id,
                         at=ev.received_at,
                     )
+
+    def _running(self, repo: str, revision: str) -> list[str]:
+        """The services of `repo`'s images deployed at `revision` now: when a run found the
+        head already deployed (an earlier run of the same burst fetched it), the commits this
+        one went past were superseded in them."""
+        model = self.loaded().model
+        images = {name for name, image in model.images.items() if image.repo == repo}
+        return sorted(
+            {
+                d.service
+                for d in self.state.deployments()
+                if d.revision == revision
+                and d.service in model.services
+                and model.services[d.service].image in images
+            }
+        )
 
     def handle(self, events: Sequence[QueuedEvent]) -> None:
         """Handle claimed `events` (coalesced; the newest is acted on) and finish them all;
