@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from types import FrameType
 from typing import Annotated
 
 import typer
@@ -79,7 +81,19 @@ def _register_subcommands() -> None:
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
 
 
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does, so a `pipeline
+    run`, `deploy` or `rollback` that is asked to stop undoes its rollout on every host it
+    touched before it exits (`pipeline serve` installs its own handler: it stops gracefully)."""
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main() -> None:
     """Console-script entry point."""
+    interrupt_on_sigterm()
     _register_subcommands()
     app()
