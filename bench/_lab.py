@@ -16,11 +16,11 @@ from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 
 import docker
 import httpx
 
+from pipeline.cli.app import interrupt_on_sigterm
 from pipeline.lab.manage import LabState, lab_down, lab_up
 from pipeline.lab.sample_app import write_sample_app
 from pipeline.lab.workrepo import WorkRepo
@@ -33,17 +33,9 @@ LOCAL_DOCKER = "unix:///var/run/docker.sock"
 
 
 
-_MAIN_PID = os.getpid()
 
 
-def _sigterm_as_interrupt(signum: int, _frame: FrameType | None) -> None:
-    if os.getpid() != _MAIN_PID:
-        # A forked helper (pyroute2 enters namespaces in children it ends with SIGTERM) must
-        # die as it would have, not unwind into the lab's teardown.
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)
-        return
-    raise KeyboardInterrupt
+_MAIN_PID = os.getpid()  # a forked child must never tear the lab down
 
 
 @contextlib.contextmanager
@@ -52,7 +44,7 @@ def own_lab(prefix: str, hosts: int, subnet: str) -> Iterator[tuple[LabState, Pa
     removed, whatever happens (Ctrl-C and SIGTERM included). Yields (lab, workdir)."""
     if os.geteuid() != 0:
         raise SystemExit("the lab benchmarks need root (namespaces, a bridge, extra dockerds)")
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    interrupt_on_sigterm()
     # Short path: the engines' unix sockets live below it (sun_path is 108 bytes).
     workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     lab_dir = workdir / "lab"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from types import FrameType
@@ -84,9 +85,16 @@ def _register_subcommands() -> None:
 def interrupt_on_sigterm() -> None:
     """Make SIGTERM raise KeyboardInterrupt in the main thread, as Ctrl-C does, so a `pipeline
     run`, `deploy` or `rollback` that is asked to stop undoes its rollout on every host it
-    touched before it exits (`pipeline serve` installs its own handler: it stops gracefully)."""
+    touched before it exits (`pipeline serve` installs its own handler: it stops gracefully).
+    A forked child (pyroute2 enters namespaces in children it ends with SIGTERM) dies as it
+    would have, instead of unwinding into its parent's code."""
+    main_pid = os.getpid()
 
-    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+    def interrupt(signum: int, _frame: FrameType | None) -> None:
+        if os.getpid() != main_pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
