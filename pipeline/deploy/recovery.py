@@ -18,8 +18,9 @@ from pipeline.deploy.rollout import Rollout, RolloutResult, Target, container_na
 from pipeline.deploy.steps import reached_by_phase, recovery_action, undo_for
 from pipeline.errors import LockedError, PipelineError
 from pipeline.hosts.engine import ContainerInfo
+from pipeline.plan.blocked import blocked_revision
 from pipeline.state.schema import Release
-from pipeline.state.store import PreviousContainer, owner_alive_local
+from pipeline.state.store import PreviousContainer, owner_alive_local, release_fact
 
 if TYPE_CHECKING:
     from pipeline.deploy.runner import Runner
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 # A revision whose rollout was interrupted this many times is not retried on its own again.
-MAX_INTERRUPTIONS = 2
 
 
 def recover_service(
@@ -157,17 +157,14 @@ def recover_interrupted(
 
 def fresh_attempt_due(releases: Sequence[Release], interrupted_id: int) -> bool:
     """Whether the revision of interrupted release `interrupted_id` should be rolled out again
-    on its own: only when nothing of its service was rolled out since (a requeued push, a CLI
-    run already gave it its fresh attempt) and its revision was interrupted fewer than
-    `MAX_INTERRUPTIONS` times (a rollout that keeps dying is not retried in a loop)."""
+    on its own (`releases` newest first): only when nothing of its service was rolled out since
+    (a requeued push, a CLI run already gave it its fresh attempt) and the rule every pass
+    follows (`plan.blocked`: one fresh attempt, not a second) lets it through."""
     rel = next((r for r in releases if r.id == interrupted_id), None)
     if rel is None or rel.status != "interrupted":
         return False
     if any(r.id > rel.id and r.service == rel.service for r in releases):
         return False
-    times = sum(
-        1
-        for r in releases
-        if r.service == rel.service and r.revision == rel.revision and r.status == "interrupted"
-    )
-    return times < MAX_INTERRUPTIONS
+    mine = [release_fact(r) for r in releases if r.service == rel.service]
+    # An interrupted attempt waits on no clock, so any `now` gives the same answer.
+    return blocked_revision(mine, now=float("inf")) is None

@@ -36,7 +36,8 @@ Clock = Callable[[], float]
 _RELEASES_CONSIDERED = 20
 
 
-def _fact(rel: Release) -> ReleaseFact:
+def release_fact(rel: Release) -> ReleaseFact:
+    """A release row as the pure rules of `plan.blocked` read it."""
     return ReleaseFact(
         revision=rel.revision,
         digest=rel.digest,
@@ -446,7 +447,7 @@ class State:
                     .order_by(Release.id.desc())
                     .limit(_RELEASES_CONSIDERED)
                 )
-                blocked = decide([_fact(r) for r in rows])
+                blocked = decide([release_fact(r) for r in rows])
                 if blocked is not None:
                     out[service] = blocked
         return out

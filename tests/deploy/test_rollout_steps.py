@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,12 @@ class _Rel:
     service: str
     revision: str
     status: str
+    kind: str = "deploy"
+    digest: str = ""
+    spec_hash: str = ""
+    failure_kind: str | None = None
+    started_at: datetime = datetime(2026, 11, 29, tzinfo=UTC)
+    finished_at: datetime | None = None
 
 
 @pytest.mark.parametrize(
