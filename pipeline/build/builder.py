@@ -6,6 +6,7 @@ digest. Without one, each target host's own engine builds the image and runs it 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -125,7 +126,12 @@ class Builder:
             raise PipelineError(
                 f"image {b.image}: Dockerfile {dockerfile} not found at {rev.sha[:12]}"
             )
-        (context / ".pipeline.Dockerfile").write_bytes(content)
+        target = context / ".pipeline.Dockerfile"
+        # A file or symlink of that name from the commit is replaced, never written through.
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
         return context, ".pipeline.Dockerfile"
 
     def _build_step(

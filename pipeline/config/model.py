@@ -214,6 +214,7 @@ class RepoSection(_Table):
     tags: str | None = None  # a glob of release tags, e.g. "v*"
     poll: Duration | None = None
     webhook_secret_env: EnvName | None = None
+    submodules: bool = True  # fetch submodules into build contexts (false: empty folders)
 
     @model_validator(mode="after")
     def _one_ref(self) -> RepoSection:

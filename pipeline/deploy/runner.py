@@ -154,6 +154,7 @@ class Runner:
             files=frozenset(mirror.list_files(sha)),
             changes=changes,
             dockerignores=ignores,
+            submodules=frozenset(mirror.submodule_paths(sha)),
         )
 
     # -- plan -------------------------------------------------------------------------------

@@ -61,6 +61,8 @@ class RepoSnapshot:
     changes: Mapping[str, frozenset[str] | None]
     # context dir ("." or "web") -> its .dockerignore text, only for contexts that have one
     dockerignores: Mapping[str, str]
+    # paths in `files` that are submodules: a folder of files this tree does not list
+    submodules: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,15 @@ def _dockerignore(text: str) -> DockerIgnore:
 
 
 def image_inputs_changed(
-    image: ImageSection, paths: Iterable[str], dockerignore: DockerIgnore | None
+    image: ImageSection,
+    paths: Iterable[str],
+    dockerignore: DockerIgnore | None,
+    submodules: frozenset[str] = frozenset(),
 ) -> list[str]:
     """The paths (repo-relative) that are inputs of `image`, sorted: its Dockerfile, files of
-    its context that `dockerignore` keeps (plus the .dockerignore itself), its watch globs."""
+    its context that `dockerignore` keeps (plus the .dockerignore itself), its watch globs.
+    A path in `submodules` stands for the folder of a submodule: an input unless `dockerignore`
+    leaves out everything under it."""
     dockerfile = image.dockerfile_path
     context = image.context
     prefix = "" if context == "." else context + "/"
@@ -206,7 +213,11 @@ def image_inputs_changed(
             if (
                 relative == ".dockerignore"
                 or dockerignore is None
-                or not dockerignore.excludes(relative)
+                or not (
+                    dockerignore.excludes_all_under(relative)
+                    if path in submodules
+                    else dockerignore.excludes(relative)
+                )
             ):
                 found.add(path)
                 continue
@@ -261,7 +272,7 @@ def _image_reason(
     changed = snapshot.changes.get(record.revision)
     if changed is None:
         return "history unknown (force push or first fetch): rebuilding", None
-    inputs = image_inputs_changed(image, changed, ignore)
+    inputs = image_inputs_changed(image, changed, ignore, snapshot.submodules)
     return (_changed_reason(inputs) if inputs else None), None
 
 
