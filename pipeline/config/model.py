@@ -76,6 +76,15 @@ def _repo_url(value: str) -> str:
     )
 
 
+def _repository_full_name(value: str) -> str:
+    if not re.fullmatch(r"[^\s/:@]+(/[^\s/:@]+)+", value):
+        raise ValueError(
+            f"repository name {value!r} is not 'owner/name' (the full name or path with "
+            "namespace webhook deliveries give, e.g. 'acme/shop' or 'group/sub/shop')"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class PortMapping:
     """One entry of `[services.*] ports`: the container port and protocol, the host port (None:
@@ -215,6 +224,9 @@ class RepoSection(_Table):
     poll: Duration | None = None
     webhook_secret_env: EnvName | None = None
     submodules: bool = True  # fetch submodules into build contexts (false: empty folders)
+    # The repository webhook deliveries name ("owner/name"), when `url` cannot be compared with
+    # their clone URLs (a mirror, an ssh host alias, a local path).
+    webhook_repository: Annotated[str, AfterValidator(_repository_full_name)] | None = None
 
     @model_validator(mode="after")
     def _one_ref(self) -> RepoSection:

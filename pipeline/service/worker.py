@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.redact import redact
 from pipeline.service import metrics
 from pipeline.service.retries import SOURCE as RETRY_SOURCE
+from pipeline.sources.refs import newest_tag
 from pipeline.state.queue import EventQueue, QueuedEvent
 from pipeline.state.store import State
 
@@ -324,13 +325,18 @@ class Worker:
         """True when a push/tag of `repo` queued after event `than_id` brings a commit that the
         one this pass rolls out (pinned, else the mirror's head) does not contain. Late
         deliveries of older commits (ten pushes in a second) must not undo a rollout of the
-        newest; `contained` caches the commits found to be included. A retry event brings no
-        commit, it names one that failed before: it must not cut short a rollout (such as
-        `pipeline deploy` of an older revision)."""
+        newest; `contained` caches the commits (and refs) found to be included. A retry event
+        brings no commit, it names one that failed before: it must not cut short a rollout (such
+        as `pipeline deploy` of an older revision).
+
+        A release event names a tag and often no commit (GitHub, Gitea, Forgejo): it counts by
+        that tag's commit in the mirror, so a release of the tag being rolled out brings nothing;
+        a tag the mirror does not have yet may be new. For a repo following tags, a tag no newer
+        (by the version order the pass deploys by) than the one rolled out brings nothing."""
         waiting = [
-            sha
-            for sha in self.queue.waiting_shas(repo, than_id, ignore_source=RETRY_SOURCE)
-            if sha not in contained
+            (sha, ref)
+            for sha, ref in self.queue.waiting_revisions(repo, than_id, ignore_source=RETRY_SOURCE)
+            if (sha or ref) not in contained
         ]
         if not waiting:
             return False
@@ -339,18 +345,32 @@ class Worker:
             return True
         mirror = observer.mirror(repo)
         try:
+            local_tag: str | None = None
             if pinned and repo in pinned:
                 head: str | None = mirror.resolve(pinned[repo])
             else:
                 branch = None if section.tags else (section.branch or "main")
                 local = mirror.local_head(branch=branch, tags=section.tags)
-                head = local.sha if local else None
-            for sha in waiting:
-                if sha is None or head is None:
+                head, local_tag = (local.sha, local.tag) if local else (None, None)
+            for sha, ref in waiting:
+                tag = (
+                    ref.removeprefix("refs/tags/") if ref and ref.startswith("refs/tags/") else None
+                )
+                if head is None or (sha is None and tag is None):
                     return True  # an event that names no commit may bring anything
-                if sha != head and not mirror.is_ancestor(sha, head):
+                if (
+                    tag is not None
+                    and local_tag is not None
+                    and section.tags
+                    and newest_tag([local_tag, tag], section.tags) == local_tag
+                ):
+                    contained.add(sha or tag)  # the tag rolled out, or an older one
+                    continue
+                # A tag the mirror lacks raises (not fetched yet): it may be new.
+                commit = sha if sha is not None else mirror.resolve(tag or "")
+                if commit != head and not mirror.is_ancestor(commit, head):
                     return True
-                contained.add(sha)
+                contained.add(sha or ref or commit)
         except PipelineError:
             return True  # cannot tell: the newer event wins, as before
         return False

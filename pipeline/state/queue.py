@@ -202,7 +202,17 @@ class EventQueue:
     ) -> list[str | None]:
         """The commits (None: not known) of pushes and tags of `repo` queued above `than_id`,
         except those queued by `ignore_source`."""
-        query = select(Event.sha).where(
+        return [
+            sha for sha, _ in self.waiting_revisions(repo, than_id, ignore_source=ignore_source)
+        ]
+
+    def waiting_revisions(
+        self, repo: str, than_id: int, *, ignore_source: str | None = None
+    ) -> list[tuple[str | None, str | None]]:
+        """(commit, ref) of the pushes and tags of `repo` queued above `than_id`, oldest first,
+        except those queued by `ignore_source`; either may be None (a release names a tag and
+        no commit, a retry a commit and no ref)."""
+        query = select(Event.sha, Event.ref).where(
             Event.status == "queued",
             Event.repo == repo,
             Event.kind.in_(_COALESCING),
@@ -211,7 +221,7 @@ class EventQueue:
         if ignore_source is not None:
             query = query.where(Event.source != ignore_source)
         with self.state.session() as s:
-            return list(s.scalars(query.order_by(Event.id)))
+            return [(sha, ref) for sha, ref in s.execute(query.order_by(Event.id))]
 
     def quiet_for(self) -> float | None:
         """Seconds since the newest queued event arrived; None when nothing waits."""
