@@ -9,10 +9,20 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
+from pipeline import logs
+from pipeline import redact as redact_module
 from pipeline.cli.app import app
 from pipeline.config.envfile import EnvFileError, parse_env, read_env_file
 from pipeline.config.load import parse
 from pipeline.redact import redact
+
+
+@pytest.fixture(autouse=True)
+def _own_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values these tests register as secrets are forgotten afterwards, so that they mask
+    nothing in other tests."""
+    monkeypatch.setattr(redact_module, "_secrets", set(redact_module._secrets))
+
 
 PEM = (
     "-----BEGIN PRIVATE KEY-----\n"
@@ -179,7 +189,10 @@ def test_validate_reports_each_env_file_with_file_line_and_key(
         # In process (the command is a thin wrapper): a subprocess costs seconds on a busy machine.
         with monkeypatch.context() as m:
             m.chdir(tmp_path)
-            return CliRunner().invoke(app, ["validate", "-c", "pipeline.toml"])
+            try:
+                return CliRunner().invoke(app, ["validate", "-c", "pipeline.toml"])
+            finally:
+                logs.configure()  # the command logged to the runner's stream, closed now
 
     res = validate()
     assert res.exit_code == 2, res.stdout + res.stderr
