@@ -289,10 +289,14 @@ CASES = [
         rollouts={"api": (OLD, False, "definition changed")},
     ),
     Case(
-        "a service whose env_file cannot be read fails with its message; the others roll out",
+        "a service whose env_file cannot be read fails with its message; the others roll out, "
+        "another repo's service is not this plan's business",
         _app(svc_web='env_file = "web.env"'),
         frozenset({"web/index.html"}),
-        env_file_errors={"web": "pipeline.toml:20: services.web.env_file: cannot read web.env"},
+        env_file_errors={
+            "web": "pipeline.toml:20: services.web.env_file: cannot read web.env",
+            "tool": "pipeline.toml:10: services.tool.env_file: cannot read tool.env",
+        },
         builds={"web": "changed: web/index.html"},
         rollouts={"web-worker": rebuilt("web")},
         problems={"services.web": "pipeline.toml:20: services.web.env_file: cannot read web.env"},
