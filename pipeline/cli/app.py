@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from pipeline import logs
-from pipeline.cli.common import ConfigOption, fail, load_config
+from pipeline.cli.common import EXIT_USAGE, ConfigOption, fail, load_config
 from pipeline.errors import PipelineError
 
 app = typer.Typer(
@@ -36,8 +36,12 @@ def _main(
 
 @app.command()
 def validate(config: ConfigOption = None) -> None:
-    """Check the config file; exit 0 with a summary, or 2 with every problem found."""
+    """Check the config file and every service's env_file; exit 0 with a summary, or 2 with
+    every problem found."""
     loaded = load_config(config)
+    problems = loaded.env_file_problems()
+    if problems:
+        fail("\n".join(problems) + f"\n{len(problems)} problem(s) found.", EXIT_USAGE)
     m = loaded.model
     typer.echo(
         f"{loaded.path.name}: ok: {len(m.repos)} repo(s), {len(m.images)} image(s), "

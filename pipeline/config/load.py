@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from pipeline.config.envfile import EnvFile, EnvFileError, read_env_file
 from pipeline.config.model import (
     NAME_RE,
     Config,
@@ -46,10 +48,40 @@ class LoadedConfig:
 
     path: Path
     model: Config
+    shown: str = ""  # the file's name in messages, as given (default: its file name)
+    lines: _LineIndex | None = field(default=None, repr=False, compare=False)
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def locate(self, *key: str) -> str:
+        """`FILE:LINE` of the config key `key` (or of its nearest table) for messages."""
+        line = self.lines.line_of(key) if self.lines is not None else 1
+        return f"{self.shown or self.path.name}:{line}"
+
+    def read_env_file(self, service: str) -> EnvFile | None:
+        """The `env_file` of `service` (relative to the config's directory), read and checked,
+        its values registered as secrets; None when it has none. Raises EnvFileError naming
+        `FILE:LINE` and `services.NAME.env_file` (see `pipeline.config.envfile`)."""
+        name = self.model.services[service].env_file
+        if not name:
+            return None
+        shown = str(Path(self.shown or self.path.name).parent / name)
+        key = f"services.{service}.env_file"
+        where = self.locate("services", service, "env_file")
+        return read_env_file(self.base_dir / name, shown, key, where)
+
+    def env_file_problems(self) -> list[str]:
+        """Every service's env_file problem (`FILE:LINE: services.NAME.env_file: ...`), in
+        service order; [] when each one reads."""
+        problems = []
+        for service in self.model.services:
+            try:
+                self.read_env_file(service)
+            except EnvFileError as exc:
+                problems.extend(exc.problems)
+        return problems
 
     @property
     def data_dir(self) -> Path:
@@ -77,7 +109,11 @@ def load(path: Path) -> LoadedConfig:
 
 
 def parse(text: str, path: Path) -> LoadedConfig:
-    """Validate config text; `path` names the file in messages and anchors relative paths."""
+    """Validate config text; `path` names the file in messages and anchors relative paths.
+
+    The services' env files that read are read too, only to register their values as secrets
+    (so that every command, `history` included, masks them); a file's problem is left for
+    `validate` and for the plan of its service to report."""
     name = path.name if path.parent == Path(".") else str(path)
     try:
         raw = tomllib.loads(text)
@@ -101,7 +137,13 @@ def parse(text: str, path: Path) -> LoadedConfig:
     if problems:
         located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
         raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
-    return LoadedConfig(path=path.resolve(), model=Config.model_validate(sections))
+    loaded = LoadedConfig(
+        path=path.resolve(), model=Config.model_validate(sections), shown=name, lines=lines
+    )
+    for service in loaded.model.services:
+        with contextlib.suppress(EnvFileError):
+            loaded.read_env_file(service)  # registers the values it reads as secrets
+    return loaded
 
 
 def _validate_named(

@@ -89,10 +89,14 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Problem:
-    """Something that needs a human, named by config key: ("images.web", "Dockerfile ...")."""
+    """Something that needs a human, named by config key: ("images.web", "Dockerfile ...").
+
+    `error`: the subject cannot be planned at all (a service whose env_file cannot be read),
+    and the run fails; otherwise a note (a service held back on purpose, an image waiting)."""
 
     subject: str
     message: str
+    error: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,21 @@ class Plan:
                 }
                 for r in self.rollouts
             ],
-            "problems": [{"subject": p.subject, "message": p.message} for p in self.problems],
+            "problems": [
+                {"subject": p.subject, "message": p.message, "error": p.error}
+                for p in self.problems
+            ],
         }
 
     @property
     def empty(self) -> bool:
         """Nothing to build or roll out (problems are not work: check them separately)."""
         return not self.builds and not self.rollouts
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        """The problems that fail the run (`Problem.error`)."""
+        return tuple(p for p in self.problems if p.error)
 
 
 def _sha256(data: object) -> str:
@@ -283,6 +295,7 @@ def plan(
     services: Mapping[str, ServiceRecord],
     *,
     env_files: Mapping[str, str] | None = None,
+    env_file_errors: Mapping[str, str] | None = None,
     failed: Mapping[str, str | ServiceRecord | Blocked] | None = None,
     force_images: Iterable[str] = (),
     force_reason: str = "requested",
@@ -291,7 +304,8 @@ def plan(
 ) -> Plan:
     """Decide the builds and rollouts for the repos in `snapshots` (others are left alone).
 
-    `env_files` maps a service name to the content of its `env_file`; `failed`
+    `env_files` maps a service name to the content of its `env_file`, `env_file_errors` to
+    why it could not be read (that service is not rolled out: an error `Problem`); `failed`
     maps a service to the revision kept out of rollouts (a `Blocked`, saying why, or the bare
     revision or record of the rollout that failed last), which is not rolled out unless the
     service's definition changed; `force_images` are built even if unchanged, with
@@ -301,6 +315,7 @@ def plan(
     as usual.
     """
     env_files = env_files or {}
+    env_file_errors = env_file_errors or {}
     failed = failed or {}
     pins = pins or {}
     unpin: list[str] = []
@@ -345,6 +360,9 @@ def plan(
                 problems.append(_pinned(name, pin))
                 continue
             unpin.append(name)
+        if name in env_file_errors:
+            problems.append(Problem(f"services.{name}", env_file_errors[name], error=True))
+            continue
         rollout, problem = _service_rollout(
             name,
             service,
@@ -372,7 +390,7 @@ def plan(
     return Plan(
         builds=tuple(builds[n] for n in sorted(builds)),
         rollouts=tuple(rollouts),
-        problems=tuple(sorted(problems, key=lambda p: (p.subject, p.message))),
+        problems=tuple(sorted(problems, key=lambda p: (not p.error, p.subject, p.message))),
         unpin=tuple(unpin),
     )
 
