@@ -222,13 +222,13 @@ class ServerSection(_Table):
     # None: required when `listen` reaches beyond loopback (see `reads_need_token`)
     read_token_required: bool | None = None
 
-    @property
-    def reads_need_token(self) -> bool:
+    def reads_need_token(self, bound: str | None = None) -> bool:
         """Whether `GET /api/*` needs the API token: `read_token_required` when set, else
-        whether `listen` reaches beyond loopback."""
+        whether the server listens beyond loopback, on `bound` (the address it was started on,
+        which a reload of `listen` does not change) or else on `listen`."""
         if self.read_token_required is not None:
             return self.read_token_required
-        return listens_beyond_loopback(self.listen)
+        return listens_beyond_loopback(bound or self.listen)
 
 
 class RegistrySection(_Table):

@@ -48,6 +48,10 @@ class ServerContext:
     status: Callable[[], list[dict[str, Any]]]
     wake: Callable[[], None]
     started_at: float
+    # The `[server] listen` the HTTP server was started on: a reload that changes `listen` only
+    # takes effect on restart, so whether reads need the token follows this one. None: the
+    # live config's.
+    listen: str | None = None
 
 
 def reply(status: int, data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -207,7 +211,7 @@ def _authorize(ctx: ServerContext) -> Callable[..., Any]:
     ) -> None:
         loaded = ctx.loaded()
         if request.method in ("GET", "HEAD"):
-            if not loaded.model.server.reads_need_token:
+            if not loaded.model.server.reads_need_token(ctx.listen):
                 return
             what = "read"
         else:

@@ -60,7 +60,7 @@ def test_listen_address_decides_the_default(listen: str, beyond: bool) -> None:
 )
 def test_read_token_required_overrides_the_default(table: dict[str, object], needed: bool) -> None:
     """An explicit `read_token_required` wins over the default taken from `listen`."""
-    assert ServerSection.model_validate(table).reads_need_token is needed
+    assert ServerSection.model_validate(table).reads_need_token() is needed
 
 
 @pytest.mark.parametrize(
@@ -96,7 +96,7 @@ def test_open_or_tokened_reads_validate(server: str) -> None:
     parse(f"[server]\n{server}\n", Path("pipeline.toml"))
 
 
-def _client(tmp_path: Path, server: str) -> Iterator[TestClient]:
+def _client(tmp_path: Path, server: str, bound: str | None = None) -> Iterator[TestClient]:
     loaded = parse(f"[server]\n{server}\n", tmp_path / "pipeline.toml")
     state = State.in_dir(tmp_path / "data")
     run_id = state.start_run("cli", "app")
@@ -108,6 +108,7 @@ def _client(tmp_path: Path, server: str) -> Iterator[TestClient]:
         status=lambda: [],
         wake=lambda: None,
         started_at=time.time(),
+        listen=bound,
     )
     with TestClient(create_app(ctx)) as client:
         yield client
@@ -186,3 +187,16 @@ def test_writes_still_need_the_token_where_reads_do_not(loopback: TestClient) ->
     r = loopback.post("/api/deploy/web")
     assert r.status_code == 401
     assert r.headers["www-authenticate"] == 'Bearer realm="pipeline"'
+
+
+def test_a_reload_to_loopback_does_not_open_reads_before_the_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server started on 0.0.0.0 whose config now says loopback (`listen` changes only on
+    restart) still asks reads for the token."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    server = f'listen = "127.0.0.1:8700"\napi_token_env = "{TOKEN_ENV}"'
+    for client in _client(tmp_path, server, bound="0.0.0.0:8700"):
+        assert client.get("/api/runs").status_code == 401
+        token = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.get("/api/runs", headers=token).status_code == 200
