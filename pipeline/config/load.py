@@ -24,6 +24,7 @@ from pipeline.config.model import (
     RepoSection,
     ServerSection,
     ServiceSection,
+    listens_beyond_loopback,
 )
 from pipeline.errors import ConfigError
 from pipeline.redact import register_secret
@@ -217,6 +218,7 @@ def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], st
             yield (where, f"unknown {what} {value!r}")
 
     yield from ref(("pipeline", "build_host"), table("pipeline").get("build_host"), hosts, "host")
+    yield from _read_token(table("server"))
     for name, image in entries("images"):
         yield from ref(("images", name, "repo"), image.get("repo"), repos, "repo")
         yield from ref(("images", name, "build_host"), image.get("build_host"), hosts, "host")
@@ -233,6 +235,27 @@ def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], st
                 ("services", name, "health", "http"),
                 "an http check on a path needs a published port ('ports') or network 'host'",
             )
+
+
+def _read_token(server: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:
+    """Reads that need the API token (`ServerSection.reads_need_token`) need `api_token_env`:
+    without it every `GET /api/*` would be refused."""
+    listen = server.get("listen", ServerSection.model_fields["listen"].default)
+    required = server.get("read_token_required")
+    if not isinstance(listen, str) or server.get("api_token_env") is not None:
+        return
+    fix = "set [server] api_token_env, or read_token_required = false to leave reads open"
+    if required is True:
+        yield (
+            ("server", "read_token_required"),
+            f"GET /api/* needs the API token, but api_token_env is not set: {fix}",
+        )
+    elif required is None and listens_beyond_loopback(listen):
+        yield (
+            ("server", "listen"),
+            f"{listen!r} reaches beyond loopback, so read_token_required defaults to true and "
+            f"GET /api/* needs the API token, but api_token_env is not set: {fix}",
+        )
 
 
 class _LineIndex:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -185,10 +186,49 @@ class PipelineSection(_Table):
     keep_revisions: int = Field(default=3, ge=1)  # images kept per service on each host
 
 
+def listen_host(listen: str) -> str:
+    """The host part of a `[server] listen` value: "HOST", "HOST:PORT", "[V6]:PORT" or a bare
+    IPv6 address ("::1") give "HOST" / "V6"."""
+    if listen.startswith("["):
+        return listen[1:].partition("]")[0]
+    if listen.count(":") > 1:
+        return listen  # a bare IPv6 address, no port
+    return listen.rpartition(":")[0] if ":" in listen else listen
+
+
+def listens_beyond_loopback(listen: str) -> bool:
+    """Whether a server bound to `listen` can be reached from other machines: False for
+    loopback only (127.0.0.0/8, ::1 and IPv4-mapped loopback, `localhost`), True for everything
+    else: 0.0.0.0, ::, any other address, and any other host name (it may resolve anywhere).
+
+    Loopback as RFC 5735 (127.0.0.0/8) and RFC 4291 (::1) define it, as `ipaddress` reads them.
+    """
+    host = listen_host(listen).strip().lower().rstrip(".")
+    if host == "localhost":
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_loopback
+
+
 class ServerSection(_Table):
     listen: Annotated[str, AfterValidator(_address)] = "127.0.0.1:8700"
     api_token_env: EnvName | None = None
     max_body: int = Field(default=5 * 1024 * 1024, ge=1024)  # bytes
+    # None: required when `listen` reaches beyond loopback (see `reads_need_token`)
+    read_token_required: bool | None = None
+
+    def reads_need_token(self, bound: str | None = None) -> bool:
+        """Whether `GET /api/*` needs the API token: `read_token_required` when set, else
+        whether the server listens beyond loopback, on `bound` (the address it was started on,
+        which a reload of `listen` does not change) or else on `listen`."""
+        if self.read_token_required is not None:
+            return self.read_token_required
+        return listens_beyond_loopback(bound or self.listen)
 
 
 class RegistrySection(_Table):

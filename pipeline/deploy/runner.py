@@ -24,6 +24,7 @@ from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
+from pipeline.redact import redact
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
 from pipeline.state.rollbacks import ServiceSettings
@@ -105,7 +106,9 @@ class Runner:
         self.cfg = loaded.model
         self.state = state
         self.owner = owner or default_owner()
-        self.report = report
+        # Every line a pass prints (CLI, git hook, service log) goes through here: mask secrets
+        # once, whoever the caller is (an app's log lines end up in health-check messages).
+        self.report: Report = lambda line: report(redact(line))
         self.sleep = sleep
         self.clock = clock
         self.should_stop = should_stop
@@ -113,7 +116,7 @@ class Runner:
         # One policy for pushes, pulls and inspections: the one the engines were made with,
         # unless the caller injects another (tests: one that does not sleep).
         self.retry = retry or connections.retry
-        self.builder = Builder(loaded, state, connections, report=report, retry=self.retry)
+        self.builder = Builder(loaded, state, connections, report=self.report, retry=self.retry)
 
     # -- observe ----------------------------------------------------------------------------
     def observe(

@@ -112,6 +112,7 @@ class Service:
             status=self._status,
             wake=self.wake,
             started_at=time.time(),
+            listen=self.loaded.model.server.listen,
         )
         self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
         try:

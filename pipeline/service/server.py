@@ -28,7 +28,15 @@ from pipeline.config.load import read_secret
 from pipeline.config.model import RepoSection
 from pipeline.redact import redact
 from pipeline.service import metrics
-from pipeline.service.api import ServerContext, api_router, error, read_capped, reply, wake
+from pipeline.service.api import (
+    Refused,
+    ServerContext,
+    api_router,
+    error,
+    read_capped,
+    reply,
+    wake,
+)
 from pipeline.sources.webhooks.identity import same_repository
 from pipeline.sources.webhooks.verify import PushEvent, WebhookError, verify_and_parse
 
@@ -222,6 +230,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.add_middleware(_InternalErrors)
     hooks = _HookState()
+
+    @app.exception_handler(Refused)
+    async def refused(_request: Request, exc: Refused) -> Response:
+        # The /api routes' token check (api._authorize) answers through this.
+        return exc.answer
 
     @app.post(
         "/hooks/{repo}",

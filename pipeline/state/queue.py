@@ -17,7 +17,6 @@ from typing import Any
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.redact import redact
 from pipeline.state.schema import Event
 from pipeline.state.store import State
 from pipeline.timeutil import aware, iso
@@ -176,7 +175,7 @@ class EventQueue:
                     status=status,
                     finished_at=self.state.now(),
                     run_id=run_id,
-                    note=redact(note) if note else None,
+                    note=note or None,
                     owner=None,
                 )
                 .execution_options(synchronize_session=False)

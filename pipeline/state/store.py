@@ -2,6 +2,8 @@
 
 SQLite in the data dir by default (WAL, so the service and the CLI read and write together);
 any SQLAlchemy URL works. Each write is its own short transaction, so a crash leaves a true record.
+Errors, details, summaries and reasons are redacted by their column type as they are written
+(`schema.RedactedText`), so callers pass them as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.errors import FailureKind
 from pipeline.plan.blocked import Blocked, ReleaseFact, blocked_revision, infrastructure_retry
 from pipeline.plan.planner import ImageRecord, ServiceRecord
-from pipeline.redact import redact
 from pipeline.state import migrate
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
@@ -136,7 +137,7 @@ class State:
         values: dict[str, Any] = {
             "status": status,
             "finished_at": self.now(),
-            "error": redact(error) if error else None,
+            "error": error or None,
             "summary": summary,
         }
         if revision:
@@ -163,7 +164,7 @@ class State:
                 revision=revision,
                 status="running",
                 started_at=self.now(),
-                detail=redact(detail) if detail else None,
+                detail=detail or None,
             )
             s.add(step)
             s.flush()
@@ -174,9 +175,9 @@ class State:
     ) -> None:
         values: dict[str, Any] = {"status": status, "finished_at": self.now()}
         if detail is not None:
-            values["detail"] = redact(detail)
+            values["detail"] = detail
         if error is not None:
-            values["error"] = redact(error)
+            values["error"] = error
         with self.session() as s:
             s.execute(update(Step).where(Step.id == step_id).values(**values))
 
@@ -325,8 +326,8 @@ class State:
         *,
         failure_kind: FailureKind | None = None,
     ) -> None:
-        """End a release in a terminal `status` with its (redacted) error and, when it failed,
-        its `failure_kind` (see `pipeline.errors.FailureKind`)."""
+        """End a release in a terminal `status` with its error (stored redacted) and, when it
+        failed, its `failure_kind` (see `pipeline.errors.FailureKind`)."""
         with self.session() as s:
             s.execute(
                 update(Release)
@@ -334,7 +335,7 @@ class State:
                 .values(
                     status=status,
                     finished_at=self.now(),
-                    error=redact(error) if error else None,
+                    error=error or None,
                     failure_kind=failure_kind,
                 )
             )
