@@ -180,6 +180,8 @@ class ServerSection(_Table):
     listen: Annotated[str, AfterValidator(_address)] = "127.0.0.1:8700"
     api_token_env: EnvName | None = None
     max_body: int = Field(default=5 * 1024 * 1024, ge=1024)  # bytes
+    # How long an event waits for the commit it names to show on the remote (replication lag).
+    announced_commit_timeout: Duration = 300.0
 
 
 class RegistrySection(_Table):
