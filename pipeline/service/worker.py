@@ -376,19 +376,22 @@ class Worker:
         return _Outcome("deferred", note=note, until=until)
 
     def _fetch_announced(self, ev: QueuedEvent, repo: str) -> _Missing | None:
-        """Fetch `repo` unless the commit `ev` names is fetched already; the commit when it is
-        still not on the followed ref after the fetch, else None (also when `ev` names no
-        commit, or the fetch failed: the pass fetches again and reports that)."""
+        """Fetch `repo`; the commit `ev` names when it is not on the followed ref after the
+        fetch, else None (also when `ev` names no
+        commit, or the fetch failed: the pass fetches again and reports that). A retry event
+        announces nothing: it names a revision that was fetched and failed before."""
         sha = (ev.sha or "").lower()
         observer, section = self._observer(), self.loaded().model.repos.get(repo)
-        if not HEX_SHA.fullmatch(sha) or observer is None or section is None:
+        if ev.source == RETRY_SOURCE or not HEX_SHA.fullmatch(sha):
+            return None
+        if observer is None or section is None:
             return None
         branch, tags = (None, section.tags) if section.tags else (section.branch or "main", None)
         mirror = observer.mirror(repo)
         try:
             with observer.mirror_lock(repo):
-                if mirror.has_fetched(sha, branch=branch, tags=tags):
-                    return None
+                # Always fetch: a commit fetched before may have been force-pushed away since.
+                # When nothing moved, a fetch costs what the pass's ls-remote would have.
                 before = mirror.local_head(branch=branch, tags=tags)
                 after = mirror.fetch(branch=branch, tags=tags)
                 if mirror.has_fetched(sha, branch=branch, tags=tags):
