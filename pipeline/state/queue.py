@@ -200,14 +200,16 @@ class EventQueue:
     def next_due_in(self) -> float | None:
         """Seconds until the earliest deferred event is due (0 when one is), None when no
         queued event is deferred."""
-        with self.state.engine.connect() as conn:
-            soonest = conn.execute(
-                select(func.min(_EVENTS.c.not_before)).where(_EVENTS.c.status == "queued")
-            ).scalar_one()
-        when = aware(soonest)
+        when = self._of_queued(func.min(_EVENTS.c.not_before))
         if when is None:
             return None
         return max(0.0, (when - self.state.now()).total_seconds())
+
+    def _of_queued(self, aggregate: Any) -> datetime | None:
+        """A time aggregated over the queued events (`func.max(column)`), None if none."""
+        with self.state.engine.connect() as conn:
+            value = conn.execute(select(aggregate).where(_EVENTS.c.status == "queued"))
+            return aware(value.scalar_one())
 
     def newer_waiting(self, repo: str, than_id: int) -> bool:
         """True when a push or tag of `repo` is queued with an id above `than_id`."""
@@ -242,11 +244,7 @@ class EventQueue:
 
     def quiet_for(self) -> float | None:
         """Seconds since the newest queued event arrived; None when nothing waits."""
-        with self.state.engine.connect() as conn:
-            newest = conn.execute(
-                select(func.max(_EVENTS.c.received_at)).where(_EVENTS.c.status == "queued")
-            ).scalar_one()
-        received = aware(newest)
+        received = self._of_queued(func.max(_EVENTS.c.received_at))
         if received is None:
             return None
         return max(0.0, (self.state.now() - received).total_seconds())
