@@ -117,7 +117,7 @@ class Worker:
             due = self.queue.next_due_in()
         except Exception:  # the database may be busy or gone for a moment
             due = None
-        return self.idle_wait if due is None else min(self.idle_wait, due)
+        return self.idle_wait if due is None else min(self.idle_wait, max(due, 0.05))
 
     def _settle(self) -> None:
         """Let a burst land before work starts: while events keep arriving less than SETTLE
@@ -377,9 +377,9 @@ class Worker:
 
     def _fetch_announced(self, ev: QueuedEvent, repo: str) -> _Missing | None:
         """Fetch `repo`; the commit `ev` names when it is not on the followed ref after the
-        fetch, else None (also when `ev` names no
-        commit, or the fetch failed: the pass fetches again and reports that). A retry event
-        announces nothing: it names a revision that was fetched and failed before."""
+        fetch, else None (also when `ev` names no commit, or the fetch failed: the pass fetches
+        again and reports that). A retry event announces nothing: it names a revision that was
+        fetched and failed before."""
         sha = (ev.sha or "").lower()
         observer, section = self._observer(), self.loaded().model.repos.get(repo)
         if ev.source == RETRY_SOURCE or not HEX_SHA.fullmatch(sha):
