@@ -225,6 +225,23 @@ class Mirror:
             raise GitStallingError(f"revision {rev!r} not found in {self._name} (fetched?)")
         return sha
 
+    def has_fetched(self, sha: str, *, branch: str | None = None, tags: str | None = None) -> bool:
+        """True when commit (or annotated tag object) `sha` is on what the mirror follows: the
+        branch's head or one of its ancestors, or a tag pointing at it (as object or commit).
+        A commit kept only by the reflog (force-pushed away) is not; no network."""
+        sha = validate_sha(sha)
+        branch, tags = check_target(branch, tags)
+        if not (self.path / "HEAD").is_file() or not self._has_commit(sha):
+            return False
+        if branch is None:
+            # --points-at matches a tag whose object is `sha` or whose commit is (ref-filter).
+            out = self._run(
+                ["for-each-ref", f"--points-at={sha}", "--format=%(refname)", "refs/tags/"]
+            )
+            return bool(out.strip())
+        head = self.local_head(branch=branch)
+        return head is not None and (head.sha == sha or self.is_ancestor(sha, head.sha))
+
     def _local_revision(self, branch: str | None, tags: str | None) -> Revision | None:
         if branch is not None:
             ref = f"refs/heads/{branch}"

@@ -198,3 +198,5 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     note: Mapped[str | None] = mapped_column(RedactedText)
+    # A queued event put off until then (its commit not on the remote yet); NULL: claim at once.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

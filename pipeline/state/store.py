@@ -350,13 +350,44 @@ class State:
     ) -> None:
         """A commit that was never rolled out because a newer one of its branch came first;
         `at` is when it arrived (history is in that order). Recorded once per service."""
+        self._record_unbuilt(service, revision, "superseded", run_id, at, reason=note)
+
+    def record_never_appeared(
+        self,
+        service: str,
+        revision: str,
+        error: str,
+        run_id: int | None,
+        at: datetime | None = None,
+    ) -> None:
+        """A commit a trigger announced that never showed on the remote (`failure_kind`
+        "never_appeared", no image): `history` shows it failed; it keeps no revision out of
+        later rollouts (`plan.blocked`). `at` is when it was announced."""
+        self._record_unbuilt(
+            service, revision, "failed", run_id, at, error=error, failure_kind="never_appeared"
+        )
+
+    def _record_unbuilt(
+        self,
+        service: str,
+        revision: str,
+        status: str,
+        run_id: int | None,
+        at: datetime | None,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+        failure_kind: FailureKind | None = None,
+    ) -> None:
+        """A release row of a commit that was never built (digest ""), once per service,
+        revision and status."""
         now = self.now()
         with self.session() as s:
             seen = s.scalars(
                 select(Release.id).where(
                     Release.service == service,
                     Release.revision == revision,
-                    Release.status == "superseded",
+                    Release.status == status,
                     Release.digest == "",
                 )
             ).first()
@@ -370,11 +401,13 @@ class State:
                     ref="",
                     spec_hash="",
                     kind="deploy",
-                    reason=note,
-                    status="superseded",
+                    reason=reason,
+                    status=status,
                     run_id=run_id,
                     started_at=at or now,
                     finished_at=now,
+                    error=error or None,
+                    failure_kind=failure_kind,
                 )
             )
 
