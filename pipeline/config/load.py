@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,14 @@ class LoadedConfig:
 
     path: Path
     model: Config
+    # Where each key is defined, for errors found after loading (e.g. at plan time).
+    lines: _LineIndex | None = field(default=None, compare=False, repr=False)
+    shown_name: str = field(default="", compare=False)
+
+    def locate(self, key: tuple[str, ...]) -> str:
+        """`pipeline.toml:LINE: a.b.c` for a key path, as load errors name keys."""
+        line = self.lines.line_of(key) if self.lines is not None else 1
+        return f"{self.shown_name or self.path.name}:{line}: {'.'.join(key)}"
 
     @property
     def base_dir(self) -> Path:
@@ -101,7 +109,9 @@ def parse(text: str, path: Path) -> LoadedConfig:
     if problems:
         located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
         raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
-    return LoadedConfig(path=path.resolve(), model=Config.model_validate(sections))
+    return LoadedConfig(
+        path=path.resolve(), model=Config.model_validate(sections), lines=lines, shown_name=name
+    )
 
 
 def _validate_named(
