@@ -17,12 +17,16 @@ from pipeline.build.buildkit import (
     cli_build_args,
     cli_candidates,
 )
-from pipeline.config.load import parse
+from pipeline.config.load import load, parse
+from pipeline.deploy.connections import Connections
+from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
 from pipeline.hosts.dockercli import CliProbe, engine_flags, probe
+from pipeline.lab.workrepo import WorkRepo
 from pipeline.plan.buildkeys import SecretSource, secret_sources, unsupported_keys
 from pipeline.plan.planner import Build
 from pipeline.redact import redact
+from pipeline.state.store import State
 
 NEW_CLI = CliProbe("/usr/local/bin/docker", found=True)  # Docker 28 without buildx
 OLD_CLI = CliProbe("/usr/bin/docker", found=True, buildkit=True)  # Debian's 20.10
@@ -285,3 +289,34 @@ def test_probe_of_this_machines_clis() -> None:
     buildx) does not."""
     assert probe("/usr/bin/docker") == OLD_CLI
     assert probe("/usr/local/bin/docker") == NEW_CLI
+
+
+def test_plan_refuses_a_buildkit_key_on_the_legacy_builder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeline plan` (Runner.preview) of an image with `secrets` and `builder = "legacy"`
+    fails at plan time with the located key, before any engine is reached."""
+    monkeypatch.delenv("NPM_TOKEN", raising=False)
+    remote = WorkRepo(tmp_path / "git")
+    remote.write("Dockerfile", "FROM scratch\n")
+    remote.commit_push("initial")
+    config = tmp_path / "pipeline.toml"
+    config.write_text(
+        f'[pipeline]\ndata_dir = "data"\n\n[repos.app]\nurl = "{remote.url}"\n\n'
+        '[images.web]\nrepo = "app"\nbuilder = "legacy"\n'
+        'secrets = { npm_token_env = "NPM_TOKEN" }\n'
+    )
+    loaded = load(config)
+    state = State.in_dir(loaded.data_dir)
+    runner = Runner(loaded, state, Connections(loaded))
+    try:
+        with pytest.raises(ConfigError) as caught:
+            runner.preview()
+    finally:
+        state.engine.dispose()
+    assert caught.value.problems == [
+        f"{config}:10: images.web.secrets: needs BuildKit, but this image builds with the "
+        'legacy builder (builder = "legacy")',
+        f"{config}:10: images.web.secrets.npm_token_env: environment variable NPM_TOKEN is "
+        "not set; nothing was built",
+    ]
