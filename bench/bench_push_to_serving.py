@@ -2,7 +2,7 @@
 the same steps done with the plain docker CLI, on one lab host; and the rebuild alone.
 
 Run (root): .venv/bin/python bench/bench_push_to_serving.py [--rounds 5] [--stop-timeout 1s]
-            [--monitor 5s] [--plain-build buildkit|path]
+            [--monitor 5s] [--plain-build buildkit|path] [--subnet 10.88.220.0/24]
 Targets: median(pipeline run CLI) / median(plain docker CLI) <= 1.3, in-process <= 1.15;
 median(pipeline's build step) / median(plain `docker build` of the same change) <= 1.2.
 
@@ -242,6 +242,7 @@ def main() -> int:
         help="the floor's build: BuildKit with the CLI pipeline picks (default), or `docker "
         "build` of the CLI first on PATH (here: Docker 28 without buildx, the legacy builder)",
     )
+    ap.add_argument("--subnet", default=SUBNET, help="the lab's subnet (another lab may hold it)")
     args = ap.parse_args()
     if not args.stop_timeout.endswith("s"):
         raise SystemExit("--stop-timeout: give seconds, e.g. 1s")
@@ -257,7 +258,7 @@ def main() -> int:
     print(f"pipeline builds with: {choice.notice}; plain build: "
           f"{'DOCKER_BUILDKIT=1 ' if plain_env else ''}{' '.join(plain_build)}")
 
-    with own_lab("bpts-", 1, SUBNET) as (lab, workdir):
+    with own_lab("bpts-", 1, args.subnet) as (lab, workdir):
         bench = Bench(lab, workdir, args.stop_timeout, args.health_interval, args.monitor,
                       plain_build, plain_env)
         print(f"lab: host {lab.hosts[0].docker_url}, registry {lab.registry}; "
