@@ -20,12 +20,12 @@ from pipeline.build.buildkit import (
 from pipeline.config.load import load, parse
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
-from pipeline.errors import ConfigError
-from pipeline.hosts.dockercli import CliProbe, engine_flags, probe
+from pipeline.errors import ConfigError, StallingError
+from pipeline.hosts.dockercli import CliProbe, engine_flags, probe, run_build
 from pipeline.lab.workrepo import WorkRepo
 from pipeline.plan.buildkeys import SecretSource, secret_sources, unsupported_keys
 from pipeline.plan.planner import Build
-from pipeline.redact import redact
+from pipeline.redact import redact, register_secret
 from pipeline.state.store import State
 
 NEW_CLI = CliProbe("/usr/local/bin/docker", found=True)  # Docker 28 without buildx
@@ -320,3 +320,25 @@ def test_plan_refuses_a_buildkit_key_on_the_legacy_builder(
         f"{config}:10: images.web.secrets.npm_token_env: environment variable NPM_TOKEN is "
         "not set; nothing was built",
     ]
+
+
+def test_failed_cli_build_raises_with_its_tail_secrets_masked(tmp_path: Path) -> None:
+    """A CLI build that fails raises a StallingError naming the engine, with its last output
+    lines, a registered secret masked; the lines were streamed as they came."""
+    register_secret("hunter2-the-secret")
+    cli = tmp_path / "docker"
+    cli.write_text("#!/bin/sh\necho '#1 step one'\necho 'token hunter2-the-secret'\nexit 3\n")
+    cli.chmod(0o755)
+    lines: list[str] = []
+    with pytest.raises(StallingError) as caught:
+        run_build(
+            [str(cli), "build"],
+            env={},
+            where="host local (unix:///x)",
+            iidfile=tmp_path / "iid",
+            on_output=lines.append,
+        )
+    assert lines == ["#1 step one", "token ***"]
+    assert str(caught.value) == (
+        "build failed: host local (unix:///x): exit status 3\n#1 step one\ntoken ***"
+    )
