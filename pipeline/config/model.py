@@ -17,6 +17,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _RESTART_RE = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
+_SECRET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
 DEFAULT_MONITOR = 5.0  # seconds a new container is watched after its check first passes
 
@@ -163,6 +164,26 @@ def _docker_url(value: str) -> str:
     return value
 
 
+def _secret_sources(value: dict[str, str]) -> dict[str, str]:
+    for key, source in value.items():
+        stem, _, kind = key.rpartition("_")
+        if kind not in ("env", "file") or not _SECRET_ID_RE.match(stem):
+            raise ValueError(
+                f"secret {key!r}: name it ID_env (an environment variable) or ID_file (a file), "
+                'e.g. npm_token_env = "NPM_TOKEN"'
+            )
+        if kind == "env":
+            _env_name(source)
+        elif not source:
+            raise ValueError(f"secret {key!r}: empty file path")
+    return value
+
+
+def _spec_list(value: object) -> object:
+    """A cache spec given as one string or a list of them, as a list."""
+    return [value] if isinstance(value, str) else value
+
+
 def _env_name(value: str) -> str:
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
         raise ValueError(f"invalid environment variable name {value!r}")
@@ -184,6 +205,9 @@ class PipelineSection(_Table):
     build_host: str | None = None  # a [hosts.*] name; None = the local engine
     build_concurrency: int = Field(default=2, ge=1)
     keep_revisions: int = Field(default=3, ge=1)  # images kept per service on each host
+    # The docker CLI BuildKit builds run through; tried first, then `docker` on PATH, then
+    # /usr/bin/docker (pipeline.build.buildkit.cli_candidates).
+    docker_cli: str | None = None
 
 
 def listen_host(listen: str) -> str:
@@ -290,6 +314,15 @@ class ImageSection(_Table):
     rebuild: Cron | None = None
     build_args: dict[str, str] = Field(default_factory=dict)
     build_host: str | None = None
+    # "auto": BuildKit through the docker CLI when one carries it, else the SDK's legacy builder.
+    builder: Literal["auto", "buildkit", "legacy"] = "auto"
+    target: str | None = None  # the Dockerfile stage to build (`--target`)
+    # ID_env = "VAR" / ID_file = "/path": handed to BuildKit as `--secret id=ID,...`.
+    secrets: Annotated[dict[str, str], AfterValidator(_secret_sources)] = Field(
+        default_factory=dict
+    )
+    cache_from: Annotated[list[str], BeforeValidator(_spec_list)] = Field(default_factory=list)
+    cache_to: Annotated[list[str], BeforeValidator(_spec_list)] = Field(default_factory=list)
 
     @property
     def dockerfile_path(self) -> str:

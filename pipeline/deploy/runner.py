@@ -193,7 +193,7 @@ class Runner:
     ) -> Plan:
         images = list(self.cfg.images)
         services = list(self.cfg.services)
-        return plan(
+        the_plan = plan(
             self.cfg,
             observed.snapshots,
             self.state.image_records(images),
@@ -206,9 +206,14 @@ class Runner:
             only_services=only_services,
             pins=self.state.rollbacks.pins(),
         )
+        # What the builder cannot do (a BuildKit-only key on the legacy builder, a secret that
+        # is not there) is an error now, located in the config, before anything is built.
+        self.builder.check(the_plan.builds)
+        return the_plan
 
     def preview(self, repo: str | None = None) -> Plan:
-        """Observe and plan, change nothing on any host (what `pipeline plan` prints)."""
+        """Observe and plan, change nothing on any host (what `pipeline plan` prints); raises
+        ConfigError when a planned build cannot be done (`Builder.check`)."""
         return self.make_plan(self.observe(self._repos(repo)))
 
     def _repos(self, repo: str | None) -> list[str]:
@@ -421,9 +426,7 @@ class Runner:
         try:
             with self.state.leases.lease(f"service:{service}", self.owner) as held:
                 recover_service(executor)
-                outcome = executor.run(
-                    target, run_id=run_id, kind=kind, reason=reason, lease=held
-                )
+                outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason, lease=held)
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))
         if outcome.ok:
@@ -434,9 +437,7 @@ class Runner:
             self.report(f"{service}: FAILED, rolled back: {first}")
         return outcome
 
-    def rollout_executor(
-        self, service: str, spec: ServiceSection | None = None
-    ) -> RolloutExecutor:
+    def rollout_executor(self, service: str, spec: ServiceSection | None = None) -> RolloutExecutor:
         """The executor of one service's rollouts (and of their crash recovery), with its
         configured settings or `spec`."""
         svc = spec or self.cfg.services[service]

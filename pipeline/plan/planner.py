@@ -149,15 +149,21 @@ def _sha256(data: object) -> str:
 
 
 def image_spec_hash(image: ImageSection) -> str:
-    """Hash of what defines a build besides the files: context, Dockerfile, build args, watch."""
-    return _sha256(
-        {
-            "context": image.context,
-            "dockerfile": image.dockerfile_path,
-            "build_args": image.build_args,
-            "watch": list(image.watch),  # order kept: a later `!` glob overrides an earlier one
-        }
-    )
+    """Hash of what defines a build besides the files: context, Dockerfile, build args, watch,
+    target and the secrets' sources (not their values)."""
+    data: dict[str, object] = {
+        "context": image.context,
+        "dockerfile": image.dockerfile_path,
+        "build_args": image.build_args,
+        "watch": list(image.watch),  # order kept: a later `!` glob overrides an earlier one
+    }
+    # Keys added later count only when set, so that upgrading pipeline rebuilds nothing. The
+    # secrets' names count (a different secret can make a different image), never their values.
+    if image.target:
+        data["target"] = image.target
+    if image.secrets:
+        data["secrets"] = image.secrets
+    return _sha256(data)
 
 
 def service_spec_hash(service: ServiceSection, env_file_text: str | None = None) -> str:
@@ -275,7 +281,8 @@ def _image_reason(
         return forced, None
     if record.spec_hash != image_spec_hash(image):
         return (
-            "definition changed: context, dockerfile, build_args or watch differ from the "
+            "definition changed: context, dockerfile, build_args, watch, target or secrets "
+            "differ from the "
             f"build at {_short(record.revision)}",
             None,
         )

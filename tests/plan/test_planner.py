@@ -30,7 +30,8 @@ OLD = "1111111111111111111111111111111111111111"
 NEW = "2a2b2c2d2e2f3a3b3c3d3e3f4a4b4c4d4e4f5a5b"
 HISTORY_UNKNOWN = "history unknown (force push or first fetch): rebuilding"
 DEFINITION_CHANGED = (
-    "definition changed: context, dockerfile, build_args or watch differ from the build at "
+    "definition changed: context, dockerfile, build_args, watch, target or secrets differ from the "
+    "build at "
     + OLD[:12]
 )
 
