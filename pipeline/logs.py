@@ -1,13 +1,14 @@
-"""structlog set-up: readable on a terminal, JSON lines on request, secrets always redacted."""
+"""structlog set-up: readable on a terminal, JSON lines on request, secrets always redacted.
+
+structlog (and the rich tracebacks it loads) is imported by `configure`, not by this module:
+the CLI imports this module for every command, `--help` included, and only the commands that
+log pay for structlog."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
-
-import structlog
 
 from pipeline.redact import redact
 
@@ -37,6 +38,10 @@ def _redact_processor(
 
 def configure(fmt: LogFormat = "console", level: str = "info", stream: Any = None) -> None:
     """Configure structlog for the process; context bound with `bind_contextvars` is included."""
+    import logging
+
+    import structlog
+
     stream = stream or sys.stderr
     renderer: Any
     if fmt == "json":

@@ -1,4 +1,8 @@
-"""The `pipeline` command line: thin commands over the modules that do the work."""
+"""The `pipeline` command line: thin commands over the modules that do the work.
+
+Start-up is kept short: the command modules are imported to list and parse the commands, and
+each command imports the config, the state database, Docker, git or the service when it runs
+(see `pipeline/cli/common.py`)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ from pipeline import logs
 from pipeline.cli.common import EXIT_USAGE, ConfigOption, fail, load_config
 from pipeline.errors import PipelineError
 
+# Commands that only read the config and print: they log nothing, so they do not pay for
+# structlog's import (hook-validate runs on every push; hook-event configures its own logging).
+_NO_LOGGING = frozenset({"validate", "hook-validate", "hook-event"})
+
 app = typer.Typer(
     help="GitOps deployment for Docker hosts: rebuild what a commit changed, roll it out behind "
     "health checks, roll back on failure.",
@@ -24,6 +32,7 @@ app = typer.Typer(
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     log_format: Annotated[
         logs.LogFormat, typer.Option("--log-format", help="console or json (JSON lines).")
     ] = "console",
@@ -31,7 +40,8 @@ def _main(
         str, typer.Option("--log-level", help="debug, info, warning, error.")
     ] = "info",
 ) -> None:
-    logs.configure(log_format, log_level)
+    if ctx.invoked_subcommand not in _NO_LOGGING:
+        logs.configure(log_format, log_level)
 
 
 @app.command()

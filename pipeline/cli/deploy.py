@@ -15,12 +15,11 @@ from pipeline.cli.common import (
     print_json,
     print_table,
 )
-from pipeline.config.load import LoadedConfig
 from pipeline.errors import PipelineError
 from pipeline.redact import redact
-from pipeline.state.store import State, release_json
 
 if TYPE_CHECKING:
+    from pipeline.config.load import LoadedConfig
     from pipeline.deploy.connections import Connections
     from pipeline.deploy.runner import PassResult, Runner
 
@@ -38,6 +37,7 @@ def _connections(loaded: LoadedConfig) -> Connections:
 
 def _runner(loaded: LoadedConfig) -> Runner:
     from pipeline.deploy.runner import Runner
+    from pipeline.state.store import State
 
     return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
 
@@ -175,6 +175,7 @@ def register(app: typer.Typer) -> None:
         """Per service and host: revision, digest, container state and health."""
         loaded = load_config(config)
         from pipeline.deploy.operations import status_rows
+        from pipeline.state.store import State
 
         rows = status_rows(State.in_dir(loaded.data_dir), _connections(loaded))
         if json:
@@ -203,6 +204,8 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
     ) -> None:
         """Rollouts, newest first: service, revision, status, why it failed, times, error."""
+        from pipeline.state.store import State, release_json
+
         loaded = load_config(config)
         state = State.in_dir(loaded.data_dir)
         rows = [release_json(r) for r in state.releases(service, limit)]
