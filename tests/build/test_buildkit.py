@@ -212,6 +212,20 @@ def test_buildkit_key_on_a_machine_without_buildkit_is_a_located_plan_error(
     _builder(loaded, [NEW_CLI, OLD_CLI]).check([BUILD])  # Debian's CLI found: fine
 
 
+def test_plan_refuses_a_named_docker_cli_that_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A `[pipeline] docker_cli` that does not exist fails a planned build with file:line and
+    key, instead of building with another CLI; nothing planned, nothing said."""
+    loaded = _loaded("", pipeline='docker_cli = "/nonexistent/docker"')
+    with pytest.raises(ConfigError) as caught:
+        _builder(loaded, [OLD_CLI]).check([BUILD])
+    assert caught.value.problems == [
+        "pipeline.toml:4: pipeline.docker_cli: /nonexistent/docker does not exist"
+    ]
+    _builder(loaded, [OLD_CLI]).check([])
+
+
 def test_missing_secret_is_an_error_naming_the_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
