@@ -111,8 +111,9 @@ class Builder:
         """Raise ConfigError, each problem located (`pipeline.toml:LINE: images.NAME.KEY: ...`),
         when a planned build asks for what its builder cannot do or names a secret that is not
         there (an unset variable, an unreadable file); nothing is built then. The secrets'
-        values are registered for redaction."""
-        problems: list[str] = []
+        values are registered for redaction. A `[pipeline] docker_cli` that cannot run is a
+        problem as soon as anything is to be built."""
+        problems: list[str] = self.loaded.docker_cli_problems() if builds else []
         for b in builds:
             image = self.cfg.images[b.image]
             choice = self.choice(b.image)

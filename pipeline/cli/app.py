@@ -46,10 +46,10 @@ def _main(
 
 @app.command()
 def validate(config: ConfigOption = None) -> None:
-    """Check the config file and every service's env_file; exit 0 with a summary, or 2 with
-    every problem found."""
+    """Check the config file, every service's env_file and the named docker CLI; exit 0 with
+    a summary, or 2 with every problem found."""
     loaded = load_config(config)
-    problems = loaded.env_file_problems()
+    problems = loaded.docker_cli_problems() + loaded.env_file_problems()
     if problems:
         fail("\n".join(problems) + f"\n{len(problems)} problem(s) found.", EXIT_USAGE)
     m = loaded.model

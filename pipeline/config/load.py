@@ -84,6 +84,24 @@ class LoadedConfig:
                 problems.extend(exc.problems)
         return problems
 
+    def docker_cli_problems(self) -> list[str]:
+        """`FILE:LINE: pipeline.docker_cli: PATH does not exist` (or is not a file, or is not
+        executable) when `[pipeline] docker_cli` names a CLI that cannot run; [] when it can or
+        is unset. The path is checked as builds run it (`pipeline.hosts.dockercli.probe`)."""
+        cli = self.model.pipeline.docker_cli
+        if cli is None:
+            return []
+        path = Path(cli)
+        if not path.exists():
+            why = "does not exist"
+        elif not path.is_file():
+            why = "is not a file"
+        elif not os.access(path, os.X_OK):
+            why = "is not executable"
+        else:
+            return []
+        return [f"{self.locate('pipeline', 'docker_cli')}: pipeline.docker_cli: {cli} {why}"]
+
     @property
     def data_dir(self) -> Path:
         return (self.base_dir / self.model.pipeline.data_dir).resolve()

@@ -77,6 +77,8 @@ class Observed:
 
 @dataclass
 class PassResult:
+    """One pass's outcome; `errors` are not reported by the runner: its caller shows them."""
+
     run_id: int
     plan: Plan
     ok: bool
@@ -255,7 +257,7 @@ class Runner:
             result = self.apply(the_plan, observed, run_id, pull_base=pull_base)
         except PipelineError as exc:
             self.state.finish_run(run_id, "failed", error=str(exc))
-            self.report(f"error: {exc}")
+            # Not reported here: the caller prints the pass's errors (`pipeline run` once each).
             return PassResult(run_id, Plan((), (), ()), False, [str(exc)])
         finally:
             structlog.contextvars.unbind_contextvars("run_id")

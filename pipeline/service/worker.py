@@ -220,6 +220,7 @@ class Worker:
             status=outcome.status,
             run_id=outcome.run_id,
             coalesced=len(events),
+            error=redact(outcome.note) if outcome.status == "failed" and outcome.note else None,
         )
 
     def _dispatch(self, events: Sequence[QueuedEvent]) -> _Outcome | None:

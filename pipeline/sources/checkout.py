@@ -9,6 +9,7 @@ to place a submodule's tree without ever writing through a symlink. No GitPython
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,14 @@ LFS_POINTER_MAX = 1024
 _LFS_VERSION = b"version https://git-lfs.github.com/spec/v1\n"
 _LFS_REQUIRED = (b"\noid sha256:", b"\nsize ")
 
+# What git and git-lfs 3.x print when the smudge filter cannot fetch an object: git names the
+# file it stopped at (`fatal: PATH: smudge filter lfs failed`), git-lfs each file it tried
+# (`Error downloading object: PATH (OID): ...`) and, when the remote has no such object,
+# "remote missing object" (a file:// or ssh remote) or "Object does not exist on the server"
+# (the HTTP batch API's 404, git-lfs docs/api/batch.md).
+_LFS_FAILED = re.compile(r"^fatal: (.+): smudge filter lfs failed$", re.MULTILINE)
+_LFS_DOWNLOADING = re.compile(r"^Error downloading object: (.+?) \([0-9a-f]+\):", re.MULTILINE)
+_LFS_MISSING = re.compile(r"remote missing object|object does not exist on the server", re.I)
 
 @dataclass(frozen=True)
 class Submodule:
@@ -152,3 +161,13 @@ def confined(root: Path, relative: str) -> Path:
         if stat.S_ISLNK(mode) or (i < len(parts) - 1 and not stat.S_ISDIR(mode)):
             raise GitStallingError(f"refused to write {relative!r}: {part!r} is not a directory")
     return current
+
+
+def lfs_objects_missing(stderr: str) -> list[str]:
+    """The files (sorted) whose Git LFS object the remote does not have, read from the stderr
+    of a checkout that failed in the LFS smudge filter; [] when it failed otherwise (also when
+    git-lfs could not reach the remote: that is not a missing object)."""
+    if not _LFS_MISSING.search(stderr):
+        return []
+    files = set(_LFS_FAILED.findall(stderr)) | set(_LFS_DOWNLOADING.findall(stderr))
+    return sorted(files)

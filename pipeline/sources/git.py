@@ -23,7 +23,13 @@ from git.cmd import Git
 from git.exc import GitCommandNotFound
 
 from pipeline.redact import redact, redact_url, url_secrets
-from pipeline.sources.checkout import confined, lfs_pointers, parse_gitmodules, submodule_url
+from pipeline.sources.checkout import (
+    confined,
+    lfs_objects_missing,
+    lfs_pointers,
+    parse_gitmodules,
+    submodule_url,
+)
 from pipeline.sources.refs import (
     ALLOWED_SCHEMES,
     HEX_SHA,
@@ -335,7 +341,8 @@ class Mirror:
         checkout, and nothing is written through a symlink or outside `dest`. Submodules (when
         `submodules` is on) are fetched into mirrors of their own and placed at the commit each
         gitlink records. Git LFS files are fetched with git-lfs when it is installed; a file
-        left as LFS pointer text is refused (GitStallingError naming the paths), never exported.
+        left as LFS pointer text, or whose LFS object the remote lacks, is refused
+        (GitStallingError naming the paths), never exported.
         """
         sha = self._require_commit(validate_sha(sha))
         sub = "" if subdir.strip("/") in ("", ".") else clean_path(subdir, "subdir")
@@ -370,15 +377,22 @@ class Mirror:
             paths.write_bytes(
                 b"".join(p.encode(errors="surrogateescape") + b"\0" for *_, p in entries)
             )
-            with paths.open("rb") as stdin:
-                self._run(
-                    ["checkout-index", "-f", "-z", "--stdin"],
-                    config=["-c", "core.symlinks=true", *lfs],
-                    env=env,
-                    cwd=work,  # git wants to run inside the work tree it writes
-                    stdin=stdin,
-                    timeout=self.fetch_timeout,
-                )
+            try:
+                with paths.open("rb") as stdin:
+                    self._run(
+                        ["checkout-index", "-f", "-z", "--stdin"],
+                        config=["-c", "core.symlinks=true", *lfs],
+                        env=env,
+                        cwd=work,  # git wants to run inside the work tree it writes
+                        stdin=stdin,
+                        timeout=self.fetch_timeout,
+                    )
+            except _LfsObjectsMissing as exc:
+                raise GitStallingError(
+                    f"refused to build from commit {sha[:12]} of {self._name}: Git LFS object "
+                    f"of {', '.join(exc.files[:10])} is not on the remote"
+                    + (f" +{len(exc.files) - 10} more" if len(exc.files) > 10 else "")
+                ) from None
             regular = [p for mode, _, p in entries if mode not in (_GITLINK, _SYMLINK)]
             if pointers := lfs_pointers(work, regular):
                 why = (
@@ -578,11 +592,21 @@ class Mirror:
         where = f"of {self._name}" if op in ("ls-remote", "fetch") else f"in mirror {self.path}"
         if stderr.startswith("Timeout:"):
             return GitTransientError(f"git {op} {where} timed out after {timeout:g}s")
+        if op == "checkout-index" and (files := lfs_objects_missing(stderr)):
+            return _LfsObjectsMissing(files)
         lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
         important = [ln for ln in lines if ln.startswith(("fatal:", "error:", "remote:"))]
         detail = self._scrub("; ".join(important or lines[-3:]))[:500] or "no output"
         kind: type[GitError] = GitStallingError if _STALLING.search(detail) else GitTransientError
         return kind(f"git {op} {where} failed (exit {status}): {detail}")
+
+
+class _LfsObjectsMissing(GitStallingError):
+    """A checkout stopped because the remote lacks the Git LFS object of `files`."""
+
+    def __init__(self, files: list[str]) -> None:
+        super().__init__(f"Git LFS object of {', '.join(files)} is not on the remote")
+        self.files = files
 
 
 def _module_lock(path: Path) -> threading.Lock:

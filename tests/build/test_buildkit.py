@@ -8,7 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
+from pipeline import logs
 from pipeline.build.builder import Builder
 from pipeline.build.buildkit import (
     BuilderChoice,
@@ -17,6 +20,7 @@ from pipeline.build.buildkit import (
     cli_build_args,
     cli_candidates,
 )
+from pipeline.cli.deploy import register
 from pipeline.config.load import load, parse
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.runner import Runner
@@ -212,6 +216,20 @@ def test_buildkit_key_on_a_machine_without_buildkit_is_a_located_plan_error(
     _builder(loaded, [NEW_CLI, OLD_CLI]).check([BUILD])  # Debian's CLI found: fine
 
 
+def test_plan_refuses_a_named_docker_cli_that_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A `[pipeline] docker_cli` that does not exist fails a planned build with file:line and
+    key, instead of building with another CLI; nothing planned, nothing said."""
+    loaded = _loaded("", pipeline='docker_cli = "/nonexistent/docker"')
+    with pytest.raises(ConfigError) as caught:
+        _builder(loaded, [OLD_CLI]).check([BUILD])
+    assert caught.value.problems == [
+        "pipeline.toml:4: pipeline.docker_cli: /nonexistent/docker does not exist"
+    ]
+    _builder(loaded, [OLD_CLI]).check([])
+
+
 def test_missing_secret_is_an_error_naming_the_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -291,11 +309,9 @@ def test_probe_of_this_machines_clis() -> None:
     assert probe("/usr/local/bin/docker") == NEW_CLI
 
 
-def test_plan_refuses_a_buildkit_key_on_the_legacy_builder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`pipeline plan` (Runner.preview) of an image with `secrets` and `builder = "legacy"`
-    fails at plan time with the located key, before any engine is reached."""
+def _legacy_with_secret(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config (returned) whose image web, with `secrets` on the legacy builder, is to be
+    built from a local git repo; NPM_TOKEN unset."""
     monkeypatch.delenv("NPM_TOKEN", raising=False)
     remote = WorkRepo(tmp_path / "git")
     remote.write("Dockerfile", "FROM scratch\n")
@@ -306,6 +322,15 @@ def test_plan_refuses_a_buildkit_key_on_the_legacy_builder(
         '[images.web]\nrepo = "app"\nbuilder = "legacy"\n'
         'secrets = { npm_token_env = "NPM_TOKEN" }\n'
     )
+    return config
+
+
+def test_plan_refuses_a_buildkit_key_on_the_legacy_builder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeline plan` (Runner.preview) of an image with `secrets` and `builder = "legacy"`
+    fails at plan time with the located key, before any engine is reached."""
+    config = _legacy_with_secret(tmp_path, monkeypatch)
     loaded = load(config)
     state = State.in_dir(loaded.data_dir)
     runner = Runner(loaded, state, Connections(loaded))
@@ -320,6 +345,24 @@ def test_plan_refuses_a_buildkit_key_on_the_legacy_builder(
         f"{config}:10: images.web.secrets.npm_token_env: environment variable NPM_TOKEN is "
         "not set; nothing was built",
     ]
+
+
+def test_run_prints_a_plan_time_error_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pipeline run` refused at plan time prints each located error once and exits 1."""
+    config = _legacy_with_secret(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    try:
+        commands = typer.Typer()
+        register(commands)  # the deploy-flow commands only, on an app of this test's own
+        res = CliRunner().invoke(commands, ["run", "-c", "pipeline.toml"])
+    finally:
+        logs.configure()  # the command logged to the runner's stream, closed now
+    assert res.exit_code == 1, res.stdout + res.stderr
+    errors = [line for line in res.stderr.splitlines() if "images.web.secrets:" in line]
+    assert errors == [
+        f"error: {config.name}:10: images.web.secrets: needs BuildKit, but this image builds "
+        'with the legacy builder (builder = "legacy")'
+    ], res.stderr
 
 
 def test_failed_cli_build_raises_with_its_tail_secrets_masked(tmp_path: Path) -> None:

@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from pipeline import logs
+from pipeline.cli.app import app
 from pipeline.config.load import load, parse
 from pipeline.config.model import PortMapping, parse_duration, parse_port
 from pipeline.errors import ConfigError
@@ -166,3 +169,47 @@ def test_validate_cli_exit_codes(tmp_path: Path) -> None:
     )
     assert res.returncode == 2
     assert "pipeline.toml:13: services.web.image: unknown image 'wbe'" in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("cli", "why"),
+    [
+        ("{tmp}/nonexistent/docker", "does not exist"),
+        ("{tmp}", "is not a file"),
+        ("{tmp}/plain", "is not executable"),
+        ("{tmp}/docker", None),
+    ],
+)
+def test_docker_cli_that_cannot_run_is_a_located_problem(
+    tmp_path: Path, cli: str, why: str | None
+) -> None:
+    """A `[pipeline] docker_cli` that is missing, a directory or not executable is a problem
+    naming file:line and key; an executable one is none."""
+    (tmp_path / "plain").write_text("#!/bin/sh\n")
+    (tmp_path / "docker").write_text("#!/bin/sh\n")
+    (tmp_path / "docker").chmod(0o755)
+    path = cli.format(tmp=tmp_path)
+    loaded = parse(f'[pipeline]\ndocker_cli = "{path}"\n' + BASE, Path("pipeline.toml"))
+    expected = [f"pipeline.toml:2: pipeline.docker_cli: {path} {why}"] if why else []
+    assert loaded.docker_cli_problems() == expected
+    assert parse(BASE, Path("pipeline.toml")).docker_cli_problems() == []
+
+
+def test_validate_reports_a_docker_cli_that_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pipeline validate` with `docker_cli = "/nonexistent/docker"` exits 2 naming file:line
+    and key, instead of passing and building with another CLI."""
+    (tmp_path / "pipeline.toml").write_text(
+        '[pipeline]\ndata_dir = "data"\ndocker_cli = "/nonexistent/docker"\n' + BASE
+    )
+    monkeypatch.chdir(tmp_path)
+    try:
+        res = CliRunner().invoke(app, ["validate", "-c", "pipeline.toml"])
+    finally:
+        logs.configure()  # the command logged to the runner's stream, closed now
+    assert res.exit_code == 2, res.stdout + res.stderr
+    assert res.stderr.splitlines() == [
+        "pipeline.toml:3: pipeline.docker_cli: /nonexistent/docker does not exist",
+        "1 problem(s) found.",
+    ]

@@ -26,6 +26,7 @@ from pipeline.config.load import parse
 from pipeline.plan.planner import Build, ImageRecord, RepoSnapshot, image_spec_hash, plan
 from pipeline.sources.checkout import (
     confined,
+    lfs_objects_missing,
     lfs_pointers,
     parse_gitmodules,
     submodule_url,
@@ -259,11 +260,43 @@ def test_lfs_file_exported_with_its_content(app: Repo, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("git-lfs") is None, reason="git-lfs is not installed")
 def test_lfs_object_missing_on_remote_refused(app: Repo, tmp_path: Path) -> None:
-    """With git-lfs but the object nowhere, the export fails instead of shipping the pointer."""
+    """With git-lfs but the object not on the remote, the export is refused naming the file,
+    instead of shipping the pointer or git's raw filter failure."""
     lfs_repo(app)
     mirror, sha = fetched(app, tmp_path)
-    with pytest.raises(GitError):
+    with pytest.raises(GitError) as caught:
         mirror.export(sha, tmp_path / "ctx", "web")
+    message = str(caught.value)
+    assert message.startswith(f"refused to build from commit {sha[:12]} of "), message
+    assert message.endswith(": Git LFS object of web/model.bin is not on the remote"), message
+
+
+_LFS_404 = (
+    "Downloading a/b.bin (8 B)\nError downloading object: a/b.bin (1b465fa): Smudge error: "
+    "Error downloading a/b.bin (1b465fa6): [1b465fa6] Object does not exist on the server: "
+    "[404] Object does not exist on the server\n"
+    "error: external filter 'git-lfs filter-process' failed\n"
+    "fatal: a/b.bin: smudge filter lfs failed\n"
+)
+_LFS_UNREACHABLE = (
+    "Error downloading object: a/b.bin (1b465fa): Smudge error: Error downloading a/b.bin: "
+    'batch request: Post "https://h.io/info/lfs/objects/batch": dial tcp: connection refused\n'
+    "fatal: a/b.bin: smudge filter lfs failed\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("stderr", "files"),
+    [
+        (_LFS_404, ["a/b.bin"]),
+        (_LFS_UNREACHABLE, []),
+        ("fatal: unable to write file x\n", []),
+    ],
+)
+def test_lfs_objects_missing_read_from_git_lfs_output(stderr: str, files: list[str]) -> None:
+    """An object the HTTP remote answers 404 for is missing and its file named; an unreachable
+    LFS server or another checkout failure is not a missing object."""
+    assert lfs_objects_missing(stderr) == files
 
 
 @pytest.mark.parametrize(
