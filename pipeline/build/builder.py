@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -23,6 +23,7 @@ import structlog
 from pipeline.build.buildkit import (
     BuilderChoice,
     CliBuild,
+    base_images,
     choose_builder,
     cli_build_args,
     cli_candidates,
@@ -133,6 +134,14 @@ class Builder:
                     problems.append(f"{at}: {missing}; nothing was built")
         if problems:
             raise ConfigError(problems)
+
+    def _pull_bases(self, engine: Engine, dockerfile: Path, build_args: Mapping[str, str]) -> None:
+        """Pull the Dockerfile's base images through `engine` (see `buildkit.base_images`), with
+        the `[registry]` credentials for images of that registry; PipelineError when one fails."""
+        reg = self.cfg.registry
+        for ref in base_images(dockerfile.read_text(encoding="utf-8"), build_args):
+            ours = reg is not None and ref.startswith(f"{reg.address}/")
+            engine.pull(ref, auth=self.connections.registry_auth() if ours else None)
 
     def _at(self, *key: str) -> str:
         """`pipeline.toml:LINE: a.b.c`, the location load errors give a key."""
@@ -264,6 +273,8 @@ class Builder:
             else:
                 blog.info("building", builder=choice.notice)
                 self.check([b])  # a secret removed since the plan: say so, build nothing
+                if pull:  # the engine pulls (it trusts certs.d), BuildKit then finds it locally
+                    self._pull_bases(engine, context / dockerfile, image.build_args)
                 spec = CliBuild(
                     context=context,
                     dockerfile=dockerfile,
@@ -280,7 +291,6 @@ class Builder:
                     ],
                     cache_from=image.cache_from,
                     cache_to=image.cache_to,
-                    pull=pull,
                 )
                 args, env = cli_build_args(choice.kind, spec)
                 image_id = engine.build_cli(

@@ -11,10 +11,13 @@ engine's legacy builder through the SDK.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from dockerfile_parse import DockerfileParser
 
 from pipeline.hosts.dockercli import CliProbe
 from pipeline.plan.buildkeys import SecretSource, cache_from_image, inline_cache_to
@@ -127,3 +130,27 @@ def cli_build_args(
         args += ["--build-arg", f"{key}={value}"]
     args.append(str(b.context))
     return args, ({} if kind == "buildx" else {"DOCKER_BUILDKIT": "1"})
+
+
+def base_images(dockerfile: str, build_args: Mapping[str, str]) -> list[str]:
+    """The registry images a Dockerfile's stages start from (`FROM` after ARG substitution with
+    `build_args`), in order, without duplicates, stage names and `scratch`.
+
+    The engine pulls these before a BuildKit build that refreshes its bases: dockerd's embedded
+    BuildKit resolves a `--pull` through a resolver of its own that does not read the engine's
+    `/etc/docker/certs.d` (moby/moby#38303), while an engine pull does; after that pull the
+    build finds the fresh base locally. Parsing is dockerfile-parse's (containerbuildsystem)."""
+    parser = DockerfileParser(fileobj=io.BytesIO(dockerfile.encode()), build_args=dict(build_args))
+    stages = {
+        words[2].lower()
+        for item in parser.structure
+        if item["instruction"] == "FROM"
+        and len(words := item["value"].split()) >= 3
+        and words[1].lower() == "as"
+    }
+    images: list[str] = []
+    for ref in parser.parent_images:
+        if ref.lower() in stages or ref.lower() == "scratch" or ref in images:
+            continue
+        images.append(ref)
+    return images

@@ -16,6 +16,7 @@ from pipeline.build.builder import Builder
 from pipeline.build.buildkit import (
     BuilderChoice,
     CliBuild,
+    base_images,
     choose_builder,
     cli_build_args,
     cli_candidates,
@@ -385,3 +386,25 @@ def test_failed_cli_build_raises_with_its_tail_secrets_masked(tmp_path: Path) ->
     assert str(caught.value) == (
         "build failed: host local (unix:///x): exit status 3\n#1 step one\ntoken ***"
     )
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "build_args", "expected"),
+    [
+        ("FROM reg:5000/base:1\n", {}, ["reg:5000/base:1"]),
+        ("FROM scratch\nCOPY x /x\n", {}, []),
+        (
+            "ARG BASE=reg:5000/base:latest\nFROM $BASE AS deps\nFROM scratch AS prod\n"
+            "COPY --from=deps / /\nFROM deps\nFROM Other/x:1 as Y\nFROM y\n",
+            {},
+            ["reg:5000/base:latest", "Other/x:1"],
+        ),
+        ("ARG V=1\nFROM reg/base:$V\nFROM reg/base:$V\n", {"V": "2"}, ["reg/base:2"]),
+    ],
+)
+def test_base_images_are_the_registry_images_the_stages_start_from(
+    dockerfile: str, build_args: dict[str, str], expected: list[str]
+) -> None:
+    """A refreshing BuildKit build pulls exactly the Dockerfile's registry bases (ARGs applied),
+    not its stage names nor scratch, each once."""
+    assert base_images(dockerfile, build_args) == expected
