@@ -16,16 +16,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import structlog
 
 from pipeline.config.model import ProxySection, ServiceSection
+from pipeline.deploy.connections import Connections
 from pipeline.errors import PipelineError, StallingError
-from pipeline.hosts.engine import Engine
-from pipeline.hosts.proxy import CADDY_JSON, ROUTES_JSON, ProxyInfo, ProxySpec
+from pipeline.hosts.engine import LABEL_PREFIX, Engine
+from pipeline.hosts.proxy import CADDY_JSON, PROXY_NAME, ROUTES_JSON, ProxyInfo, ProxySpec
 from pipeline.proxy.caddy import caddy_config
-from pipeline.proxy.routes import Route, RouteTable, admin_host, probe_host
+from pipeline.proxy.routes import Route, RouteTable, admin_host, container_of, probe_host
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +68,10 @@ class HostProxy:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 
+    def __post_init__(self) -> None:
+        self._ready: ProxyInfo | None = None  # the proxy as this object last made sure of it
+        self._ready_https = False
+
     # -- the container ----------------------------------------------------------------------
     def spec(self, https: bool) -> ProxySpec:
         """The container the proxy must be, HTTPS published or not."""
@@ -83,7 +89,10 @@ class HostProxy:
             raise ProxyError(f"host {self.host}: the proxy could not be started: {exc}") from exc
 
     def _ensure(self, https: bool) -> ProxyInfo:
-        self.engine.containers.ensure_network(self.section.network)
+        # Once seen right by this rollout, a proxy is not asked again (each question to a
+        # remote engine costs a round trip; a rollback should take well under a second).
+        if self._ready is not None and (not https or self._ready_https):
+            return self._ready
         info = self.engine.proxy.inspect()
         table = self._stored(info) if info is not None else None
         https = https or (table is not None and table.https)
@@ -92,14 +101,23 @@ class HostProxy:
             if info.status != "running":
                 self.engine.proxy.start()
                 info = self.engine.proxy.inspect() or info
+            self._ready, self._ready_https = info, https
             return info
+        self.engine.containers.ensure_network(self.section.network)
         if not self.engine.has_image(wanted.image):
             self.engine.pull(wanted.image, auth=self.auth)
         token = info.token if info is not None and info.token else secrets.token_hex(12)
         table = RouteTable(token, table.routes if table else ())
         log.info("proxy.create", host=self.host, image=wanted.image, http=wanted.http_port,
                  https=wanted.https_port, replaces=info.id[:12] if info else None)  # fmt: skip
-        return self.engine.proxy.create(wanted, token, self._files(table))
+        made = self.engine.proxy.create(wanted, token, self._files(table))
+        self._ready, self._ready_https = made, https
+        return made
+
+    @property
+    def token(self) -> str:
+        """The proxy's token (see `routes.probe_host`), the proxy made first when missing."""
+        return self.ensure().token
 
     def _stored(self, info: ProxyInfo) -> RouteTable:
         data = self.engine.proxy.read(ROUTES_JSON)
@@ -138,6 +156,7 @@ class HostProxy:
                     return after
                 self.engine.proxy.load(self._files(after))
             except PipelineError as exc:
+                self._ready = None  # look again next time
                 if isinstance(exc, ProxyError) or exc.retry:
                     raise
                 raise ProxyError(f"host {self.host}: the proxy's routes: {exc}") from exc
@@ -180,3 +199,46 @@ class HostProxy:
             if count == 0 or self.clock() >= until:
                 return count
             self.sleep(min(DRAIN_POLL, max(0.0, until - self.clock())))
+
+
+def proxy_status(connections: Connections) -> list[dict[str, Any]]:
+    """`pipeline proxy status --json`: one object per host of a proxied service: `host`,
+    `proxy` (its container's `state` and `image`, or null when there is none), `error` (an
+    engine that does not answer), and `routes`, one per service: `service`, `hosts`,
+    `path_prefix`, `port`, `tls`, `container` (the container users' requests go to, null when
+    none), `container_state`, `revision` and `standby` (containers only pipeline reaches)."""
+    cfg = connections.loaded.model
+    hosts = sorted({h for s in cfg.services.values() if s.proxy is not None for h in s.hosts})
+    out: list[dict[str, Any]] = []
+    for host in hosts:
+        row: dict[str, Any] = {"host": host, "proxy": None, "error": None, "routes": []}
+        out.append(row)
+        engine = connections.engine(host)
+        try:
+            info = engine.proxy.inspect()
+            if info is None:
+                continue
+            row["proxy"] = {"container": PROXY_NAME, "state": info.status, "image": info.image}
+            data = engine.proxy.read(ROUTES_JSON)
+            table = RouteTable.from_json(data) if data else RouteTable(info.token)
+            for route in table.routes:
+                name = container_of(route.upstream) if route.upstream else None
+                container = engine.containers.inspect(name) if name else None
+                row["routes"].append(
+                    {
+                        "service": route.service,
+                        "hosts": list(route.hosts),
+                        "path_prefix": route.path_prefix,
+                        "port": route.port,
+                        "tls": route.tls,
+                        "container": name,
+                        "container_state": container.status if container else None,
+                        "revision": container.labels.get(f"{LABEL_PREFIX}revision")
+                        if container
+                        else None,
+                        "standby": [container_of(d) for d in route.standby],
+                    }
+                )
+        except (PipelineError, ValueError) as exc:
+            row["error"] = str(exc)
+    return out

@@ -39,7 +39,7 @@ from pipeline.deploy.health import (
     http_probe,
     probe_for,
 )
-from pipeline.deploy.proxy import HostProxy, ProxyError, route_of
+from pipeline.deploy.proxy import HostProxy, route_of
 from pipeline.deploy.steps import (
     PHASE_AFTER,
     HostSteps,
@@ -433,12 +433,14 @@ class Rollout:
         assert self.proxy is not None and self.spec.proxy is not None
         network, port = self.proxy.network, self.spec.proxy.port
         tls = self.spec.proxy.tls != "off"
-        self.retry.call(lambda: self.proxies[host].ensure(tls), f"proxy on {host}")
         retained = self._retained(host, p)
+        if retained is None or tls:  # else the check's route makes it, one question fewer
+            self.retry.call(lambda: self.proxies[host].ensure(tls), f"proxy on {host}")
         if retained is not None:
+            info = retained
             if retained.status != "running":
                 self.retry.call(lambda: engine.containers.start(retained.id), f"start on {host}")
-            info = engine.containers.inspect(retained.id) or retained
+                info = engine.containers.inspect(retained.id) or retained
             p.new[host] = info
             p.reused.add(host)
             self.report(f"{self.service}: {host}: started retained {info.name} again, checking")
@@ -508,13 +510,10 @@ class Rollout:
             http = service.health.http
             if http is None or not http.startswith("/"):
                 return self.probe_for(service, engine, container, address)
-            info = engine.proxy.inspect()
-            if info is None:
-                raise ProxyError(f"host {host}: the proxy is gone")
             return http_probe(
                 hp.url(http),
                 service.health.expect_status,
-                headers=hp.probe_headers(info.token, container.name),
+                headers=hp.probe_headers(hp.token, container.name),
             )
 
         return factory
