@@ -36,6 +36,7 @@ PROXY_LABEL = LABEL_PREFIX + "proxy"
 TOKEN_LABEL = LABEL_PREFIX + "proxy.token"
 SPEC_LABEL = LABEL_PREFIX + "proxy.spec"
 _START_WAIT = 10.0  # seconds a just-started proxy gets to answer its first reload
+_EXEC_WAIT = 30.0  # seconds a `caddy reload` gets to finish
 
 
 @dataclass(frozen=True)
@@ -160,15 +161,15 @@ class ProxyContainer:
         """Reload the config it started with until its admin endpoint answers."""
         deadline = time.monotonic() + _START_WAIT
         while True:
-            code, output = self._exec(container_id, [CADDY, "reload", "--config", CADDY_JSON])
+            code, _said = self._exec(container_id, [CADDY, "reload", "--config", CADDY_JSON])
             if code == 0:
                 return
             info = self.inspect()
             if info is None or info.status != "running" or time.monotonic() > deadline:
                 logs = self._logs(container_id)
                 raise StallingError(
-                    f"{self._conn.where}: proxy {PROXY_NAME} did not start: "
-                    f"{output.strip()[-500:]}\n--- its last log lines ---\n{logs}"
+                    f"{self._conn.where}: proxy {PROXY_NAME} did not start (caddy reload exit "
+                    f"{code})\n--- its last log lines ---\n{logs}"
                 )
             self._sleep(0.1)
 
@@ -210,8 +211,8 @@ class ProxyContainer:
         code, output = self._exec(PROXY_NAME, [CADDY, "reload", "--config", CADDY_JSON])
         if code != 0:
             raise StallingError(
-                f"{self._conn.where}: {PROXY_NAME}: caddy reload failed (exit {code}): "
-                f"{output.strip()[-800:]}"
+                f"{self._conn.where}: {PROXY_NAME}: caddy reload failed (exit {code}); its "
+                f"last log lines:\n{output.strip()[-1500:]}"
             )
 
     def _put(self, container: str, files: Mapping[str, bytes]) -> None:
@@ -221,12 +222,25 @@ class ProxyContainer:
             raise StallingError(f"{self._conn.where}: {PROXY_NAME}: the engine refused the upload")
 
     def _exec(self, container: str, cmd: list[str]) -> tuple[int, str]:
+        """Run `cmd` in the container and wait for its exit code. Started detached and then
+        inspected: an attached exec hijacks the connection, which the ssh:// transport does
+        not survive (the next call on it fails with a broken pipe). What the command said is
+        in the container's log (Caddy's admin endpoint logs a refused config there), so the
+        text returned is the log's last lines when it failed."""
         api = self._conn.client.api
         with self._conn.calling(f"exec {cmd[1]} in {PROXY_NAME}"):
             created = api.exec_create(container, cmd)
-            output: Any = api.exec_start(created["Id"])
-            code = api.exec_inspect(created["Id"]).get("ExitCode")
-        return (int(code) if code is not None else -1), bytes(output).decode("utf-8", "replace")
+            api.exec_start(created["Id"], detach=True)
+            deadline = time.monotonic() + _EXEC_WAIT
+            while True:
+                state: Any = api.exec_inspect(created["Id"])
+                if not state.get("Running") and state.get("ExitCode") is not None:
+                    break
+                if time.monotonic() > deadline:
+                    return -1, f"{' '.join(cmd)} did not finish within {_EXEC_WAIT:g}s"
+                self._sleep(0.02)
+        code = int(state["ExitCode"])
+        return code, "" if code == 0 else self._logs(container)
 
     def _logs(self, container: str) -> str:
         try:
