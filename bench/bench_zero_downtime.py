@@ -153,6 +153,7 @@ class Project:
             (ctx / "www" / "health").unlink()
             (ctx / "www" / "index.html").unlink()
             cgi.mkdir(exist_ok=True)
+            (ctx / "www" / "broken.txt").write_text(content)  # each broken commit differs
             (cgi / "index.cgi").write_text(BROKEN_CGI)
             (cgi / "index.cgi").chmod(0o755)
         elif (cgi / "index.cgi").exists():
