@@ -176,19 +176,32 @@ PLAIN_PORT = 18081  # where the plain baseline publishes its container
 
 class PlainDocker:
     """The floor the deploy benchmarks compare with: the same one-file change deployed with the
-    plain docker CLI (build, push, pull by digest, rm -f the old container, run, first 200)."""
+    plain docker CLI (build, push, pull by digest, replace the old container, run, first 200).
 
-    def __init__(self, lab: LabState, workdir: Path) -> None:
+    `graceful`: replace as a stop-first rollout does (`docker stop -t STOP_TIMEOUT`, `docker rm`)
+    instead of `rm -f`; `build` is the build command (default `docker build` on PATH) and
+    `build_env` its extra environment (e.g. DOCKER_BUILDKIT=1); `files` are written into the
+    context after the sample app (e.g. a Dockerfile of the benchmark's own)."""
+
+    def __init__(self, lab: LabState, workdir: Path, *, graceful: bool = False,
+                 stop_timeout: int = 1, build: Sequence[str] = ("docker", "build"),
+                 build_env: dict[str, str] | None = None,
+                 files: dict[str, str] | None = None) -> None:
         self.host = lab.hosts[0]
         self.ctx = write_sample_app(workdir / "plain", "ctx", "plain v0")
+        for name, text in (files or {}).items():
+            (self.ctx / name).write_text(text)
         self.repo = f"{lab.registry}/plain"
         self.container: str | None = None
         self.docker_h = ["docker", "-H", self.host.docker_url]
+        self.graceful, self.stop_timeout = graceful, stop_timeout
+        self.build, self.build_env = list(build), build_env
         self.steps: dict[str, list[float]] = defaultdict(list)
 
-    def _timed(self, name: str, argv: list[str]) -> str:
+    def _timed(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> str:
         t0 = time.perf_counter()
-        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120)
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120,
+                             env={**os.environ, **env} if env else None)
         self.steps[name].append(time.perf_counter() - t0)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
@@ -200,14 +213,18 @@ class PlainDocker:
         tag = f"{self.repo}:r{rnd}"
         name = f"plain-r{rnd}"
         t0 = time.perf_counter()
-        self._timed("build", ["docker", "build", "-q", "-t", tag, str(self.ctx)])
+        self._timed("build", [*self.build, "-q", "-t", tag, str(self.ctx)], self.build_env)
         out = self._timed("push", ["docker", "push", tag])
         digest = re.search(r"digest: (sha256:[0-9a-f]{64})", out)
         if digest is None:
             raise RuntimeError(f"no digest in the output of docker push:\n{out}")
         ref = f"{self.repo}@{digest.group(1)}"
         self._timed("pull", [*self.docker_h, "pull", "-q", ref])
-        if self.container:
+        if self.container and self.graceful:
+            self._timed("stop", [*self.docker_h, "stop", "-t", str(self.stop_timeout),
+                                 self.container])
+            self._timed("rm", [*self.docker_h, "rm", self.container])
+        elif self.container:
             self._timed("rm -f", [*self.docker_h, "rm", "-f", self.container])
         self._timed("run", [*self.docker_h, "run", "-d", "--name", name,
                             "-p", f"{PLAIN_PORT}:8080", ref])

@@ -11,9 +11,17 @@ from typing import Literal
 # Why a release failed, as `history --json` shows it in `failure_kind`; it decides whether the
 # revision is tried again: an application failure (unhealthy, crashed) waits for a newer commit
 # or `pipeline deploy`; an infrastructure failure is retried on the next pass with backoff; an
-# interrupted rollout (crash, kill -9, SIGTERM) gets one fresh attempt.
-FailureKind = Literal["unhealthy", "crashed", "infrastructure", "interrupted"]
-FAILURE_KINDS: tuple[FailureKind, ...] = ("unhealthy", "crashed", "infrastructure", "interrupted")
+# interrupted rollout (crash, kill -9, SIGTERM) gets one fresh attempt. A commit a trigger
+# announced that never appeared on the remote (`never_appeared`) was never rolled out at all:
+# it keeps nothing out.
+FailureKind = Literal["unhealthy", "crashed", "infrastructure", "interrupted", "never_appeared"]
+FAILURE_KINDS: tuple[FailureKind, ...] = (
+    "unhealthy",
+    "crashed",
+    "infrastructure",
+    "interrupted",
+    "never_appeared",
+)
 
 
 class PipelineError(Exception):

@@ -1,28 +1,47 @@
-"""structlog set-up: readable on a terminal, JSON lines on request, secrets always redacted."""
+"""structlog set-up: readable on a terminal, JSON lines on request, secrets always redacted.
+
+structlog (and the rich tracebacks it loads) is imported by `configure`, not by this module:
+the CLI imports this module for every command, `--help` included, and only the commands that
+log pay for structlog."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal
 
-import structlog
-
-from pipeline.redact import redact_value
+from pipeline.redact import redact
 
 LogFormat = Literal["console", "json"]
+
+
+def _masked(value: Any) -> Any:
+    """`value` with secrets masked in every string; any other object (an exception, a path) is
+    replaced by its redacted repr, which is what both renderers would print for it anyway."""
+    if isinstance(value, str):
+        return redact(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_masked(v) for v in value)
+    return redact(repr(value))
 
 
 def _redact_processor(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> Mapping[str, Any]:
     # Last before rendering, so nothing added by earlier processors escapes it.
-    return {k: redact_value(v) for k, v in event.items()}
+    return {k: _masked(v) for k, v in event.items()}
 
 
 def configure(fmt: LogFormat = "console", level: str = "info", stream: Any = None) -> None:
     """Configure structlog for the process; context bound with `bind_contextvars` is included."""
+    import logging
+
+    import structlog
+
     stream = stream or sys.stderr
     renderer: Any
     if fmt == "json":

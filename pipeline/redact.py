@@ -29,6 +29,36 @@ def register_secret(value: str | None) -> None:
             _secrets.add(value)
 
 
+# Values of an env_file that are settings in every deployment, never secrets: masking them
+# would turn the "info" of every log line's level, or every "8080" of a URL, into ***.
+_PLAIN_SETTINGS = frozenset(
+    {"true", "false", "yes", "no", "on", "off", "null", "none"}  # booleans
+    | {"debug", "info", "warn", "warning", "error", "critical", "fatal", "trace"}  # log levels
+)
+_MAX_PLAIN_NUMBER = 5  # digits: a port (65535), a count, a timeout in seconds
+
+
+def register_env_value(value: str) -> None:
+    """Remember a value read from a service's `env_file` as a secret, as every value of one is
+    (Compose files mix settings and credentials, and nothing says which is which).
+
+    The rule: every value is masked unless it is shorter than 4 characters (as every secret),
+    a boolean or log-level word (`true`, `off`, `info`, ...; any case), or a number of at most
+    5 digits (a port, a count): those are settings in every deployment, and masking them
+    would make pipeline's own output unreadable while hiding nothing. A value spanning several
+    lines (a PEM key) is masked whole and line by line, since an app may print one line of it.
+    """
+    candidates = [value]
+    if "\n" in value:
+        candidates += [line.strip() for line in value.splitlines()]
+    for candidate in candidates:
+        plain = candidate.lower() in _PLAIN_SETTINGS or (
+            candidate.isdigit() and len(candidate) <= _MAX_PLAIN_NUMBER
+        )
+        if not plain:
+            register_secret(candidate)
+
+
 def redact_url(text: str) -> str:
     """Replace the user-info of every `scheme://user:pw@host` URL in `text` by `***`.
 

@@ -45,7 +45,10 @@ def _down_stale_test_labs(basetemp_parent: Path) -> None:
     # A session killed with SIGKILL skips its finalizers and atexit: its lab would hold the
     # test subnet and make every later session fail. pytest keeps the old basetemps around.
     # Only labs whose session is gone: another session may be running on this machine now.
-    for state in basetemp_parent.glob("pytest-*/lab*/lab.json"):
+    # Under pytest-xdist a worker's basetemp is one level down (pytest-N/popen-gwK/).
+    states = [*basetemp_parent.glob("pytest-*/lab*/lab.json")]
+    states += basetemp_parent.glob("pytest-*/popen-gw*/lab*/lab.json")
+    for state in states:
         owner = state.parent / "session.pid"
         with contextlib.suppress(OSError, ValueError):
             if Path(f"/proc/{int(owner.read_text())}").exists():
@@ -58,7 +61,9 @@ def _down_stale_test_labs(basetemp_parent: Path) -> None:
 def lab(lab_prereqs: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[lab_mod.LabState]:
     """A lab of 2 hosts on 10.88.200.0/24 for the session: `.hosts` (name, docker_url,
     address) tuples, `.registry` ("10.88.200.1:5000"), `.toml`, `.dir`."""
-    _down_stale_test_labs(tmp_path_factory.getbasetemp().parent)
+    basetemp = tmp_path_factory.getbasetemp()
+    under_xdist = basetemp.name.startswith("popen-gw")
+    _down_stale_test_labs(basetemp.parent.parent if under_xdist else basetemp.parent)
     lab_dir = tmp_path_factory.mktemp("lab")
     (lab_dir / "session.pid").write_text(str(os.getpid()))
     atexit.register(_quiet_down, lab_dir)  # when the session dies without finalizers

@@ -123,9 +123,11 @@ def start_serve(
     *,
     env: dict[str, str] | None = None,
     watch_repos: bool = True,
+    options: tuple[str, ...] = (),
 ) -> Serve:
-    """Start `python -m pipeline serve -c CONFIG` and return once /healthz answers 200."""
-    argv = [sys.executable, "-m", "pipeline", "serve", "-c", str(config)]
+    """Start `python -m pipeline [OPTIONS] serve -c CONFIG` and return once /healthz answers
+    200; `options` are the global ones (`--log-format json`)."""
+    argv = [sys.executable, "-m", "pipeline", *options, "serve", "-c", str(config)]
     if not watch_repos:
         argv.append("--no-watch-repos")
     log_file = log_path.open("ab")
@@ -158,9 +160,13 @@ class ServeProcesses:
         self.tmp_path = tmp_path
         self.started: list[Serve] = []
 
-    def __call__(self, sp: ServeProject, *, watch_repos: bool = True) -> Serve:
+    def __call__(
+        self, sp: ServeProject, *, watch_repos: bool = True, options: tuple[str, ...] = ()
+    ) -> Serve:
         log_path = self.tmp_path / f"serve-{len(self.started) + 1}.log"
-        serve = start_serve(sp.config, sp.url, log_path, env=sp.env, watch_repos=watch_repos)
+        serve = start_serve(
+            sp.config, sp.url, log_path, env=sp.env, watch_repos=watch_repos, options=options
+        )
         self.started.append(serve)
         return serve
 

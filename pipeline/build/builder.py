@@ -6,10 +6,12 @@ digest. Without one, each target host's own engine builds the image and runs it 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -18,11 +20,20 @@ from typing import Protocol
 
 import structlog
 
+from pipeline.build.buildkit import (
+    BuilderChoice,
+    CliBuild,
+    choose_builder,
+    cli_build_args,
+    cli_candidates,
+)
 from pipeline.config.load import LoadedConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.hosts import dockercli
 from pipeline.hosts.engine import Engine
+from pipeline.plan.buildkeys import SecretSource, secret_sources, unsupported_keys
 from pipeline.plan.planner import Build, image_spec_hash
-from pipeline.redact import redact
+from pipeline.redact import redact, register_secret
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
 from pipeline.state.steps import StepLog
@@ -59,7 +70,8 @@ class BuildConnections(Protocol):
 
 
 class Builder:
-    """Builds and pushes images; engines, mirrors and the retry policy of pushes are injected."""
+    """Builds and pushes images; engines, mirrors, the retry policy of pushes and the probe of
+    the machine's docker CLIs (`pipeline.hosts.dockercli.probe`) are injected."""
 
     def __init__(
         self,
@@ -69,10 +81,83 @@ class Builder:
         *,
         report: Callable[[str], None],
         retry: RetryPolicy | None = None,
+        probe: Callable[[str], dockercli.CliProbe] | None = None,
+        which: Callable[[str], str | None] = dockercli.which,
     ) -> None:
         self.loaded, self.cfg, self.state = loaded, loaded.model, state
         self.connections, self.report = connections, report
         self.retry = retry or RetryPolicy()
+        # What the machine's CLIs offer; probed answers are kept in the data dir, so that a
+        # `pipeline run` does not pay the probe (four CLI starts) each time.
+        self._probe = probe or partial(
+            dockercli.probe, cache_file=loaded.data_dir / "docker-cli-probes.json"
+        )
+        self._which = which
+        self._choices: dict[str, BuilderChoice] = {}
+        self._choices_lock = threading.Lock()
+
+    # -- which builder, and can it build what the config asks -------------------------------
+    def choice(self, image: str) -> BuilderChoice:
+        """How `image` builds (its `builder` key and the CLIs this machine has, probed once)."""
+        setting = self.cfg.images[image].builder
+        with self._choices_lock:
+            if setting not in self._choices:
+                paths = cli_candidates(self.cfg.pipeline.docker_cli, self._which("docker"))
+                probes = [self._probe(path) for path in paths] if setting != "legacy" else []
+                self._choices[setting] = choose_builder(setting, probes)
+            return self._choices[setting]
+
+    def check(self, builds: list[Build] | tuple[Build, ...]) -> None:
+        """Raise ConfigError, each problem located (`pipeline.toml:LINE: images.NAME.KEY: ...`),
+        when a planned build asks for what its builder cannot do or names a secret that is not
+        there (an unset variable, an unreadable file); nothing is built then. The secrets'
+        values are registered for redaction."""
+        problems: list[str] = []
+        for b in builds:
+            image = self.cfg.images[b.image]
+            choice = self.choice(b.image)
+            where = ("images", b.image)
+            if image.builder == "buildkit" and choice.kind == "legacy":
+                problems.append(
+                    f'{self._at(*where, "builder")}: "buildkit" but no docker '
+                    f"CLI here builds with BuildKit ({choice.why}); set [pipeline] docker_cli"
+                )
+            else:
+                for key, message in unsupported_keys(image, choice.kind, choice.why):
+                    problems.append(f"{self._at(*where, key)}: {message}")
+            for secret in secret_sources(image):
+                missing = self._read_secret(secret)
+                if missing:
+                    at = self._at(*where, "secrets", secret.key)
+                    problems.append(f"{at}: {missing}; nothing was built")
+        if problems:
+            raise ConfigError(problems)
+
+    def _at(self, *key: str) -> str:
+        """`pipeline.toml:LINE: a.b.c`, the location load errors give a key."""
+        return f"{self.loaded.locate(*key)}: {'.'.join(key)}"
+
+    def _secret_path(self, secret: SecretSource) -> Path:
+        return self.loaded.base_dir / secret.source  # an absolute source stays itself
+
+    def _read_secret(self, secret: SecretSource) -> str | None:
+        """Register the secret's value for redaction; say what is missing (None: present)."""
+        if secret.kind == "env":
+            value = os.environ.get(secret.source)
+            if not value:
+                return f"environment variable {secret.source} is not set"
+            register_secret(value)
+            return None
+        path = self._secret_path(secret)
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror or exc}"
+        register_secret(text.strip())
+        for line in text.splitlines():  # a key file's lines, should one be printed alone
+            if len(line.strip()) >= 8 and not line.startswith("-----"):
+                register_secret(line.strip())
+        return None
 
     def build(self, b: Build, rev: Revision, run_id: int | None, *, pull: bool = False) -> Artifact:
         """Build `b.image` at `rev`, push it when there is a registry, record the build."""
@@ -125,7 +210,12 @@ class Builder:
             raise PipelineError(
                 f"image {b.image}: Dockerfile {dockerfile} not found at {rev.sha[:12]}"
             )
-        (context / ".pipeline.Dockerfile").write_bytes(content)
+        target = context / ".pipeline.Dockerfile"
+        # A file or symlink of that name from the commit is replaced, never written through.
+        target.unlink(missing_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
         return context, ".pipeline.Dockerfile"
 
     def _build_step(
@@ -154,16 +244,47 @@ class Builder:
                 sys.stderr.write(f"\r\033[2K  {b.image}: {line[:100]}")
                 sys.stderr.flush()
 
+        image = self.cfg.images[b.image]
+        choice = self.choice(b.image)
+        engine = self.connections.engine(host)
         try:
-            image_id = self.connections.engine(host).build(
-                context,
-                dockerfile,
-                tags,
-                labels=labels,
-                build_args=self.cfg.images[b.image].build_args,
-                pull=pull,
-                on_output=output,
-            )
+            if choice.kind == "legacy" or choice.cli is None:
+                self.report(f"{b.image}: {choice.notice}")
+                image_id = engine.build(
+                    context,
+                    dockerfile,
+                    tags,
+                    labels=labels,
+                    build_args=image.build_args,
+                    pull=pull,
+                    target=image.target,
+                    on_output=output,
+                )
+            else:
+                blog.info("building", builder=choice.notice)
+                self.check([b])  # a secret removed since the plan: say so, build nothing
+                spec = CliBuild(
+                    context=context,
+                    dockerfile=dockerfile,
+                    tags=tags,
+                    labels=labels,
+                    build_args=image.build_args,
+                    iidfile=context.parent / f"iid-{host or 'local'}",
+                    target=image.target,
+                    secrets=[
+                        SecretSource(s.id, s.kind, str(self._secret_path(s)), s.key)
+                        if s.kind == "file"
+                        else s
+                        for s in secret_sources(image)
+                    ],
+                    cache_from=image.cache_from,
+                    cache_to=image.cache_to,
+                    pull=pull,
+                )
+                args, env = cli_build_args(choice.kind, spec)
+                image_id = engine.build_cli(
+                    choice.cli, args, env=env, iidfile=spec.iidfile, on_output=output
+                )
         except PipelineError as exc:
             steps.end(step, "failed", error=str(exc))
             raise

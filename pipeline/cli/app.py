@@ -1,4 +1,8 @@
-"""The `pipeline` command line: thin commands over the modules that do the work."""
+"""The `pipeline` command line: thin commands over the modules that do the work.
+
+Start-up is kept short: the command modules are imported to list and parse the commands, and
+each command imports the config, the state database, Docker, git or the service when it runs
+(see `pipeline/cli/common.py`)."""
 
 from __future__ import annotations
 
@@ -11,8 +15,12 @@ from typing import Annotated
 import typer
 
 from pipeline import logs
-from pipeline.cli.common import ConfigOption, fail, load_config
+from pipeline.cli.common import EXIT_USAGE, ConfigOption, fail, load_config
 from pipeline.errors import PipelineError
+
+# Commands that only read the config and print: they log nothing, so they do not pay for
+# structlog's import (hook-validate runs on every push; hook-event configures its own logging).
+_NO_LOGGING = frozenset({"validate", "hook-validate", "hook-event"})
 
 app = typer.Typer(
     help="GitOps deployment for Docker hosts: rebuild what a commit changed, roll it out behind "
@@ -24,6 +32,7 @@ app = typer.Typer(
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     log_format: Annotated[
         logs.LogFormat, typer.Option("--log-format", help="console or json (JSON lines).")
     ] = "console",
@@ -31,13 +40,18 @@ def _main(
         str, typer.Option("--log-level", help="debug, info, warning, error.")
     ] = "info",
 ) -> None:
-    logs.configure(log_format, log_level)
+    if ctx.invoked_subcommand not in _NO_LOGGING:
+        logs.configure(log_format, log_level)
 
 
 @app.command()
 def validate(config: ConfigOption = None) -> None:
-    """Check the config file; exit 0 with a summary, or 2 with every problem found."""
+    """Check the config file and every service's env_file; exit 0 with a summary, or 2 with
+    every problem found."""
     loaded = load_config(config)
+    problems = loaded.env_file_problems()
+    if problems:
+        fail("\n".join(problems) + f"\n{len(problems)} problem(s) found.", EXIT_USAGE)
     m = loaded.model
     typer.echo(
         f"{loaded.path.name}: ok: {len(m.repos)} repo(s), {len(m.images)} image(s), "

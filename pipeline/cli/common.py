@@ -1,17 +1,24 @@
-"""Options and helpers shared by every CLI command."""
+"""Options and helpers shared by every CLI command.
+
+Every CLI module is imported at start-up (`--help` lists them all), so at module level they
+import only typer, the standard library and the light shared modules (`errors`, `redact`,
+`logs`); the config (pydantic), the state database (SQLAlchemy), Docker, git and the service
+are imported inside the commands that use them (`tests/cli/test_startup_imports.py`)."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from pipeline.config import load as config_mod
 from pipeline.errors import ConfigError
 from pipeline.redact import redact, redact_value
+
+if TYPE_CHECKING:
+    from pipeline.config.load import LoadedConfig
 
 ConfigOption = Annotated[
     Path | None,
@@ -34,8 +41,10 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     raise typer.Exit(code)
 
 
-def load_config(path: Path | None) -> config_mod.LoadedConfig:
+def load_config(path: Path | None) -> LoadedConfig:
     """Load the config named by -c, $PIPELINE_CONFIG or ./pipeline.toml; exit 2 when invalid."""
+    from pipeline.config import load as config_mod
+
     try:
         return config_mod.load(path or config_mod.default_config_path())
     except ConfigError as exc:

@@ -15,17 +15,17 @@ from pipeline.cli.common import (
     print_json,
     print_table,
 )
-from pipeline.config.load import LoadedConfig
 from pipeline.errors import PipelineError
-from pipeline.state.store import State, release_json
+from pipeline.redact import redact
 
 if TYPE_CHECKING:
+    from pipeline.config.load import LoadedConfig
     from pipeline.deploy.connections import Connections
     from pipeline.deploy.runner import PassResult, Runner
 
 
 def _echo(line: str) -> None:
-    typer.echo(line, err=True)
+    typer.echo(redact(line), err=True)
 
 
 def _connections(loaded: LoadedConfig) -> Connections:
@@ -37,6 +37,7 @@ def _connections(loaded: LoadedConfig) -> Connections:
 
 def _runner(loaded: LoadedConfig) -> Runner:
     from pipeline.deploy.runner import Runner
+    from pipeline.state.store import State
 
     return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
 
@@ -52,7 +53,7 @@ def _recovered(runner: Runner) -> Runner:
 def _outcome(result: PassResult) -> None:
     """Print a pass's errors and outcome; exit 1 when it failed."""
     for error in result.errors:
-        typer.echo(f"error: {error}", err=True)
+        typer.echo(redact(f"error: {error}"), err=True)
     typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
     if not result.ok:
         raise typer.Exit(EXIT_FAILED)
@@ -67,7 +68,8 @@ def register(app: typer.Typer) -> None:
         json: JsonOption = False,
         repo: Annotated[str | None, typer.Option(help="Only this repo.")] = None,
     ) -> None:
-        """Show what a run would build and roll out, and why; change nothing."""
+        """Show what a run would build and roll out, and why; change nothing. Exit 1 when a
+        service cannot be planned (its env_file cannot be read)."""
         loaded = load_config(config)
         runner = _runner(loaded)
         try:
@@ -76,8 +78,10 @@ def register(app: typer.Typer) -> None:
             fail(str(exc))
         if json:
             print_json(the_plan.to_json())
+            if the_plan.errors:
+                raise typer.Exit(EXIT_FAILED)
             return
-        if the_plan.empty:
+        if the_plan.empty and not the_plan.errors:
             typer.echo("Nothing to do: every service is up to date.")
         for b in the_plan.builds:
             typer.echo(f"build   {b.image} at {b.revision[:12]}: {b.reason}")
@@ -85,9 +89,11 @@ def register(app: typer.Typer) -> None:
             how = "after its build" if r.rebuild else "same image"
             typer.echo(f"rollout {r.service} ({how}): {r.reason}")
         for p in the_plan.problems:
-            typer.echo(f"note    {p.subject}: {p.message}")
+            typer.echo(f"error   {p.message}" if p.error else f"note    {p.subject}: {p.message}")
         for name in the_plan.unpin:
             typer.echo(f"unpin   services.{name}: a newer commit releases its pin")
+        if the_plan.errors:
+            raise typer.Exit(EXIT_FAILED)
 
     @app.command()
     def run(
@@ -169,6 +175,7 @@ def register(app: typer.Typer) -> None:
         """Per service and host: revision, digest, container state and health."""
         loaded = load_config(config)
         from pipeline.deploy.operations import status_rows
+        from pipeline.state.store import State
 
         rows = status_rows(State.in_dir(loaded.data_dir), _connections(loaded))
         if json:
@@ -197,6 +204,8 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
     ) -> None:
         """Rollouts, newest first: service, revision, status, why it failed, times, error."""
+        from pipeline.state.store import State, release_json
+
         loaded = load_config(config)
         state = State.in_dir(loaded.data_dir)
         rows = [release_json(r) for r in state.releases(service, limit)]

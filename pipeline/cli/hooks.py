@@ -11,24 +11,22 @@ import time
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
-import structlog
 import typer
 
 from pipeline import logs
 from pipeline.cli.common import EXIT_FAILED, ConfigOption, fail, load_config
 from pipeline.cli.serve import local_repo_path, service_class
-from pipeline.config import load as config_mod
-from pipeline.config.load import LoadedConfig
-from pipeline.config.model import RepoSection, parse_port
 from pipeline.errors import ConfigError
-from pipeline.state.queue import FINAL_STATUSES, EventQueue
-from pipeline.state.schema import Event
-from pipeline.state.store import State
 
-log = structlog.get_logger(__name__)
+# The hooks run on every push: each command imports what it needs (hook-validate only the
+# config; hook-event the state database, and httpx and the service only when it follows).
+if TYPE_CHECKING:
+    from pipeline.config.load import LoadedConfig
+    from pipeline.config.model import RepoSection
+    from pipeline.state.schema import Event
+    from pipeline.state.store import State
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -73,6 +71,9 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float, typer.Option(help="Stop following after this many s.")] = 1800,
     ) -> None:
         """Queue a push event for REPO (run by the post-receive hook) and follow it."""
+        from pipeline.state.queue import FINAL_STATUSES, EventQueue
+        from pipeline.state.store import State
+
         logs.configure("console", "warning")  # the pusher reads our lines, not the service log
         loaded = load_config(config)
         section = loaded.model.repos.get(repo)
@@ -133,6 +134,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Exit 1, printing every problem, when a push to a followed ref has an invalid
         pipeline.toml (run by the pre-receive hook)."""
+        from pipeline.config import load as config_mod
+
         try:
             loaded = config_mod.load(config or config_mod.default_config_path())
         except ConfigError as exc:
@@ -238,6 +241,8 @@ def _repo_of(loaded: LoadedConfig, bare: Path) -> str:
 
 
 def _server_up(loaded: LoadedConfig) -> bool:
+    import httpx
+
     host, port = split_listen(loaded.model.server.listen)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     url_host = f"[{host}]" if ":" in host else host
@@ -256,6 +261,8 @@ def _latest_run(state: State) -> int:
 
 
 def _event(state: State, event_id: int) -> Event:
+    from pipeline.state.queue import EventQueue
+
     return EventQueue(state).get(event_id)
 
 
@@ -263,6 +270,8 @@ def _seen_already(state: State, repo: str, sha: str) -> int | None:
     """The repo's newest push/tag event when it is for `sha` (a watch or poll of the service
     saw this push first), else None. Only the newest counts: a push back to an older commit
     must be deployed again."""
+    from pipeline.state.queue import EventQueue
+
     newest = EventQueue(state).newest_push(repo)
     return newest.id if newest is not None and newest.sha == sha else None
 
@@ -279,6 +288,8 @@ def _follow(
 ) -> Event | None:
     """Print the steps of the run that handles the event until the event is final; return it
     (None on timeout). While the event waits, the newest running run of its repo is shown."""
+    from pipeline.state.queue import FINAL_STATUSES
+
     shown: dict[int, str] = {}
     pushes: set[str] = set()
     deadline = clock() + timeout
@@ -324,6 +335,8 @@ def _step_line(
 
 def _outcome(state: State, loaded: LoadedConfig, ev: Event) -> bool:
     """Print how the event ended and the URLs now serving; True when it deployed (or no-op)."""
+    from pipeline.config.model import parse_port
+
     run = state.run(ev.run_id) if ev.run_id else None
     if run is None:
         typer.echo(f"pipeline: event {ev.id} {ev.status}" + (f": {ev.note}" if ev.note else ""))

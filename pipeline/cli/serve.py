@@ -8,18 +8,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
-import structlog
 import typer
 
 from pipeline.cli.common import EXIT_USAGE, ConfigOption, fail
-from pipeline.config import load as config_mod
 from pipeline.errors import ConfigError
 from pipeline.redact import redact_url
 
 if TYPE_CHECKING:
     from pipeline.service.daemon import Service
-
-log = structlog.get_logger(__name__)
 
 
 # The service's modules (FastAPI, uvicorn, APScheduler, watchdog) are imported by the commands
@@ -53,6 +49,11 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Run the service: webhooks, polling, cron rebuilds, live config; until SIGTERM."""
+        import structlog
+
+        from pipeline.config import load as config_mod
+
+        log = structlog.get_logger(__name__)
         service = service_class()(
             config or config_mod.default_config_path(), watch_repos=not no_watch_repos
         )
@@ -72,6 +73,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _announce(service: Service) -> None:
+    import structlog
+
+    log = structlog.get_logger(__name__)
     cfg = service.loaded.model
     log.info(f"listening on {service.url}")
     for name, repo in cfg.repos.items():

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from pipeline.config.envfile import EnvFile, EnvFileError, read_env_file
 from pipeline.config.model import (
     NAME_RE,
     Config,
@@ -23,6 +25,7 @@ from pipeline.config.model import (
     RepoSection,
     ServerSection,
     ServiceSection,
+    listens_beyond_loopback,
     parse_port,
 )
 from pipeline.errors import ConfigError
@@ -49,10 +52,40 @@ class LoadedConfig:
 
     path: Path
     model: Config
+    shown: str = ""  # the file's name in messages, as given (default: its file name)
+    lines: _LineIndex | None = field(default=None, repr=False, compare=False)
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def locate(self, *key: str) -> str:
+        """`FILE:LINE` of the config key `key` (or of its nearest table) for messages."""
+        line = self.lines.line_of(key) if self.lines is not None else 1
+        return f"{self.shown or self.path.name}:{line}"
+
+    def read_env_file(self, service: str) -> EnvFile | None:
+        """The `env_file` of `service` (relative to the config's directory), read and checked,
+        its values registered as secrets; None when it has none. Raises EnvFileError naming
+        `FILE:LINE` and `services.NAME.env_file` (see `pipeline.config.envfile`)."""
+        name = self.model.services[service].env_file
+        if not name:
+            return None
+        shown = str(Path(self.shown or self.path.name).parent / name)
+        key = f"services.{service}.env_file"
+        where = self.locate("services", service, "env_file")
+        return read_env_file(self.base_dir / name, shown, key, where)
+
+    def env_file_problems(self) -> list[str]:
+        """Every service's env_file problem (`FILE:LINE: services.NAME.env_file: ...`), in
+        service order; [] when each one reads."""
+        problems = []
+        for service in self.model.services:
+            try:
+                self.read_env_file(service)
+            except EnvFileError as exc:
+                problems.extend(exc.problems)
+        return problems
 
     @property
     def data_dir(self) -> Path:
@@ -80,7 +113,11 @@ def load(path: Path) -> LoadedConfig:
 
 
 def parse(text: str, path: Path) -> LoadedConfig:
-    """Validate config text; `path` names the file in messages and anchors relative paths."""
+    """Validate config text; `path` names the file in messages and anchors relative paths.
+
+    The services' env files that read are read too, only to register their values as secrets
+    (so that every command, `history` included, masks them); a file's problem is left for
+    `validate` and for the plan of its service to report."""
     name = path.name if path.parent == Path(".") else str(path)
     try:
         raw = tomllib.loads(text)
@@ -104,7 +141,13 @@ def parse(text: str, path: Path) -> LoadedConfig:
     if problems:
         located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
         raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
-    return LoadedConfig(path=path.resolve(), model=Config.model_validate(sections))
+    loaded = LoadedConfig(
+        path=path.resolve(), model=Config.model_validate(sections), shown=name, lines=lines
+    )
+    for service in loaded.model.services:
+        with contextlib.suppress(EnvFileError):
+            loaded.read_env_file(service)  # registers the values it reads as secrets
+    return loaded
 
 
 def _validate_named(
@@ -178,6 +221,7 @@ def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], st
             yield (where, f"unknown {what} {value!r}")
 
     yield from ref(("pipeline", "build_host"), table("pipeline").get("build_host"), hosts, "host")
+    yield from _read_token(table("server"))
     for name, image in entries("images"):
         yield from ref(("images", name, "repo"), image.get("repo"), repos, "repo")
         yield from ref(("images", name, "build_host"), image.get("build_host"), hosts, "host")
@@ -261,6 +305,27 @@ def _proxy_problems(
                     f"a proxied service starts beside its old container, so it cannot publish "
                     f"the fixed host port {host_port}; the proxy reaches it on its network",
                 )
+
+
+def _read_token(server: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:
+    """Reads that need the API token (`ServerSection.reads_need_token`) need `api_token_env`:
+    without it every `GET /api/*` would be refused."""
+    listen = server.get("listen", ServerSection.model_fields["listen"].default)
+    required = server.get("read_token_required")
+    if not isinstance(listen, str) or server.get("api_token_env") is not None:
+        return
+    fix = "set [server] api_token_env, or read_token_required = false to leave reads open"
+    if required is True:
+        yield (
+            ("server", "read_token_required"),
+            f"GET /api/* needs the API token, but api_token_env is not set: {fix}",
+        )
+    elif required is None and listens_beyond_loopback(listen):
+        yield (
+            ("server", "listen"),
+            f"{listen!r} reaches beyond loopback, so read_token_required defaults to true and "
+            f"GET /api/* needs the API token, but api_token_env is not set: {fix}",
+        )
 
 
 class _LineIndex:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -16,6 +17,7 @@ _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _RESTART_RE = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
+_SECRET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
 # A Host header a proxy route matches: a DNS name, optionally with one leading "*." wildcard.
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -77,6 +79,15 @@ def _repo_url(value: str) -> str:
         f"repository URL {value!r} is not https://, ssh://, git://, file://, user@host:path "
         "or an absolute path"
     )
+
+
+def _repository_full_name(value: str) -> str:
+    if not re.fullmatch(r"[^\s/:@]+(/[^\s/:@]+)+", value):
+        raise ValueError(
+            f"repository name {value!r} is not 'owner/name' (the full name or path with "
+            "namespace webhook deliveries give, e.g. 'acme/shop' or 'group/sub/shop')"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -162,6 +173,26 @@ def _network_name(value: str) -> str:
     return value
 
 
+def _secret_sources(value: dict[str, str]) -> dict[str, str]:
+    for key, source in value.items():
+        stem, _, kind = key.rpartition("_")
+        if kind not in ("env", "file") or not _SECRET_ID_RE.match(stem):
+            raise ValueError(
+                f"secret {key!r}: name it ID_env (an environment variable) or ID_file (a file), "
+                'e.g. npm_token_env = "NPM_TOKEN"'
+            )
+        if kind == "env":
+            _env_name(source)
+        elif not source:
+            raise ValueError(f"secret {key!r}: empty file path")
+    return value
+
+
+def _spec_list(value: object) -> object:
+    """A cache spec given as one string or a list of them, as a list."""
+    return [value] if isinstance(value, str) else value
+
+
 def _env_name(value: str) -> str:
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
         raise ValueError(f"invalid environment variable name {value!r}")
@@ -195,12 +226,56 @@ class PipelineSection(_Table):
     build_host: str | None = None  # a [hosts.*] name; None = the local engine
     build_concurrency: int = Field(default=2, ge=1)
     keep_revisions: int = Field(default=3, ge=1)  # images kept per service on each host
+    # The docker CLI BuildKit builds run through; tried first, then `docker` on PATH, then
+    # /usr/bin/docker (pipeline.build.buildkit.cli_candidates).
+    docker_cli: str | None = None
+
+
+def listen_host(listen: str) -> str:
+    """The host part of a `[server] listen` value: "HOST", "HOST:PORT", "[V6]:PORT" or a bare
+    IPv6 address ("::1") give "HOST" / "V6"."""
+    if listen.startswith("["):
+        return listen[1:].partition("]")[0]
+    if listen.count(":") > 1:
+        return listen  # a bare IPv6 address, no port
+    return listen.rpartition(":")[0] if ":" in listen else listen
+
+
+def listens_beyond_loopback(listen: str) -> bool:
+    """Whether a server bound to `listen` can be reached from other machines: False for
+    loopback only (127.0.0.0/8, ::1 and IPv4-mapped loopback, `localhost`), True for everything
+    else: 0.0.0.0, ::, any other address, and any other host name (it may resolve anywhere).
+
+    Loopback as RFC 5735 (127.0.0.0/8) and RFC 4291 (::1) define it, as `ipaddress` reads them.
+    """
+    host = listen_host(listen).strip().lower().rstrip(".")
+    if host == "localhost":
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_loopback
 
 
 class ServerSection(_Table):
     listen: Annotated[str, AfterValidator(_address)] = "127.0.0.1:8700"
     api_token_env: EnvName | None = None
     max_body: int = Field(default=5 * 1024 * 1024, ge=1024)  # bytes
+    # None: required when `listen` reaches beyond loopback (see `reads_need_token`)
+    read_token_required: bool | None = None
+
+    def reads_need_token(self, bound: str | None = None) -> bool:
+        """Whether `GET /api/*` needs the API token: `read_token_required` when set, else
+        whether the server listens beyond loopback, on `bound` (the address it was started on,
+        which a reload of `listen` does not change) or else on `listen`."""
+        if self.read_token_required is not None:
+            return self.read_token_required
+        return listens_beyond_loopback(bound or self.listen)
+    # How long an event waits for the commit it names to show on the remote (replication lag).
+    announced_commit_timeout: Duration = 300.0
 
 
 class RegistrySection(_Table):
@@ -235,6 +310,10 @@ class RepoSection(_Table):
     tags: str | None = None  # a glob of release tags, e.g. "v*"
     poll: Duration | None = None
     webhook_secret_env: EnvName | None = None
+    submodules: bool = True  # fetch submodules into build contexts (false: empty folders)
+    # The repository webhook deliveries name ("owner/name"), when `url` cannot be compared with
+    # their clone URLs (a mirror, an ssh host alias, a local path).
+    webhook_repository: Annotated[str, AfterValidator(_repository_full_name)] | None = None
 
     @model_validator(mode="after")
     def _one_ref(self) -> RepoSection:
@@ -256,6 +335,15 @@ class ImageSection(_Table):
     rebuild: Cron | None = None
     build_args: dict[str, str] = Field(default_factory=dict)
     build_host: str | None = None
+    # "auto": BuildKit through the docker CLI when one carries it, else the SDK's legacy builder.
+    builder: Literal["auto", "buildkit", "legacy"] = "auto"
+    target: str | None = None  # the Dockerfile stage to build (`--target`)
+    # ID_env = "VAR" / ID_file = "/path": handed to BuildKit as `--secret id=ID,...`.
+    secrets: Annotated[dict[str, str], AfterValidator(_secret_sources)] = Field(
+        default_factory=dict
+    )
+    cache_from: Annotated[list[str], BeforeValidator(_spec_list)] = Field(default_factory=list)
+    cache_to: Annotated[list[str], BeforeValidator(_spec_list)] = Field(default_factory=list)
 
     @property
     def dockerfile_path(self) -> str:

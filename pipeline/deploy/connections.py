@@ -40,14 +40,17 @@ class Connections:
     def mirror(self, repo: str) -> Mirror:
         """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
         hundreds of repos then costs one `git ls-remote` each)."""
-        url = self.loaded.model.repos[repo].url
+        section = self.loaded.model.repos[repo]
+        url = section.url
         if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)
             url = f"file://{url}"
         with self._lock:
             mirror = self._mirrors.get(repo)
-            if mirror is None or mirror.url != url:
+            if mirror is None or (mirror.url, mirror.submodules) != (url, section.submodules):
                 mirror = self._mirrors[repo] = Mirror(
-                    url, self.loaded.data_dir / "git" / f"{repo}.git"
+                    url,
+                    self.loaded.data_dir / "git" / f"{repo}.git",
+                    submodules=section.submodules,
                 )
             return mirror
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from pipeline.config.model import ServiceSection
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target
-from pipeline.deploy.runner import Runner, read_env_files
+from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
 from pipeline.plan.planner import service_spec_hash
 from pipeline.plan.rollback import PinRecord, choose_rollback
@@ -41,7 +41,8 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
             f"{service}: release r{chosen.id} has no stored settings (made before pipeline "
             "recorded them): rolling back its image with the current settings"
         )
-        settings, spec = ServiceSettings(svc, read_env_files(runner.loaded).get(service)), svc
+        env_file = runner.loaded.read_env_file(service)  # EnvFileError: a StallingError
+        settings, spec = ServiceSettings(svc, env_file.text if env_file else None), svc
     else:
         settings, spec = stored, restored_spec(stored, svc)
     runner.report(f"{service}: rolling back to r{chosen.id} ({chosen.revision[:12]})")

@@ -11,7 +11,6 @@ A crash (kill -9) leaves the records; `recover` puts the hosts back from them.
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 import traceback
@@ -21,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
-from dotenv import dotenv_values
 
+from pipeline.config.envfile import env_values
 from pipeline.config.model import HostSection, ProxySection, ServiceSection
 from pipeline.deploy.failures import (
     Aborted,
@@ -97,14 +96,6 @@ class RolloutResult:
 
 def container_name(service: str, revision: str, release_id: int) -> str:
     return f"{service}-{revision[:12]}-r{release_id}"
-
-
-def env_values(text: str) -> dict[str, str]:
-    """The variables of env_file text, as python-dotenv reads a .env file (quotes, `export`,
-    comments), without expanding `${VAR}`: a container gets the file's values, never pipeline's
-    own environment. A name without "=" is left out."""
-    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
-    return {key: value for key, value in values.items() if value is not None}
 
 
 @dataclass

@@ -15,6 +15,7 @@ from types import MappingProxyType
 import structlog
 
 from pipeline.build.builder import Artifact, Builder
+from pipeline.config.envfile import EnvFileError
 from pipeline.config.load import LoadedConfig
 from pipeline.config.model import ServiceSection
 from pipeline.deploy.connections import Connections
@@ -23,6 +24,7 @@ from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import PipelineError
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
+from pipeline.redact import redact
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror, Revision
 from pipeline.state.rollbacks import ServiceSettings
@@ -33,14 +35,29 @@ log = structlog.get_logger(__name__)
 Report = Callable[[str], None]
 
 
-def read_env_files(loaded: LoadedConfig) -> Mapping[str, str]:
-    """Service name -> the text of its `env_file` (relative to the config's directory), for the
-    services that have one; read-only. Raises OSError when a file cannot be read."""
-    texts = {}
-    for name, svc in loaded.model.services.items():
-        if svc.env_file:
-            texts[name] = (loaded.base_dir / svc.env_file).read_text(encoding="utf-8")
-    return MappingProxyType(texts)
+@dataclass(frozen=True)
+class EnvFiles:
+    """The services' env files as one pass read them: the text of each that reads (service name
+    -> text) and the problem of each that does not (service name -> `FILE:LINE:
+    services.NAME.env_file: ...`); both read-only."""
+
+    texts: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    errors: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def read_env_files(loaded: LoadedConfig) -> EnvFiles:
+    """Read and check every service's `env_file` (relative to the config's directory), its
+    values registered as secrets; a file that cannot be used fails only its own service."""
+    texts, errors = {}, {}
+    for name in loaded.model.services:
+        try:
+            env_file = loaded.read_env_file(name)
+        except EnvFileError as exc:
+            errors[name] = str(exc)
+            continue
+        if env_file is not None:
+            texts[name] = env_file.text
+    return EnvFiles(MappingProxyType(texts), MappingProxyType(errors))
 
 
 @dataclass
@@ -50,7 +67,12 @@ class Observed:
 
     revisions: dict[str, Revision] = field(default_factory=dict)
     snapshots: dict[str, RepoSnapshot] = field(default_factory=dict)
-    env_files: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    env: EnvFiles = field(default_factory=EnvFiles)
+
+    @property
+    def env_files(self) -> Mapping[str, str]:
+        """Service name -> the text of its env_file, for the services whose file reads."""
+        return self.env.texts
 
 
 @dataclass
@@ -84,7 +106,9 @@ class Runner:
         self.cfg = loaded.model
         self.state = state
         self.owner = owner or default_owner()
-        self.report = report
+        # Every line a pass prints (CLI, git hook, service log) goes through here: mask secrets
+        # once, whoever the caller is (an app's log lines end up in health-check messages).
+        self.report: Report = lambda line: report(redact(line))
         self.sleep = sleep
         self.clock = clock
         self.should_stop = should_stop
@@ -92,7 +116,7 @@ class Runner:
         # One policy for pushes, pulls and inspections: the one the engines were made with,
         # unless the caller injects another (tests: one that does not sleep).
         self.retry = retry or connections.retry
-        self.builder = Builder(loaded, state, connections, report=report, retry=self.retry)
+        self.builder = Builder(loaded, state, connections, report=self.report, retry=self.retry)
 
     # -- observe ----------------------------------------------------------------------------
     def observe(
@@ -104,7 +128,7 @@ class Runner:
     ) -> Observed:
         """Read the env files, then fetch each repo (after a cheap ls-remote says it moved) and
         snapshot its new revision."""
-        observed = Observed(env_files=read_env_files(self.loaded))
+        observed = Observed(env=read_env_files(self.loaded))
         for name in repos:
             repo = self.cfg.repos[name]
             branch, tags = (None, repo.tags) if repo.tags else (repo.branch or "main", None)
@@ -154,6 +178,7 @@ class Runner:
             files=frozenset(mirror.list_files(sha)),
             changes=changes,
             dockerignores=ignores,
+            submodules=frozenset(mirror.submodule_paths(sha)),
         )
 
     # -- plan -------------------------------------------------------------------------------
@@ -168,21 +193,27 @@ class Runner:
     ) -> Plan:
         images = list(self.cfg.images)
         services = list(self.cfg.services)
-        return plan(
+        the_plan = plan(
             self.cfg,
             observed.snapshots,
             self.state.image_records(images),
             self.state.service_records(services),
             env_files=observed.env_files,
+            env_file_errors=observed.env.errors,
             failed={} if ignore_failed else self.state.failed_revisions(services),
             force_images=force_images,
             force_reason=force_reason,
             only_services=only_services,
             pins=self.state.rollbacks.pins(),
         )
+        # What the builder cannot do (a BuildKit-only key on the legacy builder, a secret that
+        # is not there) is an error now, located in the config, before anything is built.
+        self.builder.check(the_plan.builds)
+        return the_plan
 
     def preview(self, repo: str | None = None) -> Plan:
-        """Observe and plan, change nothing on any host (what `pipeline plan` prints)."""
+        """Observe and plan, change nothing on any host (what `pipeline plan` prints); raises
+        ConfigError when a planned build cannot be done (`Builder.check`)."""
         return self.make_plan(self.observe(self._repos(repo)))
 
     def _repos(self, repo: str | None) -> list[str]:
@@ -229,10 +260,10 @@ class Runner:
         finally:
             structlog.contextvars.unbind_contextvars("run_id")
         revs = {r.sha for r in observed.revisions.values()}
-        if the_plan.empty:
-            status = "noop"
-        elif result.errors:
+        if result.errors:
             status = "failed"
+        elif the_plan.empty:
+            status = "noop"
         else:
             status = "superseded" if result.superseded else "succeeded"
         self.state.finish_run(
@@ -249,8 +280,8 @@ class Runner:
         extra = []
         planned = {r.service for r in the_plan.rollouts}
         for name in services:
-            if name in planned:
-                continue
+            if name in planned or name in observed.env.errors:
+                continue  # planned already, or its env_file's error fails it
             svc = self.cfg.services[name]
             repo = self.cfg.images[svc.image].repo
             last = self.state.last_build(svc.image)
@@ -277,12 +308,18 @@ class Runner:
         """Build every planned image, then roll out every planned service whose image is ready."""
         result = PassResult(run_id, the_plan, True)
         for problem in the_plan.problems:
-            self.report(f"note: {problem.subject}: {problem.message}")
+            if problem.error:
+                self.report(f"{problem.subject}: not rolled out: {problem.message}")
+                result.errors.append(problem.message)
+            else:
+                self.report(f"note: {problem.subject}: {problem.message}")
+        result.ok = not result.errors
         for name in the_plan.unpin:
             self.state.rollbacks.unpin_service(name)
             self.report(f"{name}: unpinned: a newer commit arrived")
         if the_plan.empty:
-            self.report("up to date: nothing to build or roll out")
+            if not result.errors:
+                self.report("up to date: nothing to build or roll out")
             return result
         artifacts: dict[str, Artifact] = {}
         failed_images: dict[str, str] = {}
@@ -389,9 +426,7 @@ class Runner:
         try:
             with self.state.leases.lease(f"service:{service}", self.owner) as held:
                 recover_service(executor)
-                outcome = executor.run(
-                    target, run_id=run_id, kind=kind, reason=reason, lease=held
-                )
+                outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason, lease=held)
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))
         if outcome.ok:
@@ -402,9 +437,7 @@ class Runner:
             self.report(f"{service}: FAILED, rolled back: {first}")
         return outcome
 
-    def rollout_executor(
-        self, service: str, spec: ServiceSection | None = None
-    ) -> RolloutExecutor:
+    def rollout_executor(self, service: str, spec: ServiceSection | None = None) -> RolloutExecutor:
         """The executor of one service's rollouts (and of their crash recovery), with its
         configured settings or `spec`."""
         svc = spec or self.cfg.services[service]

@@ -114,6 +114,15 @@ class Connection:
                     self._docker = client
             return self._docker
 
+    def cli_flags(self) -> list[str]:
+        """The docker CLI's global flags reaching this engine as the SDK client does (its URL
+        and TLS files); `pipeline.hosts.dockercli.engine_flags`."""
+        from pipeline.hosts.dockercli import engine_flags
+
+        return engine_flags(
+            self.url, tls_ca=self._tls_ca, tls_cert=self._tls_cert, tls_key=self._tls_key
+        )
+
     def close(self) -> None:
         """Close the client; a later use of `client` reconnects."""
         with self._lock:

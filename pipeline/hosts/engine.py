@@ -38,6 +38,7 @@ from pipeline.hosts.containers import (
     Containers,
     ContainerSpec,
 )
+from pipeline.hosts.dockercli import run_build
 from pipeline.hosts.proxy import ProxyContainer
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
@@ -120,9 +121,12 @@ class Engine:
         labels: Mapping[str, str],
         build_args: Mapping[str, str],
         pull: bool = False,
+        target: str | None = None,
         on_output: Callable[[str], None] | None = None,
     ) -> str:
-        """Build `context` (dockerfile relative to it), tag it with every tag, return the image id.
+        """Build `context` (dockerfile relative to it) with the engine's legacy builder (the only
+        one the SDK drives), stopping at stage `target` if given; tag it with every tag and
+        return the image id.
 
         A failing step raises StallingError("build failed: ...") with the last output lines.
         """
@@ -136,6 +140,7 @@ class Engine:
                 labels=dict(labels),
                 buildargs=dict(build_args),
                 pull=pull,
+                target=target,
                 rm=True,
                 forcerm=True,
                 decode=True,
@@ -145,10 +150,8 @@ class Engine:
                 reported = stream_error(chunk)
                 if reported is not None:
                     message, output = reported[0], "\n".join(tail)
-                    raise StallingError(
-                        f"build failed: {self._conn.where}: {redact(message)}\n{redact(output)}"
-                        .rstrip()
-                    )
+                    detail = f"{redact(message)}\n{redact(output)}".rstrip()
+                    raise StallingError(f"build failed: {self._conn.where}: {detail}")
                 text = chunk.get("stream")
                 if text:
                     for line in str(text).splitlines():
@@ -172,6 +175,31 @@ class Engine:
             repo, _, tag = extra.rpartition(":") if ":" in extra.split("/")[-1] else (extra, "", "")
             self.tag(image_id, repo, tag or "latest")
         log.info("image built", host=self.name, image=image_id, tags=list(tags))
+        return image_id
+
+    def build_cli(
+        self,
+        cli: str,
+        args: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        iidfile: Path,
+        on_output: Callable[[str], None] | None = None,
+    ) -> str:
+        """Build with the docker CLI at `cli` against this engine: `cli`, the engine's global
+        flags (-H, TLS), then `args` (`build ...` or `buildx build ...`, made by
+        `pipeline.build.buildkit.build_args`); return the image id written to `iidfile`.
+
+        A failed build raises StallingError("build failed: host NAME (URL): ...") with the last
+        output lines, credentials and registered secrets masked."""
+        image_id = run_build(
+            [cli, *self._conn.cli_flags(), *args],
+            env=env,
+            where=self._conn.where,
+            iidfile=iidfile,
+            on_output=on_output,
+        )
+        log.info("image built", host=self.name, image=image_id, builder=Path(cli).name)
         return image_id
 
     def push(

@@ -7,7 +7,9 @@ over the service's release records (`failure_kind` says why each one failed).
   pass, not before `backoff(n)` seconds after the n-th consecutive one of that revision;
 * an `interrupted` rollout (crash, stop) gets one fresh attempt; a second interrupted attempt in
   a row is treated as an application failure, so a revision that kills its rollout cannot loop;
-* a manual rollback keeps the revision it left out, as an application failure would.
+* a manual rollback keeps the revision it left out, as an application failure would;
+* a commit announced by a trigger that never appeared on the remote (`never_appeared`) was no
+  attempt: it keeps nothing out.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def _clock_time(epoch: float) -> str:
 def blocked_revision(releases: Sequence[ReleaseFact], now: float) -> Blocked | None:
     """The revision of one service kept out at `now`, given its releases newest first; None
     when nothing is (its last attempt succeeded, or a retry is due)."""
-    attempts = [r for r in releases if r.status not in ("running", "superseded")]
+    attempts = [
+        r
+        for r in releases
+        if r.status not in ("running", "superseded") and r.failure_kind != "never_appeared"
+    ]
     if not attempts:
         return None
     last = attempts[0]

@@ -121,6 +121,20 @@ class DockerIgnore:
                     return not group.exclusion
         return False
 
+    def excludes_all_under(self, directory: str) -> bool:
+        """Whether nothing at or below `directory` (context-relative) is sent: it is excluded and
+        no `!` line could re-include a path under it (Docker walks into an excluded directory
+        when one might). Used for a submodule, whose files the planner does not list."""
+        if not self.excludes(directory):
+            return False
+        below = directory.rstrip("/") + "/"
+        for pattern in self.patterns:
+            if pattern.startswith("!"):
+                literal = re.split(r"[*?\[\\]", pattern[1:], maxsplit=1)[0]
+                if literal.startswith(below) or below.startswith(literal):
+                    return False
+        return True
+
 
 def _translate(pattern: str) -> str:
     """A regex (for `fullmatch`) equivalent to one cleaned pattern, as moby compiles it."""

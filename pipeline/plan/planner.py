@@ -61,6 +61,8 @@ class RepoSnapshot:
     changes: Mapping[str, frozenset[str] | None]
     # context dir ("." or "web") -> its .dockerignore text, only for contexts that have one
     dockerignores: Mapping[str, str]
+    # paths in `files` that are submodules: a folder of files this tree does not list
+    submodules: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,14 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Problem:
-    """Something that needs a human, named by config key: ("images.web", "Dockerfile ...")."""
+    """Something that needs a human, named by config key: ("images.web", "Dockerfile ...").
+
+    `error`: the subject cannot be planned at all (a service whose env_file cannot be read),
+    and the run fails; otherwise a note (a service held back on purpose, an image waiting)."""
 
     subject: str
     message: str
+    error: bool = False
 
 
 @dataclass(frozen=True)
@@ -120,13 +126,21 @@ class Plan:
                 }
                 for r in self.rollouts
             ],
-            "problems": [{"subject": p.subject, "message": p.message} for p in self.problems],
+            "problems": [
+                {"subject": p.subject, "message": p.message, "error": p.error}
+                for p in self.problems
+            ],
         }
 
     @property
     def empty(self) -> bool:
         """Nothing to build or roll out (problems are not work: check them separately)."""
         return not self.builds and not self.rollouts
+
+    @property
+    def errors(self) -> tuple[Problem, ...]:
+        """The problems that fail the run (`Problem.error`)."""
+        return tuple(p for p in self.problems if p.error)
 
 
 def _sha256(data: object) -> str:
@@ -135,15 +149,21 @@ def _sha256(data: object) -> str:
 
 
 def image_spec_hash(image: ImageSection) -> str:
-    """Hash of what defines a build besides the files: context, Dockerfile, build args, watch."""
-    return _sha256(
-        {
-            "context": image.context,
-            "dockerfile": image.dockerfile_path,
-            "build_args": image.build_args,
-            "watch": list(image.watch),  # order kept: a later `!` glob overrides an earlier one
-        }
-    )
+    """Hash of what defines a build besides the files: context, Dockerfile, build args, watch,
+    target and the secrets' sources (not their values)."""
+    data: dict[str, object] = {
+        "context": image.context,
+        "dockerfile": image.dockerfile_path,
+        "build_args": image.build_args,
+        "watch": list(image.watch),  # order kept: a later `!` glob overrides an earlier one
+    }
+    # Keys added later count only when set, so that upgrading pipeline rebuilds nothing. The
+    # secrets' names count (a different secret can make a different image), never their values.
+    if image.target:
+        data["target"] = image.target
+    if image.secrets:
+        data["secrets"] = image.secrets
+    return _sha256(data)
 
 
 def service_spec_hash(service: ServiceSection, env_file_text: str | None = None) -> str:
@@ -188,10 +208,15 @@ def _dockerignore(text: str) -> DockerIgnore:
 
 
 def image_inputs_changed(
-    image: ImageSection, paths: Iterable[str], dockerignore: DockerIgnore | None
+    image: ImageSection,
+    paths: Iterable[str],
+    dockerignore: DockerIgnore | None,
+    submodules: frozenset[str] = frozenset(),
 ) -> list[str]:
     """The paths (repo-relative) that are inputs of `image`, sorted: its Dockerfile, files of
-    its context that `dockerignore` keeps (plus the .dockerignore itself), its watch globs."""
+    its context that `dockerignore` keeps (plus the .dockerignore itself), its watch globs.
+    A path in `submodules` stands for the folder of a submodule: an input unless `dockerignore`
+    leaves out everything under it."""
     dockerfile = image.dockerfile_path
     context = image.context
     prefix = "" if context == "." else context + "/"
@@ -206,7 +231,11 @@ def image_inputs_changed(
             if (
                 relative == ".dockerignore"
                 or dockerignore is None
-                or not dockerignore.excludes(relative)
+                or not (
+                    dockerignore.excludes_all_under(relative)
+                    if path in submodules
+                    else dockerignore.excludes(relative)
+                )
             ):
                 found.add(path)
                 continue
@@ -252,7 +281,8 @@ def _image_reason(
         return forced, None
     if record.spec_hash != image_spec_hash(image):
         return (
-            "definition changed: context, dockerfile, build_args or watch differ from the "
+            "definition changed: context, dockerfile, build_args, watch, target or secrets "
+            "differ from the "
             f"build at {_short(record.revision)}",
             None,
         )
@@ -261,7 +291,7 @@ def _image_reason(
     changed = snapshot.changes.get(record.revision)
     if changed is None:
         return "history unknown (force push or first fetch): rebuilding", None
-    inputs = image_inputs_changed(image, changed, ignore)
+    inputs = image_inputs_changed(image, changed, ignore, snapshot.submodules)
     return (_changed_reason(inputs) if inputs else None), None
 
 
@@ -272,6 +302,7 @@ def plan(
     services: Mapping[str, ServiceRecord],
     *,
     env_files: Mapping[str, str] | None = None,
+    env_file_errors: Mapping[str, str] | None = None,
     failed: Mapping[str, str | ServiceRecord | Blocked] | None = None,
     force_images: Iterable[str] = (),
     force_reason: str = "requested",
@@ -280,7 +311,8 @@ def plan(
 ) -> Plan:
     """Decide the builds and rollouts for the repos in `snapshots` (others are left alone).
 
-    `env_files` maps a service name to the content of its `env_file`; `failed`
+    `env_files` maps a service name to the content of its `env_file`, `env_file_errors` to
+    why it could not be read (that service is not rolled out: an error `Problem`); `failed`
     maps a service to the revision kept out of rollouts (a `Blocked`, saying why, or the bare
     revision or record of the rollout that failed last), which is not rolled out unless the
     service's definition changed; `force_images` are built even if unchanged, with
@@ -290,6 +322,7 @@ def plan(
     as usual.
     """
     env_files = env_files or {}
+    env_file_errors = env_file_errors or {}
     failed = failed or {}
     pins = pins or {}
     unpin: list[str] = []
@@ -334,6 +367,9 @@ def plan(
                 problems.append(_pinned(name, pin))
                 continue
             unpin.append(name)
+        if name in env_file_errors:
+            problems.append(Problem(f"services.{name}", env_file_errors[name], error=True))
+            continue
         rollout, problem = _service_rollout(
             name,
             service,
@@ -361,7 +397,7 @@ def plan(
     return Plan(
         builds=tuple(builds[n] for n in sorted(builds)),
         rollouts=tuple(rollouts),
-        problems=tuple(sorted(problems, key=lambda p: (p.subject, p.message))),
+        problems=tuple(sorted(problems, key=lambda p: (not p.error, p.subject, p.message))),
         unpin=tuple(unpin),
     )
 

@@ -1,8 +1,10 @@
 """The `/api` routes of `pipeline serve`, and what every route shares: the context, redacted JSON
 answers, a capped body reader and bearer-token checks.
 
-Reads (status, runs, events) are open like `/healthz`; writes (deploy, rollback) need the token
-named by `[server] api_token_env` and only queue an event for the worker.
+Writes (deploy, rollback) always need the token named by `[server] api_token_env` and only queue
+an event for the worker. Reads (status, runs, history, events) need it too when
+`[server] read_token_required` (by default: when the server listens beyond loopback). One
+router-wide dependency checks both, before a route reads anything.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import hmac
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -45,6 +48,10 @@ class ServerContext:
     status: Callable[[], list[dict[str, Any]]]
     wake: Callable[[], None]
     started_at: float
+    # The `[server] listen` the HTTP server was started on: a reload that changes `listen` only
+    # takes effect on restart, so whether reads need the token follows this one. None: the
+    # live config's.
+    listen: str | None = None
 
 
 def reply(status: int, data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -139,29 +146,81 @@ class RollbackRequest(BaseModel):
     )
 
 
-def _check_token(loaded: LoadedConfig, request: Request) -> JSONResponse | None:
-    """None when the request carries the API token; else the 403 or 401 answer."""
+class Refused(Exception):
+    """A request refused before its route ran; `answer` is what the client gets (the server
+    registers the handler that sends it)."""
+
+    def __init__(self, answer: JSONResponse) -> None:
+        super().__init__(answer.status_code)
+        self.answer = answer
+
+
+# Parses `Authorization: Bearer TOKEN` (None when absent or another scheme) and describes the
+# scheme in the OpenAPI document, so /docs offers to send the token.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="the token from the environment variable named by [server] api_token_env",
+)
+# RFC 6750 section 3: no error code when the request carried no token, invalid_token when it
+# carried a wrong one.
+_CHALLENGE = 'Bearer realm="pipeline"'
+_CHALLENGE_INVALID = _CHALLENGE + ', error="invalid_token"'
+
+
+def _token_refusal(
+    loaded: LoadedConfig, credentials: HTTPAuthorizationCredentials | None, what: str
+) -> JSONResponse | None:
+    """None when `credentials` carry the API token; else the 403 (no token configured) or 401
+    answer. `what` ("read" or "write") names the endpoints in the message."""
     env = loaded.model.server.api_token_env
     if env is None:
-        return error(403, "the API's write endpoints are disabled: set [server] api_token_env")
+        return error(403, f"the API's {what} endpoints are disabled: set [server] api_token_env")
     token = read_secret(env)
     if not token:
         return error(
             403,
-            f"the API's write endpoints are disabled: environment variable {env} "
+            f"the API's {what} endpoints are disabled: environment variable {env} "
             "(named by [server] api_token_env) is not set",
         )
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    # compare_digest on bytes: constant time whatever the token, even non-ASCII ones.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        given.strip().encode(), token.encode()
-    ):
+    if credentials is None:
         return error(
             401,
-            "Authorization: expected 'Bearer <token>' with the token from [server] api_token_env",
-            {"WWW-Authenticate": "Bearer"},
+            f"the API's {what} endpoints need Authorization: 'Bearer <token>' with the token "
+            "from [server] api_token_env",
+            {"WWW-Authenticate": _CHALLENGE},
+        )
+    # compare_digest on bytes: constant time whatever the token, even non-ASCII ones.
+    if not hmac.compare_digest(credentials.credentials.strip().encode(), token.encode()):
+        return error(
+            401,
+            "Authorization: the bearer token is not the one from [server] api_token_env",
+            {"WWW-Authenticate": _CHALLENGE_INVALID},
         )
     return None
+
+
+def _authorize(ctx: ServerContext) -> Callable[..., Any]:
+    """The dependency every /api route runs first: writes need the API token; reads (GET, HEAD)
+    need it when `[server] read_token_required` (see `ServerSection.reads_need_token`).
+
+    Raises Refused with the 401/403 answer."""
+
+    async def authorize(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        loaded = ctx.loaded()
+        if request.method in ("GET", "HEAD"):
+            if not loaded.model.server.reads_need_token(ctx.listen):
+                return
+            what = "read"
+        else:
+            what = "write"
+        refused = _token_refusal(loaded, credentials, what)
+        if refused is not None:
+            raise Refused(refused)
+
+    return authorize
 
 
 def _body_model(raw: bytes, model: type[BaseModel]) -> BaseModel | JSONResponse:
@@ -188,7 +247,7 @@ def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
 
 def api_router(ctx: ServerContext) -> APIRouter:
     """The /api routes bound to `ctx`."""
-    router = APIRouter(prefix="/api", tags=["api"])
+    router = APIRouter(prefix="/api", tags=["api"], dependencies=[Depends(_authorize(ctx))])
 
     @router.get("/status", summary="What runs where, as `pipeline status --json`")
     def status() -> JSONResponse:
@@ -221,10 +280,7 @@ def api_router(ctx: ServerContext) -> APIRouter:
     async def _queue_service_event(
         kind: str, service: str, request: Request, model: type[BaseModel], field: str
     ) -> JSONResponse:
-        loaded = ctx.loaded()
-        refused = _check_token(loaded, request)
-        if refused is not None:
-            return refused
+        loaded = ctx.loaded()  # the token was checked by the router's dependency
         raw = await read_capped(request, min(_API_BODY_MAX, loaded.model.server.max_body))
         if isinstance(raw, JSONResponse):
             return raw

@@ -112,6 +112,7 @@ class Service:
             status=self._status,
             wake=self.wake,
             started_at=time.time(),
+            listen=self.loaded.model.server.listen,
         )
         self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
         try:
@@ -162,13 +163,17 @@ class Service:
     def work_until(self, done: Callable[[], bool]) -> bool:
         """Be the worker in this process, without server, timers or watchers, until `done()`
         (a git hook's fallback when the service is down). False if the queue ran dry first:
-        another worker claimed what was left."""
+        another worker claimed what was left. An event waiting for its commit is waited for."""
         self._open()
         try:
             while not done():
                 events = self.queue.claim(self.owner)
                 if not events:
-                    return False
+                    due = self.queue.next_due_in()
+                    if due is None:
+                        return False
+                    self.sleep(max(due, 0.05))
+                    continue
                 self.worker.handle(events)
             return True
         finally:

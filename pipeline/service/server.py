@@ -28,7 +28,16 @@ from pipeline.config.load import read_secret
 from pipeline.config.model import RepoSection
 from pipeline.redact import redact
 from pipeline.service import metrics
-from pipeline.service.api import ServerContext, api_router, error, read_capped, reply, wake
+from pipeline.service.api import (
+    Refused,
+    ServerContext,
+    api_router,
+    error,
+    read_capped,
+    reply,
+    wake,
+)
+from pipeline.sources.webhooks.identity import same_repository
 from pipeline.sources.webhooks.verify import PushEvent, WebhookError, verify_and_parse
 
 __all__ = ["HookDecision", "RunningServer", "ServerContext", "create_app", "decide", "start"]
@@ -60,9 +69,15 @@ def _short(ref: str | None) -> str:
 
 
 def _why_not(repo: RepoSection, event: PushEvent) -> str | None:
-    """None when `repo` follows what `event` announces, else why it is ignored."""
+    """None when `repo` follows what `event` announces, else why it is ignored: another
+    repository's (an organisation or system hook sends every repository's), another branch,
+    a tag it does not follow, or not a ref change at all."""
     branch = repo.branch or "main"
     name = _short(event.ref)
+    if event.kind in ("push", "tag") and (
+        same_repository(repo.url, repo.webhook_repository, event.repository) is False
+    ):
+        return f"{'release' if event.release else 'push'} of {event.repository[0]}"
     if event.kind == "push":
         if repo.tags:
             return f"branch {name!r} pushed, but the repo follows tags {repo.tags!r}"
@@ -71,7 +86,8 @@ def _why_not(repo: RepoSection, event: PushEvent) -> str | None:
         return None
     if event.kind == "tag":
         if not repo.tags:
-            return f"tag {name!r} pushed, but the repo follows branch {branch!r}"
+            what = "released" if event.release else "pushed"
+            return f"tag {name!r} {what}, but the repo follows branch {branch!r}"
         if not fnmatchcase(name, repo.tags):
             return f"tag {name!r} does not match {repo.tags!r}"
         return None
@@ -82,7 +98,8 @@ def decide(repo: RepoSection, events: Sequence[PushEvent]) -> HookDecision:
     """Decide what a delivery's events mean for `repo`: the last followed ref change is queued.
 
     One delivery can announce several ref changes (Bitbucket); they would coalesce in the queue
-    anyway, so only the newest one the repo follows is kept.
+    anyway, so only the newest one the repo follows is kept. A delivery naming another
+    repository than the repo's (`identity.same_repository`) is ignored: "push of OWNER/NAME".
     """
     if any(e.kind == "ping" for e in events):
         return HookDecision("pong")
@@ -213,6 +230,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
     )
     app.add_middleware(_InternalErrors)
     hooks = _HookState()
+
+    @app.exception_handler(Refused)
+    async def refused(_request: Request, exc: Refused) -> Response:
+        # The /api routes' token check (api._authorize) answers through this.
+        return exc.answer
 
     @app.post(
         "/hooks/{repo}",

@@ -1,7 +1,9 @@
 """The worker of `pipeline serve`: the one thread that claims queued events and runs passes.
 
 Triggers only queue events; this loop settles bursts, claims them (coalesced per repo), runs
-one pass per claim and records how each event ended, so two deploys never race.
+one pass per claim and records how each event ended, so two deploys never race. A push whose
+commit the remote does not show yet is deferred in the queue and fetched again with backoff
+(`pipeline.plan.announced`) while other events go on; it fails when the commit never shows.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from pipeline.deploy.operations import rollback_service
 from pipeline.deploy.recovery import fresh_attempt_due
 from pipeline.deploy.runner import PassResult, Runner
 from pipeline.errors import PipelineError
+from pipeline.plan.announced import never_appeared, next_fetch
 from pipeline.redact import redact
 from pipeline.service import metrics
 from pipeline.service.retries import SOURCE as RETRY_SOURCE
+from pipeline.sources.refs import HEX_SHA, newest_tag
 from pipeline.state.queue import EventQueue, QueuedEvent
 from pipeline.state.store import State
+from pipeline.timeutil import epoch, utc
 
 log = structlog.get_logger(__name__)
 
@@ -38,9 +43,18 @@ REQUESTED_REBUILD = "rebuild requested"
 
 @dataclass(frozen=True)
 class _Outcome:
-    status: str  # a final event status: done|failed|superseded|ignored
+    status: str  # a final event status (done|failed|superseded|ignored), or "deferred"
     run_id: int | None = None
     note: str | None = None
+    until: float | None = None  # deferred: when to fetch again (epoch seconds)
+
+
+@dataclass(frozen=True)
+class _Missing:
+    """An announced commit a fetch did not bring; `moved`: that fetch moved the followed ref."""
+
+    sha: str
+    moved: bool
 
 
 class Worker:
@@ -88,7 +102,7 @@ class Worker:
                 log.error("worker.claim_failed", error=redact(str(exc)))
                 events = []
             if not events:
-                self._wake.wait(self.idle_wait)
+                self._wake.wait(self._idle_for())
                 continue
             self.handle(events)
             if self._after_pass is not None and not self._stopping.is_set():
@@ -96,6 +110,14 @@ class Worker:
                     self._after_pass()
                 except Exception as exc:  # the next pass tries again
                     log.error("worker.after_pass_failed", error=redact(str(exc)))
+
+    def _idle_for(self) -> float:
+        """How long to wait for a wake-up: `idle_wait`, less when a deferred event falls due."""
+        try:
+            due = self.queue.next_due_in()
+        except Exception:  # the database may be busy or gone for a moment
+            due = None
+        return self.idle_wait if due is None else min(self.idle_wait, max(due, 0.05))
 
     def _settle(self) -> None:
         """Let a burst land before work starts: while events keep arriving less than SETTLE
@@ -176,7 +198,11 @@ class Worker:
             structlog.contextvars.unbind_contextvars("event_id")
         if outcome is None:
             return  # interrupted by stop(): left "working", requeued when the service stops
-        self.queue.finish([newest.id], outcome.status, run_id=outcome.run_id, note=outcome.note)
+        if outcome.status == "deferred":
+            assert outcome.until is not None
+            self.queue.defer(newest.id, outcome.until, outcome.note or "")
+        else:
+            self.queue.finish([newest.id], outcome.status, run_id=outcome.run_id, note=outcome.note)
         if len(events) > 1:
             by = (newest.sha or "")[:12] or f"event {newest.id}"
             self.queue.finish(
@@ -185,7 +211,8 @@ class Worker:
                 run_id=outcome.run_id,
                 note=f"superseded by {by}",
             )
-        self._record_superseded(events, outcome.run_id)
+        if outcome.status != "deferred":
+            self._record_superseded(events, outcome.run_id)
         log.info(
             "event.finished",
             kind=newest.kind,
@@ -204,7 +231,7 @@ class Worker:
         if ev.kind in ("push", "tag"):
             if ev.repo not in cfg.repos:
                 return _Outcome("ignored", note=f"repo {ev.repo!r} is not in the config")
-            return self._pass(ev, ev.repo, trigger=ev.source)
+            return self._push(ev, ev.repo)
         if ev.kind == "rebuild":
             image = cfg.images.get(ev.subject or "")
             if image is None:
@@ -318,19 +345,97 @@ class Worker:
             return _Outcome("superseded", result.run_id, f"a newer push is queued; {note}")
         return _Outcome("done" if result.ok else "failed", result.run_id, note)
 
+    def _push(self, ev: QueuedEvent, repo: str) -> _Outcome | None:
+        """A push or tag of `repo`: a pass when the commit it names is on the remote (or it
+        names none); else the event waits for it, deferred, and fails once it waited
+        `[server] announced_commit_timeout` since it arrived. The ref's new head, when the
+        fetch moved it, is rolled out meanwhile."""
+        missing = self._fetch_announced(ev, repo)
+        if missing is None:
+            return self._pass(ev, repo, trigger=ev.source)
+        if missing.moved:
+            outcome = self._pass(ev, repo, trigger=ev.source)
+            if outcome is None:
+                return None  # interrupted by stop: requeued, it waits again after the restart
+        received, now = epoch(ev.received_at), epoch(self.state.now())
+        timeout = self.loaded().model.server.announced_commit_timeout
+        until = next_fetch(received, now, timeout)
+        if until is None:
+            return self._never_appeared(ev, repo, missing.sha, timeout)
+        deadline = utc(received + timeout).strftime("%H:%M:%S")
+        log.info(
+            "event.waiting_for_commit",
+            repo=repo,
+            revision=missing.sha,
+            next_fetch_in=round(until - now, 1),
+        )
+        note = (
+            f"waiting for announced commit {missing.sha[:12]} to appear on the remote "
+            f"(until {deadline} UTC)"
+        )
+        return _Outcome("deferred", note=note, until=until)
+
+    def _fetch_announced(self, ev: QueuedEvent, repo: str) -> _Missing | None:
+        """Fetch `repo`; the commit `ev` names when it is not on the followed ref after the
+        fetch, else None (also when `ev` names no commit, or the fetch failed: the pass fetches
+        again and reports that). A retry event announces nothing: it names a revision that was
+        fetched and failed before."""
+        sha = (ev.sha or "").lower()
+        observer, section = self._observer(), self.loaded().model.repos.get(repo)
+        if ev.source == RETRY_SOURCE or not HEX_SHA.fullmatch(sha):
+            return None
+        if observer is None or section is None:
+            return None
+        branch, tags = (None, section.tags) if section.tags else (section.branch or "main", None)
+        mirror = observer.mirror(repo)
+        try:
+            with observer.mirror_lock(repo):
+                # Always fetch: a commit fetched before may have been force-pushed away since.
+                # When nothing moved, a fetch costs what the pass's ls-remote would have.
+                before = mirror.local_head(branch=branch, tags=tags)
+                after = mirror.fetch(branch=branch, tags=tags)
+                if mirror.has_fetched(sha, branch=branch, tags=tags):
+                    return None
+        except PipelineError as exc:
+            log.warning("event.announced_fetch_failed", repo=repo, error=redact(str(exc)))
+            return None
+        return _Missing(sha, moved=before != after)
+
+    def _never_appeared(self, ev: QueuedEvent, repo: str, sha: str, timeout: float) -> _Outcome:
+        """Record a failed run of `repo`, and a failed release of `sha` in the history of each
+        of its services, for an announced commit that did not show within `timeout` s."""
+        message = never_appeared(sha)
+        run_id = self.state.start_run(ev.source, repo, owner=self.owner)
+        step = self.state.start_step(run_id, "fetch", repo, revision=sha)
+        self.state.finish_step(step, "failed", error=f"{message} (waited {timeout:g}s)")
+        loaded = self.loaded()
+        images = set(loaded.images_of_repo(repo))
+        for name, svc in loaded.model.services.items():
+            if svc.image in images:
+                self.state.record_never_appeared(name, sha, message, run_id, at=ev.received_at)
+        self.state.finish_run(run_id, "failed", error=message)
+        metrics.observe_run("failed")
+        log.warning("event.commit_never_appeared", repo=repo, revision=sha, waited=timeout)
+        return _Outcome("failed", run_id, message)
+
     def _newer_commit_waiting(
         self, repo: str, than_id: int, pinned: dict[str, str] | None, contained: set[str]
     ) -> bool:
         """True when a push/tag of `repo` queued after event `than_id` brings a commit that the
         one this pass rolls out (pinned, else the mirror's head) does not contain. Late
         deliveries of older commits (ten pushes in a second) must not undo a rollout of the
-        newest; `contained` caches the commits found to be included. A retry event brings no
-        commit, it names one that failed before: it must not cut short a rollout (such as
-        `pipeline deploy` of an older revision)."""
+        newest; `contained` caches the commits (and refs) found to be included. A retry event
+        brings no commit, it names one that failed before: it must not cut short a rollout (such
+        as `pipeline deploy` of an older revision).
+
+        A release event names a tag and often no commit (GitHub, Gitea, Forgejo): it counts by
+        that tag's commit in the mirror, so a release of the tag being rolled out brings nothing;
+        a tag the mirror does not have yet may be new. For a repo following tags, a tag no newer
+        (by the version order the pass deploys by) than the one rolled out brings nothing."""
         waiting = [
-            sha
-            for sha in self.queue.waiting_shas(repo, than_id, ignore_source=RETRY_SOURCE)
-            if sha not in contained
+            (sha, ref)
+            for sha, ref in self.queue.waiting_revisions(repo, than_id, ignore_source=RETRY_SOURCE)
+            if (sha or ref) not in contained
         ]
         if not waiting:
             return False
@@ -339,18 +444,32 @@ class Worker:
             return True
         mirror = observer.mirror(repo)
         try:
+            local_tag: str | None = None
             if pinned and repo in pinned:
                 head: str | None = mirror.resolve(pinned[repo])
             else:
                 branch = None if section.tags else (section.branch or "main")
                 local = mirror.local_head(branch=branch, tags=section.tags)
-                head = local.sha if local else None
-            for sha in waiting:
-                if sha is None or head is None:
+                head, local_tag = (local.sha, local.tag) if local else (None, None)
+            for sha, ref in waiting:
+                tag = (
+                    ref.removeprefix("refs/tags/") if ref and ref.startswith("refs/tags/") else None
+                )
+                if head is None or (sha is None and tag is None):
                     return True  # an event that names no commit may bring anything
-                if sha != head and not mirror.is_ancestor(sha, head):
+                if (
+                    tag is not None
+                    and local_tag is not None
+                    and section.tags
+                    and newest_tag([local_tag, tag], section.tags) == local_tag
+                ):
+                    contained.add(sha or tag)  # the tag rolled out, or an older one
+                    continue
+                # A tag the mirror lacks raises (not fetched yet): it may be new.
+                commit = sha if sha is not None else mirror.resolve(tag or "")
+                if commit != head and not mirror.is_ancestor(commit, head):
                     return True
-                contained.add(sha)
+                contained.add(sha or ref or commit)
         except PipelineError:
             return True  # cannot tell: the newer event wins, as before
         return False

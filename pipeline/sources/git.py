@@ -8,9 +8,12 @@ The pure checks of URLs, refs, shas and tag versions live in `pipeline.sources.r
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import re
-import tarfile
+import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
@@ -20,6 +23,7 @@ from git.cmd import Git
 from git.exc import GitCommandNotFound
 
 from pipeline.redact import redact, redact_url, url_secrets
+from pipeline.sources.checkout import confined, lfs_pointers, parse_gitmodules, submodule_url
 from pipeline.sources.refs import (
     ALLOWED_SCHEMES,
     HEX_SHA,
@@ -38,6 +42,7 @@ from pipeline.sources.refs import validate_ref_name as validate_ref_name  # re-e
 log = structlog.get_logger(__name__)
 
 NETWORK_TIMEOUT = 60.0
+SUBMODULE_DEPTH = 8  # nested submodules followed at most this deep (a cycle stops here)
 FETCH_TIMEOUT = 600.0  # a first fetch of a large repository legitimately takes minutes
 
 # Git-level allow-list as a second line behind validate_url: redirects and config cannot widen it.
@@ -55,6 +60,30 @@ _ENV = {
     "SSH_ASKPASS_REQUIRE": "never",
     "GIT_LITERAL_PATHSPECS": "1",
 }
+# A fresh checkout's filters, set here so that neither a user's config nor its absence decides:
+# with git-lfs, its filter fetches each LFS object from the remote (and must succeed); without
+# it, LFS files stay pointer text, which export then refuses by name.
+_LFS_ON = [
+    "-c",
+    "filter.lfs.process=git-lfs filter-process",
+    "-c",
+    "filter.lfs.required=true",
+    "-c",
+    "filter.lfs.smudge=git-lfs smudge -- %f",
+]
+_LFS_OFF = [
+    "-c",
+    "filter.lfs.process=",
+    "-c",
+    "filter.lfs.smudge=",
+    "-c",
+    "filter.lfs.required=false",
+]
+_GITLINK, _SYMLINK = "160000", "120000"
+# Submodule mirrors are shared by every export that needs them; one fetch into each at a time.
+_module_locks: dict[Path, threading.Lock] = {}
+_module_locks_guard = threading.Lock()
+
 # stderr that means a human must act (credentials, URL, missing ref or object), not a blip.
 _STALLING = re.compile(
     r"authentication failed|could not read (username|password)|terminal prompts disabled"
@@ -93,9 +122,12 @@ class Mirror:
         *,
         timeout: float = NETWORK_TIMEOUT,
         fetch_timeout: float = FETCH_TIMEOUT,
+        submodules: bool = True,
     ) -> None:
         self.url = validate_url(url)
         self.path = Path(path).absolute()
+        self.submodules = submodules  # export fetches them; their gitlinks count as files
+        self._last_tree: tuple[str, list[tuple[str, str]]] | None = None
         self.timeout = timeout
         self.fetch_timeout = fetch_timeout
         self._git = Git(self.path)
@@ -136,9 +168,7 @@ class Mirror:
         if newest is None:
             return None
         sha = peeled.get(newest, shas[newest])
-        return Revision(
-            sha=sha, ref=f"refs/tags/{newest}", tag=newest, version=tag_version(newest)
-        )
+        return Revision(sha=sha, ref=f"refs/tags/{newest}", tag=newest, version=tag_version(newest))
 
     def fetch(self, *, branch: str | None = None, tags: str | None = None) -> Revision | None:
         """Fetch the branch (or all tags) with --prune; return what the local refs now point at."""
@@ -195,6 +225,23 @@ class Mirror:
             raise GitStallingError(f"revision {rev!r} not found in {self._name} (fetched?)")
         return sha
 
+    def has_fetched(self, sha: str, *, branch: str | None = None, tags: str | None = None) -> bool:
+        """True when commit (or annotated tag object) `sha` is on what the mirror follows: the
+        branch's head or one of its ancestors, or a tag pointing at it (as object or commit).
+        A commit kept only by the reflog (force-pushed away) is not; no network."""
+        sha = validate_sha(sha)
+        branch, tags = check_target(branch, tags)
+        if not (self.path / "HEAD").is_file() or not self._has_commit(sha):
+            return False
+        if branch is None:
+            # --points-at matches a tag whose object is `sha` or whose commit is (ref-filter).
+            out = self._run(
+                ["for-each-ref", f"--points-at={sha}", "--format=%(refname)", "refs/tags/"]
+            )
+            return bool(out.strip())
+        head = self.local_head(branch=branch)
+        return head is not None and (head.sha == sha or self.is_ancestor(sha, head.sha))
+
     def _local_revision(self, branch: str | None, tags: str | None) -> Revision | None:
         if branch is not None:
             ref = f"refs/heads/{branch}"
@@ -218,7 +265,10 @@ class Mirror:
     # -- local --------------------------------------------------------------------------------
 
     def changed_paths(self, old: str | None, new: str) -> frozenset[str] | None:
-        """Paths changed between two commits (renames give both paths); None means unknown."""
+        """Paths changed between two commits (renames give both paths); None means unknown.
+
+        The same paths `list_files` and `export` see: a submodule whose recorded commit moved is
+        its path, unless `submodules` is off (the context then holds an empty folder for it)."""
         new = validate_sha(new)
         if old is None:
             return None
@@ -229,19 +279,42 @@ class Mirror:
         if old == new:
             return frozenset()
         # Comparing the two trees directly works whether or not old is an ancestor of new.
-        out = self._run(["diff-tree", "-r", "-z", "--no-renames", "--name-only", old, new])
-        return frozenset(p for p in out.decode(errors="surrogateescape").split("\0") if p)
+        out = self._run(["diff-tree", "-r", "-z", "--no-renames", old, new])
+        fields = out.decode(errors="surrogateescape").split("\0")
+        paths = set()
+        for meta, path in zip(fields[0::2], fields[1::2], strict=False):
+            modes = {m for m in meta.lstrip(":").split(" ")[:2] if m != "000000"}
+            if path and (self.submodules or modes - {_GITLINK}):
+                paths.add(path)
+        return frozenset(paths)
 
     def list_files(self, sha: str) -> list[str]:
-        """Every file path (blobs and symlinks, not submodules) in the tree of commit `sha`."""
+        """Every file path in the tree of commit `sha`: blobs, symlinks, and each submodule's
+        path when `submodules` is on (its files are in the context then, not in this tree)."""
+        kinds = ("blob", "commit") if self.submodules else ("blob",)
+        return [path for kind, path in self._tree(sha) if kind in kinds]
+
+    def submodule_paths(self, sha: str) -> list[str]:
+        """The paths of the submodules (gitlinks) in commit `sha`'s tree; [] when `submodules`
+        is off (the context then holds an empty folder for each, as a plain checkout does)."""
+        if not self.submodules:
+            return []
+        return [path for kind, path in self._tree(sha) if kind == "commit"]
+
+    def _tree(self, sha: str) -> list[tuple[str, str]]:
+        """(object type, path) of every entry of `sha`'s tree; the last answer is kept, since
+        a snapshot asks for the files and the submodules of the same commit."""
         sha = self._require_commit(validate_sha(sha))
+        if self._last_tree is not None and self._last_tree[0] == sha:
+            return self._last_tree[1]
         out = self._run(["ls-tree", "-r", "-z", "--full-tree", sha])
-        files = []
+        entries = []
         for entry in out.decode(errors="surrogateescape").split("\0"):
             meta, _, name = entry.partition("\t")
-            if name and meta.split(" ")[1] == "blob":
-                files.append(name)
-        return files
+            if name:
+                entries.append((meta.split(" ")[1], name))
+        self._last_tree = (sha, entries)
+        return entries
 
     def read_file(self, sha: str, path: str) -> bytes | None:
         """Content of the file at `path` in commit `sha`, or None if there is no such file."""
@@ -254,32 +327,135 @@ class Mirror:
         return self._run(["cat-file", "blob", meta.split(" ")[2]])
 
     def export(self, sha: str, dest: Path, subdir: str = "") -> Path:
-        """Write the tree of `sha` (or its `subdir`) into `dest`, created if needed; return dest.
+        """Write what `docker build` of a fresh checkout of `sha` would send as its context (the
+        tree or its `subdir`) into `dest`, created if needed and otherwise empty; return dest.
 
-        Uses `git archive`, so `export-ignore`/`export-subst` attributes in the repo apply.
+        git itself checks out (`read-tree` + `checkout-index` into `dest`, a temporary index), so
+        symlinks stay symlinks wherever they point, `export-ignore` paths are there as in a
+        checkout, and nothing is written through a symlink or outside `dest`. Submodules (when
+        `submodules` is on) are fetched into mirrors of their own and placed at the commit each
+        gitlink records. Git LFS files are fetched with git-lfs when it is installed; a file
+        left as LFS pointer text is refused (GitStallingError naming the paths), never exported.
         """
         sha = self._require_commit(validate_sha(sha))
-        treeish = sha
-        if subdir.strip("/") not in ("", "."):
-            sub = clean_path(subdir, "subdir")
-            treeish = f"{sha}:{sub}"
-            kind = self._run(["cat-file", "-t", treeish], ok=(0, 128)).decode().strip()
+        sub = "" if subdir.strip("/") in ("", ".") else clean_path(subdir, "subdir")
+        if sub:
+            kind = self._run(["cat-file", "-t", f"{sha}:{sub}"], ok=(0, 128)).decode().strip()
             if kind != "tree":
                 raise GitStallingError(f"no directory {sub!r} in commit {sha} of {self._name}")
-        dest = Path(dest)
+        dest = Path(dest).absolute()
         dest.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile() as tmp:
-            self._run(["archive", "--format=tar", treeish], stream=tmp)
-            tmp.seek(0)
-            try:
-                with tarfile.open(fileobj=tmp, mode="r:") as tar:
-                    # The "data" filter refuses absolute paths, links escaping dest and devices.
-                    tar.extractall(dest, filter="data")
-            except tarfile.FilterError as exc:
-                raise GitStallingError(
-                    f"refused to export commit {sha} of {self._name}: {exc}"
-                ) from None
+        if any(dest.iterdir()):
+            raise GitStallingError(f"export of {sha[:12]}: {dest} is not empty")
+        self._export(sha, dest, sub, depth=0)
         return dest
+
+    def _export(self, sha: str, dest: Path, sub: str, *, depth: int) -> None:
+        with tempfile.TemporaryDirectory(prefix=".pipeline-export-", dir=dest.parent) as tmp:
+            work = dest if not sub else Path(tmp) / "tree"
+            work.mkdir(exist_ok=True)
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index"), "GIT_WORK_TREE": str(work)}
+            self._run(["read-tree", "--", sha], env=env)
+            listing = self._run(
+                ["ls-files", "-s", "-z", *(["--", f"{sub}/"] if sub else [])], env=env
+            )
+            entries = []  # (mode, object, path)
+            for line in listing.decode(errors="surrogateescape").split("\0"):
+                meta, _, path = line.partition("\t")
+                if path:
+                    mode, obj, _stage = meta.split(" ")
+                    entries.append((mode, obj, path))
+            lfs = _LFS_ON if shutil.which("git-lfs") else _LFS_OFF
+            paths = Path(tmp) / "paths"
+            paths.write_bytes(
+                b"".join(p.encode(errors="surrogateescape") + b"\0" for *_, p in entries)
+            )
+            with paths.open("rb") as stdin:
+                self._run(
+                    ["checkout-index", "-f", "-z", "--stdin"],
+                    config=["-c", "core.symlinks=true", *lfs],
+                    env=env,
+                    cwd=work,  # git wants to run inside the work tree it writes
+                    stdin=stdin,
+                    timeout=self.fetch_timeout,
+                )
+            regular = [p for mode, _, p in entries if mode not in (_GITLINK, _SYMLINK)]
+            if pointers := lfs_pointers(work, regular):
+                why = (
+                    "git-lfs could not replace them"
+                    if lfs is _LFS_ON
+                    else "git-lfs is not installed"
+                )
+                raise GitStallingError(
+                    f"refused to build from commit {sha[:12]} of {self._name}: Git LFS files "
+                    f"would be sent as pointer text ({why}): {', '.join(pointers[:10])}"
+                    + (f" +{len(pointers) - 10} more" if len(pointers) > 10 else "")
+                )
+            gitlinks = [(obj, p) for mode, obj, p in entries if mode == _GITLINK]
+            if gitlinks and self.submodules:
+                self._place_submodules(sha, work, gitlinks, Path(tmp), depth=depth)
+            if sub:
+                dest.rmdir()
+                confined(work, sub).rename(dest)
+
+    def _place_submodules(
+        self, sha: str, work: Path, gitlinks: list[tuple[str, str]], tmp: Path, *, depth: int
+    ) -> None:
+        """Export each gitlink's commit from the submodule's own mirror and move it into place."""
+        if depth >= SUBMODULE_DEPTH:
+            raise GitStallingError(
+                f"submodules of {self._name} nest deeper than {SUBMODULE_DEPTH} levels"
+            )
+        if self.read_file(sha, ".gitmodules") is None:
+            raise GitStallingError(
+                f"commit {sha[:12]} of {self._name} has submodules but no .gitmodules"
+            )
+        listing = self._run(["config", "--blob", f"{sha}:.gitmodules", "-z", "--list"])
+        modules = parse_gitmodules(listing.decode(errors="replace"))
+        for i, (commit, path) in enumerate(gitlinks):
+            module = modules.get(path)
+            if module is None:
+                raise GitStallingError(
+                    f".gitmodules at {sha[:12]} of {self._name}: no url for submodule path {path!r}"
+                )
+            where = f".gitmodules at {sha[:12]} of {self._name}: submodule.{module.name}.url"
+            url = submodule_url(self.url, module.url, where=where)
+            mirror = self._submodule_mirror(module.name, url)
+            staging = tmp / f"module-{i}"
+            staging.mkdir()
+            with _module_lock(mirror.path):
+                mirror._fetch_commit(commit, f"submodule {path!r} of {self._name}")
+                mirror._export(commit, staging, "", depth=depth + 1)
+            target = confined(work, path)
+            if target.is_dir() and not target.is_symlink():
+                target.rmdir()  # the empty folder checkout-index made for the gitlink
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(target)
+
+    def _submodule_mirror(self, name: str, url: str) -> Mirror:
+        # Keyed by URL (credentials left out): a moved submodule gets a mirror of its own.
+        key = hashlib.sha256(redact_url(url).encode()).hexdigest()[:16]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:40].lstrip(".-") or "module"
+        path = self.path.with_name(self.path.name + ".modules") / f"{safe}-{key}.git"
+        return Mirror(url, path, timeout=self.timeout, fetch_timeout=self.fetch_timeout)
+
+    def _fetch_commit(self, sha: str, what: str) -> None:
+        """Make `sha` present: fetch it by name (protocol v2 and most hosts allow it), else all
+        branches and tags; keep it under refs/pipeline/ so gc cannot drop it."""
+        self._ensure_mirror()
+        if self._has_commit(sha):
+            return
+        args = ["fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "--no-write-fetch-head"]
+        with contextlib.suppress(GitStallingError):
+            self._run(
+                [*args, "--", "origin", f"+{sha}:refs/pipeline/commits/{sha}"],
+                timeout=self.fetch_timeout,
+            )
+        if not self._has_commit(sha):
+            refspecs = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"]
+            self._run([*args, "--", "origin", *refspecs], timeout=self.fetch_timeout)
+        if not self._has_commit(sha):
+            raise GitStallingError(f"{what}: commit {sha} not found in {self._name}")
 
     def commit_info(self, sha: str) -> CommitInfo:
         """Author, e-mail, subject and committer time (ISO 8601) of a commit in the mirror."""
@@ -344,8 +520,21 @@ class Mirror:
         timeout: float | None = None,
         ok: tuple[int, ...] = (0,),
         stream: IO[bytes] | None = None,
+        env: dict[str, str] | None = None,
+        stdin: IO[bytes] | None = None,
+        config: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> bytes:
-        return self._execute(args, timeout=timeout, ok=ok, stream=stream)[1]
+        return self._execute(
+            args,
+            timeout=timeout,
+            ok=ok,
+            stream=stream,
+            env=env,
+            stdin=stdin,
+            config=config,
+            cwd=cwd,
+        )[1]
 
     def _run_status(self, args: list[str], *, ok: tuple[int, ...] | None) -> int:
         return self._execute(args, timeout=None, ok=ok, stream=None)[0]
@@ -357,13 +546,18 @@ class Mirror:
         timeout: float | None,
         ok: tuple[int, ...] | None,
         stream: IO[bytes] | None,
+        env: dict[str, str] | None = None,
+        stdin: IO[bytes] | None = None,
+        config: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> tuple[int, bytes]:
-        argv = ["git", *_SAFE_CONFIG, *args]
+        argv = ["git", *_SAFE_CONFIG, *(config or []), *args]
         # GIT_DIR pins every command to this mirror, even if its directory vanished meanwhile
         # (GitPython would then fall back to the process cwd, possibly some other repository).
-        env = _ENV if args[0] == "init" else {**_ENV, "GIT_DIR": str(self.path)}
+        base = _ENV if args[0] == "init" else {**_ENV, "GIT_DIR": str(self.path)}
+        env = {**base, **(env or {})}
         try:
-            status, out, err = self._git.execute(
+            status, out, err = (Git(cwd) if cwd else self._git).execute(
                 argv,
                 with_extended_output=True,
                 with_exceptions=False,
@@ -371,6 +565,7 @@ class Mirror:
                 strip_newline_in_stdout=False,
                 kill_after_timeout=timeout,
                 output_stream=cast(Any, stream),
+                istream=cast(Any, stdin),
                 env=env,
             )
         except GitCommandNotFound:
@@ -388,3 +583,8 @@ class Mirror:
         detail = self._scrub("; ".join(important or lines[-3:]))[:500] or "no output"
         kind: type[GitError] = GitStallingError if _STALLING.search(detail) else GitTransientError
         return kind(f"git {op} {where} failed (exit {status}): {detail}")
+
+
+def _module_lock(path: Path) -> threading.Lock:
+    with _module_locks_guard:
+        return _module_locks.setdefault(path, threading.Lock())

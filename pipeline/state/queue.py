@@ -3,7 +3,9 @@
 Triggers (webhooks, polls, cron ticks, file events, API calls) only `put`; the one worker
 `claim`s, runs, and `finish`es. Pushes and tags of one repo coalesce: the worker deploys the
 newest of a claimed group. A worker killed mid-run leaves its events "working" under its owner;
-`requeue_interrupted` puts them back at the next start, so nothing accepted is lost.
+`requeue_interrupted` puts them back at the next start, so nothing accepted is lost. An event
+whose commit the remote does not show yet is `defer`red: queued again, not claimed before its
+`not_before` time (unless a newer push of its repo is claimed, which supersedes it).
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from pipeline.redact import redact
 from pipeline.state.schema import Event
 from pipeline.state.store import State
-from pipeline.timeutil import aware, iso
+from pipeline.timeutil import aware, iso, utc
 
 KINDS = frozenset({"push", "tag", "rebuild", "deploy", "rollback", "config"})
 FINAL_STATUSES = frozenset({"done", "failed", "superseded", "ignored"})
@@ -118,11 +119,13 @@ class EventQueue:
             ).first()
 
     def claim(self, owner: str) -> list[QueuedEvent]:
-        """Mark the oldest queued event, and every queued push/tag of the same repo when it is
-        one, "working" under `owner`; return them oldest first ([] when nothing is queued)."""
+        """Mark the oldest queued event that is due (not deferred past now), and every queued
+        push/tag of the same repo when it is one (deferred ones too: the newest supersedes
+        them), "working" under `owner`; return them oldest first ([] when nothing is due)."""
         with self._write, self.state.session() as s:
+            due = or_(Event.not_before.is_(None), Event.not_before <= self.state.now())
             first = s.scalars(
-                select(Event).where(Event.status == "queued").order_by(Event.id).limit(1)
+                select(Event).where(Event.status == "queued", due).order_by(Event.id).limit(1)
             ).first()
             if first is None:
                 return []
@@ -144,7 +147,7 @@ class EventQueue:
             s.execute(
                 update(Event)
                 .where(Event.id.in_(ids), Event.status == "queued")
-                .values(status="working", owner=owner)
+                .values(status="working", owner=owner, not_before=None)
                 .execution_options(synchronize_session=False)
             )
             rows = s.scalars(
@@ -176,11 +179,36 @@ class EventQueue:
                     status=status,
                     finished_at=self.state.now(),
                     run_id=run_id,
-                    note=redact(note) if note else None,
+                    note=note or None,
                     owner=None,
                 )
                 .execution_options(synchronize_session=False)
             )
+
+    def defer(self, event_id: int, until: float, note: str) -> None:
+        """Put claimed event `event_id` back in the queue, not to be claimed before `until`
+        (epoch seconds) unless a newer push of its repo is; `note` says what it waits for."""
+        with self._write, self.state.session() as s:
+            s.execute(
+                update(Event)
+                .where(Event.id == event_id)
+                .values(status="queued", owner=None, not_before=utc(until), note=note)
+                .execution_options(synchronize_session=False)
+            )
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the earliest deferred event is due (0 when one is), None when no
+        queued event is deferred."""
+        when = self._of_queued(func.min(_EVENTS.c.not_before))
+        if when is None:
+            return None
+        return max(0.0, (when - self.state.now()).total_seconds())
+
+    def _of_queued(self, aggregate: Any) -> datetime | None:
+        """A time aggregated over the queued events (`func.max(column)`), None if none."""
+        with self.state.engine.connect() as conn:
+            value = conn.execute(select(aggregate).where(_EVENTS.c.status == "queued"))
+            return aware(value.scalar_one())
 
     def newer_waiting(self, repo: str, than_id: int) -> bool:
         """True when a push or tag of `repo` is queued with an id above `than_id`."""
@@ -202,7 +230,17 @@ class EventQueue:
     ) -> list[str | None]:
         """The commits (None: not known) of pushes and tags of `repo` queued above `than_id`,
         except those queued by `ignore_source`."""
-        query = select(Event.sha).where(
+        return [
+            sha for sha, _ in self.waiting_revisions(repo, than_id, ignore_source=ignore_source)
+        ]
+
+    def waiting_revisions(
+        self, repo: str, than_id: int, *, ignore_source: str | None = None
+    ) -> list[tuple[str | None, str | None]]:
+        """(commit, ref) of the pushes and tags of `repo` queued above `than_id`, oldest first,
+        except those queued by `ignore_source`; either may be None (a release names a tag and
+        no commit, a retry a commit and no ref)."""
+        query = select(Event.sha, Event.ref).where(
             Event.status == "queued",
             Event.repo == repo,
             Event.kind.in_(_COALESCING),
@@ -211,15 +249,11 @@ class EventQueue:
         if ignore_source is not None:
             query = query.where(Event.source != ignore_source)
         with self.state.session() as s:
-            return list(s.scalars(query.order_by(Event.id)))
+            return [(sha, ref) for sha, ref in s.execute(query.order_by(Event.id))]
 
     def quiet_for(self) -> float | None:
         """Seconds since the newest queued event arrived; None when nothing waits."""
-        with self.state.engine.connect() as conn:
-            newest = conn.execute(
-                select(func.max(_EVENTS.c.received_at)).where(_EVENTS.c.status == "queued")
-            ).scalar_one()
-        received = aware(newest)
+        received = self._of_queued(func.max(_EVENTS.c.received_at))
         if received is None:
             return None
         return max(0.0, (self.state.now() - received).total_seconds())
@@ -286,4 +320,5 @@ def _event_dict(row: Event) -> dict[str, Any]:
         "received_at": iso(row.received_at),
         "finished_at": iso(row.finished_at),
         "note": row.note,
+        "not_before": iso(row.not_before),
     }

@@ -1,11 +1,36 @@
-"""Tables of the state database: runs, steps, builds, releases, deployments, leases, events."""
+"""Tables of the state database: runs, steps, builds, releases, deployments, leases, events.
+
+Every column of text a person reads later (errors, step details, summaries, reasons, notes) is
+`RedactedText`: secrets are masked as the value is written, whichever function writes it, so
+no later reader (the API, `pipeline history` in a process that never saw the secret) can show
+one.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import DateTime, Dialect, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+from pipeline.redact import redact
+
+
+class RedactedText(TypeDecorator[str]):
+    """TEXT whose every written value passes through `pipeline.redact.redact` (URL credentials
+    and registered secrets become `***`): in ORM inserts and updates and in Core `update()` /
+    `insert()` values alike, as SQLAlchemy binds them (its TypeDecorator.process_bind_param).
+
+    Only for text shown to people: a value read back to act on (settings, digests, refs) must
+    stay exact, so it keeps plain Text/String."""
+
+    impl = Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        return redact(value) if isinstance(value, str) and value else value
 
 
 class Base(DeclarativeBase):
@@ -24,8 +49,8 @@ class Run(Base):
     owner: Mapped[str] = mapped_column(String(128))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    error: Mapped[str | None] = mapped_column(Text)
-    summary: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(RedactedText)
+    summary: Mapped[str | None] = mapped_column(RedactedText)
 
 
 class Step(Base):
@@ -41,8 +66,8 @@ class Step(Base):
     status: Mapped[str] = mapped_column(String(16))  # running|succeeded|failed|skipped
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    detail: Mapped[str | None] = mapped_column(Text)
-    error: Mapped[str | None] = mapped_column(Text)
+    detail: Mapped[str | None] = mapped_column(RedactedText)
+    error: Mapped[str | None] = mapped_column(RedactedText)
 
 
 class BuildRow(Base):
@@ -70,13 +95,13 @@ class Release(Base):
     ref: Mapped[str] = mapped_column(Text)
     spec_hash: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))  # deploy|rollback
-    reason: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(RedactedText)
     # running|succeeded|failed|rolled_back|superseded|interrupted
     status: Mapped[str] = mapped_column(String(16))
     run_id: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    error: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(RedactedText)
     # unhealthy|crashed|infrastructure|interrupted: decides whether the revision is retried
     failure_kind: Mapped[str | None] = mapped_column(String(16))
     # A rollback: the release whose image and settings it brought back (its id, not a digest)
@@ -119,7 +144,7 @@ class Pin(Base):
     service: Mapped[str] = mapped_column(String(128), primary_key=True)
     release_id: Mapped[int] = mapped_column(Integer)
     revision: Mapped[str] = mapped_column(String(64))
-    reason: Mapped[str] = mapped_column(Text)
+    reason: Mapped[str] = mapped_column(RedactedText)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The head commit of the service's repo when the pin was made; another head releases it.
     head: Mapped[str | None] = mapped_column(String(64))
@@ -172,4 +197,6 @@ class Event(Base):
     run_id: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    note: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column(RedactedText)
+    # A queued event put off until then (its commit not on the remote yet); NULL: claim at once.
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

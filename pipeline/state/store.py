@@ -2,6 +2,8 @@
 
 SQLite in the data dir by default (WAL, so the service and the CLI read and write together);
 any SQLAlchemy URL works. Each write is its own short transaction, so a crash leaves a true record.
+Errors, details, summaries and reasons are redacted by their column type as they are written
+(`schema.RedactedText`), so callers pass them as they are.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.errors import FailureKind
 from pipeline.plan.blocked import Blocked, ReleaseFact, blocked_revision, infrastructure_retry
 from pipeline.plan.planner import ImageRecord, ServiceRecord
-from pipeline.redact import redact
 from pipeline.state import migrate
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
@@ -136,7 +137,7 @@ class State:
         values: dict[str, Any] = {
             "status": status,
             "finished_at": self.now(),
-            "error": redact(error) if error else None,
+            "error": error or None,
             "summary": summary,
         }
         if revision:
@@ -163,7 +164,7 @@ class State:
                 revision=revision,
                 status="running",
                 started_at=self.now(),
-                detail=redact(detail) if detail else None,
+                detail=detail or None,
             )
             s.add(step)
             s.flush()
@@ -174,9 +175,9 @@ class State:
     ) -> None:
         values: dict[str, Any] = {"status": status, "finished_at": self.now()}
         if detail is not None:
-            values["detail"] = redact(detail)
+            values["detail"] = detail
         if error is not None:
-            values["error"] = redact(error)
+            values["error"] = error
         with self.session() as s:
             s.execute(update(Step).where(Step.id == step_id).values(**values))
 
@@ -325,8 +326,8 @@ class State:
         *,
         failure_kind: FailureKind | None = None,
     ) -> None:
-        """End a release in a terminal `status` with its (redacted) error and, when it failed,
-        its `failure_kind` (see `pipeline.errors.FailureKind`)."""
+        """End a release in a terminal `status` with its error (stored redacted) and, when it
+        failed, its `failure_kind` (see `pipeline.errors.FailureKind`)."""
         with self.session() as s:
             s.execute(
                 update(Release)
@@ -334,7 +335,7 @@ class State:
                 .values(
                     status=status,
                     finished_at=self.now(),
-                    error=redact(error) if error else None,
+                    error=error or None,
                     failure_kind=failure_kind,
                 )
             )
@@ -349,13 +350,44 @@ class State:
     ) -> None:
         """A commit that was never rolled out because a newer one of its branch came first;
         `at` is when it arrived (history is in that order). Recorded once per service."""
+        self._record_unbuilt(service, revision, "superseded", run_id, at, reason=note)
+
+    def record_never_appeared(
+        self,
+        service: str,
+        revision: str,
+        error: str,
+        run_id: int | None,
+        at: datetime | None = None,
+    ) -> None:
+        """A commit a trigger announced that never showed on the remote (`failure_kind`
+        "never_appeared", no image): `history` shows it failed; it keeps no revision out of
+        later rollouts (`plan.blocked`). `at` is when it was announced."""
+        self._record_unbuilt(
+            service, revision, "failed", run_id, at, error=error, failure_kind="never_appeared"
+        )
+
+    def _record_unbuilt(
+        self,
+        service: str,
+        revision: str,
+        status: str,
+        run_id: int | None,
+        at: datetime | None,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+        failure_kind: FailureKind | None = None,
+    ) -> None:
+        """A release row of a commit that was never built (digest ""), once per service,
+        revision and status."""
         now = self.now()
         with self.session() as s:
             seen = s.scalars(
                 select(Release.id).where(
                     Release.service == service,
                     Release.revision == revision,
-                    Release.status == "superseded",
+                    Release.status == status,
                     Release.digest == "",
                 )
             ).first()
@@ -369,11 +401,13 @@ class State:
                     ref="",
                     spec_hash="",
                     kind="deploy",
-                    reason=note,
-                    status="superseded",
+                    reason=reason,
+                    status=status,
                     run_id=run_id,
                     started_at=at or now,
                     finished_at=now,
+                    error=error or None,
+                    failure_kind=failure_kind,
                 )
             )
 

@@ -100,6 +100,19 @@ def test_health_monitor_is_a_located_duration() -> None:
     ], found
 
 
+def test_announced_commit_timeout_is_a_located_duration() -> None:
+    """`[server] announced_commit_timeout` is 5 minutes unless set, parses like every duration,
+    and a bad one is refused with its file, line and key."""
+    assert parse(BASE, Path("pipeline.toml")).model.server.announced_commit_timeout == 300.0
+    text = '[server]\nannounced_commit_timeout = "90s"\n' + BASE
+    assert parse(text, Path("pipeline.toml")).model.server.announced_commit_timeout == 90.0
+    found = problems(text.replace('"90s"', '"later"'))
+    assert found == [
+        "pipeline.toml:2: server.announced_commit_timeout: invalid duration 'later' "
+        "(use e.g. '500ms', '30s', '2m', '1h')"
+    ], found
+
+
 def test_invalid_toml_names_the_line() -> None:
     """A TOML syntax error names the file and line."""
     found = problems("[pipeline]\ndata_dir = \n")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.deploy.rollout import env_values
+from pipeline.config.envfile import env_values
 
 
 def test_env_file_text_is_read_like_a_dotenv_file_without_expansion() -> None:

@@ -170,6 +170,19 @@ CASES = [
         why="failed its health check",
     ),
     Case(
+        "a commit that never appeared on the remote keeps nothing out",
+        [rel(C, "failed", "never_appeared"), rel(B, "succeeded")],
+        T0,
+        None,
+    ),
+    Case(
+        "a commit that never appeared hides no failure before it",
+        [rel(C, "failed", "never_appeared"), rel(B, "rolled_back", "unhealthy")],
+        T0,
+        B,
+        why="failed its health check",
+    ),
+    Case(
         "a newer success after failures keeps nothing out",
         [rel(C, "succeeded"), rel(B, "rolled_back", "unhealthy")],
         T0,

@@ -130,3 +130,19 @@ def test_patterns_are_kept_cleaned() -> None:
     """The parsed patterns are the cleaned lines, `!` kept, comments and blanks dropped."""
     ignore = DockerIgnore.from_text("# c\n/a/\n\n ! ./b \n")
     assert ignore.patterns == ("a", "!b")
+
+
+@pytest.mark.parametrize(
+    ("text", "directory", "expected"),
+    [
+        ("vendor\n", "vendor/lib", True),
+        ("vendor\n!vendor/lib/keep.txt\n", "vendor/lib", False),
+        ("vendor\n!*.txt\n", "vendor/lib", False),
+        ("vendor/lib/docs\n", "vendor/lib", False),
+        ("", "vendor/lib", False),
+        ("vendor\n!other/x\n", "vendor/lib", True),
+    ],
+)
+def test_excludes_all_under_a_submodule(text: str, directory: str, expected: bool) -> None:
+    """A submodule folder counts as left out only when nothing under it can be re-included."""
+    assert DockerIgnore.from_text(text).excludes_all_under(directory) is expected

@@ -30,7 +30,8 @@ OLD = "1111111111111111111111111111111111111111"
 NEW = "2a2b2c2d2e2f3a3b3c3d3e3f4a4b4c4d4e4f5a5b"
 HISTORY_UNKNOWN = "history unknown (force push or first fetch): rebuilding"
 DEFINITION_CHANGED = (
-    "definition changed: context, dockerfile, build_args or watch differ from the build at "
+    "definition changed: context, dockerfile, build_args, watch, target or secrets differ from the "
+    "build at "
     + OLD[:12]
 )
 
@@ -144,6 +145,7 @@ class Case:
     stale: frozenset[str] = frozenset()  # services whose deployed digest is an older one
     env_files: Mapping[str, str] = field(default_factory=dict)  # service -> env_file text
     old_env_files: Mapping[str, str] | None = None
+    env_file_errors: Mapping[str, str] = field(default_factory=dict)  # service -> its problem
     failed: Mapping[str, str] = field(default_factory=dict)
     force: tuple[str, ...] = ()
     only: tuple[str, ...] | None = None
@@ -286,6 +288,19 @@ CASES = [
         frozenset(),
         old_toml=_app(),
         rollouts={"api": (OLD, False, "definition changed")},
+    ),
+    Case(
+        "a service whose env_file cannot be read fails with its message; the others roll out, "
+        "another repo's service is not this plan's business",
+        _app(svc_web='env_file = "web.env"'),
+        frozenset({"web/index.html"}),
+        env_file_errors={
+            "web": "pipeline.toml:20: services.web.env_file: cannot read web.env",
+            "tool": "pipeline.toml:10: services.tool.env_file: cannot read tool.env",
+        },
+        builds={"web": "changed: web/index.html"},
+        rollouts={"web-worker": rebuilt("web")},
+        problems={"services.web": "pipeline.toml:20: services.web.env_file: cannot read web.env"},
     ),
     Case(
         "a definition change on a service whose image is rebuilt rides on the build",
@@ -457,6 +472,7 @@ def _run(case: Case) -> Plan:
         image_records,
         service_records,
         env_files=case.env_files,
+        env_file_errors=case.env_file_errors,
         failed=case.failed,
         force_images=case.force,
         only_services=case.only,
@@ -479,10 +495,17 @@ def _expected(case: Case) -> dict[str, Any]:
             }
             for service, (revision, rebuild, reason) in sorted(case.rollouts.items())
         ],
-        "problems": [
-            {"subject": subject, "message": message}
-            for subject, message in sorted(case.problems.items())
-        ],
+        "problems": sorted(
+            (
+                {
+                    "subject": subject,
+                    "message": message,
+                    "error": subject.removeprefix("services.") in case.env_file_errors,
+                }
+                for subject, message in case.problems.items()
+            ),
+            key=lambda p: (not p["error"], p["subject"], p["message"]),
+        ),
     }
 
 

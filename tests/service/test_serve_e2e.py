@@ -121,6 +121,40 @@ def test_signed_github_webhook_deploys_once_and_refuses_bad_deliveries(
     assert web == [(sha, "running"), (sha, "running")], web
 
 
+def test_a_webhook_sent_before_its_commit_is_pushed_deploys_that_commit(
+    sp: ServeProject, serve: ServeProcesses
+) -> None:
+    """A push webhook that arrives 3 s before its commit reaches the remote (a hosting service
+    replicating with a lag), with no polling, waits for it and ends with that commit serving on
+    every host."""
+    secret = with_secret(sp)
+    first = sp.project.initial_commit()
+    res = sp.cli("run")
+    assert res.returncode == 0, res.stdout + res.stderr
+    srv = serve(sp, watch_repos=False)  # no poll, no watch: only the webhook can trigger
+    sha = change_web(sp, "web v2")  # committed, not on the remote yet
+    answer = github_push(srv, "shop", secret, before=first, after=sha)
+    assert answer.status_code == 202, answer.text
+    event_id = answer.json()["event_id"]
+    time.sleep(3)
+    waiting = next(e for e in srv.events() if e["id"] == event_id)
+    assert waiting["status"] == "queued", waiting
+    assert f"waiting for announced commit {sha[:12]}" in (waiting["note"] or ""), waiting
+    assert sp.serves(sp.web.port, "web v1")
+    sp.project.remote.push()
+    wait_for(lambda: sp.serves(sp.web.port, "web v2"), DEPLOY_DEADLINE, "web v2 on every host")
+    done = wait_for(
+        lambda: [e for e in srv.events() if e["id"] == event_id and e["status"] == "done"],
+        DEPLOY_DEADLINE,
+        "the event done",
+    )
+    assert srv.run(done[0]["run_id"])["revision"] == sha
+    web = [
+        (r["revision"], r["state"]) for r in sp.cli_json("status") if r["service"] == sp.web.name
+    ]
+    assert web == [(sha, "running"), (sha, "running")], web
+
+
 # -- 2. git push to a bare repo with the hooks ---------------------------------------------
 
 INVALID_PIPELINE_TOML = """\

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import select
 import socket
 import time
@@ -70,6 +71,22 @@ webhook_secret_env = "{secret_env}"
 [repos.open]
 url = "file:///srv/open.git"
 branch = "changes"
+
+[repos.hub]
+url = "git@github.com:example-org/shop.git"
+branch = "master"
+webhook_secret_env = "{secret_env}"
+
+[repos.sys]
+url = "/srv/git/shop.git"
+branch = "master"
+webhook_repository = "acme/shop"
+webhook_secret_env = "{secret_env}"
+
+[repos.tagged]
+url = "/srv/git/tagged.git"
+tags = "*"
+webhook_secret_env = "{secret_env}"
 
 [images.web]
 repo = "app"
@@ -325,6 +342,119 @@ def test_missing_secret_variable_refuses_instead_of_accepting_unsigned(
     assert svc.queue.recent() == []
 
 
+# -- delivery forms and repository identity ---------------------------------------------------
+
+FORM = "application/x-www-form-urlencoded"
+
+
+def gitlab(event: str, uuid: str = "13792a34-0001") -> dict[str, str]:
+    return {
+        "Content-Type": "application/json",
+        "X-Gitlab-Event": event,
+        "X-Gitlab-Token": SECRET,
+        "X-Gitlab-Event-UUID": uuid,
+    }
+
+
+def test_form_encoded_github_push_is_queued_and_form_ping_pongs(svc: Service) -> None:
+    """GitHub's default content type (a form, the JSON in `payload`, signed as sent) queues the
+    push's commit; a form-encoded ping answers pong."""
+    body = delivery("github/push-form.txt")
+    r = svc.client.post(
+        "/hooks/hub", content=body, headers=github("push", body, **{"Content-Type": FORM})
+    )
+    assert r.status_code == 202, r.text
+    [event] = svc.queue.recent()
+    assert (event["ref"], event["sha"]) == (
+        "refs/heads/master",
+        "009a12040858af96a17cb12695bb363d55891eda",
+    )
+    ping = (SHARED.with_name("webhooks-extra") / "github" / "ping-form.txt").read_bytes()
+    headers = github("ping", ping, "ping-1", **{"Content-Type": FORM})
+    r = svc.client.post("/hooks/hub", content=ping, headers=headers)
+    assert (r.status_code, r.json()) == (200, {"status": "pong"})
+
+
+@pytest.mark.parametrize(
+    ("repo", "name", "headers", "reason"),
+    [
+        # an organisation hook's push of another repository, url compared (github.com)
+        ("hub", "github/push-organization.json", "github", "push of agoda-com/samsahai-example"),
+        # a system hook's push of another project, a local url with webhook_repository
+        ("sys", "gitlab/system-hook-push.json", "System Hook", "push of mike/diaspora"),
+        ("sys", "gitlab/push.json", "Push Hook", "push of mike/diaspora"),
+        ("sys", "github/push-form.txt", "github", "push of example-org/shop"),
+        # a release of another project's tag
+        ("tagged", "gitlab/release-hook.json", "Release Hook", None),
+    ],
+)
+def test_delivery_of_another_repository_is_ignored(
+    svc: Service, repo: str, name: str, headers: str, reason: str | None
+) -> None:
+    """A delivery naming another repository than the repo's is answered 200 "ignored: push of
+    OWNER/NAME" and queues nothing, even on the followed branch."""
+    body = delivery(name)
+    if headers == "github":
+        sent = github("push", body, **({"Content-Type": FORM} if name.endswith(".txt") else {}))
+    else:
+        sent = gitlab(headers)
+    r = svc.client.post(f"/hooks/{repo}", content=body, headers=sent)
+    if reason is None:  # a repo without webhook_repository and a local url: accepted as before
+        assert r.status_code == 202, r.text
+        return
+    assert (r.status_code, r.json()) == (200, {"status": "ignored", "reason": reason})
+    assert svc.queue.recent() == []
+    assert svc.wakes == []
+
+
+def test_delivery_of_the_repos_own_repository_is_queued(svc: Service) -> None:
+    """A system-hook push naming the repository given in webhook_repository is queued."""
+    data = json.loads(delivery("gitlab/system-hook-push.json"))
+    data["project"]["path_with_namespace"] = "acme/shop"
+    for key in ("git_http_url", "git_ssh_url", "web_url", "homepage", "url", "ssh_url", "http_url"):
+        data["project"].pop(key, None)
+    data.pop("repository")
+    body = json.dumps(data).encode()
+    r = svc.client.post("/hooks/sys", content=body, headers=gitlab("System Hook"))
+    assert r.status_code == 202, r.text
+    [event] = svc.queue.recent()
+    assert (event["kind"], event["sha"]) == ("push", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")
+
+
+@pytest.mark.parametrize(
+    ("name", "headers", "sha"),
+    [
+        (
+            "gitlab/release-hook.json",
+            gitlab("Release Hook"),
+            "2626dbdb936782b5c54816b1c6d45b1279303c6d",
+        ),
+        ("gitea/release-published.json", None, None),
+    ],
+)
+def test_release_event_queues_its_tag_for_a_tags_repo(
+    svc: Service, name: str, headers: dict[str, str] | None, sha: str | None
+) -> None:
+    """A GitLab Release Hook and a Gitea release (published) queue a tag event of their tag for
+    a repo following tags; a branch-following repo ignores them, saying a tag was released."""
+    body = delivery(name)
+    if headers is None:
+        headers = {
+            "Content-Type": "application/json",
+            "X-Gitea-Event": "release",
+            "X-Gitea-Delivery": "gitea-rel-1",
+            "X-Gitea-Signature": sig256(body).removeprefix("sha256="),
+        }
+    r = svc.client.post("/hooks/tagged", content=body, headers=headers)
+    assert r.status_code == 202, r.text
+    [event] = svc.queue.recent()
+    tag = json.loads(body).get("tag") or json.loads(body)["release"]["tag_name"]
+    assert (event["kind"], event["ref"], event["sha"]) == ("tag", f"refs/tags/{tag}", sha)
+    r = svc.client.post("/hooks/app", content=body, headers=headers)
+    assert r.json()["status"] == "ignored"
+    assert f"tag {tag!r} released, but the repo follows branch" in r.json()["reason"]
+
+
 # -- body limits, over a real socket ----------------------------------------------------------
 
 
@@ -555,9 +685,19 @@ def test_openapi_docs_are_served(svc: Service) -> None:
 # -- deciding what a delivery means (pure) ----------------------------------------------------
 
 
-def _ev(kind: str, ref: str | None = None, after: str | None = "a" * 40) -> PushEvent:
+def _ev(
+    kind: str, ref: str | None = None, after: str | None = "a" * 40, repository: str = ""
+) -> PushEvent:
+    names = (repository, f"https://github.com/{repository}.git") if repository else ()
     return PushEvent(
-        "github", kind, ref, None, after, "d", reason="why" if kind == "ignored" else ""
+        "github",
+        kind,
+        ref,
+        None,
+        after,
+        "d",
+        reason="why" if kind == "ignored" else "",
+        repository=names,
     )
 
 
@@ -577,6 +717,45 @@ DECIDE_CASES: list[tuple[dict[str, str], list[PushEvent], str, str | None]] = [
         "queue",
         "push",
     ),
+    # repository identity: the url compared on the same host, else webhook_repository
+    (
+        {"url": "https://github.com/acme/shop"},
+        [_ev("push", "refs/heads/main", repository="acme/shop")],
+        "queue",
+        "push",
+    ),
+    (
+        {"url": "https://github.com/acme/shop"},
+        [_ev("push", "refs/heads/main", repository="acme/other")],
+        "ignore",
+        None,
+    ),
+    (
+        {"url": "https://github.com/acme/shop"},
+        [_ev("tag", "refs/tags/v1", repository="acme/other")],
+        "ignore",
+        None,
+    ),
+    (
+        {"url": "https://mirror.example/shop.git"},
+        [_ev("push", "refs/heads/main", repository="acme/other")],
+        "queue",
+        "push",
+    ),
+    (
+        {"webhook_repository": "acme/shop"},
+        [_ev("push", "refs/heads/main", repository="acme/other")],
+        "ignore",
+        None,
+    ),
+    (
+        {"webhook_repository": "acme/shop"},
+        [_ev("push", "refs/heads/main", repository="ACME/Shop")],
+        "queue",
+        "push",
+    ),
+    ({"webhook_repository": "acme/shop"}, [_ev("ping", repository="acme/other")], "pong", None),
+    ({}, [_ev("push", "refs/heads/main", repository="acme/other")], "queue", "push"),
 ]
 
 

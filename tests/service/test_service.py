@@ -3,6 +3,7 @@ have repos only, so every run is a fetch and an empty plan."""
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import structlog
 
 from pipeline.lab.workrepo import WorkRepo as GitRemote
 from pipeline.service.daemon import Service
+from pipeline.sources.git import Mirror
 from pipeline.sources.schedule import backoff_interval, poll_jitter
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State
@@ -217,15 +219,17 @@ def test_older_pushes_of_a_repo_are_superseded_by_the_newest(
     config = tmp_path / "pipeline.toml"
     write_config(config, {"app": {"url": remote.url}})
     queue = EventQueue(State.in_dir(tmp_path / "data"))
-    first, _ = queue.put(source="webhook", kind="push", repo="app", sha="a" * 40)
-    second, _ = queue.put(source="webhook", kind="push", repo="app", sha="b" * 40)
+    older = remote.commit_push("second")
+    newest = remote.commit_push("third")
+    first, _ = queue.put(source="webhook", kind="push", repo="app", sha=older)
+    second, _ = queue.put(source="webhook", kind="push", repo="app", sha=newest)
     service = Service(config, watch_repos=False)
     finished = service.work_until(lambda: queue.depth() == 0)
     assert finished
     by_id = {e["id"]: e for e in service.queue.recent()}
     assert by_id[second]["status"] == "done"
     assert by_id[first]["status"] == "superseded"
-    assert by_id[first]["note"] == f"superseded by {'b' * 12}"
+    assert by_id[first]["note"] == f"superseded by {newest[:12]}"
     assert by_id[first]["run_id"] == by_id[second]["run_id"]
 
 
@@ -344,3 +348,146 @@ def test_a_revision_failed_for_infrastructure_is_retried_without_a_push(
     for event_id in later:
         wait_for(lambda i=event_id: finished_event(service, id=i), what=f"event {event_id}")
     assert [e["repo"] for e in events(service) if e["source"] == "retry"] == ["app"]
+
+
+# -- announced commits not on the remote yet -------------------------------------------------
+
+WEB_ON_APP = (
+    '[hosts.h1]\ndocker = "tcp://127.0.0.1:1"\n\n[images.web]\nrepo = "app"\n\n'
+    '[services.web]\nimage = "web"\nhosts = ["h1"]\n'
+)
+
+
+def deferred(service: Service, event_id: int) -> dict[str, Any] | None:
+    """The event when it is back in the queue waiting for its commit, else None."""
+    ev = next(e for e in events(service) if e["id"] == event_id)
+    return ev if ev["status"] == "queued" and ev["not_before"] else None
+
+
+def test_a_push_announced_before_its_commit_waits_for_it_without_holding_up_others(
+    tmp_path: Path, make_remote: Callable[[str], GitRemote], services: Callable[..., Service]
+) -> None:
+    """A push event whose commit is not on the remote yet waits in the queue, saying so, while
+    another repo's push is handled; once the commit is pushed, it is deployed by that event."""
+    app, other = make_remote("app"), make_remote("other")
+    config = tmp_path / "pipeline.toml"
+    write_config(config, {"app": {"url": app.url}, "other": {"url": other.url}})
+    service = services(config, watch_repos=False)
+    sha = app.commit("announced early")  # committed, not pushed: the remote lags
+    event_id, _ = service.queue.put(source="webhook", kind="push", repo="app", sha=sha)
+    service.wake()
+    ev = wait_for(lambda: deferred(service, event_id), what="the event waiting for its commit")
+    assert ev["note"].startswith(f"waiting for announced commit {sha[:12]} to appear"), ev
+    other_sha = other.commit_push("meanwhile")
+    other_id, _ = service.queue.put(source="webhook", kind="push", repo="other", sha=other_sha)
+    service.wake()
+    wait_for(lambda: finished_event(service, id=other_id), what="the other repo's push")
+    assert deferred(service, event_id), "the wait ended before the commit was pushed"
+    app.push()
+    ev = wait_for(lambda: finished_event(service, id=event_id), what="the announced commit")
+    run = service.state.run(ev["run_id"])
+    assert ev["status"] == "done" and run is not None and run.revision == sha
+
+
+def test_a_restart_during_the_wait_keeps_the_event_and_resumes_it(
+    tmp_path: Path, make_remote: Callable[[str], GitRemote], services: Callable[..., Service]
+) -> None:
+    """A service stopped while an event waits for its commit leaves it queued; the next start
+    fetches again on the same schedule and deploys the commit once it is there."""
+    app = make_remote("app")
+    config = tmp_path / "pipeline.toml"
+    write_config(config, {"app": {"url": app.url}})
+    first = services(config, watch_repos=False)
+    sha = app.commit("announced early")
+    event_id, _ = first.queue.put(source="webhook", kind="push", repo="app", sha=sha)
+    first.wake()
+    wait_for(lambda: deferred(first, event_id), what="the event waiting for its commit")
+    first.stop(timeout=10)
+    assert deferred(first, event_id), "the stop lost the waiting event"
+    app.push()
+    second = services(config, watch_repos=False)
+    ev = wait_for(lambda: finished_event(second, id=event_id), what="the resumed event")
+    run = second.state.run(ev["run_id"])
+    assert ev["status"] == "done" and run is not None and run.revision == sha
+
+
+def test_a_commit_that_never_appears_fails_with_its_message_in_history_and_api(
+    tmp_path: Path, make_remote: Callable[[str], GitRemote], services: Callable[..., Service]
+) -> None:
+    """With `announced_commit_timeout = "2s"`, a push of a commit that never reaches the remote
+    ends failed within seconds, "announced commit C never appeared on the remote", in the
+    events and runs API and in `pipeline history` (the full sha in --json)."""
+    app = make_remote("app")
+    config = tmp_path / "pipeline.toml"
+    write_config(config, {"app": {"url": app.url}}, extra=WEB_ON_APP)
+    text = config.read_text().replace("[server]\n", '[server]\nannounced_commit_timeout = "2s"\n')
+    config.write_text(text)
+    # The mirror is up to date already, so no pass (and no build) runs for the head.
+    Mirror(app.url, tmp_path / "data" / "git" / "app.git").fetch(branch="main")
+    sha = app.commit("never pushed")
+    service = services(config, watch_repos=False)
+    started = time.monotonic()
+    event_id, _ = service.queue.put(source="webhook", kind="push", repo="app", sha=sha)
+    service.wake()
+    message = f"announced commit {sha[:12]} never appeared on the remote"
+
+    def failed() -> dict[str, Any] | None:
+        ev = next(e for e in events(service) if e["id"] == event_id)
+        return ev if ev["status"] == "failed" else None
+
+    ev = wait_for(failed, what="the event failed")
+    assert time.monotonic() - started < 6
+    api = httpx.get(f"{service.url}/api/events", timeout=5).json()
+    assert [(e["status"], e["note"], e["sha"]) for e in api if e["id"] == event_id] == [
+        ("failed", message, sha)
+    ]
+    run = httpx.get(f"{service.url}/api/runs/{ev['run_id']}", timeout=5).json()
+    assert (run["status"], run["error"]) == ("failed", message), run
+    assert [(r["revision"], r["status"], r["error"]) for r in run["releases"]] == [
+        (sha, "failed", message)
+    ]
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "history", "--json", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = [
+        (h["service"], h["revision"], h["status"], h["failure_kind"], h["error"])
+        for h in (json.loads(res.stdout))
+    ]
+    assert rows == [("web", sha, "failed", "never_appeared", message)], rows
+    table = subprocess.run(
+        [sys.executable, "-m", "pipeline", "history", "-c", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert message[:60] in table.stdout and sha[:12] in table.stdout, table.stdout
+
+
+def test_a_commit_force_pushed_away_fails_and_the_new_head_is_fetched(
+    tmp_path: Path, make_remote: Callable[[str], GitRemote], services: Callable[..., Service]
+) -> None:
+    """A commit that was on the remote and was force-pushed away (the mirror still has it)
+    ends failed rather than waiting forever; the head that replaced it is passed meanwhile."""
+    app = make_remote("app")
+    config = tmp_path / "pipeline.toml"
+    write_config(config, {"app": {"url": app.url}})
+    config.write_text(
+        config.read_text().replace("[server]\n", '[server]\nannounced_commit_timeout = "2s"\n')
+    )
+    service = services(config, watch_repos=False)
+    gone = app.commit_push("pushed, then force-pushed away")
+    first, _ = service.queue.put(source="webhook", kind="push", repo="app", sha=gone)
+    service.wake()
+    wait_for(lambda: finished_event(service, id=first), what="the first delivery")
+    subprocess.run(["git", "reset", "-q", "--hard", "HEAD~1"], cwd=app.work, check=True)
+    head = app.commit("the rewrite")
+    app.push(force=True)
+    again, _ = service.queue.put(source="webhook", kind="push", repo="app", sha=gone)
+    service.wake()
+    ev = wait_for(
+        lambda: next((e for e in events(service) if e["id"] == again and e["status"] == "failed"),
+                     None),
+        what="the redelivery failed",
+    )  # fmt: skip
+    assert ev["note"] == f"announced commit {gone[:12]} never appeared on the remote"
+    assert head in {r.revision for r in service.state.runs()}

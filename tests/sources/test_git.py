@@ -149,6 +149,44 @@ def test_force_push_diff_uses_old_commit_still_in_mirror(remote: Remote, mirror:
     assert mirror.changed_paths(old.sha, new.sha) == {"feature.txt", "app/main.py", "lib/util.py"}
 
 
+def test_has_fetched_is_the_followed_ref_not_the_reflog(remote: Remote, mirror: Mirror) -> None:
+    """An announced commit counts as fetched when the branch's head is it or contains it, not
+    before its fetch, and no longer once force-pushed away (the reflog still keeps it)."""
+    first = git(remote.work, "rev-parse", "HEAD")
+    remote.write("b.txt", "b\n")
+    second = remote.commit("second")
+    assert not mirror.has_fetched(second, branch="main")  # no mirror yet
+    remote.push()
+    mirror.fetch(branch="main")
+    assert mirror.has_fetched(second, branch="main") and mirror.has_fetched(first, branch="main")
+    remote.write("c.txt", "c\n")
+    third = remote.commit("third")
+    remote.push()
+    assert not mirror.has_fetched(third, branch="main")  # on the remote, not fetched yet
+    mirror.fetch(branch="main")
+    assert mirror.has_fetched(third, branch="main")
+    git(remote.work, "reset", "-q", "--hard", first)
+    remote.push("--force")
+    mirror.fetch(branch="main")
+    assert not mirror.has_fetched(third, branch="main")
+    assert not mirror.has_fetched("b" * 40, branch="main")
+
+
+def test_has_fetched_a_tag_by_its_object_or_commit(remote: Remote, mirror: Mirror) -> None:
+    """For a repo following tags, a fetched annotated tag is found by its tag object's sha and
+    by its commit's; a commit no tag points at is not fetched."""
+    target = git(remote.work, "rev-parse", "HEAD")
+    git(remote.work, "tag", "-a", "-m", "release", "v1.0.0")
+    tag_object = git(remote.work, "rev-parse", "v1.0.0")
+    remote.write("b.txt", "b\n")
+    untagged = remote.commit("untagged")
+    git(remote.work, "push", "-q", "origin", "--tags", "HEAD:refs/heads/main")
+    assert not mirror.has_fetched(tag_object, tags="v*")
+    mirror.fetch(tags="v*")
+    assert mirror.has_fetched(tag_object, tags="v*") and mirror.has_fetched(target, tags="v*")
+    assert not mirror.has_fetched(untagged, tags="v*")
+
+
 def test_tags_pick_newest_version_and_peel_annotated(remote: Remote, mirror: Mirror) -> None:
     """Tag following orders v1.10.0 above v1.9.0 and resolves an annotated tag to its commit."""
     git(remote.work, "tag", "v1.2.0")

@@ -1,4 +1,5 @@
-"""Webhook verification and parsing, on the real deliveries kept in tests/fixtures/webhooks."""
+"""Webhook verification and parsing, on every delivery kept in tests/fixtures/webhooks (real ones)
+and tests/fixtures/webhooks-extra (forms and headers written from the providers' documentation)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import hmac
 import json
 import random
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,17 +29,56 @@ from pipeline.sources.webhooks.verify import (
 # Real deliveries, byte for byte as the providers send them (copied from the shared set;
 # tests/fixtures/webhooks/README.md gives their sources and how each provider signs).
 SHARED = Path(__file__).resolve().parents[1] / "fixtures" / "webhooks"
+# Form and release variants the shared set lacks, written from the providers' documented formats
+# (tests/fixtures/webhooks-extra/README.md); named "extra/PROVIDER/FILE" below.
+EXTRA = SHARED.with_name("webhooks-extra")
 pytestmark = pytest.mark.skipif(
     not SHARED.is_dir(), reason=f"shared webhook deliveries not found at {SHARED}"
 )
+FORM = "application/x-www-form-urlencoded"
 
 SECRET = "s3cr3t-for-tests"
 ZERO = "0" * 40
 
 
+def on_disk() -> list[str]:
+    """Every delivery file of both directories, as names `body_of` reads."""
+    names = [
+        f"{p.parent.name}/{p.name}" for p in SHARED.glob("*/*") if p.suffix in (".json", ".txt")
+    ]
+    names += [
+        f"extra/{p.parent.name}/{p.name}"
+        for p in EXTRA.glob("*/*")
+        if p.suffix in (".json", ".txt")
+    ]
+    return sorted(names)
+
+
 def body_of(name: str) -> bytes:
     """The delivery's exact bytes, never re-serialised."""
+    if name.startswith("extra/"):
+        return (EXTRA / name.removeprefix("extra/")).read_bytes()
     return (SHARED / name).read_bytes()
+
+
+def is_form(name: str) -> bool:
+    """`.txt` files are `application/x-www-form-urlencoded` bodies (`payload=<JSON>`)."""
+    return name.endswith(".txt")
+
+
+def json_of(name: str) -> bytes:
+    """The delivery's JSON: the file, or its form's `payload` field (read independently of the
+    code under test)."""
+    body = body_of(name)
+    if not is_form(name):
+        return body
+    [payload] = urllib.parse.parse_qs(body.decode("ascii"), strict_parsing=True)["payload"]
+    return payload.encode()
+
+
+def form_of(data: bytes) -> bytes:
+    """JSON bytes as a form body, encoded as Gitea (Go's url.Values.Encode) does."""
+    return b"payload=" + urllib.parse.quote_plus(data, safe="").encode()
 
 
 def hex256(body: bytes, secret: str = SECRET) -> str:
@@ -126,140 +167,57 @@ def bb_server_headers(body: bytes, event: str, secret: str = SECRET) -> dict[str
     }
 
 
+def _event_of(file: str, events: dict[str, str], default: str) -> str:
+    return next((event for prefix, event in events.items() if file.startswith(prefix)), default)
+
+
 def headers_for(name: str, secret: str = SECRET) -> dict[str, str]:
-    """The header set the provider would send with that file, signed with `secret`."""
-    provider, file = name.split("/")
+    """The header set the provider would send with that file (the event told by the file's
+    name, as the fixtures' READMEs list them), signed with `secret` over what the provider
+    signs: the body as sent, but a Gitea or Forgejo form over the JSON inside it."""
+    provider, file = name.removeprefix("extra/").split("/")
     body = body_of(name)
+    headers: dict[str, str]
     if provider == "github":
-        event = {
-            "ping.json": "ping",
-            "release-published.json": "release",
-            "create.json": "create",
-            "delete.json": "delete",
-        }.get(file, "push")
-        return github_headers(event, body, secret)
-    if provider == "gitlab":
-        return gitlab_headers("Tag Push Hook" if file == "tag-push-hook.json" else "Push Hook")
-    if provider == "gitea":
-        return gitea_headers(body, secret)
-    if provider == "forgejo":
-        return forgejo_headers(body, secret)
-    if provider == "bitbucket-cloud":
-        return bb_cloud_headers(body, secret)
-    event = "diagnostics:ping" if file == "ping.json" else "repo:refs_changed"
-    return bb_server_headers(body, event, secret)
+        event = _event_of(
+            file,
+            {"ping": "ping", "release": "release", "create": "create", "delete.": "delete"},
+            "push",
+        )
+        headers = github_headers(event, body, secret)
+    elif provider == "gitlab":
+        event = _event_of(
+            file,
+            {"tag-push": "Tag Push Hook", "release": "Release Hook", "system-hook": "System Hook"},
+            "Push Hook",
+        )
+        headers = gitlab_headers(event, secret)
+    elif provider in ("gitea", "forgejo"):
+        event = _event_of(file, {"release": "release", "create": "create"}, "push")
+        make = gitea_headers if provider == "gitea" else forgejo_headers
+        headers = make(json_of(name), secret, event)
+    elif provider == "bitbucket-cloud":
+        headers = bb_cloud_headers(body, secret)
+    else:
+        event = "diagnostics:ping" if file == "ping.json" else "repo:refs_changed"
+        headers = bb_server_headers(body, event, secret)
+    if is_form(name):
+        headers["Content-Type"] = FORM
+    return headers
 
 
-# name: (kind, ref, before, after, deleted)
-EXPECTED: dict[str, tuple[str, str | None, str | None, str | None, bool]] = {
-    "github/push.json": (
-        "push",
-        "refs/heads/changes",
-        "9049f1265b7d61be4a8904a9a27120d2064dab3b",
-        "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c",
-        False,
-    ),
-    "github/push-new-branch.json": (
-        "push",
-        "refs/heads/master",
-        None,
-        "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
-        False,
-    ),
-    "github/push-tag.json": (
+# name: (kind, ref, before, after, deleted, the repository's first name: its full name or path).
+# Values as the fixtures' READMEs give them: e.g. Bitbucket Data Center's annotated tag gives
+# the commit (toCommit.id), not the tag object (toHash); releases of GitHub and Gitea no SHA.
+Expected = tuple[str, str | None, str | None, str | None, bool, str | None]
+EXPECTED: dict[str, Expected] = {
+    "bitbucket-cloud/push-annotated-tag.json": (
         "tag",
-        "refs/tags/simple-tag",
-        None,
-        "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
-        False,
-    ),
-    "github/push-delete-tag.json": (
-        "ignored",
-        "refs/tags/simple-tag",
-        "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
-        None,
-        True,
-    ),
-    "github/push-delete-branch.json": (
-        "ignored",
-        "refs/heads/feature-branch",
-        "d2b75aa7797ec26b088fa2dd527e9d2c052fcedd",
-        None,
-        True,
-    ),
-    "github/ping.json": ("ping", None, None, None, False),
-    "github/release-published.json": ("tag", "refs/tags/0.0.1", None, None, False),
-    "github/create.json": ("ignored", None, None, None, False),
-    "github/delete.json": ("ignored", None, None, None, False),
-    "gitlab/push.json": (
-        "push",
-        "refs/heads/master",
-        "95790bf891e76fee5e1747ab589903a6a1f80f22",
-        "da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
-        False,
-    ),
-    "gitlab/tag-push-hook.json": (
-        "tag",
-        "refs/tags/v1.0.0",
-        None,
-        "82b3d5ae55f7080f1e6022629cdb57bfae7cccc7",
-        False,
-    ),
-    "gitlab/push-new-branch.json": (
-        "push",
-        "refs/heads/feature",
-        None,
-        "c4c79227ed610f1151f05bbc5be33b4f340d39c8",
-        False,
-    ),
-    "gitlab/push-delete-branch.json": (
-        "ignored",
-        "refs/heads/feature",
-        "c4c79227ed610f1151f05bbc5be33b4f340d39c8",
-        None,
-        True,
-    ),
-    "gitea/push.json": (
-        "push",
-        "refs/heads/develop",
-        "28e1879d029cb852e4844d9c718537df08844e03",
-        "bffeb74224043ba2feb48d137756c8a9331c449a",
-        False,
-    ),
-    "gitea/push-new-branch.json": (
-        "push",
-        "refs/heads/master",
-        None,
-        "67b56589a45103f891bdee7c0546e5d40bc02001",
-        False,
-    ),
-    "forgejo/push.json": (
-        "push",
-        "refs/heads/develop",
-        "28e1879d029cb852e4844d9c718537df08844e03",
-        "bffeb74224043ba2feb48d137756c8a9331c449a",
-        False,
-    ),
-    "bitbucket-cloud/push.json": (
-        "push",
-        "refs/heads/feature/issue-819",
-        "a10199272451f4c7c5edced2d40b5d6f2f6f5fa3",
-        "5ecffa3874e96920f24a2b3c0d0038e47d5cd1a4",
-        False,
-    ),
-    "bitbucket-cloud/push-new-branch.json": (
-        "push",
-        "refs/heads/feature/test",
-        None,
-        "174561d625c9623b60d8aba09b7f08ddc9df45cd",
-        False,
-    ),
-    "bitbucket-cloud/push-tag.json": (
-        "tag",
-        "refs/tags/simple-tag",
+        "refs/tags/test-tag",
         None,
         "7ef5981d59145c3ed300b1ab77b93907d33abe59",
         False,
+        "example-user/test-repos",
     ),
     "bitbucket-cloud/push-delete-branch.json": (
         "ignored",
@@ -267,27 +225,63 @@ EXPECTED: dict[str, tuple[str, str | None, str | None, str | None, bool]] = {
         "174561d625c9623b60d8aba09b7f08ddc9df45cd",
         None,
         True,
+        "example-user/test-repos",
     ),
-    "bitbucket-server/push.json": (
-        "push",
-        "refs/heads/main",
-        "a8c13e8850dc60300be720019d1ffc1aa2fded87",
-        "9fdd7b96d3f5c276d0b9e0bf38c879eb112d889a",
-        False,
-    ),
-    "bitbucket-server/push-new-branch.json": (
-        "push",
-        "refs/heads/feature/BB-1",
+    "bitbucket-cloud/push-delete-tag.json": (
+        "ignored",
+        "refs/tags/test",
+        "174561d625c9623b60d8aba09b7f08ddc9df45cd",
         None,
-        "fb522a6f08c7c7df337312e4e65ec1b57710672e",
-        False,
+        True,
+        "example-user/test-repos",
     ),
-    "bitbucket-server/push-tag.json": (
+    "bitbucket-cloud/push-new-branch.json": (
+        "push",
+        "refs/heads/feature/test",
+        None,
+        "174561d625c9623b60d8aba09b7f08ddc9df45cd",
+        False,
+        "example-user/test-repos",
+    ),
+    "bitbucket-cloud/push-signed.json": (
+        "push",
+        "refs/heads/feature/webhook",
+        None,
+        "d7f300a32270053bdfd97a6d64113f58202c33e7",
+        False,
+        "example-dev/test-repos",
+    ),
+    "bitbucket-cloud/push-tag.json": (
         "tag",
         "refs/tags/simple-tag",
         None,
+        "7ef5981d59145c3ed300b1ab77b93907d33abe59",
+        False,
+        "example-user/test-repos",
+    ),
+    "bitbucket-cloud/push.json": (
+        "push",
+        "refs/heads/feature/issue-819",
+        "a10199272451f4c7c5edced2d40b5d6f2f6f5fa3",
+        "5ecffa3874e96920f24a2b3c0d0038e47d5cd1a4",
+        False,
+        "example-user/test-repos",
+    ),
+    "bitbucket-server/ping.json": (
+        "ping",
+        None,
+        None,
+        None,
+        False,
+        None,
+    ),
+    "bitbucket-server/push-annotated-tag.json": (
+        "tag",
+        "refs/tags/annotated-tag",
+        None,
         "fb522a6f08c7c7df337312e4e65ec1b57710672e",
         False,
+        "EXAMPLE/test-repos",
     ),
     "bitbucket-server/push-delete-branch.json": (
         "ignored",
@@ -295,8 +289,272 @@ EXPECTED: dict[str, tuple[str, str | None, str | None, str | None, bool]] = {
         "fb522a6f08c7c7df337312e4e65ec1b57710672e",
         None,
         True,
+        "EXAMPLE/test-repos",
     ),
-    "bitbucket-server/ping.json": ("ping", None, None, None, False),
+    "bitbucket-server/push-delete-tag.json": (
+        "ignored",
+        "refs/tags/simple-tag",
+        "fb522a6f08c7c7df337312e4e65ec1b57710672e",
+        None,
+        True,
+        "EXAMPLE/test-repos",
+    ),
+    "bitbucket-server/push-new-branch.json": (
+        "push",
+        "refs/heads/feature/BB-1",
+        None,
+        "fb522a6f08c7c7df337312e4e65ec1b57710672e",
+        False,
+        "EXAMPLE/test-repos",
+    ),
+    "bitbucket-server/push-signed.json": (
+        "ignored",
+        "refs/heads/feature/BB-1",
+        "fb522a6f08c7c7df337312e4e65ec1b57710672e",
+        None,
+        True,
+        "EXAMPLE/test-repos",
+    ),
+    "bitbucket-server/push-tag.json": (
+        "tag",
+        "refs/tags/simple-tag",
+        None,
+        "fb522a6f08c7c7df337312e4e65ec1b57710672e",
+        False,
+        "EXAMPLE/test-repos",
+    ),
+    "bitbucket-server/push.json": (
+        "push",
+        "refs/heads/main",
+        "a8c13e8850dc60300be720019d1ffc1aa2fded87",
+        "9fdd7b96d3f5c276d0b9e0bf38c879eb112d889a",
+        False,
+        "EXAMPLE/test-repos",
+    ),
+    "extra/forgejo/release-published.json": (
+        "tag",
+        "refs/tags/0.0.5",
+        None,
+        None,
+        False,
+        "example-maintainer/demo",
+    ),
+    "extra/gitea/push-form.txt": (
+        "push",
+        "refs/heads/develop",
+        "28e1879d029cb852e4844d9c718537df08844e03",
+        "bffeb74224043ba2feb48d137756c8a9331c449a",
+        False,
+        "gitea/webhooks",
+    ),
+    "extra/gitea/release-published-form.txt": (
+        "tag",
+        "refs/tags/0.0.5",
+        None,
+        None,
+        False,
+        "example-maintainer/demo",
+    ),
+    "extra/github/ping-form.txt": (
+        "ping",
+        None,
+        None,
+        None,
+        False,
+        "Octocoders/Hello-World",
+    ),
+    "extra/github/release-published-form.txt": (
+        "tag",
+        "refs/tags/0.0.1",
+        None,
+        None,
+        False,
+        "Codertocat/Hello-World",
+    ),
+    "forgejo/push.json": (
+        "push",
+        "refs/heads/develop",
+        "28e1879d029cb852e4844d9c718537df08844e03",
+        "bffeb74224043ba2feb48d137756c8a9331c449a",
+        False,
+        "forgejo/webhooks",
+    ),
+    "gitea/create-branch.json": (
+        "ignored",
+        None,
+        None,
+        None,
+        False,
+        "example/example",
+    ),
+    "gitea/push-new-branch.json": (
+        "push",
+        "refs/heads/master",
+        None,
+        "67b56589a45103f891bdee7c0546e5d40bc02001",
+        False,
+        "example/example",
+    ),
+    "gitea/push.json": (
+        "push",
+        "refs/heads/develop",
+        "28e1879d029cb852e4844d9c718537df08844e03",
+        "bffeb74224043ba2feb48d137756c8a9331c449a",
+        False,
+        "gitea/webhooks",
+    ),
+    "gitea/release-published.json": (
+        "tag",
+        "refs/tags/0.0.5",
+        None,
+        None,
+        False,
+        "example-maintainer/demo",
+    ),
+    "github/create.json": (
+        "ignored",
+        None,
+        None,
+        None,
+        False,
+        "Codertocat/Hello-World",
+    ),
+    "github/delete.json": (
+        "ignored",
+        None,
+        None,
+        None,
+        False,
+        "Codertocat/Hello-World",
+    ),
+    "github/ping.json": (
+        "ping",
+        None,
+        None,
+        None,
+        False,
+        "Octocoders/Hello-World",
+    ),
+    "github/push-delete-branch.json": (
+        "ignored",
+        "refs/heads/feature-branch",
+        "d2b75aa7797ec26b088fa2dd527e9d2c052fcedd",
+        None,
+        True,
+        "example-author/drone-test-go",
+    ),
+    "github/push-delete-tag.json": (
+        "ignored",
+        "refs/tags/simple-tag",
+        "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+        None,
+        True,
+        "Codertocat/Hello-World",
+    ),
+    "github/push-form-from-push-json.txt": (
+        "push",
+        "refs/heads/changes",
+        "9049f1265b7d61be4a8904a9a27120d2064dab3b",
+        "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c",
+        False,
+        "baxterthehacker/public-repo",
+    ),
+    "github/push-form.txt": (
+        "push",
+        "refs/heads/master",
+        "8909e1e0182dd2563c024a699b4fca456c0f5195",
+        "009a12040858af96a17cb12695bb363d55891eda",
+        False,
+        "example-org/shop",
+    ),
+    "github/push-new-branch.json": (
+        "push",
+        "refs/heads/master",
+        None,
+        "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+        False,
+        "Codertocat/Hello-World",
+    ),
+    "github/push-organization.json": (
+        "push",
+        "refs/heads/example-owner-patch-1",
+        "d8e0d9260e58f7882394751ce1895378c3b3750d",
+        "32c457ac10563a7d2913916625db5526cde7b771",
+        False,
+        "agoda-com/samsahai-example",
+    ),
+    "github/push-tag.json": (
+        "tag",
+        "refs/tags/simple-tag",
+        None,
+        "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+        False,
+        "Codertocat/Hello-World",
+    ),
+    "github/push.json": (
+        "push",
+        "refs/heads/changes",
+        "9049f1265b7d61be4a8904a9a27120d2064dab3b",
+        "0d1a26e67d8f5eaf1f6ba5c57fc3c7d91ac0fd1c",
+        False,
+        "baxterthehacker/public-repo",
+    ),
+    "github/release-published.json": (
+        "tag",
+        "refs/tags/0.0.1",
+        None,
+        None,
+        False,
+        "Codertocat/Hello-World",
+    ),
+    "gitlab/push-delete-branch.json": (
+        "ignored",
+        "refs/heads/feature",
+        "c4c79227ed610f1151f05bbc5be33b4f340d39c8",
+        None,
+        True,
+        "gitlab-org/hello-world",
+    ),
+    "gitlab/push-new-branch.json": (
+        "push",
+        "refs/heads/feature",
+        None,
+        "c4c79227ed610f1151f05bbc5be33b4f340d39c8",
+        False,
+        "gitlab-org/hello-world",
+    ),
+    "gitlab/push.json": (
+        "push",
+        "refs/heads/master",
+        "95790bf891e76fee5e1747ab589903a6a1f80f22",
+        "da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
+        False,
+        "mike/diaspora",
+    ),
+    "gitlab/release-hook.json": (
+        "tag",
+        "refs/tags/1.0.0",
+        None,
+        "2626dbdb936782b5c54816b1c6d45b1279303c6d",
+        False,
+        "exm-namespace/example-project",
+    ),
+    "gitlab/system-hook-push.json": (
+        "push",
+        "refs/heads/master",
+        "95790bf891e76fee5e1747ab589903a6a1f80f22",
+        "da1560886d4f094c3e6c9ef40349f7d38b5d27d7",
+        False,
+        "mike/diaspora",
+    ),
+    "gitlab/tag-push-hook.json": (
+        "tag",
+        "refs/tags/v1.0.0",
+        None,
+        "82b3d5ae55f7080f1e6022629cdb57bfae7cccc7",
+        False,
+        "jsmith/example",
+    ),
 }
 
 DELIVERY_IDS = {
@@ -308,22 +566,26 @@ DELIVERY_IDS = {
     "bitbucket-server": "a9c8f5d4-3b2e-41f0-9d8c-7b6a5e4d3c2b",
 }
 
-NAMES = sorted(EXPECTED)
+# Every file of both directories, read from disk: a file added there is tested by every
+# parametrized test below (and fails the table test until its expectation is written).
+NAMES = on_disk()
 # GitLab authenticates with a token, not a body signature: handled in its own tests.
 SIGNED_NAMES = [n for n in NAMES if not n.startswith("gitlab/")]
 
 
-def test_every_shared_file_has_an_expectation() -> None:
-    """Each delivery in the shared directory is covered by the table, so none goes untested."""
-    on_disk = {f"{p.parent.name}/{p.name}" for p in SHARED.glob("*/*.json")}
-    assert on_disk == set(EXPECTED)
+def test_every_file_has_an_expectation() -> None:
+    """Each delivery in both directories is covered by the table, and the table names no file
+    that is gone, so none goes untested."""
+    assert set(NAMES) == set(EXPECTED)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_real_delivery_parses_to_expected_event(name: str) -> None:
-    """A real delivery, signed and verified, gives the ref, SHAs, kind and delivery id it holds."""
-    kind, ref, before, after, deleted = EXPECTED[name]
-    provider = name.split("/")[0]
+    """A delivery, signed and verified, gives the kind, ref, SHAs, delivery id and repository
+    name it holds; a release event is marked as one."""
+    assert name in EXPECTED, f"{name}: add its expected event to EXPECTED"
+    kind, ref, before, after, deleted, repository = EXPECTED[name]
+    provider = name.removeprefix("extra/").split("/")[0]
     events = verify_and_parse(headers_for(name), body_of(name), SECRET)
     assert len(events) == 1
     event = events[0]
@@ -337,6 +599,8 @@ def test_real_delivery_parses_to_expected_event(name: str) -> None:
     )
     assert event.deleted is deleted
     assert event.delivery_id == DELIVERY_IDS[provider]
+    assert (event.repository[:1] or (None,))[0] == repository
+    assert event.release is ("release" in name and kind == "tag")
     if kind in ("ignored", "ping"):
         assert event.reason
 
@@ -717,15 +981,17 @@ def test_fuzzed_bodies_only_raise_webhook_errors(name: str) -> None:
     """Truncated bodies and wrong-typed fields give events or a WebhookError, nothing else."""
     original = body_of(name)
     headers = headers_for(name)
+    encode = form_of if is_form(name) else bytes
     rng = random.Random(name)
     cuts = {0, 1, len(original) - 1, *(rng.randrange(len(original)) for _ in range(40))}
     bodies = [original[:cut] for cut in cuts]
-    data = json.loads(original)
+    data = json.loads(json_of(name))
     paths = [p for p in _paths(data) if len(p) <= 4]
     wrong: list[object] = [None, 0, -1, True, "", "x" * 3, [], {}, [None], {"a": 1}, ZERO]
-    for path in rng.sample(paths, min(len(paths), 120)):
+    # Forms wrap the same JSON: fewer field variants (the JSON files test those), more cuts.
+    for path in rng.sample(paths, min(len(paths), 12 if is_form(name) else 120)):
         for value in wrong:
-            bodies.append(json.dumps(_replaced(data, path, value)).encode())
+            bodies.append(encode(json.dumps(_replaced(data, path, value)).encode()))
     for body in bodies:
         try:
             events = parse(headers, body)
@@ -748,3 +1014,161 @@ def test_fuzzed_headers_only_raise_webhook_errors() -> None:
                 for secret in (SECRET, None):
                     with contextlib.suppress(WebhookError):
                         verify_and_parse(headers, body, secret, now=1_700_000_000)
+
+
+# -- form deliveries ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if is_form(n)])
+def test_form_delivery_reads_the_json_of_its_payload_field(name: str) -> None:
+    """A form delivery (`payload=<JSON>`) gives exactly the events of its JSON sent as JSON."""
+    headers = headers_for(name)
+    as_json = {**headers, "Content-Type": "application/json"}
+    assert parse(headers, body_of(name)) == parse(as_json, json_of(name))
+
+
+def test_github_form_is_signed_over_the_form_body_as_sent() -> None:
+    """GitHub signs a form delivery's body as sent: a signature over the JSON inside is refused."""
+    name = "github/push-form.txt"
+    body = body_of(name)
+    verify(headers_for(name), body, SECRET)
+    over_json = github_headers("push", json_of(name))
+    over_json["Content-Type"] = FORM
+    with pytest.raises(SignatureError, match="X-Hub-Signature-256: signature does not match"):
+        verify(over_json, body, SECRET)
+
+
+@pytest.mark.parametrize("provider", ["gitea", "forgejo"])
+def test_gitea_form_is_signed_over_the_json_inside(provider: str) -> None:
+    """Gitea and Forgejo sign a form delivery's JSON, not the form: a signature over the form
+    body is refused, and the JSON's signature passes."""
+    name = "extra/gitea/push-form.txt"
+    body = body_of(name)
+    make = gitea_headers if provider == "gitea" else forgejo_headers
+    headers = {**make(json_of(name)), "Content-Type": FORM}
+    [event] = verify_and_parse(headers, body, SECRET)
+    assert (event.provider, event.after) == (provider, "bffeb74224043ba2feb48d137756c8a9331c449a")
+    over_form = {**make(body), "Content-Type": FORM}
+    with pytest.raises(SignatureError, match="signature does not match"):
+        verify(over_form, body, SECRET)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"", "no 'payload' field"),
+        (b"payload", "not application/x-www-form-urlencoded"),
+        (b"ref=refs%2Fheads%2Fmain", "no 'payload' field"),
+        (b"payload=%7B%7D&payload=%7B%7D", "2 'payload' fields"),
+        (b"payload=%5B1%5D", "not an object"),
+        (b"payload=%7Bnot+json", "not JSON"),
+        (b"&".join(b"f%d=1" % i for i in range(100)), "not application/x-www-form-urlencoded"),
+    ],
+)
+def test_bad_form_bodies_are_payload_errors(body: bytes, message: str) -> None:
+    """A form body without exactly one JSON object in `payload` is a 400 saying what is wrong."""
+    headers = {**github_headers("push", body), "Content-Type": FORM + "; charset=utf-8"}
+    with pytest.raises(PayloadError) as err:
+        verify_and_parse(headers, body, SECRET)
+    assert message in str(err.value)
+    assert err.value.status == 400
+
+
+# -- the known-secret samples -------------------------------------------------------------------
+
+KNOWN_SECRET = "Gkvl$k$wyNpQAF42"
+KNOWN_SIGNATURES = {
+    "bitbucket-cloud/push-signed.json": (
+        "sha256=fc609cd0ac972d0b60c50f3c359eeef2eb1c3af77798186d05666a34a3a23e78"
+    ),
+    "bitbucket-server/push-signed.json": (
+        "sha256=884e5ad4a731971260665e9e7d580480f06a4be91cf93632827a2eaad55f7f2b"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN_SIGNATURES))
+def test_bitbucket_signed_sample_verifies_with_its_published_secret(name: str) -> None:
+    """Each Bitbucket flavour's signed sample verifies with the secret and X-Hub-Signature its
+    source published (fixtures README), and not with another secret."""
+    headers = headers_for(name)
+    headers["X-Hub-Signature"] = KNOWN_SIGNATURES[name]
+    [event] = verify_and_parse(headers, body_of(name), KNOWN_SECRET)
+    assert event.ref == EXPECTED[name][1]
+    with pytest.raises(SignatureError, match="X-Hub-Signature: signature does not match"):
+        verify(headers, body_of(name), SECRET)
+
+
+# -- releases and system hooks -------------------------------------------------------------------
+
+
+def _with(name: str, **changes: Any) -> bytes:
+    data = json.loads(json_of(name))
+    data.update(changes)
+    return json.dumps(data).encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "action", "kind"),
+    [
+        ("github/release-published.json", "published", "tag"),
+        ("github/release-published.json", "released", "tag"),
+        ("github/release-published.json", "created", "ignored"),
+        ("github/release-published.json", "edited", "ignored"),
+        ("github/release-published.json", "deleted", "ignored"),
+        ("gitlab/release-hook.json", "create", "tag"),
+        ("gitlab/release-hook.json", "update", "ignored"),
+        ("gitlab/release-hook.json", "delete", "ignored"),
+        ("gitea/release-published.json", "published", "tag"),
+        ("gitea/release-published.json", "updated", "ignored"),
+        ("gitea/release-published.json", "deleted", "ignored"),
+        ("extra/forgejo/release-published.json", "deleted", "ignored"),
+    ],
+)
+def test_release_actions(name: str, action: str, kind: str) -> None:
+    """A published release deploys its tag; an edit or deletion is ignored, naming its action."""
+    body = _with(name, action=action)
+    headers = headers_for(name)
+    if not name.startswith("gitlab/"):
+        headers = github_headers("release", body) if name.startswith("github/") else headers
+    [event] = parse(headers, body)
+    assert event.kind == kind
+    if kind == "ignored":
+        assert repr(action) in event.reason
+    else:
+        assert event.release and event.ref == EXPECTED[name][1]
+
+
+@pytest.mark.parametrize(
+    ("event_name", "kind", "ref"),
+    [
+        ("push", "push", "refs/heads/master"),
+        ("tag_push", "tag", "refs/tags/v1.0.0"),
+        ("repository_update", "ignored", None),
+        ("project_create", "ignored", None),
+    ],
+)
+def test_gitlab_system_hook_kind_comes_from_event_name(
+    event_name: str, kind: str, ref: str | None
+) -> None:
+    """A GitLab system hook (X-Gitlab-Event: System Hook for every event) is a push or tag push
+    by its body's event_name, with or without object_kind; other system events are ignored."""
+    body = _with("gitlab/system-hook-push.json", event_name=event_name, ref=ref or "refs/x/y")
+    [event] = parse(gitlab_headers("System Hook"), body)
+    assert (event.kind, event.ref if kind != "ignored" else None) == (kind, ref)
+    assert event.repository[0] == "mike/diaspora"
+    if kind == "ignored":
+        assert repr(event_name) in event.reason
+
+
+def test_bitbucket_server_tag_object_is_kept_with_several_changes() -> None:
+    """With several changes, Bitbucket Data Center's single toCommit cannot say which change it
+    belongs to: each change keeps its own toHash."""
+    data = json.loads(body_of("bitbucket-server/push-annotated-tag.json"))
+    data["changes"].append(json.loads(body_of("bitbucket-server/push.json"))["changes"][0])
+    body = json.dumps(data).encode()
+    events = parse(bb_server_headers(body, "repo:refs_changed"), body)
+    assert [e.after for e in events] == [
+        "118cc36527dd376b94de5b0e6424b1dfbd4717ff",
+        "9fdd7b96d3f5c276d0b9e0bf38c879eb112d889a",
+    ]

@@ -159,3 +159,35 @@ def test_newer_waiting_sees_only_later_pushes_of_the_repo(queue: EventQueue) -> 
     second = queue.put(source="webhook", kind="tag", repo="app", ref="refs/tags/v2")[0]
     assert queue.newer_waiting("app", first)
     assert not queue.newer_waiting("app", second)
+
+
+def test_a_deferred_event_is_claimed_only_when_due(tmp_path: Path) -> None:
+    """An event put off until a time is not claimed before it (nor does it hold back events
+    queued after it), and is claimed again, as it was, from then on."""
+    now = [1_800_000_000.0]
+    queue = EventQueue(State.in_dir(tmp_path / "data", clock=lambda: now[0]))
+    waiting = queue.put(source="webhook", kind="push", repo="app", sha="c" * 40)[0]
+    assert [e.id for e in queue.claim("w")] == [waiting]
+    queue.defer(waiting, now[0] + 4.0, "waiting for announced commit cccccccccccc")
+    assert queue.next_due_in() == pytest.approx(4.0)
+    other = queue.put(source="webhook", kind="push", repo="other")[0]
+    assert [e.id for e in queue.claim("w")] == [other]
+    assert queue.claim("w") == []
+    row = queue.recent()[1]
+    assert (row["id"], row["status"], row["owner"]) == (waiting, "queued", None)
+    assert row["note"] == "waiting for announced commit cccccccccccc" and row["not_before"]
+    now[0] += 4.0
+    assert queue.next_due_in() == 0.0
+    claimed = queue.claim("w")
+    assert [(e.id, e.sha) for e in claimed] == [(waiting, "c" * 40)]
+    assert queue.next_due_in() is None and queue.recent()[1]["not_before"] is None
+
+
+def test_a_newer_push_claims_the_deferred_one_with_it(queue: EventQueue) -> None:
+    """A newer push of the repo is claimed at once together with the deferred push before it,
+    so the newest one supersedes the wait, as coalescing does."""
+    waiting = queue.put(source="webhook", kind="push", repo="app", sha="c" * 40)[0]
+    queue.claim("w")
+    queue.defer(waiting, 4_000_000_000.0, "waiting")
+    newer = queue.put(source="webhook", kind="push", repo="app", sha="d" * 40)[0]
+    assert [e.id for e in queue.claim("w")] == [waiting, newer]

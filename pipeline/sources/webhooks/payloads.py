@@ -3,10 +3,19 @@
 `parse` turns (headers, raw body) into PushEvents; it authenticates nothing (see
 `pipeline.sources.webhooks.signatures.verify`). Refs and SHAs are validated before they leave this
 module, because the server hands them to git: a malformed value is a PayloadError, never passed on.
+The body is JSON, or a form (`application/x-www-form-urlencoded`) with the JSON in its `payload`
+field (GitHub, Gitea, Gogs, Forgejo).
 
-Kinds: "push" (branch created or updated), "tag" (tag created or updated, or a GitHub release
-published), "ping", and "ignored" (any other event, and every deletion: `deleted=True` with
-`ref` and `before` filled in, `after=None`, so a server that cares about deletions can still act).
+Kinds: "push" (branch created or updated), "tag" (tag created or updated, or a release published:
+GitHub `release` published/released, GitLab `Release Hook` create, Gitea/Forgejo `release`
+published; `release=True`), "ping", and "ignored" (any other event, and every deletion:
+`deleted=True` with `ref` and `before` filled in, `after=None`, so a server that cares about
+deletions can still act). Each event carries the repository names the delivery gives
+(`repository`: full name first, then clone and web URLs) for `identity.same_repository`.
+
+Where each provider puts these fields: tests/fixtures/webhooks/README.md, from the providers'
+documentation (GitHub "Webhook events and payloads", GitLab "Webhook events" and "System hooks",
+Gitea and Forgejo "Webhooks", Bitbucket "Event payloads").
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from pipeline.sources.refs import HEX_SHA
 from pipeline.sources.webhooks.signatures import (
     PayloadError,
     bitbucket_flavour_from_payload,
+    json_bytes,
     load_json_object,
     lower_headers,
     provider_from_headers,
@@ -26,6 +36,8 @@ from pipeline.sources.webhooks.signatures import (
 
 _MAX_REF_LEN = 1024
 _MAX_DELIVERY_ID_LEN = 200
+_MAX_NAME_LEN = 500
+_MAX_NAMES = 12
 # Characters git check-ref-format refuses anywhere in a ref name.
 _REF_FORBIDDEN = frozenset("~^:?*[\\")
 
@@ -42,7 +54,11 @@ _DELIVERY_HEADERS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class PushEvent:
-    """One ref change (or ping, or ignored delivery) announced by a git host."""
+    """One ref change (or ping, or ignored delivery) announced by a git host.
+
+    `repository`: the names the delivery gives its repository, as given (full name or path
+    with namespace first, then clone and web URLs; empty when it names none). `release`: True
+    when a release event announced the tag; such an event may name no commit (`after=None`)."""
 
     provider: str
     kind: str
@@ -52,26 +68,31 @@ class PushEvent:
     delivery_id: str | None
     deleted: bool = False
     reason: str = ""
+    repository: tuple[str, ...] = ()
+    release: bool = False
 
 
 def parse(headers: Mapping[str, str], body: bytes) -> list[PushEvent]:
     """Read the push events of one delivery; always at least one event (maybe "ignored").
 
-    Raises PayloadError for a body that is not a JSON object or lacks or mangles a field.
+    Raises PayloadError for a body that is not a JSON object (or a form without one in its
+    `payload` field) or lacks or mangles a field.
     """
     h = lower_headers(headers)
     provider = provider_from_headers(h)
-    data = load_json_object(body)
+    data = load_json_object(json_bytes(h, body))
     if provider == "bitbucket":
         provider = bitbucket_flavour_from_payload(data)
     delivery = _delivery_id(provider, h)
-    return _PARSERS[provider](h, data, _Ctx(provider, delivery))
+    names = _repository_names(provider, data)
+    return _PARSERS[provider](h, data, _Ctx(provider, delivery, names))
 
 
 @dataclass(frozen=True)
 class _Ctx:
     provider: str
     delivery_id: str | None
+    repository: tuple[str, ...] = ()
 
     def event(self, kind: str, reason: str = "", **fields: Any) -> PushEvent:
         values: dict[str, Any] = {"ref": None, "before": None, "after": None, "deleted": False}
@@ -81,8 +102,16 @@ class _Ctx:
             kind=kind,
             delivery_id=self.delivery_id,
             reason=reason,
+            repository=self.repository,
             **values,
         )
+
+    def release(self, tag: object, where: str, sha: str | None = None) -> PushEvent:
+        """A published release of `tag` (a short name): a tag event, its commit if named."""
+        if not isinstance(tag, str) or not tag:
+            raise PayloadError(f"{where}: expected a tag name, got {_show(tag)}")
+        ref = _ref("refs/tags/" + tag, where)
+        return self.event("tag", "release published", ref=ref, after=sha, release=True)
 
     def ignored(self, reason: str) -> list[PushEvent]:
         return [self.event("ignored", reason)]
@@ -112,6 +141,63 @@ def _delivery_id(provider: str, h: Mapping[str, str]) -> str | None:
         if value:
             return value[:_MAX_DELIVERY_ID_LEN]
     return None
+
+
+def _dig(data: Any, *path: str | int) -> Any:
+    for step in path:
+        if isinstance(step, int):
+            data = data[step] if isinstance(data, list) and len(data) > step else None
+        else:
+            data = data.get(step) if isinstance(data, dict) else None
+    return data
+
+
+# Where each provider names the repository (tests/fixtures/webhooks/README.md, "Where the
+# repository is named"): full names first, then clone and web URLs.
+_NAME_FIELDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "github": (
+        ("repository", "full_name"),
+        ("repository", "clone_url"),
+        ("repository", "ssh_url"),
+        ("repository", "git_url"),
+        ("repository", "html_url"),
+    ),
+    "gitlab": (
+        ("project", "path_with_namespace"),
+        ("project", "git_http_url"),
+        ("project", "git_ssh_url"),
+        ("project", "web_url"),
+        ("repository", "git_http_url"),
+        ("repository", "git_ssh_url"),
+        ("repository", "homepage"),
+    ),
+    "gitea": (
+        ("repository", "full_name"),
+        ("repository", "clone_url"),
+        ("repository", "ssh_url"),
+        ("repository", "html_url"),
+    ),
+    "bitbucket-cloud": (("repository", "full_name"), ("repository", "links", "html", "href")),
+    "generic": (),
+}
+_NAME_FIELDS["forgejo"] = _NAME_FIELDS["gitea"]
+
+
+def _repository_names(provider: str, data: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names the body gives its repository, unvalidated text (only compared, never run)."""
+    found: list[Any] = [_dig(data, *path) for path in _NAME_FIELDS.get(provider, ())]
+    if provider == "bitbucket-server":
+        key, slug = _dig(data, "repository", "project", "key"), _dig(data, "repository", "slug")
+        if isinstance(key, str) and isinstance(slug, str):
+            found.append(f"{key}/{slug}")
+        clones = _dig(data, "repository", "links", "clone")
+        for link in clones[:_MAX_NAMES] if isinstance(clones, list) else ():
+            found.append(_dig(link, "href"))
+    names: list[str] = []
+    for value in found:
+        if isinstance(value, str) and value.strip() and value not in names:
+            names.append(value.strip()[:_MAX_NAME_LEN])
+    return tuple(names[:_MAX_NAMES])
 
 
 def _show(value: object) -> str:
@@ -213,22 +299,34 @@ def _github(h: Mapping[str, str], data: Mapping[str, Any], ctx: _Ctx) -> list[Pu
     if event == "push":
         return [_simple_push(data, ctx, deleted=_flag(data, "deleted", ""))]
     if event == "release":
-        action = data.get("action")
-        if action != "published":
-            return ctx.ignored(f"release action {_show(action)} is not 'published'")
-        release = _object(data, "release", "", "release event")
-        tag = _text(release, "tag_name", "release.", "release event")
-        ref = _ref("refs/tags/" + tag, "release.tag_name")
-        # No SHA in a release: the server resolves the tag itself.
-        return [ctx.event("tag", "release published", ref=ref)]
+        # "released" also comes when a pre-release becomes a release; "created" is a draft
+        # or not yet published, "edited"/"deleted"/"unpublished" change nothing to deploy.
+        return [_release_tag_name(data, ctx, ("published", "released"))]
     return ctx.ignored(_not_push(event))
+
+
+def _release_tag_name(data: Mapping[str, Any], ctx: _Ctx, actions: tuple[str, ...]) -> PushEvent:
+    """GitHub's, Gitea's and Forgejo's `release` event: `action`, `release.tag_name`; no SHA
+    (`target_commitish` is a branch name or a SHA): the tag is resolved when fetched."""
+    action = data.get("action")
+    if action not in actions:
+        wanted = " or ".join(repr(a) for a in actions)
+        return ctx.event("ignored", f"release action {_show(action)} is not {wanted}")
+    release = _object(data, "release", "", "release event")
+    return ctx.release(_field(release, "tag_name", "release.", "release event"), "release.tag_name")
 
 
 def _gitlab(h: Mapping[str, str], data: Mapping[str, Any], ctx: _Ctx) -> list[PushEvent]:
     event = h.get("x-gitlab-event", "").strip()
+    if event == "Release Hook":
+        return [_gitlab_release(data, ctx)]
     is_push = event in ("Push Hook", "Tag Push Hook")
-    # System hooks carry the same push body, told apart by object_kind.
-    if event == "System Hook" and data.get("object_kind") in ("push", "tag_push"):
+    # A system hook says "System Hook" for every event: the body's event_name (object_kind in
+    # current GitLab too) tells a push (GitLab docs, "System hooks", push and tag events).
+    if event == "System Hook":
+        what = data.get("event_name", data.get("object_kind"))
+        if what not in ("push", "tag_push"):
+            return ctx.ignored(f"system hook event {_show(what)} is not a push")
         is_push = True
     if not is_push:
         return ctx.ignored(_not_push(event))
@@ -237,9 +335,22 @@ def _gitlab(h: Mapping[str, str], data: Mapping[str, Any], ctx: _Ctx) -> list[Pu
     return [_simple_push(data, ctx, deleted=deleted)]
 
 
+def _gitlab_release(data: Mapping[str, Any], ctx: _Ctx) -> PushEvent:
+    """GitLab's Release Hook: `action` create/update/delete, `tag` (short name), `commit.id`."""
+    action = data.get("action")
+    if action != "create":
+        return ctx.event("ignored", f"release action {_show(action)} is not 'create'")
+    commit = _object(data, "commit", "", "release event")
+    sha = _sha(_field(commit, "id", "commit.", "release event"), "commit.id")
+    return ctx.release(_field(data, "tag", "", "release event"), "tag", sha)
+
+
 def _gitea_like(event_headers: tuple[str, ...]) -> _Parser:
     def parse_gitea(h: Mapping[str, str], data: Mapping[str, Any], ctx: _Ctx) -> list[PushEvent]:
         event = next((h[n].strip() for n in event_headers if h.get(n, "").strip()), "")
+        if event == "release":
+            # Gitea and Forgejo send "published", "updated" or "deleted" (modules/structs/hook.go).
+            return [_release_tag_name(data, ctx, ("published",))]
         if event != "push":
             return ctx.ignored(_not_push(event))
         # The body's "secret" field (old Gitea) is deliberately never read.
@@ -297,7 +408,8 @@ def _bitbucket_server(h: Mapping[str, str], data: Mapping[str, Any], ctx: _Ctx) 
     if key != "repo:refs_changed":
         return ctx.ignored(_not_push(key))
     events = []
-    for i, change in enumerate(_list(data, "changes", "")):
+    changes = _list(data, "changes", "")
+    for i, change in enumerate(changes):
         where = f"changes[{i}]"
         if not isinstance(change, dict):
             raise PayloadError(f"{where}: expected an object, got {_show(change)}")
@@ -310,6 +422,11 @@ def _bitbucket_server(h: Mapping[str, str], data: Mapping[str, Any], ctx: _Ctx) 
         before = _sha(_field(change, "fromHash", f"{where}."), f"{where}.fromHash")
         after = _sha(_field(change, "toHash", f"{where}."), f"{where}.toHash")
         deleted = change.get("type") == "DELETE"
+        to_commit = _dig(data, "toCommit", "id")
+        if after is not None and not deleted and len(changes) == 1 and to_commit is not None:
+            # An annotated tag's toHash is the tag object; toCommit (Data Center, one change)
+            # is the commit it points to, as Bitbucket Cloud's target.hash is.
+            after = _sha(to_commit, "toCommit.id")
         events.append(ctx.ref_change(ref, before, after, deleted=deleted))
     return events or ctx.ignored("push carries no changes")
 

@@ -6,7 +6,9 @@ Pure functions over (headers, raw body bytes, secret); no JSON is parsed to auth
 Policy: with a secret configured, a request without the provider's signature (or token) is
 refused. With no secret configured (`secret=None`), requests are accepted unsigned and any
 signature they carry is not checked: whether that is allowed is the server's decision. A body
-field (Gitea's deprecated top-level "secret") is never proof of origin.
+field (Gitea's deprecated top-level "secret") is never proof of origin. A form delivery
+(`application/x-www-form-urlencoded`, the JSON in its `payload` field) is signed over the body
+as sent by GitHub, over the `payload` JSON by Gitea and Forgejo.
 
 The generic form is pipeline's own: `X-Pipeline-Signature: sha256=<hex HMAC-SHA256(secret,
 body)>`, optional `X-Pipeline-Event: push|ping` (default push) and `X-Delivery-Id`.
@@ -21,6 +23,7 @@ import hashlib
 import hmac
 import json
 import time
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +62,9 @@ _HEX_SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 _MAX_TIMESTAMP_DIGITS = 15
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+# A form delivery has one field; a few more are tolerated, a flood is refused unparsed.
+_MAX_FORM_FIELDS = 16
 
 
 class WebhookError(PipelineError):
@@ -99,6 +105,44 @@ def load_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PayloadError(f"JSON body is not an object but {type(data).__name__}")
     return data
+
+
+def is_form(headers: Mapping[str, str]) -> bool:
+    """True when the delivery's Content-Type is `application/x-www-form-urlencoded` (GitHub's
+    default for a new hook; Gitea, Gogs and Forgejo offer it too), parameters ignored."""
+    value = lower_headers(headers).get("content-type", "")
+    return value.split(";", 1)[0].strip().lower() == FORM_CONTENT_TYPE
+
+
+def form_payload(body: bytes) -> bytes:
+    """The exact bytes of the `payload` field of a form body (`payload=<URL-encoded JSON>`), as
+    GitHub and Gitea send it (GitHub docs "Webhook events and payloads", delivery headers;
+    go-gitea/gitea services/webhook/deliver.go). Decoded by the standard library's form
+    decoder; raises PayloadError when the body is not a form with exactly one `payload`."""
+    if not isinstance(body, bytes | bytearray):
+        raise PayloadError(f"body is not bytes but {type(body).__name__}")
+    try:
+        # Latin-1 maps each byte to one character and back, so the field's bytes come out
+        # exactly as the sender percent-encoded them (they may not be valid UTF-8).
+        fields = urllib.parse.parse_qs(
+            bytes(body).decode("latin-1"),
+            keep_blank_values=True,
+            strict_parsing=True,
+            encoding="latin-1",
+            max_num_fields=_MAX_FORM_FIELDS,
+        )
+    except ValueError as exc:
+        raise PayloadError(f"form body is not application/x-www-form-urlencoded: {exc}") from None
+    values = fields.get("payload", [])
+    if len(values) != 1:
+        found = "no 'payload' field" if not values else f"{len(values)} 'payload' fields"
+        raise PayloadError(f"form body has {found} (expected the JSON in one 'payload' field)")
+    return values[0].encode("latin-1")
+
+
+def json_bytes(headers: Mapping[str, str], body: bytes) -> bytes:
+    """The delivery's JSON: the raw body, or a form body's `payload` field."""
+    return form_payload(body) if is_form(headers) else body
 
 
 def provider_from_headers(headers: Mapping[str, str]) -> str:
@@ -160,7 +204,9 @@ def verify(
 ) -> None:
     """Raise SignatureError unless the request is signed with `secret` as its provider does it.
 
-    `secret=None` means none is configured: the request is accepted unchecked. `now` (Unix
+    The signed bytes are the raw body as sent (a GitHub form body included), except for a
+    Gitea or Forgejo form delivery, signed over its `payload` field's JSON. `secret=None`
+    means none is configured: the request is accepted unchecked. `now` (Unix
     seconds, default the current time) and `max_age` bound GitLab's signed-form timestamp.
     """
     h = lower_headers(headers)
@@ -176,7 +222,12 @@ def verify(
         _verify_gitlab(h, bytes(body), secret, now=now, max_age=max_age)
         return
     family = "bitbucket" if provider.startswith("bitbucket") else provider
-    _verify_hex(h, bytes(body), secret, _HEX_SIGNATURES[family])
+    signed = bytes(body)
+    if family in ("gitea", "forgejo") and is_form(h):
+        # Gitea (and Forgejo after it) signs the JSON it puts in the form, not the form body;
+        # GitHub signs the form body exactly as sent (README of tests/fixtures/webhooks).
+        signed = form_payload(signed)
+    _verify_hex(h, signed, secret, _HEX_SIGNATURES[family])
 
 
 def sign(body: bytes, secret: str) -> str:

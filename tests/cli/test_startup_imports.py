@@ -1,0 +1,118 @@
+"""What each command imports before it answers: the guard of the CLI's start-up time.
+
+Not a timing test (timings depend on the machine): each case runs a command in a fresh
+process and lists the top-level packages it loaded. The costly ones (SQLAlchemy and Alembic,
+the docker SDK, GitPython, the web service, APScheduler, pyroute2, structlog) must stay out of
+the commands that do not need them; `bench/bench_cli_startup.py` measures the times.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "pipeline.example.toml"
+
+# Runs the CLI as the console script does, then writes the top-level names of every module
+# loaded to the file named by the first argument, whatever the command's exit.
+_PROBE = """
+import json, sys
+out, sys.argv = sys.argv[1], ["pipeline", *sys.argv[2:]]
+try:
+    from pipeline.cli.app import main
+    main()
+except SystemExit:
+    pass
+finally:
+    with open(out, "w") as f:
+        json.dump(sorted({name.split(".")[0] for name in sys.modules}), f)
+"""
+
+HEAVY = {
+    "docker",
+    "sqlalchemy",
+    "alembic",
+    "git",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "apscheduler",
+    "watchdog",
+    "pyroute2",
+    "structlog",
+    "httpx",
+    "tenacity",
+}
+# The config needs pydantic; cron expressions are checked with APScheduler's own parser.
+CONFIG_ONLY = HEAVY - {"apscheduler"}
+
+
+def _loaded(tmp_path: Path, *args: str) -> set[str]:
+    out = tmp_path / "modules.json"
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(out), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert out.exists(), done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    return set(json.loads(out.read_text()))
+
+
+def _config(tmp_path: Path) -> Path:
+    """The example config with its state database in tmp_path."""
+    path = tmp_path / "pipeline.toml"
+    text = EXAMPLE.read_text(encoding="utf-8")
+    path.write_text(text.replace('data_dir = ".pipeline"', f'data_dir = "{tmp_path / "data"}"'))
+    return path
+
+
+def test_help_imports_no_config_database_docker_git_or_service(tmp_path: Path) -> None:
+    """`pipeline --help` loads only typer and pipeline's CLI modules: not pydantic, the
+    database, Docker, git, the service, the scheduler, the lab or structlog."""
+    loaded = _loaded(tmp_path, "--help")
+    assert "typer" in loaded  # the probe ran the CLI
+    assert loaded & (HEAVY | {"pydantic"}) == set()
+
+
+def test_a_commands_help_imports_no_database_docker_git_or_service(tmp_path: Path) -> None:
+    """`pipeline run --help` loads nothing of the database, Docker, git or the service (typer
+    parses the global options with pydantic, and the app's callback sets up structlog)."""
+    loaded = _loaded(tmp_path, "run", "--help")
+    assert "typer" in loaded
+    assert loaded & (HEAVY - {"structlog"}) == set()
+
+
+@pytest.mark.parametrize("command", ["validate", "hook-validate"])
+def test_config_only_commands_import_no_database_docker_git_or_service(
+    tmp_path: Path, command: str
+) -> None:
+    """`pipeline validate` and the pre-receive hook's `hook-validate` (run on every push) load
+    the config's pydantic model and nothing of the database, Docker, git, the service or
+    structlog."""
+    config = _config(tmp_path)
+    args = ["validate", "-c", str(config)]
+    if command == "hook-validate":
+        args = ["hook-validate", "--repo", "shop", "--ref", "refs/heads/main"]
+        args += ["-c", str(config), str(config)]
+    loaded = _loaded(tmp_path, *args)
+    assert "pydantic" in loaded  # the config was read
+    assert loaded & CONFIG_ONLY == set()
+
+
+def test_hook_event_imports_the_database_but_not_docker_git_or_the_service(
+    tmp_path: Path,
+) -> None:
+    """The post-receive hook's `hook-event` (queue a push, no --follow) loads the state
+    database and nothing of Docker, git, the HTTP client or the service."""
+    config = _config(tmp_path)
+    args = ["hook-event", "--repo", "shop", "--ref", "refs/heads/main", "--sha", "a" * 40]
+    loaded = _loaded(tmp_path, *args, "-c", str(config))
+    assert "sqlalchemy" in loaded  # the event was queued
+    assert loaded & {"docker", "git", "fastapi", "uvicorn", "pyroute2", "httpx"} == set()
