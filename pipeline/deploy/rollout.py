@@ -113,6 +113,7 @@ class _Pass:
     # A proxied service: hosts whose "new" container is a retained one started again (a
     # rollback), never removed on undo; when each host's route moved (its drain starts then).
     reused: set[str] = field(default_factory=set)
+    containers: dict[str, list[ContainerInfo]] = field(default_factory=dict)  # seen by observe
     routed_at: dict[str, float] = field(default_factory=dict)
 
 
@@ -257,7 +258,7 @@ class Rollout:
     def _observe(self, p: _Pass) -> None:
         """Record every host's previous container (`release_hosts`, phase planned)."""
         for host in self.spec.hosts:
-            info = self._previous(host)
+            info = self._previous(host, p)
             labels = info.labels if info else {}
             p.previous[host] = PreviousContainer(
                 host=host,
@@ -268,10 +269,12 @@ class Rollout:
             )
         self.state.rollouts.plan_release_hosts(p.release_id, p.previous.values())
 
-    def _previous(self, host: str) -> ContainerInfo | None:
+    def _previous(self, host: str, p: _Pass | None = None) -> ContainerInfo | None:
         """The container the host returns to on undo: the recorded deployment's when it runs,
         else the newest running container of the service, else the recorded one (stopped)."""
         containers = self.engines[host].containers.managed_containers(self.service)
+        if p is not None:
+            p.containers[host] = containers
         record = self.state.deployment(self.service, host)
         recorded = [c for c in containers if record is not None and c.id == record.container_id]
         running = [c for c in containers if c.status == "running"]
@@ -430,7 +433,9 @@ class Rollout:
         if retained is not None:
             info = retained
             if retained.status != "running":
-                self.retry.call(lambda: engine.containers.start(retained.id), f"start on {host}")
+                self.retry.call(
+                    lambda: engine.containers.start(retained.id, managed=True), f"start on {host}"
+                )
                 info = engine.containers.inspect(retained.id) or retained
             p.new[host] = info
             p.reused.add(host)
@@ -455,7 +460,10 @@ class Rollout:
     def _retained(self, host: str, p: _Pass) -> ContainerInfo | None:
         """A container of the service on the host that ran this release's image and settings
         before (kept stopped after it was switched away from), other than the one serving."""
-        for c in self.engines[host].containers.managed_containers(self.service):
+        seen = p.containers.get(host)
+        if seen is None:
+            seen = self.engines[host].containers.managed_containers(self.service)
+        for c in seen:
             labels = c.labels
             if (
                 c.id != p.previous[host].container
