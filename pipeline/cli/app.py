@@ -90,12 +90,14 @@ def _register_subcommands() -> None:
     from pipeline.cli import hooks as cli_hooks
     from pipeline.cli import serve as cli_serve
     from pipeline.cli.lab import lab_app
+    from pipeline.cli.proxy import proxy_app
 
     cli_deploy.register(app)
     cli_serve.register(app)
     cli_hooks.register(app)
 
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
+    app.add_typer(proxy_app, name="proxy", help="The reverse proxy pipeline runs on each host.")
 
 
 def interrupt_on_sigterm() -> None:

@@ -20,11 +20,13 @@ from pipeline.config.model import (
     HostSection,
     ImageSection,
     PipelineSection,
+    ProxySection,
     RegistrySection,
     RepoSection,
     ServerSection,
     ServiceSection,
     listens_beyond_loopback,
+    parse_port,
 )
 from pipeline.errors import ConfigError
 from pipeline.redact import register_secret
@@ -33,6 +35,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "pipeline": PipelineSection,
     "server": ServerSection,
     "registry": RegistrySection,
+    "proxy": ProxySection,
 }
 _NAMED: dict[str, type[BaseModel]] = {
     "hosts": HostSection,
@@ -248,11 +251,78 @@ def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], st
         health = svc.get("health")
         http = health.get("http") if isinstance(health, dict) else None
         path_check = isinstance(http, str) and http.startswith("/")
-        if path_check and not svc.get("ports") and svc.get("network", "bridge") != "host":
+        proxied = isinstance(svc.get("proxy"), dict)  # checked through the proxy: no port needed
+        if (
+            path_check
+            and not proxied
+            and not svc.get("ports")
+            and svc.get("network", "bridge") != "host"
+        ):
             yield (
                 ("services", name, "health", "http"),
                 "an http check on a path needs a published port ('ports') or network 'host'",
             )
+
+    yield from _proxy_problems(raw, dict(entries("services")))
+
+
+def _proxy_problems(
+    raw: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> Iterable[tuple[tuple[str, ...], str]]:
+    """What the `[proxy]` and `[services.*.proxy]` tables must agree on: a `[proxy]` table once
+    any service is proxied; each host name and path claimed by one service; no service on a
+    proxy's host publishing the proxy's ports; a proxied service on the proxy's network."""
+    proxied = {n: s for n, s in services.items() if isinstance(s.get("proxy"), dict)}
+    if not proxied:
+        return
+    proxy = raw.get("proxy")
+    if not isinstance(proxy, dict):
+        for name in proxied:
+            yield (("services", name, "proxy"), "a proxied service needs a [proxy] table")
+        proxy = {}
+    http_port, https_port = proxy.get("http_port", 80), proxy.get("https_port", 443)
+    network = proxy.get("network", "pipeline")
+    claimed: dict[tuple[str, str], str] = {}
+    for name, svc in proxied.items():
+        table = svc["proxy"]
+        prefix = table.get("path_prefix", "/")
+        names = table.get("hosts")
+        for i, host in enumerate(names if isinstance(names, list) else []):
+            key = (str(host).lower(), str(prefix).rstrip("/") or "/")
+            if key in claimed:
+                yield (
+                    ("services", name, "proxy", "hosts", str(i)),
+                    f"host {host!r} with path {prefix!r} is already routed to service "
+                    f"{claimed[key]!r}",
+                )
+            else:
+                claimed[key] = name
+        if svc.get("network", "bridge") not in ("bridge", network):
+            yield (
+                ("services", name, "network"),
+                f"a proxied service runs on the proxy's network {network!r}; leave 'network' out",
+            )
+    proxy_hosts = {
+        h for s in proxied.values() for h in (s.get("hosts") or []) if isinstance(h, str)
+    }
+    for name, svc in services.items():
+        on_proxy_host = any(h in proxy_hosts for h in svc.get("hosts") or [] if isinstance(h, str))
+        ports = svc.get("ports")
+        for i, text in enumerate(ports if isinstance(ports, list) else []):
+            try:
+                host_port = parse_port(str(text)).host_port
+            except ValueError:
+                continue  # reported by the model
+            where = ("services", name, "ports", str(i))
+            if on_proxy_host and host_port in (http_port, https_port):
+                which = "http_port" if host_port == http_port else "https_port"
+                yield (where, f"publishes host port {host_port}, the proxy's {which}")
+            elif name in proxied and host_port is not None:
+                yield (
+                    where,
+                    f"a proxied service starts beside its old container, so it cannot publish "
+                    f"the fixed host port {host_port}; the proxy reaches it on its network",
+                )
 
 
 def _read_token(server: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:

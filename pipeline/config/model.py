@@ -19,6 +19,9 @@ _MEMORY_RE = re.compile(r"^\d+(\.\d+)?[bkmgBKMG]?$")
 _RESTART_RE = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
 _SECRET_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.-]+(:\d{1,5})?$")
+# A Host header a proxy route matches: a DNS name, optionally with one leading "*." wildcard.
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(\*\.)?({_LABEL}\.)*{_LABEL}$")
 DEFAULT_MONITOR = 5.0  # seconds a new container is watched after its check first passes
 
 
@@ -164,6 +167,12 @@ def _docker_url(value: str) -> str:
     return value
 
 
+def _network_name(value: str) -> str:
+    if value in ("bridge", "host", "none") or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", value):
+        raise ValueError(f"invalid network {value!r} (a named Docker network, not {value!r})")
+    return value
+
+
 def _secret_sources(value: dict[str, str]) -> dict[str, str]:
     for key, source in value.items():
         stem, _, kind = key.rpartition("_")
@@ -187,6 +196,18 @@ def _spec_list(value: object) -> object:
 def _env_name(value: str) -> str:
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
         raise ValueError(f"invalid environment variable name {value!r}")
+    return value
+
+
+def _hostname(value: str) -> str:
+    if not _HOSTNAME_RE.match(value):
+        raise ValueError(f"invalid host name {value!r} (a DNS name like 'shop.example.com')")
+    return value
+
+
+def _path_prefix(value: str) -> str:
+    if not value.startswith("/") or any(c in value for c in " *?#"):
+        raise ValueError(f"invalid path_prefix {value!r} (a path starting with '/', no wildcards)")
     return value
 
 
@@ -359,6 +380,32 @@ class HealthSection(_Table):
         return self
 
 
+class ProxySection(_Table):
+    """`[proxy]`: the reverse proxy pipeline runs as container `pipeline-proxy` on every host of
+    a proxied service (an image that behaves like the official `caddy:2`: /usr/bin/caddy)."""
+
+    image: str = "caddy:2"
+    http_port: int = Field(default=80, ge=1, le=65535)  # host port of plain HTTP
+    https_port: int = Field(default=443, ge=1, le=65535)  # host port of HTTPS (tls services)
+    network: Annotated[str, AfterValidator(_network_name)] = "pipeline"
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> ProxySection:
+        if self.http_port == self.https_port:
+            raise ValueError("http_port and https_port must differ")
+        return self
+
+
+class ServiceProxySection(_Table):
+    """`[services.NAME.proxy]`: the requests the host's proxy sends to this service."""
+
+    hosts: list[Annotated[str, AfterValidator(_hostname)]] = Field(min_length=1)
+    path_prefix: Annotated[str, AfterValidator(_path_prefix)] = "/"
+    port: int = Field(ge=1, le=65535)  # the container port requests go to
+    drain: Duration = 30.0  # seconds in-flight requests get before the old container stops
+    tls: Literal["acme", "internal", "off"] = "off"
+
+
 class ServiceSection(_Table):
     image: str
     hosts: list[str] = Field(min_length=1)
@@ -376,10 +423,15 @@ class ServiceSection(_Table):
     stop_timeout: Duration = 10.0  # SIGTERM, then SIGKILL after this long (as `docker stop -t`)
     max_parallel: int = Field(default=1, ge=1)
     health: HealthSection = Field(default_factory=HealthSection)
+    proxy: ServiceProxySection | None = None  # routed through the host's proxy (zero downtime)
 
     @model_validator(mode="after")
     def _ports_fit_strategy(self) -> ServiceSection:
         fixed = [p for p in self.ports if parse_port(p).host_port is not None]
+        if self.proxy is not None and self.network == "host":
+            raise ValueError(
+                "a proxied service runs on the proxy's network; it cannot use network 'host'"
+            )
         if self.strategy == "start-first" and (fixed or self.network == "host"):
             raise ValueError(
                 "strategy 'start-first' runs old and new side by side, so it cannot publish a "
@@ -392,6 +444,7 @@ class Config(_Table):
     pipeline: PipelineSection = Field(default_factory=PipelineSection)
     server: ServerSection = Field(default_factory=ServerSection)
     registry: RegistrySection | None = None
+    proxy: ProxySection | None = None
     hosts: dict[str, HostSection] = Field(default_factory=dict)
     repos: dict[str, RepoSection] = Field(default_factory=dict)
     images: dict[str, ImageSection] = Field(default_factory=dict)

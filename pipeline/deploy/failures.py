@@ -52,6 +52,7 @@ _DOING: Mapping[StepKind, str] = {
     "stop": "stopping the old container",
     "start": "could not start the new container",
     "health": "health check",
+    "route": "switching the proxy's route",
     "switch": "recording the deployment",
     "retire": "retiring the old container",
 }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -58,16 +58,23 @@ def _refused_or(exc: BaseException) -> str:
     return "connection refused" if "refused" in text.lower() else text
 
 
-def http_probe(url: str, expect: Sequence[int] = (), timeout: float = 2.0) -> Probe:
-    """GET `url` without following redirects; ok on a status in `expect`, else on any 2xx/3xx."""
+def http_probe(
+    url: str,
+    expect: Sequence[int] = (),
+    timeout: float = 2.0,
+    headers: Mapping[str, str] | None = None,
+) -> Probe:
+    """GET `url` (with `headers`, e.g. the Host a proxy routes by) without following redirects;
+    ok on a status in `expect`, else on any 2xx/3xx."""
     shown = redact(url)
+    sent = dict(headers or {})
     wanted = frozenset(expect)
 
     def check() -> tuple[bool, str]:
         try:
             # trust_env=False: a proxy from the environment must not stand between us and the host.
             with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
-                status = client.get(url).status_code
+                status = client.get(url, headers=sent).status_code
         except httpx.TimeoutException:
             return False, f"GET {shown}: timed out after {timeout:g}s"
         except httpx.HTTPError as exc:

@@ -62,12 +62,22 @@ def recover_release(executor: Rollout, release: Release) -> RolloutResult:
     if rows and len(news) == len(rows):
         target = Target(release.revision, release.digest, {}, release.spec_hash, pull=False)
         for r in rows:
-            if r.phase == "checked":
+            if r.phase == "checked" and executor.proxies:
+                executor.route_to(r.host, news[r.host])
+                executor.state.rollouts.set_host_phase(release.id, r.host, "routed")
+            if r.phase in ("checked", "routed"):
                 executor.record_deployment(r.host, news[r.host], target, release.id)
                 executor.state.rollouts.set_host_phase(release.id, r.host, "switched")
         for r in rows:
             if r.phase != "retired":
-                executor.retire(r.host, news[r.host], release.id, None, release.revision)
+                executor.retire(
+                    r.host,
+                    news[r.host],
+                    release.id,
+                    None,
+                    release.revision,
+                    keep=r.previous_container,
+                )
         executor.state.finish_release(release.id, "succeeded")
         executor.report(
             f"{service}: finished the interrupted rollout of {release.revision[:12]}: every "

@@ -16,13 +16,13 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
 from pipeline.config.envfile import env_values
-from pipeline.config.model import HostSection, ServiceSection
+from pipeline.config.model import HostSection, ProxySection, ServiceSection
 from pipeline.deploy.failures import (
     Aborted,
     HostFailed,
@@ -35,8 +35,10 @@ from pipeline.deploy.health import (
     check_container,
     container_logs,
     failure_text,
+    http_probe,
     probe_for,
 )
+from pipeline.deploy.proxy import HostProxy, route_of
 from pipeline.deploy.steps import (
     PHASE_AFTER,
     HostSteps,
@@ -47,6 +49,14 @@ from pipeline.deploy.steps import (
 from pipeline.deploy.undo import HostUndo
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
+from pipeline.proxy.routes import (
+    Route,
+    RouteTable,
+    container_of,
+    switched,
+    with_standby,
+    without_standby,
+)
 from pipeline.retry import RetryPolicy
 from pipeline.state.leases import HeldLease
 from pipeline.state.rollbacks import ServiceSettings
@@ -100,6 +110,11 @@ class _Pass:
     new: dict[str, ContainerInfo] = field(default_factory=dict)
     reached: dict[str, list[StepKind]] = field(default_factory=dict)
     abort: threading.Event = field(default_factory=threading.Event)
+    # A proxied service: hosts whose "new" container is a retained one started again (a
+    # rollback), never removed on undo; when each host's route moved (its drain starts then).
+    reused: set[str] = field(default_factory=set)
+    containers: dict[str, list[ContainerInfo]] = field(default_factory=dict)  # seen by observe
+    routed_at: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -118,8 +133,20 @@ class Rollout:
     keep_images: int = 3  # images of the service kept on each host for an instant rollback
     probe_for: ProbeFactory = probe_for
     attempts: int = 3  # tries of a step (pulls excepted) or an undo on an error declared retry
+    proxy: ProxySection | None = None  # the `[proxy]` table, for a service with its own proxy table
+    auth: Mapping[str, str] | None = None  # registry credentials (the proxy's image)
 
     def __post_init__(self) -> None:
+        # A proxied service: each host's proxy, and its route as the config defines it.
+        self.proxies: dict[str, HostProxy] = {}
+        self.route: Route | None = None
+        if self.spec.proxy is not None and self.proxy is not None:
+            self.route = route_of(self.service, self.spec)
+            self.proxies = {
+                h: HostProxy(h, self.engines[h], self.proxy, self.hosts[h].reach_address,
+                             self.auth, self.clock, self.sleep)
+                for h in self.spec.hosts if h in self.engines
+            }  # fmt: skip
         # Steps and undos are retried under the shared policy, fewer tries than a pull: they
         # talk to an engine that just answered, and a rollout should not hang on one.
         self.retry = RetryPolicy(
@@ -127,7 +154,14 @@ class Rollout:
         )
         self.steps = StepLog(self.state, self.service)
         self.undo = HostUndo(
-            self.state, self.service, self.engines, self.report, self.retry, self.steps
+            self.state,
+            self.service,
+            self.engines,
+            self.report,
+            self.retry,
+            self.steps,
+            self.proxies,
+            self.route,
         )
 
     def run(
@@ -164,6 +198,7 @@ class Rollout:
                 max_parallel=self.spec.max_parallel,
                 pull=target.pull,
                 previous_running={h: prev.running for h, prev in p.previous.items()},
+                proxied=bool(self.proxies),
             )
             for batch in plan.batches:
                 self._batch(batch, p)
@@ -175,7 +210,15 @@ class Rollout:
             return result
         # Every host passed its check: the point of no return.
         for host in plan.retire:
-            self.retire(host, p.new[host], release_id, run_id, target.revision)
+            self.retire(
+                host,
+                p.new[host],
+                release_id,
+                run_id,
+                target.revision,
+                keep=p.previous[host].container,
+                routed_at=p.routed_at.get(host),
+            )
         self.state.finish_release(release_id, "succeeded")
         bound.info("rollout succeeded", hosts=self.spec.hosts)
         return RolloutResult(self.service, True, release_id, None, list(self.spec.hosts))
@@ -215,7 +258,7 @@ class Rollout:
     def _observe(self, p: _Pass) -> None:
         """Record every host's previous container (`release_hosts`, phase planned)."""
         for host in self.spec.hosts:
-            info = self._previous(host)
+            info = self._previous(host, p)
             labels = info.labels if info else {}
             p.previous[host] = PreviousContainer(
                 host=host,
@@ -226,10 +269,12 @@ class Rollout:
             )
         self.state.rollouts.plan_release_hosts(p.release_id, p.previous.values())
 
-    def _previous(self, host: str) -> ContainerInfo | None:
+    def _previous(self, host: str, p: _Pass | None = None) -> ContainerInfo | None:
         """The container the host returns to on undo: the recorded deployment's when it runs,
         else the newest running container of the service, else the recorded one (stopped)."""
         containers = self.engines[host].containers.managed_containers(self.service)
+        if p is not None:
+            p.containers[host] = containers
         record = self.state.deployment(self.service, host)
         recorded = [c for c in containers if record is not None and c.id == record.container_id]
         running = [c for c in containers if c.status == "running"]
@@ -307,6 +352,7 @@ class Rollout:
             "stop": f"container {(prev or '')[:12]}",
             "start": f"strategy {self.spec.strategy}; replacing {(prev or '')[:12] or 'nothing'}",
             "health": new.name if new else None,
+            "route": f"{new.name if new else '?'} (was {(prev or '')[:12] or 'nothing'})",
             "switch": new.name if new else None,
         }.get(step)
 
@@ -325,6 +371,8 @@ class Rollout:
             grace = max(0, round(self.spec.stop_timeout))
             self.retry.call(lambda: engine.containers.stop(prev, timeout=grace), f"stop on {host}")
             return None
+        if step == "start" and self.proxies:
+            return self._start_proxied(host, p)
         if step == "start":
             if self.spec.network not in ("bridge", "host", "none"):
                 network = self.spec.network
@@ -337,7 +385,15 @@ class Rollout:
             self.report(f"{self.service}: {host}: started {new.name}, checking health")
             return f"container {new.name}"
         if step == "health":
+            if self.proxies:
+                self._reachable(host, p.new[host])
             return self._check(host, p)
+        if step == "route":
+            new = p.new[host]
+            self.retry.call(lambda: self.route_to(host, new), f"route on {host}")
+            p.routed_at[host] = self.clock()
+            self.report(f"{self.service}: {host}: proxy routes to {new.name}")
+            return f"routed to {new.name}"
         if step == "switch":
             new = p.new[host]
             self.retry.call(
@@ -362,6 +418,105 @@ class Rollout:
             release_id=release_id,
         )
 
+    # -- a proxied service ------------------------------------------------------------------
+    def _start_proxied(self, host: str, p: _Pass) -> str:
+        """Start the new container on the proxy's network with no host port (or start again
+        the retained container that ran this very release: a rollback is a switch), after
+        making sure the host's proxy runs and the image exposes the routed port."""
+        engine, target = self.engines[host], p.target
+        assert self.proxy is not None and self.spec.proxy is not None
+        network, port = self.proxy.network, self.spec.proxy.port
+        tls = self.spec.proxy.tls != "off"
+        retained = self._retained(host, p)
+        if retained is None or tls:  # else the check's route makes it, one question fewer
+            self.retry.call(lambda: self.proxies[host].ensure(tls), f"proxy on {host}")
+        if retained is not None:
+            info = retained
+            if retained.status != "running":
+                self.retry.call(
+                    lambda: engine.containers.start(retained.id, managed=True), f"start on {host}"
+                )
+                info = engine.containers.inspect(retained.id) or retained
+            p.new[host] = info
+            p.reused.add(host)
+            self.report(f"{self.service}: {host}: started retained {info.name} again, checking")
+            return f"retained container {info.name}"
+        exposed = engine.exposed_ports(target.refs[host])
+        if exposed is not None and f"{port}/tcp" not in exposed:
+            raise RolloutFailed(
+                f"host {host}: {self.service}: services.{self.service}.proxy.port {port} is not "
+                f"a port the image exposes (EXPOSE: {', '.join(exposed) or 'none'}); nothing "
+                "was switched",
+                "unhealthy",
+            )
+        self.retry.call(lambda: engine.containers.ensure_network(network), f"network on {host}")
+        spec = replace(self._container_spec(target, target.refs[host], p.release_id),
+                       network=network)  # fmt: skip
+        new = self.retry.call(lambda: engine.containers.run(spec), f"start on {host}")
+        p.new[host] = new
+        self.report(f"{self.service}: {host}: started {new.name}, checking health")
+        return f"container {new.name}"
+
+    def _retained(self, host: str, p: _Pass) -> ContainerInfo | None:
+        """A container of the service on the host that ran this release's image and settings
+        before (kept stopped after it was switched away from), other than the one serving."""
+        seen = p.containers.get(host)
+        if seen is None:
+            seen = self.engines[host].containers.managed_containers(self.service)
+        for c in seen:
+            labels = c.labels
+            if (
+                c.id != p.previous[host].container
+                and labels.get(f"{LABEL_PREFIX}digest") == p.target.digest
+                and labels.get(f"{LABEL_PREFIX}spec") == p.target.spec_hash
+            ):
+                return c
+        return None
+
+    def _table_change(self, host: str, change: Callable[[Route], Route]) -> RouteTable:
+        """Change the service's route on the host's proxy (defined as the config says now)."""
+        route = self.route
+        assert route is not None
+
+        def apply(table: RouteTable) -> RouteTable:
+            current = table.route(self.service)
+            return table.put(change(current.defined_as(route) if current else route))
+
+        return self.proxies[host].change(apply)
+
+    def _reachable(self, host: str, new: ContainerInfo) -> None:
+        """Let pipeline, and only pipeline, reach the new container through the host's proxy."""
+        assert self.route is not None
+        dial = self.route.dial(new.name)
+        self.retry.call(
+            lambda: self._table_change(host, lambda r: with_standby(r, dial)), f"proxy on {host}"
+        )
+
+    def route_to(self, host: str, new: ContainerInfo) -> None:
+        """Send the host's users to `new` in one reload of its proxy (the route switch)."""
+        assert self.route is not None
+        dial = self.route.dial(new.name)
+        self._table_change(host, lambda r: switched(r, dial))
+
+    def _proxied_probe(self, host: str) -> ProbeFactory:
+        """An http check on a path goes through the host's proxy, by the Host that only reaches
+        the container under check: it needs no published port and works on any host."""
+        hp = self.proxies[host]
+
+        def factory(
+            service: ServiceSection, engine: Engine, container: ContainerInfo, address: str
+        ) -> Probe | None:
+            http = service.health.http
+            if http is None or not http.startswith("/"):
+                return self.probe_for(service, engine, container, address)
+            return http_probe(
+                hp.url(http),
+                service.health.expect_status,
+                headers=hp.probe_headers(hp.token, container.name),
+            )
+
+        return factory
+
     def _check(self, host: str, p: _Pass) -> str:
         """Hold the new container to its health gate; raise RolloutFailed (unhealthy or crashed)
         with the check's last result and the container's last log lines."""
@@ -374,15 +529,20 @@ class Rollout:
                 or (self.should_stop is not None and self.should_stop())
             )
 
+        spec = self.spec
+        if host in p.reused:  # known good: it passed its window when it was first deployed
+            spec = spec.model_copy(
+                update={"health": spec.health.model_copy(update={"monitor": 0.0})}
+            )
         result = check_container(
-            self.spec,
+            spec,
             engine,
             new,
             self.hosts[host].reach_address,
             clock=self.clock,
             sleep=self.sleep,
             should_stop=stop,
-            probe_for=self.probe_for,
+            probe_for=self._proxied_probe(host) if self.proxies else self.probe_for,
         )
         if result.healthy:
             self.report(f"{self.service}: {host}: healthy ({result.detail})")
@@ -430,16 +590,29 @@ class Rollout:
 
     # -- after every host passed ------------------------------------------------------------
     def retire(
-        self, host: str, new: ContainerInfo, release_id: int, run_id: int | None, revision: str
+        self,
+        host: str,
+        new: ContainerInfo,
+        release_id: int,
+        run_id: int | None,
+        revision: str,
+        *,
+        keep: str | None = None,
+        routed_at: float | None = None,
     ) -> None:
         """Remove the service's other containers on the host and prune its old images; past
-        the point of no return, so a failure here is a warning, not a rollback."""
+        the point of no return, so a failure here is a warning, not a rollback. A proxied
+        service's previous container (`keep`) is first drained (until the proxy has no request
+        in flight to it, or `drain` after `routed_at`), then stopped and kept for a rollback."""
         engine = self.engines[host]
         record = self.steps.start(run_id, "retire", host, revision, None)
-        problems = []
+        problems: list[str] = []
+        kept: str | None = None
         try:
+            if self.proxies and keep:
+                kept = self._drain_and_stop(host, keep, new, routed_at, problems)
             for c in engine.containers.managed_containers(self.service):
-                if c.id != new.id:
+                if c.id != new.id and c.id != kept:
                     try:
                         engine.containers.remove(c.id)
                     except PipelineError as exc:
@@ -458,6 +631,39 @@ class Rollout:
         self.steps.end(record, "succeeded", detail="; ".join(problems) or None)
         self.state.rollouts.set_host_phase(release_id, host, "retired")
 
+    def _drain_and_stop(
+        self,
+        host: str,
+        keep: str,
+        new: ContainerInfo,
+        routed_at: float | None,
+        problems: list[str],
+    ) -> str | None:
+        """Wait out the old container's requests in flight (up to `drain`), stop it, and leave
+        it reachable by pipeline alone (a rollback checks it there); return its id."""
+        assert self.spec.proxy is not None
+        engine, hp = self.engines[host], self.proxies[host]
+        old = engine.containers.inspect(keep)
+        if old is None or old.id == new.id:
+            return None
+        table = hp.table()
+        route = table.route(self.service) if table else None
+        dials = [d for d in (route.standby if route else ()) if container_of(d) == old.name]
+        if table is not None and dials and old.status == "running":
+            until = (routed_at if routed_at is not None else self.clock()) + self.spec.proxy.drain
+            left = hp.drain(table.token, dials[0], until)
+            if left:
+                problems.append(f"{old.name}: {left} request(s) still in flight after the drain")
+        if old.status == "running":
+            grace = max(0, round(self.spec.stop_timeout))
+            engine.containers.stop(old.id, timeout=grace)
+        kept = dials[:1]
+        self._table_change(
+            host,
+            lambda r: replace(r, standby=tuple(kept)) if r.upstream else without_standby(r),
+        )
+        return old.id
+
     # -- undo -------------------------------------------------------------------------------
     def _undo(self, p: _Pass, hosts: Sequence[str]) -> list[str]:
         """Undo, host by host (the last moved first), the steps each reached; return what
@@ -465,11 +671,12 @@ class Rollout:
         problems = []
         for host in reversed(hosts):
             new = p.new.get(host)
+            fresh = new.id if new else container_name(self.service, p.target.revision, p.release_id)
             error = self.undo.undo_host(
                 host,
                 undo_for(p.reached[host]),
                 p.previous[host],
-                new.id if new else container_name(self.service, p.target.revision, p.release_id),
+                None if host in p.reused else fresh,  # a retained container stays retained
                 p.release_id,
                 p.run_id,
             )

@@ -454,6 +454,8 @@ class Runner:
             should_stop=self.should_stop,
             report=self.report,
             keep_images=self.cfg.pipeline.keep_revisions,
+            proxy=self.cfg.proxy,
+            auth=self.connections.registry_auth() if svc.proxy is not None else None,
         )
 
 

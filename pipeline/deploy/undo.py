@@ -4,13 +4,15 @@ crash recovery, which calls `HostUndo.undo_host` with what `release_hosts` recor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
+from pipeline.deploy.proxy import HostProxy
 from pipeline.deploy.steps import UndoKind
 from pipeline.errors import PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, Engine
+from pipeline.proxy.routes import Route, RouteTable, container_of, switched, without_standby
 from pipeline.retry import RetryPolicy
 from pipeline.state.steps import StepLog
 from pipeline.state.store import PreviousContainer, State
@@ -29,6 +31,9 @@ class HostUndo:
     report: Callable[[str], None]
     retry: RetryPolicy
     steps: StepLog
+    # A proxied service: each host's proxy, and the service's route as the config defines it.
+    proxies: Mapping[str, HostProxy] = field(default_factory=dict)
+    route: Route | None = None
 
     def undo_host(
         self,
@@ -62,8 +67,13 @@ class HostUndo:
     ) -> None:
         engine = self.engines[host]
         for undo in undos:
-            if undo == "remove_new" and new:
+            if undo == "route_back" and host in self.proxies:
+                self._route_back(host, prev, new)
+            elif undo == "remove_new" and new:
+                info = engine.containers.inspect(new) if host in self.proxies else None
                 engine.containers.remove(new)  # by id or by its release's name; gone is fine
+                if info is not None:
+                    self._forget(host, info.name)
             elif undo == "start_previous" and prev.container and prev.running:
                 info = engine.containers.inspect(prev.container)
                 if info is None:
@@ -86,3 +96,31 @@ class HostUndo:
                         container_id=info.id,
                         release_id=int(labels.get(f"{LABEL_PREFIX}release", "0") or 0) or None,
                     )
+
+    def _route_back(self, host: str, prev: PreviousContainer, new: str | None) -> None:
+        """Send the host's users back to the previous container (to nothing when there was
+        none, or it was not running), in one reload; the new one is no longer reachable."""
+        engine, route = self.engines[host], self.route
+        assert route is not None
+        before = engine.containers.inspect(prev.container) if prev.container else None
+        back = before.name if before is not None and prev.running else None
+        gone = engine.containers.inspect(new) if new else None
+
+        def change(table: RouteTable) -> RouteTable:
+            current = table.route(self.service)
+            base = current.defined_as(route) if current else route
+            dial = None
+            if back is not None:  # on the port it was reached on before, if the table knows it
+                known = [d for d in (base.upstream, *base.standby) if d and container_of(d) == back]
+                dial = known[0] if known else route.dial(back)
+            moved = switched(base, dial)
+            return table.put(without_standby(moved, (gone.name,)) if gone else moved)
+
+        self.proxies[host].change(change)
+
+    def _forget(self, host: str, name: str) -> None:
+        def change(table: RouteTable) -> RouteTable:
+            current = table.route(self.service)
+            return table.put(without_standby(current, (name,))) if current else table
+
+        self.proxies[host].change(change)

@@ -250,9 +250,10 @@ class Containers:
         with self._conn.calling(f"stop container {container_id}"):
             self._conn.client.api.stop(container_id, timeout=timeout)
 
-    def start(self, container_id: str) -> None:
-        """Start a stopped managed container again (a rollback's instant way back)."""
-        if self._managed(container_id, "start") is None:
+    def start(self, container_id: str, *, managed: bool = False) -> None:
+        """Start a stopped managed container again (a rollback's instant way back); `managed`:
+        the caller just listed it among pipeline's containers, so it is not inspected first."""
+        if not managed and self._managed(container_id, "start") is None:
             raise StallingError(f"{self._conn.where}: container {container_id} is gone")
         with self._conn.calling(f"start container {container_id}"):
             self._conn.client.api.start(container_id)

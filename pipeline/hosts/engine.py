@@ -39,6 +39,7 @@ from pipeline.hosts.containers import (
     ContainerSpec,
 )
 from pipeline.hosts.dockercli import run_build
+from pipeline.hosts.proxy import ProxyContainer
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
 
@@ -69,6 +70,7 @@ class Engine:
         self._conn = conn
         self.retry = retry or RetryPolicy()
         self.containers = Containers(conn)
+        self.proxy = ProxyContainer(conn)
 
     @classmethod
     def from_host(
@@ -261,6 +263,15 @@ class Engine:
                 return dict(self._conn.client.api.inspect_image(ref))
 
         return self.retry.call(once, f"{self._conn.where}: {action}")
+
+    def exposed_ports(self, ref: str) -> list[str] | None:
+        """The ports the image declares (`EXPOSE`, e.g. ["8080/tcp"]); None when the image is
+        not on the engine."""
+        try:
+            attrs = self._inspect_image(ref)
+        except ImageNotFound:
+            return None
+        return sorted((attrs.get("Config") or {}).get("ExposedPorts") or {})
 
     def has_image(self, ref: str) -> bool:
         """True when the engine holds an image for `ref` (id, tag or repo@digest)."""

@@ -24,6 +24,7 @@ import docker
 import structlog
 
 from pipeline.lab import net as lab_net
+from pipeline.lab import proxy_image
 
 # CERTS_D, REGISTRY_PORT, LabError and registry_answers stay importable from here.
 from pipeline.lab.registry import CERTS_D as CERTS_D
@@ -65,6 +66,7 @@ class LabState:
     registry_insecure: bool
     hosts: tuple[LabHost, ...]
     toml: str
+    proxy_image: str | None = None  # the lab registry's caddy image; None without caddy
 
     @property
     def ca_file(self) -> Path:
@@ -192,20 +194,32 @@ def _state_from(dir: Path, data: dict[str, Any]) -> LabState | None:
             registry=data["registry"],
             registry_insecure=bool(data.get("registry_insecure", False)),
             hosts=hosts,
-            toml=render_toml(data["registry"], bool(data.get("registry_insecure")), hosts),
+            toml=render_toml(
+                data["registry"],
+                bool(data.get("registry_insecure")),
+                hosts,
+                data.get("proxy_image"),
+            ),
+            proxy_image=data.get("proxy_image"),
         )
     except (KeyError, TypeError):
         return None  # a lab that crashed while coming up: not usable, only removable
 
 
-def render_toml(registry: str, insecure: bool, hosts: Iterable[LabHost]) -> str:
-    """The `[registry]` and `[hosts.*]` tables describing a lab, for a pipeline config."""
+def render_toml(
+    registry: str, insecure: bool, hosts: Iterable[LabHost], proxy: str | None = None
+) -> str:
+    """The `[registry]`, `[proxy]` (with the lab's caddy image, when it has one) and `[hosts.*]`
+    tables describing a lab, for a pipeline config."""
     lines = [
-        "# Written by `pipeline lab up`: the lab's registry and target hosts.",
+        "# Written by `pipeline lab up`: the lab's registry, proxy image and target hosts.",
         "[registry]",
         f'address = "{registry}"',
         f"insecure = {'true' if insecure else 'false'}",
     ]
+    if proxy:
+        lines += ["", "[proxy]", f'image = "{proxy}"', "http_port = 80", "https_port = 443",
+                  'network = "pipeline"']  # fmt: skip
     for host in hosts:
         lines += [
             "",
@@ -378,6 +392,10 @@ def _build(
             logfile,
             timeout,
         )
+    try:
+        rec.set("proxy_image", proxy_image.build_and_push(reg.address))
+    except LabError as exc:  # proxied services need it; everything else works without
+        log.warning("lab.no_proxy_image", reason=str(exc))
     rec.set("hosts", hosts)  # last: a lab with "hosts" recorded came up completely
     state = _state_from(dir, rec.data)
     assert state is not None

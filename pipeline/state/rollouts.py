@@ -15,9 +15,12 @@ from sqlalchemy.orm import Session
 from pipeline.state.schema import Release, ReleaseHost, Run
 
 # The phases of `release_hosts.phase`, in the order a host goes through them.
-PHASES = ("planned", "pulled", "stopped_old", "started", "checked", "switched", "retired", "undone")
+PHASES = (
+    "planned", "pulled", "stopped_old", "started", "checked", "routed", "switched", "retired",
+    "undone",
+)  # fmt: skip
 # Phases of a host whose serving containers the rollout changed (and undo has not restored).
-TOUCHED = ("stopped_old", "started", "checked", "switched")
+TOUCHED = ("stopped_old", "started", "checked", "routed", "switched")
 
 
 @dataclass(frozen=True)

@@ -213,3 +213,58 @@ def test_validate_reports_a_docker_cli_that_does_not_exist(
         "pipeline.toml:3: pipeline.docker_cli: /nonexistent/docker does not exist",
         "1 problem(s) found.",
     ]
+
+
+PROXIED = (
+    BASE.replace('ports = ["8080:8080"]', "")
+    + """
+[services.web.health]
+http = "/health"
+
+[services.web.proxy]
+hosts = ["shop.example.com"]
+port = 8080
+drain = "5s"
+"""
+)
+
+
+def test_a_proxied_service_with_the_proxy_table_validates() -> None:
+    """`[proxy]` and `[services.NAME.proxy]` load with their defaults, and the proxied service's
+    http check on a path needs no published port."""
+    loaded = parse('[proxy]\nimage = "reg/caddy:2"\n' + PROXIED, Path("pipeline.toml"))
+    proxy, route = loaded.model.proxy, loaded.model.services["web"].proxy
+    assert proxy is not None and route is not None
+    assert (proxy.http_port, proxy.https_port, proxy.network) == (80, 443, "pipeline")
+    assert (route.hosts, route.path_prefix, route.port, route.drain, route.tls) == (
+        ["shop.example.com"], "/", 8080, 5.0, "off")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "key", "says"),
+    [
+        ("", "services.web.proxy", "needs a [proxy] table"),
+        ('[proxy]\n\n[services.api]\nimage = "web"\nhosts = ["web-1"]\n\n[services.api.proxy]\n'
+         'hosts = ["shop.example.com"]\nport = 8080\n',
+         "services.api.proxy.hosts.0", "already routed to service 'web'"),
+        ('[proxy]\nhttp_port = 8000\n\n[services.api]\nimage = "web"\nhosts = ["web-1"]\n'
+         'ports = ["8000:8080"]\n', "services.api.ports.0", "the proxy's http_port"),
+        ('[proxy]\n\n[services.web.proxy2]\n', "services.web.proxy2", "unknown key"),
+    ],
+)  # fmt: skip
+def test_proxy_conflicts_are_reported_with_line_and_key(extra: str, key: str, says: str) -> None:
+    """Two services claiming one host name and path, a service publishing the proxy's port, a
+    proxied service without `[proxy]`: each reported at its file:line and key."""
+    text = PROXIED + "\n" + extra
+    found = [p for p in problems(text) if f": {key}: " in p]
+    assert found and says in found[0], problems(text)
+    line = int(found[0].split(":")[1])
+    assert line > 1 and text.splitlines()[line - 1].strip()
+
+
+def test_a_proxied_service_cannot_publish_a_fixed_port() -> None:
+    """A proxied service runs old and new side by side, so a fixed host port is refused."""
+    fixed = 'image = "web"\nports = ["9000:8080"]\n'
+    text = "[proxy]\n" + PROXIED.replace('image = "web"\n', fixed)
+    assert any("services.web.ports.0: a proxied service starts beside" in p
+               for p in problems(text))  # fmt: skip

@@ -69,6 +69,17 @@ def test_plan_lists_each_hosts_steps_in_batches(
     assert plan.retire == HOSTS
 
 
+def test_a_proxied_service_never_stops_the_old_container_before_its_route_moves() -> None:
+    """A proxied service's hosts start the new container beside the old one, check it, route
+    the proxy to it and only then record it; no step stops the old one."""
+    plan = plan_rollout(HOSTS, strategy="stop-first", max_parallel=1, pull=True,
+                        previous_running={"h1": True, "h2": True}, proxied=True)  # fmt: skip
+    assert [hs.steps for batch in plan.batches for hs in batch] == [
+        ("pull", "start", "health", "route", "switch")
+    ] * 2
+    assert undo_for(("pull", "start", "health", "route")) == ("route_back", "remove_new")
+
+
 @pytest.mark.parametrize(
     ("reached", "undos"),
     [
@@ -91,15 +102,16 @@ def test_undo_reverses_the_steps_reached(reached: str, undos: str) -> None:
         ("pulled", "pull stop start"),
         ("stopped_old", "pull stop start"),
         ("started", "pull stop start health"),
-        ("checked", "pull stop start health switch"),
-        ("switched", "pull stop start health switch"),
+        ("checked", "pull stop start health route switch"),
+        ("routed", "pull stop start health route switch"),
+        ("switched", "pull stop start health route switch"),
         ("retired", ""),
         ("undone", ""),
     ],
 )
 def test_recovery_assumes_the_next_step_may_have_run(phase: str, reached: str) -> None:
     """After a crash, a host at a phase may also have done the next steps up to the next one
-    every plan has (pull and stop are optional), so recovery undoes those too."""
+    every plan has (pull, stop and route are optional), so recovery undoes those too."""
     assert reached_by_phase(phase) == tuple(reached.split())
 
 

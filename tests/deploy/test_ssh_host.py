@@ -16,7 +16,7 @@ from deploy_helpers import one_service_config
 
 from pipeline.config.load import load
 from pipeline.deploy.connections import Connections
-from pipeline.deploy.operations import status_rows
+from pipeline.deploy.operations import rollback_service, status_rows
 from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
@@ -99,5 +99,44 @@ def test_deploy_to_an_ssh_host(ssh_host: str, lab: LabState, tmp_path: Path,
     finally:
         engine = runner.connections.engine("remote")
         for c in engine.containers.managed_containers("sshweb"):
+            engine.containers.remove(c.id)
+        runner.connections.close()
+
+
+def test_proxied_deploy_and_rollback_on_an_ssh_host(ssh_host: str, lab: LabState,
+                                                     tmp_path: Path, git_remote: Any) -> None:
+    """Over ssh:// only, the host's proxy is made, the service served through it by its Host
+    header, a new revision switched to, and `rollback` switches back to the kept container."""
+    if lab.proxy_image is None:
+        pytest.skip("the lab has no proxy image (apt-get install caddy)")
+    write_sample_app(git_remote.work, "web", "ssh v1")
+    git_remote.commit_push("v1")
+    config = tmp_path / "pipeline.toml"
+    host_table = (
+        f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
+    )
+    text = one_service_config(lab.registry, host_table, git_remote.url, "sshproxied", 1)
+    text = text.replace('ports = ["1:8080"]\n', "")
+    text += (f'\n[proxy]\nimage = "{lab.proxy_image}"\n\n[services.sshproxied.proxy]\n'
+             'hosts = ["ssh.test"]\nport = 8080\ndrain = "1s"\n')  # fmt: skip
+    config.write_text(text)
+    loaded = load(config)
+    runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
+
+    def served() -> str:
+        return httpx.get(f"http://{ssh_host}/", headers={"Host": "ssh.test"}, timeout=5).text
+
+    try:
+        assert runner.run_pass().ok
+        assert served() == "ssh v1"
+        write_sample_app(git_remote.work, "web", "ssh v2")
+        git_remote.commit_push("v2")
+        assert runner.run_pass().ok
+        assert served() == "ssh v2"
+        assert rollback_service(runner, "sshproxied").ok
+        assert served() == "ssh v1"
+    finally:
+        engine = runner.connections.engine("remote")
+        for c in engine.containers.managed_containers("sshproxied"):
             engine.containers.remove(c.id)
         runner.connections.close()

@@ -1,0 +1,292 @@
+"""Benchmark: zero-downtime deploys through each lab host's `pipeline-proxy`, under load.
+
+Run (root): .venv/bin/python bench/bench_zero_downtime.py [--deploys 20] [--failing 10]
+            [--rollbacks 10] [--threads 4] [--idle 10]
+Targets: 0 failed requests (non-2xx or connection errors); p99 latency while changes happen
+at most 2x p99 while idle; rollback under 1 s per host (until its route is switched back).
+
+A lab of its own (2 hosts, 10.88.225.0/24 unless --subnet, taken down at the end, also on
+Ctrl-C) with the lab's Caddy image. One repo holds the sample app, deployed as a proxied
+service on both hosts (health check through the proxy, `drain = "2s"`). A closed-loop load
+generator (`--threads` threads, a new connection per request, round robin over both hosts'
+proxies by the service's Host header) runs the whole time and records every answer with the
+phase it fell in: `idle` (before the first change, `--idle` s) or `changing` (from the start
+of each pass to its end). Then, in order: `--deploys` deploys of a changed page
+(`Runner.run_pass()` in process, build + push + rollout); `--failing` deploys of a revision
+whose /health answers 404 and whose / answers 500 (each rolled back automatically);
+`--rollbacks` manual rollbacks (`rollback_service`, alternating between the last two good
+releases, so each is a switch back to the retained container), with the registry unreachable
+from both hosts (an iptables REJECT in each host's namespace). The rollback time per host is
+taken from the recorded steps: from its first step to the end of its `route` step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from _lab import GitRemote, own_lab
+
+from pipeline import logs
+from pipeline.config.load import load
+from pipeline.deploy.connections import Connections
+from pipeline.deploy.operations import rollback_service
+from pipeline.deploy.runner import Runner
+from pipeline.lab.manage import LabState
+from pipeline.lab.sample_app import write_sample_app
+from pipeline.state.store import State
+
+SUBNET = "10.88.225.0/24"
+T = TypeVar("T")
+SERVICE = "web"
+HOST_HEADER = "web.bench.test"
+BROKEN_CGI = (
+    '#!/bin/busybox sh\necho "Status: 500 Internal Server Error"\n'
+    'echo "Content-Type: text/plain"\necho\necho broken\n'
+)
+
+
+@dataclass
+class Load:
+    """A closed-loop load generator against both hosts' proxies; `phase` labels each answer."""
+
+    addresses: list[str]
+    threads: int
+    phase: str = "idle"
+    answers: list[tuple[str, float, str]] = field(default_factory=list)  # phase, seconds, outcome
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _loop(self, offset: int) -> None:
+        i = offset
+        while not self._stop.is_set():
+            address = self.addresses[i % len(self.addresses)]
+            i += 1
+            phase = self.phase
+            t0 = time.perf_counter()
+            try:
+                conn = http.client.HTTPConnection(address, 80, timeout=10)
+                conn.request("GET", "/", headers={"Host": HOST_HEADER, "Connection": "close"})
+                response = conn.getresponse()
+                body = response.read().decode(errors="replace").strip()
+                conn.close()
+                outcome = f"{response.status} {body[:40]}"
+            except (OSError, http.client.HTTPException) as exc:
+                outcome = f"error {type(exc).__name__}: {exc}"
+            elapsed = time.perf_counter() - t0
+            with self._lock:
+                self.answers.append((phase, elapsed, outcome))
+
+    def __enter__(self) -> Load:
+        self._workers = [threading.Thread(target=self._loop, args=(n,), daemon=True)
+                         for n in range(self.threads)]  # fmt: skip
+        self.started = time.monotonic()
+        for w in self._workers:
+            w.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for w in self._workers:
+            w.join()
+        self.seconds = time.monotonic() - self.started
+
+
+def _config(lab: LabState, repo_url: str) -> str:
+    hosts = ", ".join(f'"{h.name}"' for h in lab.hosts)
+    return (
+        lab.toml
+        + f"""
+[pipeline]
+data_dir = "data"
+
+[repos.app]
+url = "{repo_url}"
+branch = "main"
+
+[images.{SERVICE}]
+repo = "app"
+context = "web"
+
+[services.{SERVICE}]
+image = "{SERVICE}"
+hosts = [{hosts}]
+stop_timeout = "2s"
+
+[services.{SERVICE}.proxy]
+hosts = ["{HOST_HEADER}"]
+port = 8080
+drain = "2s"
+
+[services.{SERVICE}.health]
+http = "/health"
+interval = "200ms"
+timeout = "3s"
+monitor = "500ms"
+"""
+    )
+
+
+class Project:
+    def __init__(self, lab: LabState, workdir: Path) -> None:
+        self.lab = lab
+        self.remote = GitRemote(workdir / "git")
+        self.config = workdir / "pipeline.toml"
+        self.config.write_text(_config(lab, self.remote.url))
+        self.release_revisions: list[str] = []
+
+    def commit(self, content: str, broken: bool = False) -> str:
+        ctx = write_sample_app(self.remote.work, "web", content)
+        cgi = ctx / "www" / "cgi-bin"
+        if broken:
+            (ctx / "www" / "health").unlink()
+            (ctx / "www" / "index.html").unlink()
+            cgi.mkdir(exist_ok=True)
+            (ctx / "www" / "broken.txt").write_text(content)  # each broken commit differs
+            (cgi / "index.cgi").write_text(BROKEN_CGI)
+            (cgi / "index.cgi").chmod(0o755)
+        elif (cgi / "index.cgi").exists():
+            (cgi / "index.cgi").unlink()
+        sha: str = self.remote.commit(content)
+        self.remote.push()
+        return sha
+
+    def runner(self) -> Runner:
+        loaded = load(self.config)
+        return Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
+
+
+def _block_registry(lab: LabState, on: bool) -> None:
+    hosts = json.loads((lab.dir / "lab.json").read_text())["hosts"]
+    address, port = lab.registry.rsplit(":", 1)
+    rule = ["OUTPUT", "-d", address, "-p", "tcp", "--dport", port, "-j", "REJECT"]
+    for h in hosts:
+        ns = ["nsenter", f"--net=/var/run/netns/{h['namespace']}", "--", "iptables"]
+        subprocess.run([*ns, "-I" if on else "-D", *rule], check=on)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--deploys", type=int, default=20)
+    parser.add_argument("--failing", type=int, default=10)
+    parser.add_argument("--rollbacks", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--subnet", default=SUBNET)
+    args = parser.parse_args()
+    logs.configure("console", "warning")
+    with own_lab("pipeline-zdt-", 2, args.subnet) as (lab, workdir):
+        if lab.proxy_image is None:
+            raise SystemExit("the lab has no proxy image: apt-get install caddy")
+        project = Project(lab, workdir)
+        project.commit("web v0")
+        runner = project.runner()
+        first = runner.run_pass()
+        if not first.ok:
+            raise SystemExit(f"first deploy failed: {first.errors}")
+        good = [first.rollouts[0].release_id]
+        pass_seconds: dict[str, list[float]] = {"deploy": [], "failing": [], "rollback": []}
+        rollback_hosts: dict[str, list[float]] = {h.name: [] for h in lab.hosts}
+        failures: list[str] = []
+        with Load([h.address for h in lab.hosts], args.threads) as load_gen:
+            time.sleep(args.idle)
+
+            def timed(kind: str, action: Callable[[], T]) -> T:
+                load_gen.phase = "changing"
+                t0 = time.perf_counter()
+                try:
+                    return action()
+                finally:
+                    pass_seconds[kind].append(time.perf_counter() - t0)
+                    load_gen.phase = "between"
+
+            for n in range(1, args.deploys + 1):
+                project.commit(f"web v{n}")
+                result = timed("deploy", runner.run_pass)
+                if not result.ok:
+                    failures.append(f"deploy {n}: {result.errors}")
+                else:
+                    good.append(result.rollouts[0].release_id)
+                print(f"deploy {n}: {pass_seconds['deploy'][-1]:.2f}s", flush=True)
+            for n in range(1, args.failing + 1):
+                project.commit(f"web broken {n}", broken=True)
+                result = timed("failing", runner.run_pass)
+                if result.ok:
+                    failures.append(f"failing deploy {n} succeeded")
+                print(f"failing deploy {n}: {pass_seconds['failing'][-1]:.2f}s", flush=True)
+            _block_registry(lab, True)
+            try:
+                for n in range(1, args.rollbacks + 1):
+                    to = f"r{good[-2] if n % 2 else good[-1]}"
+                    outcome = timed("rollback", lambda to=to: rollback_service(
+                        runner, SERVICE, to))  # fmt: skip
+                    if not outcome.ok:
+                        failures.append(f"rollback {n}: {outcome.error}")
+                    run = runner.state.runs(limit=1)[0]
+                    steps = runner.state.steps(run.id)
+                    for h in lab.hosts:
+                        mine = [s for s in steps if s.host == h.name and s.kind != "retire"]
+                        route = [s for s in mine if s.kind == "route" and s.finished_at]
+                        if route:
+                            first_start = min(s.started_at for s in mine)
+                            end = route[0].finished_at
+                            assert end is not None
+                            took = (end - first_start).total_seconds()
+                            rollback_hosts[h.name].append(took)
+                    print(f"rollback {n} to {to}: {pass_seconds['rollback'][-1]:.2f}s", flush=True)
+            finally:
+                _block_registry(lab, False)
+            time.sleep(1.0)
+        runner.connections.close()
+    answers = load_gen.answers
+    outcomes = Counter(o for _p, _s, o in answers)
+    failed = {o: n for o, n in outcomes.items() if not o.startswith("2")}
+    idle = [s for p, s, _o in answers if p == "idle"]
+    changing = [s for p, s, _o in answers if p == "changing"]
+    rate = len(answers) / load_gen.seconds
+    per_host = [t for ts in rollback_hosts.values() for t in ts]
+    print()
+    print(f"requests: {len(answers)} in {load_gen.seconds:.1f}s ({rate:.0f}/s, {args.threads} "
+          f"threads, closed loop, a new connection each)")  # fmt: skip
+    print(f"failed requests: {sum(failed.values())} {dict(failed) if failed else ''}")
+    print(f"answers: {dict(outcomes.most_common(6))}")
+    print(f"latency idle:     p50 {_pct(idle, 0.5) * 1000:.1f} ms  p99 "
+          f"{_pct(idle, 0.99) * 1000:.1f} ms ({len(idle)} requests)")  # fmt: skip
+    print(f"latency changing: p50 {_pct(changing, 0.5) * 1000:.1f} ms  p99 "
+          f"{_pct(changing, 0.99) * 1000:.1f} ms ({len(changing)} requests)")  # fmt: skip
+    print(f"p99 ratio changing/idle: {_pct(changing, 0.99) / _pct(idle, 0.99):.2f} (target <= 2)")
+    for kind, secs in pass_seconds.items():
+        if secs:
+            print(f"{kind} passes: {len(secs)}, median {statistics.median(secs):.2f}s")
+    for host, ts in rollback_hosts.items():
+        if ts:
+            print(f"rollback until switched, {host}: median {statistics.median(ts):.3f}s, "
+                  f"max {max(ts):.3f}s")  # fmt: skip
+    if per_host:
+        print(f"rollback per host, all: median {statistics.median(per_host):.3f}s, "
+              f"max {max(per_host):.3f}s (target < 1 s)")  # fmt: skip
+    for f in failures:
+        print(f"PROBLEM: {f}")
+    return 0 if not failed and not failures else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
