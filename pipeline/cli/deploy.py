@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def _echo(line: str) -> None:
-    typer.echo(redact(line), err=True)
+    typer.echo(line, err=True)  # the runner has redacted its lines
 
 
 def _connections(loaded: LoadedConfig) -> Connections:

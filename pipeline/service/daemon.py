@@ -25,7 +25,6 @@ from pipeline.deploy.operations import status_rows
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
 from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
-from pipeline.redact import redact
 from pipeline.service import server as server_mod
 from pipeline.service.retries import Retrier
 from pipeline.service.worker import Worker
@@ -370,7 +369,7 @@ class Service:
         try:
             self.check_repo(repo, source="watch")
         except Exception as exc:  # a trigger that fails is logged; the next change retries
-            log.warning("watch.check_failed", repo=repo, error=redact(str(exc)))
+            log.warning("watch.check_failed", repo=repo, error=str(exc))
 
     def _on_cron(self, image: str) -> None:
         img = self.loaded.model.images.get(image)

@@ -22,7 +22,6 @@ from pipeline.deploy.recovery import fresh_attempt_due
 from pipeline.deploy.runner import PassResult, Runner
 from pipeline.errors import PipelineError
 from pipeline.plan.announced import never_appeared, next_fetch
-from pipeline.redact import redact
 from pipeline.service import metrics
 from pipeline.service.retries import SOURCE as RETRY_SOURCE
 from pipeline.sources.refs import HEX_SHA, newest_tag
@@ -99,7 +98,7 @@ class Worker:
                 self._settle()
                 events = self.queue.claim(self.owner)
             except Exception as exc:  # the database may be busy or gone for a moment
-                log.error("worker.claim_failed", error=redact(str(exc)))
+                log.error("worker.claim_failed", error=str(exc))
                 events = []
             if not events:
                 self._wake.wait(self._idle_for())
@@ -109,7 +108,7 @@ class Worker:
                 try:
                     self._after_pass()
                 except Exception as exc:  # the next pass tries again
-                    log.error("worker.after_pass_failed", error=redact(str(exc)))
+                    log.error("worker.after_pass_failed", error=str(exc))
 
     def _idle_for(self) -> float:
         """How long to wait for a wake-up: `idle_wait`, less when a deferred event falls due."""
@@ -189,7 +188,7 @@ class Worker:
         try:
             outcome = self._dispatch(events)
         except Exception as exc:  # one event's failure must never kill the worker
-            note = redact(f"{type(exc).__name__}: {exc}")
+            note = f"{type(exc).__name__}: {exc}"  # the log and the queue column mask it
             log.error("event.failed", kind=newest.kind, repo=newest.repo, error=note)
             metrics.observe_run("error")
             self.queue.finish([e.id for e in events], "failed", note=note)
@@ -220,7 +219,7 @@ class Worker:
             status=outcome.status,
             run_id=outcome.run_id,
             coalesced=len(events),
-            error=redact(outcome.note) if outcome.status == "failed" and outcome.note else None,
+            error=outcome.note if outcome.status == "failed" and outcome.note else None,
         )
 
     def _dispatch(self, events: Sequence[QueuedEvent]) -> _Outcome | None:
@@ -398,7 +397,7 @@ class Worker:
                 if mirror.has_fetched(sha, branch=branch, tags=tags):
                     return None
         except PipelineError as exc:
-            log.warning("event.announced_fetch_failed", repo=repo, error=redact(str(exc)))
+            log.warning("event.announced_fetch_failed", repo=repo, error=str(exc))
             return None
         return _Missing(sha, moved=before != after)
 
@@ -488,7 +487,7 @@ class Worker:
         `report`)."""
 
         def report(line: str) -> None:
-            log.info("run.progress", line=redact(line), source=log_prefix or None)
+            log.info("run.progress", line=line, source=log_prefix or None)
             if self.report is not None:
                 self.report(line)
 

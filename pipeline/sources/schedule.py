@@ -18,7 +18,6 @@ from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from pipeline.config.cron import parse_cron
-from pipeline.redact import redact
 from pipeline.retry import capped_doubling
 from pipeline.timeutil import utc
 
@@ -115,7 +114,7 @@ class Scheduler:
             log.warning(
                 "poll.failed",
                 repo=key,
-                error=redact(str(exc)),
+                error=str(exc),
                 failures=p.failures,
                 retry_in=round(interval, 1),
             )
@@ -183,7 +182,7 @@ class Scheduler:
         try:
             fire()
         except Exception as exc:  # logged here: APScheduler's own logging is silenced above
-            log.warning("retry.failed", key=key, error=redact(str(exc)))
+            log.warning("retry.failed", key=key, error=str(exc))
 
     def _remove(self, job_id: str) -> None:
         if self._sched.get_job(job_id) is not None:
