@@ -137,7 +137,15 @@ def test_a_webhook_sent_before_its_commit_is_pushed_deploys_that_commit(
     assert answer.status_code == 202, answer.text
     event_id = answer.json()["event_id"]
     time.sleep(3)
-    waiting = next(e for e in srv.events() if e["id"] == event_id)
+
+    def event() -> dict[str, Any]:
+        return next(e for e in srv.events() if e["id"] == event_id)
+
+    # Between its fetches the event is back in the queue; a look may fall on a fetch
+    # ("working"), so look again until it is seen waiting.
+    waiting = wait_for(
+        lambda: (e := event())["status"] == "queued" and e, 10, "the event waiting in the queue"
+    )
     assert waiting["status"] == "queued", waiting
     assert f"waiting for announced commit {sha[:12]}" in (waiting["note"] or ""), waiting
     assert sp.serves(sp.web.port, "web v1")
@@ -378,7 +386,11 @@ def build_base(client: docker.DockerClient, root: Path, ref: str, text: str) -> 
     (ctx / "www").mkdir(parents=True)
     shutil.copy2(BUSYBOX, ctx / "busybox")
     (ctx / "www" / "base.txt").write_text(text)
-    (ctx / "Dockerfile").write_text("FROM scratch\nCOPY busybox /bin/busybox\nCOPY www/ /www/\n")
+    # A label first: its layer chain is this build's own, so another xdist worker removing
+    # its images (and their untagged parents) cannot take a cached parent from under it.
+    (ctx / "Dockerfile").write_text(
+        f"FROM scratch\nLABEL build={ctx.name}\nCOPY busybox /bin/busybox\nCOPY www/ /www/\n"
+    )
     image, _ = client.images.build(path=str(ctx), tag=ref, rm=True)
     return str(image.id)
 
