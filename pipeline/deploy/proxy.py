@@ -154,12 +154,12 @@ class HostProxy:
                     info = self._ensure(True)
                 if after == before:
                     return after
-                self.engine.proxy.load(self._files(after))
+                self.engine.proxy.load(self._files(after), self._files(before))
             except PipelineError as exc:
                 self._ready = None  # look again next time
                 if isinstance(exc, ProxyError) or exc.retry:
                     raise
-                raise ProxyError(f"host {self.host}: the proxy's routes: {exc}") from exc
+                raise ProxyError(f"its proxy could not take the new routes: {exc}") from exc
             log.info("proxy.reloaded", host=self.host, routes=[
                 (r.service, r.upstream) for r in after.routes])  # fmt: skip
             return after

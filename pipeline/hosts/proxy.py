@@ -11,6 +11,7 @@ reverse proxy"; kernel doc: Documentation/networking/ip-sysctl.rst, tcp_migrate_
 
 from __future__ import annotations
 
+import contextlib
 import io
 import tarfile
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import docker.errors
 import structlog
 
-from pipeline.errors import StallingError
+from pipeline.errors import PipelineError, StallingError
 from pipeline.hosts.connection import Connection, ImageNotFound
 from pipeline.hosts.containers import LABEL_PREFIX, MANAGED_LABEL
 
@@ -203,17 +204,24 @@ class ProxyContainer:
             handle = tar.extractfile(member) if member is not None else None
             return handle.read() if handle is not None else None
 
-    def load(self, files: Mapping[str, bytes]) -> None:
+    def load(self, files: Mapping[str, bytes], previous: Mapping[str, bytes]) -> None:
         """Upload `files` and have Caddy load CADDY_JSON (`caddy reload`: the admin endpoint
-        swaps the whole config at once). Raises StallingError with Caddy's words when it
-        refuses the config, EngineError when the engine does not answer."""
+        swaps the whole config at once). When the reload fails, `previous` (the files Caddy
+        still serves) is uploaded back, so the container's files always describe the routes
+        it serves. Raises StallingError with Caddy's words when it refuses the config,
+        EngineError when the engine does not answer."""
         self._put(PROXY_NAME, files)
-        code, output = self._exec(PROXY_NAME, [CADDY, "reload", "--config", CADDY_JSON])
-        if code != 0:
-            raise StallingError(
-                f"{self._conn.where}: {PROXY_NAME}: caddy reload failed (exit {code}); its "
-                f"last log lines:\n{output.strip()[-1500:]}"
-            )
+        try:
+            code, output = self._exec(PROXY_NAME, [CADDY, "reload", "--config", CADDY_JSON])
+            if code != 0:
+                raise StallingError(
+                    f"{self._conn.where}: {PROXY_NAME}: caddy reload failed (exit {code}); its "
+                    f"last log lines:\n{output.strip()[-1500:]}"
+                )
+        except PipelineError:
+            with contextlib.suppress(PipelineError):  # the reload's error is the one to tell
+                self._put(PROXY_NAME, previous)
+            raise
 
     def _put(self, container: str, files: Mapping[str, bytes]) -> None:
         with self._conn.calling(f"upload config to {PROXY_NAME}"):

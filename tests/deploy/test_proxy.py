@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import threading
 import time
 from collections import Counter
@@ -10,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import docker
 import httpx
 import pytest
 from deploy_helpers import Project, registry_blocked
@@ -177,3 +180,51 @@ def test_rollback_is_a_switch_with_the_registry_down(project: Project) -> None:
     print(f"rollback: {took:.2f}s in all; per host until switched: {switch}")
     # The time per host is measured by bench/bench_zero_downtime.py (BENCHMARKS.md), not
     # asserted here; what this test holds is that the switch back works with no registry.
+
+
+@contextmanager
+def _reload_broken(project: Project, index: int) -> Iterator[None]:
+    """`caddy reload` fails on one host's proxy (its binary replaced by a file that cannot run)
+    while the running Caddy keeps serving the routes it has; put back afterwards, even when
+    the test fails."""
+    client = docker.DockerClient(base_url=project.lab.hosts[index].docker_url)
+    proxy = client.containers.get("pipeline-proxy")
+    stream, _stat = proxy.get_archive("/usr/bin/caddy")
+    original = b"".join(stream)
+    broken = io.BytesIO()
+    with tarfile.open(fileobj=broken, mode="w") as tar:
+        info = tarfile.TarInfo("caddy")
+        info.size, info.mode = 3, 0o644
+        tar.addfile(info, io.BytesIO(b"no\n"))
+    try:
+        assert proxy.put_archive("/usr/bin", broken.getvalue())
+        yield
+    finally:
+        proxy.put_archive("/usr/bin", original)
+        client.close()
+
+
+def test_a_proxy_that_cannot_reload_fails_its_host_and_rolls_the_service_back(
+    project: Project,
+) -> None:
+    """A host whose proxy cannot be reloaded fails like a failed health check: the release is
+    rolled back on every host with the reason naming that host and its proxy, nothing is left
+    to put back, and no client sees a failed request or a half-switched route."""
+    host = _proxied(project)
+    project.initial_commit()
+    sha1 = _commit_web(project, "web v1")
+    assert project.run().ok
+    _commit_web(project, "web v2")
+    with _load(project, host) as seen, _reload_broken(project, 1):
+        failed = project.run()
+    assert not failed.ok
+    error = " ".join(failed.errors)
+    assert f"host {project.lab.hosts[1].name}:" in error and "its proxy could not" in error, error
+    assert "not put back" not in error, error
+    assert [_get(project, i, host).text for i in (0, 1)] == ["web v1", "web v1"]
+    # lab-1 served v2 until the whole service was rolled back; nobody saw anything but a 200
+    assert set(seen) <= {"200 web v1", "200 web v2"}, seen
+    status = json.loads(project.cli("proxy", "status", "--json").stdout)
+    served = {r["host"]: [x["revision"] for x in r["routes"] if x["service"] == project.web]
+              for r in status}  # fmt: skip
+    assert served == {h: [sha1] for h in project.host_names}, served
