@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import socket
+import ssl
 import tarfile
 import threading
 import time
@@ -13,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import docker
+import docker.errors
 import httpx
 import pytest
 from deploy_helpers import Project, registry_blocked
@@ -228,3 +231,56 @@ def test_a_proxy_that_cannot_reload_fails_its_host_and_rolls_the_service_back(
     served = {r["host"]: [x["revision"] for x in r["routes"] if x["service"] == project.web]
               for r in status}  # fmt: skip
     assert served == {h: [sha1] for h in project.host_names}, served
+
+
+def _https_get(address: str, name: str, root_pem: str) -> tuple[str, str]:
+    """GET / over TLS from `address`:443 with SNI and Host `name`, verifying the certificate
+    against `root_pem`; returns (the status line, the body)."""
+    context = ssl.create_default_context(cadata=root_pem)
+    with (
+        socket.create_connection((address, 443), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.decode().partition("\r\n\r\n")
+    return head.splitlines()[0], body
+
+
+def test_tls_internal_serves_https_with_the_proxys_own_ca(project: Project) -> None:
+    """`tls = "internal"` serves the service over HTTPS on the proxy's https_port with a
+    certificate for its host name that Caddy's own CA on that host signed."""
+    host = _proxied(project)
+    web = f'\n[services.{project.web}.proxy]\nhosts = ["{host}"]\nport = 8080\ntls = "internal"\n'
+    project.write_config(web_ports="", web=web)
+    project.initial_commit()
+    _commit_web(project, "web over tls")
+    assert project.run().ok
+    for h in project.lab.hosts:
+        client = docker.DockerClient(base_url=h.docker_url)
+        try:
+            proxy = client.containers.get("pipeline-proxy")
+            path = "/data/caddy/pki/authorities/local/root.crt"
+            for _ in range(50):  # Caddy writes its CA once the HTTPS server is provisioned
+                found = _read(proxy, path)
+                if found:
+                    break
+                time.sleep(0.2)
+        finally:
+            client.close()
+        assert found, f"no local CA on {h.name}"
+        assert _https_get(h.address, host, found) == ("HTTP/1.1 200 OK", "web over tls")
+
+
+def _read(container: Any, path: str) -> str | None:
+    """A file of a container, or None when it has none yet."""
+    try:
+        stream, _stat = container.get_archive(path)
+    except docker.errors.NotFound:
+        return None
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.getmembers()[0]
+        handle = tar.extractfile(member)
+        return handle.read().decode() if handle else None
