@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 import structlog
 
 from pipeline.config.envfile import env_values
-from pipeline.config.model import ClusterSection, ServiceSection
+from pipeline.config.model import ClusterSection, ServiceSection, parse_port
 from pipeline.deploy.failures import Interrupted, RolloutFailed, failure_of
 from pipeline.deploy.health import (
     LOG_LINES,
     Probe,
+    ProbeTargetError,
     cmd_probe,
     docker_probe,
     failure_text,
-    http_probe,
-    tcp_probe,
+    network_probe,
     wait_healthy,
 )
 from pipeline.deploy.rollout import RolloutResult, Target
@@ -263,34 +263,31 @@ class ClusterRollout:
         def port(container_port: int | None) -> int:
             if container_port is None:
                 if not self.spec.ports:
-                    raise StallingError(f"services.{self.service}.health: the check needs a port")
-                container_port = int(self.spec.ports[0].split(":")[-1].split("/")[0])
+                    raise ProbeTargetError(
+                        f"services.{self.service}.health: the check needs a port "
+                        "(set health.port or publish one in 'ports')"
+                    )
+                container_port = parse_port(self.spec.ports[0]).container_port
             for key in (f"{container_port}/tcp", f"{container_port}/udp"):
                 if key in task.ports:
                     return task.ports[key]
-            raise StallingError(
+            raise ProbeTargetError(
                 f"task {_short(task.id)}: container port {container_port} is not published "
                 f"(published: {', '.join(task.ports) or 'none'})"
             )
 
-        if health.http is not None:
-            url = health.http
-            if url.startswith("/"):
-                url = f"http://{address}:{port(health.port)}{url}"
-            return http_probe(url, health.expect_status)
-        if health.tcp is not None:
-            return tcp_probe(address, port(health.tcp))
-        if health.cmd is not None or health.docker:
-            engine = self.nodes.get(address)
-            if engine is None or task.container_id is None:
-                raise StallingError(
-                    f"services.{self.service}.health: a cmd or docker check runs in the task's "
-                    f"container, so node {address} needs a [hosts.*] table"
-                )
-            if health.cmd is not None:
-                return cmd_probe(engine, task.container_id, health.cmd)
-            return docker_probe(engine, task.container_id)
-        return None
+        probe = network_probe(self.spec, address, port)
+        if probe is not None or (health.cmd is None and not health.docker):
+            return probe
+        engine = self.nodes.get(address)
+        if engine is None or task.container_id is None:
+            raise ProbeTargetError(
+                f"services.{self.service}.health: a cmd or docker check runs in the task's "
+                f"container, so node {address} needs a [hosts.*] table"
+            )
+        if health.cmd is not None:
+            return cmd_probe(engine, task.container_id, health.cmd)
+        return docker_probe(engine, task.container_id)
 
     def _check(self, ref: str, revision: str) -> str:
         """Probe every new task at once (each through its whole gate); RolloutFailed naming the
@@ -305,7 +302,7 @@ class ClusterRollout:
             address = node.address or self.section.reach_address
             try:
                 probe = self._probe(task, address)
-            except StallingError as exc:
+            except ProbeTargetError as exc:
                 return task, node, str(exc)
             if probe is None:
                 return task, node, None  # no check configured: Swarm's own monitor decided

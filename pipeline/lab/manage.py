@@ -114,9 +114,11 @@ def require_root(euid: int | None = None) -> None:
         )
 
 
-def missing_tools(which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """The programs the lab runs that are not on PATH."""
-    return [tool for tool in REQUIRED_TOOLS if which(tool) is None]
+def missing_tools(
+    which: Callable[[str], str | None] = shutil.which, tools: Iterable[str] = REQUIRED_TOOLS
+) -> list[str]:
+    """The programs the lab runs (`tools`; a Swarm lab needs iptables too) not on PATH."""
+    return [tool for tool in tools if which(tool) is None]
 
 
 def parse_subnet(subnet: str, hosts: int) -> ipaddress.IPv4Network:
@@ -298,15 +300,17 @@ def lab_up(
     *,
     timeout: float = 30.0,
     swarm: bool = False,
+    proxy: bool = True,
 ) -> LabState:
     """Bring up a lab of `hosts` engines and a registry in `dir`, and write its TOML tables;
-    with `swarm`, the hosts form one Swarm (the first a manager) from empty data roots.
+    with `swarm`, the hosts form one Swarm (the first a manager) from empty data roots;
+    without `proxy`, no Caddy image is built for `[proxy]` (it takes a while).
 
     A lab already alive in `dir` with the same shape is returned as is; a dead or different one
     is taken down first. A failure while coming up takes down whatever was made.
     """
     require_root()
-    missing = missing_tools()
+    missing = missing_tools() + (missing_tools(tools=("iptables",)) if swarm else [])
     if missing:
         raise LabError(f"pipeline lab needs these programs on PATH: {', '.join(missing)}")
     net = parse_subnet(subnet, hosts)
@@ -338,7 +342,7 @@ def lab_up(
     rec = _Record(dir, {"name": name, "subnet": str(net), "dir": str(dir)})
     rec.save()
     try:
-        return _build(dir, rec, net, name, hosts, timeout, swarm)
+        return _build(dir, rec, net, name, hosts, timeout, swarm, proxy)
     except BaseException:
         log.error("lab.up_failed", dir=str(dir))
         lab_down(dir)
@@ -353,6 +357,7 @@ def _build(
     count: int,
     timeout: float,
     swarm: bool = False,
+    proxy: bool = True,
 ) -> LabState:
     addrs = [str(a) for a in net.hosts()]
     gateway = addrs[0]
@@ -424,7 +429,8 @@ def _build(
         lab_swarm.form_swarm([(h["docker_url"], h["address"]) for h in hosts], timeout=timeout)
         rec.set("swarm", True)
     try:
-        rec.set("proxy_image", proxy_image.build_and_push(reg.address))
+        if proxy:
+            rec.set("proxy_image", proxy_image.build_and_push(reg.address))
     except LabError as exc:  # proxied services need it; everything else works without
         log.warning("lab.no_proxy_image", reason=str(exc))
     rec.set("hosts", hosts)  # last: a lab with "hosts" recorded came up completely

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from cluster_helpers import ClusterProject
 from lab_subnets import SECOND_TEST_LAB_SUBNET
 
 from pipeline.lab import manage as lab_mod
+from pipeline.lab import net as lab_net
 from pipeline.lab.manage import LabState
 
 
@@ -32,12 +34,21 @@ def swarm_lab(lab_prereqs: None, tmp_path_factory: pytest.TempPathFactory) -> It
     lab_dir = tmp_path_factory.mktemp("labswarm")  # "lab*": a dead session's is taken down
     (lab_dir / "session.pid").write_text(str(os.getpid()))
     atexit.register(_quiet_down, lab_dir)
+    state = None
     try:
-        state = lab_mod.lab_up(lab_dir, hosts=3, subnet=SECOND_TEST_LAB_SUBNET, swarm=True)
+        state = lab_mod.lab_up(
+            lab_dir, hosts=3, subnet=SECOND_TEST_LAB_SUBNET, swarm=True, proxy=False
+        )
         _label_nodes(state)
         yield state
     finally:
         lab_mod.lab_down(lab_dir)
+    # `lab down` leaves nothing behind: no link, namespace or forwarding rule of the lab.
+    assert state is not None
+    assert not lab_net.link_exists(state.bridge)
+    assert not any(lab_net.namespace_exists(f"{state.name}-h{i}") for i in (1, 2, 3))
+    rule = ["iptables", "-C", "FORWARD", "-i", state.bridge, "-o", state.bridge, "-j", "ACCEPT"]
+    assert subprocess.run(rule, capture_output=True).returncode != 0
 
 
 def _label_nodes(state: LabState) -> None:
