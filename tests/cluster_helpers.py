@@ -40,13 +40,17 @@ class ClusterProject:
         self.addresses = [h.address for h in lab.hosts]
 
     def write(self, services: str) -> None:
-        """The config: the lab's tables (registry, hosts, `[clusters.lab]`), the repo and both
-        images, and `services`."""
+        """The config: the lab's tables (registry, hosts, `[clusters.lab]`), the repo, the
+        images `services` run, and `services`."""
+        # An image no service runs would still be built on every pass: only those in use.
+        images = "".join(
+            f'[images.{name}]\nrepo = "shop"\ncontext = "{context}"\n\n'
+            for name, context in ((self.api, "api"), (self.web, "web"))
+            if f'image = "{name}"' in services
+        )
         self.config.write_text(
             f'{self.lab.toml}\n[pipeline]\ndata_dir = "data"\n\n'
-            f'[repos.shop]\nurl = "{self.remote.url}"\nbranch = "main"\n\n'
-            f'[images.{self.api}]\nrepo = "shop"\ncontext = "api"\n\n'
-            f'[images.{self.web}]\nrepo = "shop"\ncontext = "web"\n\n{services}'
+            f'[repos.shop]\nurl = "{self.remote.url}"\nbranch = "main"\n\n{images}{services}'
         )
 
     def initial_commit(self) -> str:
