@@ -64,7 +64,8 @@ def validate(config: ConfigOption = None) -> None:
         image = m.images[svc.image]
         typer.echo(
             f"  service {name}: image {svc.image} from repo {image.repo} "
-            f"({m.repos[image.repo].follows}) on {', '.join(svc.hosts)}"
+            f"({m.repos[image.repo].follows}) on "
+            + (f"cluster {svc.cluster}" if svc.cluster else ", ".join(svc.hosts))
         )
 
 

@@ -42,16 +42,24 @@ def up(
     subnet: Annotated[
         str, typer.Option("--subnet", help="A private IPv4 subnet for the bridge and hosts.")
     ] = "10.88.0.0/24",
+    swarm: Annotated[
+        bool,
+        typer.Option(
+            "--swarm", help="Make the hosts one Docker Swarm (the first a manager): [clusters.lab]."
+        ),
+    ] = False,
 ) -> None:
     """Bring the lab up (or report the one already alive) and print its config tables."""
     try:
-        state = _lab().lab_up(dir, hosts=hosts, subnet=subnet)
+        state = _lab().lab_up(dir, hosts=hosts, subnet=subnet, swarm=swarm)
     except PipelineError as exc:
         _fail(exc)
     typer.echo(state.toml)
     for host in state.hosts:
         typer.echo(f"{host.name}: {host.docker_url}  (DOCKER_HOST={host.docker_url} docker ps)")
     typer.echo(f"registry: {state.registry} (TLS, trusted via /etc/docker/certs.d)")
+    if state.swarm:
+        typer.echo(f"swarm: {state.hosts[0].name} manages, the other hosts are workers")
     typer.echo(f"wrote {state.dir / _lab().TOML_FILE}: paste its tables into your pipeline.toml")
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline.config.envfile import EnvFile, EnvFileError, read_env_file
 from pipeline.config.model import (
     NAME_RE,
+    ClusterSection,
     Config,
     HostSection,
     ImageSection,
@@ -39,6 +40,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
 }
 _NAMED: dict[str, type[BaseModel]] = {
     "hosts": HostSection,
+    "clusters": ClusterSection,
     "repos": RepoSection,
     "images": ImageSection,
     "services": ServiceSection,
@@ -245,6 +247,12 @@ def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], st
         yield from ref(("images", name, "build_host"), image.get("build_host"), hosts, "host")
     for name, svc in entries("services"):
         yield from ref(("services", name, "image"), svc.get("image"), images, "image")
+        yield from _placement_problems(name, svc, table("clusters"))
+        if "cluster" in svc and "registry" not in raw:
+            yield (
+                ("services", name, "cluster"),
+                "a cluster's nodes pull the image from a registry: add a [registry] table",
+            )
         svc_hosts = svc.get("hosts")
         for i, host in enumerate(svc_hosts if isinstance(svc_hosts, list) else []):
             yield from ref(("services", name, "hosts", str(i)), host, hosts, "host")
@@ -264,6 +272,44 @@ def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], st
             )
 
     yield from _proxy_problems(raw, dict(entries("services")))
+
+
+# Keys that only a cluster service (one with `cluster`) has: Swarm settings.
+_CLUSTER_ONLY = ("replicas", "networks", "placement", "endpoint_mode")
+
+
+def _placement_problems(
+    name: str, svc: dict[str, Any], clusters: dict[str, Any]
+) -> Iterable[tuple[tuple[str, ...], str]]:
+    """A service runs on `hosts` or on a `cluster`, never both; Swarm's keys only on a cluster
+    service; a cluster service's overlay networks in `networks`, not `network`, and no proxy
+    (Swarm publishes its ports)."""
+    where = ("services", name)
+    has_hosts, cluster = "hosts" in svc, svc.get("cluster")
+    if has_hosts and "cluster" in svc:
+        yield (where + ("cluster",), "give either 'hosts' or 'cluster', not both")
+    elif not has_hosts and "cluster" not in svc:
+        yield (where, "give 'hosts' (names of [hosts.*]) or 'cluster' (a [clusters.*] name)")
+    elif has_hosts and isinstance(svc.get("hosts"), list) and not svc["hosts"]:
+        yield (where + ("hosts",), "name at least one host")
+    if "cluster" not in svc:
+        for key in _CLUSTER_ONLY:
+            if key in svc:
+                yield (
+                    where + (key,),
+                    f"'{key}' is a Swarm setting: only a service with 'cluster' has it "
+                    "(a service on 'hosts' runs one container per host)",
+                )
+        return
+    if isinstance(cluster, str) and cluster not in clusters:
+        yield (where + ("cluster",), f"unknown cluster {cluster!r}")
+    if "network" in svc:
+        yield (
+            where + ("network",),
+            "a cluster service joins overlay networks: list them in 'networks'",
+        )
+    if "proxy" in svc:
+        yield (where + ("proxy",), "a cluster service publishes its own ports; no proxy table")
 
 
 def _proxy_problems(

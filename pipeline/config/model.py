@@ -274,6 +274,7 @@ class ServerSection(_Table):
         if self.read_token_required is not None:
             return self.read_token_required
         return listens_beyond_loopback(bound or self.listen)
+
     # How long an event waits for the commit it names to show on the remote (replication lag).
     announced_commit_timeout: Duration = 300.0
 
@@ -302,6 +303,12 @@ class HostSection(_Table):
         if self.docker.startswith("unix://"):
             return "127.0.0.1"
         return rest.split("@")[-1].split(":")[0].split("/")[0]
+
+
+class ClusterSection(HostSection):
+    """`[clusters.NAME]`: a Docker Swarm reached through one of its managers (`docker`, with the
+    connection forms and TLS keys of `[hosts.*]`); `address` is where published ports are
+    reached when a node's own address is not known."""
 
 
 class RepoSection(_Table):
@@ -408,7 +415,14 @@ class ServiceProxySection(_Table):
 
 class ServiceSection(_Table):
     image: str
-    hosts: list[str] = Field(min_length=1)
+    # Where it runs: `hosts` (one container each) or `cluster` (a Swarm service); never both,
+    # which `pipeline.config.load` reports at the key.
+    hosts: list[str] = Field(default_factory=list)
+    cluster: str | None = None
+    replicas: int | None = Field(default=None, ge=0)  # a cluster service's tasks (Swarm default 1)
+    networks: list[Annotated[str, AfterValidator(_network_name)]] = Field(default_factory=list)
+    placement: list[str] = Field(default_factory=list)  # Swarm placement constraints
+    endpoint_mode: Literal["vip", "dnsrr"] | None = None  # Swarm's; None: Swarm's default (vip)
     ports: list[Annotated[str, AfterValidator(_port)]] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     env_file: str | None = None
@@ -424,6 +438,11 @@ class ServiceSection(_Table):
     max_parallel: int = Field(default=1, ge=1)
     health: HealthSection = Field(default_factory=HealthSection)
     proxy: ServiceProxySection | None = None  # routed through the host's proxy (zero downtime)
+
+    @property
+    def targets(self) -> list[str]:
+        """Where it runs, as messages and records name it: its hosts, or its cluster's name."""
+        return [self.cluster] if self.cluster else list(self.hosts)
 
     @model_validator(mode="after")
     def _ports_fit_strategy(self) -> ServiceSection:
@@ -448,4 +467,5 @@ class Config(_Table):
     hosts: dict[str, HostSection] = Field(default_factory=dict)
     repos: dict[str, RepoSection] = Field(default_factory=dict)
     images: dict[str, ImageSection] = Field(default_factory=dict)
+    clusters: dict[str, ClusterSection] = Field(default_factory=dict)
     services: dict[str, ServiceSection] = Field(default_factory=dict)

@@ -37,6 +37,16 @@ class Connections:
                 )
             return self._engines[key]
 
+    def cluster(self, name: str) -> Engine:
+        """The engine of a `[clusters.NAME]` table: the Swarm manager pipeline talks to."""
+        key = f"cluster:{name}"
+        with self._lock:
+            if key not in self._engines:
+                self._engines[key] = Engine.from_host(
+                    name, self.loaded.model.clusters[name], self.loaded.base_dir, retry=self.retry
+                )
+            return self._engines[key]
+
     def mirror(self, repo: str) -> Mirror:
         """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
         hundreds of repos then costs one `git ls-remote` each)."""

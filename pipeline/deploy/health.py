@@ -297,22 +297,33 @@ def _host_port(
     )
 
 
+def network_probe(
+    service: ServiceSection, address: str, host_port: Callable[[int | None], int]
+) -> Probe | None:
+    """The service's http or tcp check aimed at `address`, the port a container port is
+    published on given by `host_port` (None: the service's first port); None for other checks.
+    `host_port` raises ProbeTargetError when the port is not published."""
+    health = service.health
+    host = f"[{address}]" if ":" in address else address
+    if health.http is not None:
+        url = health.http
+        if url.startswith("/"):
+            url = f"http://{host}:{host_port(health.port)}{url}"
+        return http_probe(url, health.expect_status)
+    if health.tcp is not None:
+        return tcp_probe(address, host_port(health.tcp))
+    return None
+
+
 def probe_for(
     service: ServiceSection, engine: Engine, container: ContainerInfo, host_address: str
 ) -> Probe | None:
     """The probe a service's `[health]` table asks for, aimed at its container on that host;
     None when it asks for none (the container must then keep running)."""
     health = service.health
-    host = f"[{host_address}]" if ":" in host_address else host_address
-    if health.http is not None:
-        if health.http.startswith("/"):
-            port = _host_port(service, container, health.port)
-            url = f"http://{host}:{port}{health.http}"
-        else:
-            url = health.http
-        return http_probe(url, health.expect_status)
-    if health.tcp is not None:
-        return tcp_probe(host_address, _host_port(service, container, health.tcp))
+    probe = network_probe(service, host_address, lambda p: _host_port(service, container, p))
+    if probe is not None:
+        return probe
     if health.cmd is not None:
         return cmd_probe(engine, container.id, health.cmd)
     if health.docker:

@@ -11,6 +11,7 @@ from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
+from pipeline.hosts.engine import LABEL_PREFIX
 from pipeline.plan.planner import service_spec_hash
 from pipeline.plan.rollback import PinRecord, choose_rollback
 from pipeline.state.rollbacks import ServiceSettings
@@ -19,7 +20,7 @@ from pipeline.timeutil import iso
 
 # How a service is rolled out rather than what it runs: a rollback takes these from the current
 # config (today's hosts, today's pace), everything else from the release it restores.
-_HOW = {"hosts", "strategy", "max_parallel", "stop_timeout"}
+_HOW = {"hosts", "cluster", "strategy", "max_parallel", "stop_timeout"}
 
 
 def rollback_service(runner: Runner, service: str, to: str | None = None) -> RolloutResult:
@@ -31,7 +32,7 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
     if svc is None:
         raise StallingError(f"unknown service {service!r} (known: {', '.join(cfg.services)})")
     deployed = [
-        d for d in runner.state.deployments() if d.service == service and d.host in svc.hosts
+        d for d in runner.state.deployments() if d.service == service and d.host in svc.targets
     ]
     current = max((d.release_id for d in deployed if d.release_id), default=None)
     chosen = choose_rollback(service, runner.state.rollbacks.past_releases(service), current, to)
@@ -49,7 +50,7 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
     target = Target(
         revision=chosen.revision,
         digest=chosen.digest,
-        refs={h: chosen.ref for h in svc.hosts},
+        refs={h: chosen.ref for h in svc.targets},
         spec_hash=service_spec_hash(settings.service, settings.env_file_text),
         pull=cfg.registry is not None,
         auth=runner.connections.registry_auth(),
@@ -138,6 +139,10 @@ def status_rows(state: State, connections: Connections) -> list[dict[str, Any]]:
     pins = state.rollbacks.pins()
     for name, svc in connections.loaded.model.services.items():
         pinned = pin_json(pins.get(name))
+        if svc.cluster:
+            rows.extend(_cluster_rows(name, svc.cluster, deployed.get((name, svc.cluster)),
+                                      connections, pinned))  # fmt: skip
+            continue
         for host in svc.hosts:
             d = deployed.get((name, host))
             row: dict[str, Any] = {
@@ -162,4 +167,66 @@ def status_rows(state: State, connections: Connections) -> list[dict[str, Any]]:
                     row["health"] = info.health if info else None
                     row["container"] = info.name if info else None
             rows.append(row)
+    return rows
+
+
+def _cluster_rows(
+    service: str,
+    cluster: str,
+    d: Any,  # the service's `Deployment` row on the cluster, or None
+    connections: Connections,
+    pinned: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """A cluster service's rows: one per Swarm node running its tasks, with each task's id,
+    slot, revision (from its labels) and state, as the manager reports them now."""
+    base: dict[str, Any] = {
+        "service": service,
+        "cluster": cluster,
+        "revision": d.revision if d else None,
+        "digest": d.digest if d else None,
+        "image": d.ref if d else None,
+        "container": None,
+        "health": None,
+        "updated_at": iso(d.updated_at) if d else None,
+        "pinned": pinned,
+    }
+    try:
+        swarm = connections.cluster(cluster).swarm
+        tasks = [t for t in swarm.tasks(service) if t.desired_state == "running"]
+        nodes = swarm.nodes() if tasks else {}
+    except PipelineError as exc:
+        return [{**base, "host": cluster, "node": None, "tasks": [],
+                 "state": f"unreachable: {exc}"}]  # fmt: skip
+    if not tasks:
+        return [{**base, "host": cluster, "node": None, "tasks": [], "state": "not deployed"}]
+    by_node: dict[str, list[dict[str, Any]]] = {}
+    for t in sorted(tasks, key=lambda t: t.slot or 0):
+        by_node.setdefault(t.node_id, []).append(
+            {
+                "task": t.id,
+                "slot": t.slot,
+                "revision": t.labels.get(f"{LABEL_PREFIX}revision"),
+                "digest": t.labels.get(f"{LABEL_PREFIX}digest"),
+                "state": t.state,
+            }
+        )
+    rows = []
+    for node_id, node_tasks in sorted(by_node.items()):
+        node = nodes.get(node_id)
+        address = node.address if node else node_id[:12]
+        revisions = {t["revision"] for t in node_tasks}
+        rows.append(
+            {
+                **base,
+                "host": f"{cluster}/{address}",
+                "node": {
+                    "id": node_id,
+                    "hostname": node.hostname if node else None,
+                    "address": address,
+                },  # fmt: skip
+                "revision": revisions.pop() if len(revisions) == 1 else base["revision"],
+                "tasks": node_tasks,
+                "state": ", ".join(sorted({t["state"] for t in node_tasks})),
+            }
+        )
     return rows

@@ -135,6 +135,9 @@ class Rollout:
     attempts: int = 3  # tries of a step (pulls excepted) or an undo on an error declared retry
     proxy: ProxySection | None = None  # the `[proxy]` table, for a service with its own proxy table
     auth: Mapping[str, str] | None = None  # registry credentials (the proxy's image)
+    # The Swarm manager that makes the service's `network` an attachable overlay (its hosts are
+    # members of one Swarm: `pipeline.deploy.placement`); None: a bridge on each host.
+    overlay: Engine | None = None
 
     def __post_init__(self) -> None:
         # A proxied service: each host's proxy, and its route as the config defines it.
@@ -374,8 +377,11 @@ class Rollout:
         if step == "start" and self.proxies:
             return self._start_proxied(host, p)
         if step == "start":
-            if self.spec.network not in ("bridge", "host", "none"):
-                network = self.spec.network
+            network = self.spec.network
+            if network not in ("bridge", "host", "none") and self.overlay is not None:
+                manager = self.overlay
+                self.retry.call(lambda: manager.swarm.ensure_overlay(network), "overlay network")
+            elif network not in ("bridge", "host", "none"):
                 self.retry.call(
                     lambda: engine.containers.ensure_network(network), f"network on {host}"
                 )

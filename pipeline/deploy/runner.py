@@ -18,7 +18,9 @@ from pipeline.build.builder import Artifact, Builder
 from pipeline.config.envfile import EnvFileError
 from pipeline.config.load import LoadedConfig
 from pipeline.config.model import ServiceSection
+from pipeline.deploy.cluster import ClusterRollout
 from pipeline.deploy.connections import Connections
+from pipeline.deploy.placement import check_rollouts, overlay_manager
 from pipeline.deploy.recovery import recover_service
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
@@ -211,6 +213,9 @@ class Runner:
         # What the builder cannot do (a BuildKit-only key on the legacy builder, a secret that
         # is not there) is an error now, located in the config, before anything is built.
         self.builder.check(the_plan.builds)
+        # What only the engines know: a cluster that is a Swarm manager, an overlay network's
+        # hosts in one Swarm (a ConfigError at the key, before anything moves).
+        check_rollouts(self.loaded, self.connections, [r.service for r in the_plan.rollouts])
         return the_plan
 
     def preview(self, repo: str | None = None) -> Plan:
@@ -396,7 +401,7 @@ class Runner:
             Target(
                 revision=art.revision,
                 digest=art.digest,
-                refs={h: art.ref for h in svc.hosts},
+                refs={h: art.ref for h in svc.targets},
                 spec_hash=spec_hash,
                 pull=self.cfg.registry is not None,
                 auth=self.connections.registry_auth(),
@@ -422,27 +427,56 @@ class Runner:
         running; report and record the outcome."""
         svc = spec or self.cfg.services[service]
         self.report(
-            f"{service}: rolling out {target.revision[:12]} to {', '.join(svc.hosts)} ({reason})"
+            f"{service}: rolling out {target.revision[:12]} to {', '.join(svc.targets)} ({reason})"
         )
-        executor = self.rollout_executor(service, svc)
         try:
+            executor = (
+                self.cluster_executor(service, svc)
+                if svc.cluster
+                else self.rollout_executor(service, svc)
+            )
             with self.state.leases.lease(f"service:{service}", self.owner) as held:
-                recover_service(executor)
+                if isinstance(executor, RolloutExecutor):
+                    recover_service(executor)
                 outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason, lease=held)
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))
         if outcome.ok:
-            self.report(f"{service}: {target.revision[:12]} healthy on {', '.join(svc.hosts)}")
+            self.report(f"{service}: {target.revision[:12]} healthy on {', '.join(svc.targets)}")
         else:
             # Its first line only: the whole error, log lines and all, comes with the outcome.
             first = (outcome.error or "").partition("\n")[0]
             self.report(f"{service}: FAILED, rolled back: {first}")
         return outcome
 
+    def cluster_executor(self, service: str, spec: ServiceSection) -> ClusterRollout:
+        """The executor of a cluster service's rollouts, on its cluster's manager (ConfigError
+        when that engine is not one: `placement.check_cluster`)."""
+        assert spec.cluster is not None
+        return ClusterRollout(
+            state=self.state,
+            service=service,
+            spec=spec,
+            cluster=spec.cluster,
+            section=self.cfg.clusters[spec.cluster],
+            manager=self.connections.cluster(spec.cluster),
+            nodes={h.reach_address: self.connections.engine(n) for n, h in self.cfg.hosts.items()},
+            sleep=self.sleep,
+            clock=self.clock,
+            should_stop=self.should_stop,
+            report=self.report,
+        )
+
     def rollout_executor(self, service: str, spec: ServiceSection | None = None) -> RolloutExecutor:
         """The executor of one service's rollouts (and of their crash recovery), with its
-        configured settings or `spec`."""
+        configured settings or `spec`; a named network on hosts of one Swarm is an overlay
+        (`placement.overlay_manager`: asks the hosts' engines, ConfigError if it must be one)."""
         svc = spec or self.cfg.services[service]
+        overlay = (
+            overlay_manager(self.loaded, self.connections, service)
+            if svc.network not in ("bridge", "host", "none") and svc.proxy is None
+            else None
+        )
         return RolloutExecutor(
             state=self.state,
             service=service,
@@ -456,6 +490,7 @@ class Runner:
             keep_images=self.cfg.pipeline.keep_revisions,
             proxy=self.cfg.proxy,
             auth=self.connections.registry_auth() if svc.proxy is not None else None,
+            overlay=overlay,
         )
 
 

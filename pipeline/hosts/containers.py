@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import docker.errors
+import docker.types
 import structlog
 
 from pipeline.config.model import parse_port
@@ -133,6 +134,9 @@ def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
     )
 
 
+_ALIAS_API = "1.41"  # the API version EndpointConfig checks aliases against (needs >= 1.22)
+
+
 def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
     """Keyword arguments for the docker SDK's `containers.create` for a spec."""
     labels = {**spec.labels, MANAGED_LABEL: "true"}
@@ -145,6 +149,16 @@ def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "network_mode": spec.network,
         "detach": True,
     }
+    service = spec.labels.get(SERVICE_LABEL)
+    if spec.network not in _SPECIAL_NETWORKS and service:
+        # On a named network (a bridge, or an overlay across a Swarm's hosts) other containers
+        # reach it by its service's name: a network alias (Docker docs, "docker run
+        # --network-alias"); the container's own name carries the revision.
+        del kwargs["network_mode"]
+        kwargs["network"] = spec.network
+        kwargs["networking_config"] = {
+            spec.network: docker.types.EndpointConfig(_ALIAS_API, aliases=[service])
+        }
     # Docker discards published ports with host networking (the container's ports are the host's).
     if spec.ports and spec.network != "host":
         kwargs["ports"] = port_bindings(spec.ports)

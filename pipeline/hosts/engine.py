@@ -40,6 +40,7 @@ from pipeline.hosts.containers import (
 )
 from pipeline.hosts.dockercli import run_build
 from pipeline.hosts.proxy import ProxyContainer
+from pipeline.hosts.swarm import Swarm
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
 
@@ -71,6 +72,7 @@ class Engine:
         self.retry = retry or RetryPolicy()
         self.containers = Containers(conn)
         self.proxy = ProxyContainer(conn)
+        self.swarm = Swarm(conn)  # the Swarm it belongs to, if any (`pipeline.hosts.swarm`)
 
     @classmethod
     def from_host(

@@ -25,6 +25,7 @@ import structlog
 
 from pipeline.lab import net as lab_net
 from pipeline.lab import proxy_image
+from pipeline.lab import swarm as lab_swarm
 
 # CERTS_D, REGISTRY_PORT, LabError and registry_answers stay importable from here.
 from pipeline.lab.registry import CERTS_D as CERTS_D
@@ -67,6 +68,7 @@ class LabState:
     hosts: tuple[LabHost, ...]
     toml: str
     proxy_image: str | None = None  # the lab registry's caddy image; None without caddy
+    swarm: bool = False  # the hosts form one Swarm, the first a manager (`[clusters.lab]`)
 
     @property
     def ca_file(self) -> Path:
@@ -112,9 +114,11 @@ def require_root(euid: int | None = None) -> None:
         )
 
 
-def missing_tools(which: Callable[[str], str | None] = shutil.which) -> list[str]:
-    """The programs the lab runs that are not on PATH."""
-    return [tool for tool in REQUIRED_TOOLS if which(tool) is None]
+def missing_tools(
+    which: Callable[[str], str | None] = shutil.which, tools: Iterable[str] = REQUIRED_TOOLS
+) -> list[str]:
+    """The programs the lab runs (`tools`; a Swarm lab needs iptables too) not on PATH."""
+    return [tool for tool in tools if which(tool) is None]
 
 
 def parse_subnet(subnet: str, hosts: int) -> ipaddress.IPv4Network:
@@ -199,18 +203,27 @@ def _state_from(dir: Path, data: dict[str, Any]) -> LabState | None:
                 bool(data.get("registry_insecure")),
                 hosts,
                 data.get("proxy_image"),
+                swarm=bool(data.get("swarm")),
             ),
             proxy_image=data.get("proxy_image"),
+            swarm=bool(data.get("swarm")),
         )
     except (KeyError, TypeError):
         return None  # a lab that crashed while coming up: not usable, only removable
 
 
 def render_toml(
-    registry: str, insecure: bool, hosts: Iterable[LabHost], proxy: str | None = None
+    registry: str,
+    insecure: bool,
+    hosts: Iterable[LabHost],
+    proxy: str | None = None,
+    *,
+    swarm: bool = False,
 ) -> str:
     """The `[registry]`, `[proxy]` (with the lab's caddy image, when it has one) and `[hosts.*]`
-    tables describing a lab, for a pipeline config."""
+    tables describing a lab, for a pipeline config; with `swarm`, a `[clusters.lab]` table
+    naming the first host (the Swarm's manager)."""
+    hosts = list(hosts)
     lines = [
         "# Written by `pipeline lab up`: the lab's registry, proxy image and target hosts.",
         "[registry]",
@@ -227,6 +240,10 @@ def render_toml(
             f'docker = "{host.docker_url}"',
             f'address = "{host.address}"',
         ]
+    if swarm and hosts:
+        manager = hosts[0]
+        lines += ["", f"[clusters.{lab_swarm.CLUSTER_NAME}]",
+                  f'docker = "{manager.docker_url}"', f'address = "{manager.address}"']  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -282,14 +299,18 @@ def lab_up(
     name: str | None = None,
     *,
     timeout: float = 30.0,
+    swarm: bool = False,
+    proxy: bool = True,
 ) -> LabState:
-    """Bring up a lab of `hosts` engines and a registry in `dir`, and write its TOML tables.
+    """Bring up a lab of `hosts` engines and a registry in `dir`, and write its TOML tables;
+    with `swarm`, the hosts form one Swarm (the first a manager) from empty data roots;
+    without `proxy`, no Caddy image is built for `[proxy]` (it takes a while).
 
     A lab already alive in `dir` with the same shape is returned as is; a dead or different one
     is taken down first. A failure while coming up takes down whatever was made.
     """
     require_root()
-    missing = missing_tools()
+    missing = missing_tools() + (missing_tools(tools=("iptables",)) if swarm else [])
     if missing:
         raise LabError(f"pipeline lab needs these programs on PATH: {', '.join(missing)}")
     net = parse_subnet(subnet, hosts)
@@ -298,7 +319,8 @@ def lab_up(
     if _load(dir) is not None:
         status = lab_status(dir)
         st = status.state
-        if status.alive and st and (st.subnet, len(st.hosts), st.name) == (str(net), hosts, name):
+        shape = (str(net), hosts, name, swarm)
+        if status.alive and st and (st.subnet, len(st.hosts), st.name, st.swarm) == shape:
             log.info("lab.already_up", dir=str(dir), hosts=hosts)
             return st
         log.info("lab.replace", dir=str(dir), reason="not alive or different shape")
@@ -320,7 +342,7 @@ def lab_up(
     rec = _Record(dir, {"name": name, "subnet": str(net), "dir": str(dir)})
     rec.save()
     try:
-        return _build(dir, rec, net, name, hosts, timeout)
+        return _build(dir, rec, net, name, hosts, timeout, swarm, proxy)
     except BaseException:
         log.error("lab.up_failed", dir=str(dir))
         lab_down(dir)
@@ -328,7 +350,14 @@ def lab_up(
 
 
 def _build(
-    dir: Path, rec: _Record, net: ipaddress.IPv4Network, name: str, count: int, timeout: float
+    dir: Path,
+    rec: _Record,
+    net: ipaddress.IPv4Network,
+    name: str,
+    count: int,
+    timeout: float,
+    swarm: bool = False,
+    proxy: bool = True,
 ) -> LabState:
     addrs = [str(a) for a in net.hosts()]
     gateway = addrs[0]
@@ -345,6 +374,8 @@ def _build(
         ns, veth, address = f"{name}-h{i}", f"{name}v{i}", addrs[i]
         hdir = dir / f"h{i}"
         hdir.mkdir(exist_ok=True)
+        if swarm:  # Swarm state lives in the data root: an old one is still in its old swarm
+            shutil.rmtree(hdir / "data", ignore_errors=True)
         if len(str(hdir / "exec" / "containerd" / "containerd.sock.ttrpc")) > _MAX_SOCK_PATH:
             raise LabError(f"lab dir {dir}: path too long for the engines' unix sockets")
         rec.append("namespaces", ns)
@@ -392,8 +423,14 @@ def _build(
             logfile,
             timeout,
         )
+    if swarm:
+        rec.set("forwarding", bridge)  # before the rule exists: `lab down` removes it
+        lab_net.accept_forwarding(bridge)
+        lab_swarm.form_swarm([(h["docker_url"], h["address"]) for h in hosts], timeout=timeout)
+        rec.set("swarm", True)
     try:
-        rec.set("proxy_image", proxy_image.build_and_push(reg.address))
+        if proxy:
+            rec.set("proxy_image", proxy_image.build_and_push(reg.address))
     except LabError as exc:  # proxied services need it; everything else works without
         log.warning("lab.no_proxy_image", reason=str(exc))
     rec.set("hosts", hosts)  # last: a lab with "hosts" recorded came up completely
@@ -432,6 +469,8 @@ def lab_down(dir: Path, *, grace: float = _STOP_GRACE) -> None:
         lab_net.delete_namespace(ns)
     if data.get("bridge"):
         lab_net.delete_link(data["bridge"])
+    if data.get("forwarding"):
+        lab_net.drop_forwarding(data["forwarding"])
     if data.get("certs_d"):
         untrust(Path(data["certs_d"]))
     (dir / STATE_FILE).unlink(missing_ok=True)

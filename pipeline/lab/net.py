@@ -213,3 +213,22 @@ def unmount_below(dir: Path) -> None:
         if res.returncode != 0:
             subprocess.run(["umount", "--lazy", "--", point], capture_output=True, text=True)
         log.info("lab.unmount", path=point)
+
+
+def _forward_rule(bridge: str) -> list[str]:
+    return ["FORWARD", "-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+
+
+def accept_forwarding(bridge: str) -> None:
+    """Let traffic between the lab's hosts cross `bridge`: the machine's dockerd sets FORWARD to
+    DROP (with br_netfilter loaded), which stops Swarm joins and VXLAN (TESTBED.md, Swarm)."""
+    rule = _forward_rule(bridge)
+    if subprocess.run(["iptables", "-C", *rule], capture_output=True).returncode != 0:
+        subprocess.run(["iptables", "-I", *rule], check=True, capture_output=True)
+
+
+def drop_forwarding(bridge: str) -> None:
+    """Remove the rule `accept_forwarding` added (every copy of it; none is fine)."""
+    rule = _forward_rule(bridge)
+    while subprocess.run(["iptables", "-D", *rule], capture_output=True).returncode == 0:
+        pass
