@@ -1,4 +1,5 @@
-"""The HTTP server of `pipeline serve`: webhooks in, health, metrics and the /api routes out.
+"""The HTTP server of `pipeline serve`: webhooks in, health, metrics, the /api routes and the
+dashboard (`pipeline.dashboard`, at /) out.
 
 A webhook is acknowledged (202) only after its event is committed to the queue; deciding what a
 delivery means is the pure `decide`. Nothing here runs a deploy: routes only queue and wake the
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config.load import read_secret
 from pipeline.config.model import RepoSection
+from pipeline.dashboard.routes import STATIC, dashboard_router
 from pipeline.redact import redact
 from pipeline.service import metrics
 from pipeline.service.api import (
@@ -278,6 +280,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return Response(metrics.render(ctx.state), media_type=metrics.CONTENT_TYPE)
 
     app.include_router(api_router(ctx))
+    app.include_router(dashboard_router(ctx))
+    app.mount("/static", STATIC, name="static")
     return app
 
 
@@ -331,7 +335,15 @@ def start(app: FastAPI, listen: str, *, ready_timeout: float = 10.0) -> RunningS
         raise OSError(f"[server] listen {listen}: cannot bind: {exc.strerror or exc}") from None
     sock.listen(1024)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", backlog=1024)
+    # A graceful shutdown waits for open answers; a dashboard's live stream would hold it open.
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        backlog=1024,
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="pipeline-http", daemon=True
