@@ -62,8 +62,11 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-def dashboard_router(backend: views.Backend) -> APIRouter:
-    """The dashboard's pages and actions bound to `backend` (the service's context)."""
+def dashboard_router(
+    backend: views.Backend, closing: Callable[[], bool] = lambda: False
+) -> APIRouter:
+    """The dashboard's pages and actions bound to `backend` (the service's context); live
+    streams end soon after `closing()` turns true (the server is stopping)."""
     router = APIRouter(include_in_schema=False)
     templates = _templates()
     sessions = access.Sessions()
@@ -214,7 +217,7 @@ def dashboard_router(backend: views.Backend) -> APIRouter:
         end = loop.time() + _LIVE_FOR
         sent = None
         yield "retry: 1000\n\n"
-        while loop.time() < end and not await request.is_disconnected():
+        while loop.time() < end and not closing() and not await request.is_disconnected():
             html, finished = await run_in_threadpool(_run_fragment, which)
             if html != sent:
                 sent = html

@@ -280,7 +280,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return Response(metrics.render(ctx.state), media_type=metrics.CONTENT_TYPE)
 
     app.include_router(api_router(ctx))
-    app.include_router(dashboard_router(ctx))
+    # Set when the server stops: the dashboard's live streams end rather than hold it open.
+    closing = threading.Event()
+    app.state.closing = closing
+    app.include_router(dashboard_router(ctx, closing.is_set))
     app.mount("/static", STATIC, name="static")
     return app
 
@@ -315,6 +318,9 @@ class RunningServer:
         return f"http://{self.host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
+        closing = getattr(getattr(self.server.config.app, "state", None), "closing", None)
+        if isinstance(closing, threading.Event):
+            closing.set()
         self.server.should_exit = True
         self.thread.join(timeout)
 
