@@ -71,7 +71,6 @@ def register(app: typer.Typer) -> None:
         except OSError as exc:
             fail(str(exc))
 
-
     @app.command("dashboard-password")
     def dashboard_password() -> None:
         """Ask for a password (twice) and print its hash for `[server] password_hash`, which
