@@ -47,7 +47,9 @@ _HEADERS = {
 def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=_HERE / "templates")
     templates.env.filters["short"] = views.short
-    templates.env.filters["redact"] = lambda text: redact(text) if text else text
+    # Every value a page prints is redacted, as every API answer is (`api.reply`): records are
+    # redacted when stored, but an engine's error in a status row is not a record.
+    templates.env.finalize = lambda value: redact(value) if isinstance(value, str) else value
     return templates
 
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pipeline.config.load import parse
 from pipeline.dashboard.access import check_password, hash_password
 from pipeline.errors import ConfigError
+from pipeline.redact import register_secret
 from pipeline.service.server import ServerContext, create_app
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State
@@ -48,7 +49,9 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
     monkeypatch.setenv(TOKEN_ENV, TOKEN)
     made: list[TestClient] = []
 
-    def make(server: str = 'listen = "127.0.0.1:8700"') -> TestClient:
+    def make(
+        server: str = 'listen = "127.0.0.1:8700"', status: list[dict[str, object]] | None = None
+    ) -> TestClient:
         text = f'[server]\n{server}\napi_token_env = "{TOKEN_ENV}"\n{SERVICES}'
         loaded = parse(text, tmp_path / "pipeline.toml")
         state = State.in_dir(tmp_path / "data")
@@ -56,7 +59,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
             loaded=lambda: loaded,
             state=state,
             queue=EventQueue(state),
-            status=lambda: [],
+            status=lambda: status or [],
             wake=lambda: None,
             started_at=time.time(),
             listen=loaded.model.server.listen,
@@ -190,3 +193,14 @@ def test_a_finished_runs_stream_sends_its_steps_then_done(client: Client) -> Non
     assert res.headers["content-type"].startswith("text/event-stream")
     assert "event: update" in body and 'data-host="h1"' in body and "pulled" in body
     assert body.rstrip().endswith("event: done\ndata:")
+
+
+def test_pages_redact_what_they_show(client: Client) -> None:
+    """A secret in what the engine reports (a status row's error) is shown as ***."""
+    secret = "engine-secret-5d2e9a"
+    register_secret(secret)
+    row = {"service": "web", "host": "h1", "revision": "a" * 40, "digest": "sha256:" + "b" * 64}
+    row |= {"state": f"unreachable: tls key {secret} refused", "health": None}
+    row |= {"updated_at": "2026-01-01T00:00:00+00:00", "pinned": None}
+    page = client(status=[row]).get("/").text
+    assert "unreachable: tls key *** refused" in page and secret not in page

@@ -86,7 +86,8 @@ def test_overview_shows_both_hosts_the_service_its_revision_and_health(
 ) -> None:
     """After `pipeline run`, Chromium at `pipeline serve`'s / shows web on lab-1 and lab-2 with
     the deployed revision, its commit subject, a running container that passed its health
-    check, and the repo's head."""
+    check, and the repo's head; the plan page says nothing is to do; no sideways scroll on a
+    phone."""
     first, srv = _deployed(sp, serve)
     browser.set_window_size(1280, 900)
     browser.get(srv.url + "/")
@@ -100,6 +101,10 @@ def test_overview_shows_both_hosts_the_service_its_revision_and_health(
         assert "deployed" in cell and "ago" in cell, cell
     assert _text(browser, "#grid tbody th a") == sp.web.name
     assert first[:12] in _text(browser, "#repos")
+    browser.get(srv.url + "/plan")
+    shot("plan")
+    assert "Nothing to do: every service is up to date." in _text(browser, "main")
+    browser.get(srv.url + "/")
     browser.set_window_size(390, 844)  # a phone
     shot("overview-phone")
     width = browser.execute_script("return document.documentElement.scrollWidth")
