@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import Markup
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.dashboard import access, views
@@ -49,7 +50,10 @@ def _templates() -> Jinja2Templates:
     templates.env.filters["short"] = views.short
     # Every value a page prints is redacted, as every API answer is (`api.reply`): records are
     # redacted when stored, but an engine's error in a status row is not a record.
-    templates.env.finalize = lambda value: redact(value) if isinstance(value, str) else value
+    # A macro's output (Markup) is left as it is: its own values were redacted as it rendered.
+    templates.env.finalize = lambda value: (
+        redact(value) if isinstance(value, str) and not isinstance(value, Markup) else value
+    )
     return templates
 
 

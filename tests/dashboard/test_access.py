@@ -192,6 +192,7 @@ def test_a_finished_runs_stream_sends_its_steps_then_done(client: Client) -> Non
         body = "".join(res.iter_text())
     assert res.headers["content-type"].startswith("text/event-stream")
     assert "event: update" in body and 'data-host="h1"' in body and "pulled" in body
+    assert '<tr class="step succeeded" data-kind="pull" data-host="h1">' in body
     assert body.rstrip().endswith("event: done\ndata:")
 
 

@@ -101,6 +101,12 @@ def test_overview_shows_both_hosts_the_service_its_revision_and_health(
         assert "deployed" in cell and "ago" in cell, cell
     assert _text(browser, "#grid tbody th a") == sp.web.name
     assert first[:12] in _text(browser, "#repos")
+    problems = [
+        e["message"]
+        for e in browser.get_log("browser")
+        if e["level"] == "SEVERE" and "favicon.ico" not in e["message"]
+    ]
+    assert problems == [], problems  # a script or style refused by the CSP, a missing asset
     browser.get(srv.url + "/plan")
     shot("plan")
     assert "Nothing to do: every service is up to date." in _text(browser, "main")
