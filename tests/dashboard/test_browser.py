@@ -21,6 +21,13 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(240)]
 DEPLOY_DEADLINE = 60.0
 
 
+@pytest.fixture(autouse=True)
+def _web_only(sp: ServeProject) -> None:
+    """Only the web service: one build and one rollout per pass keep the tests short."""
+    sp.apps = [sp.web]
+    sp.write_config()
+
+
 def _secret(sp: ServeProject) -> str:
     """Give repo shop a webhook secret (in the env var the config names); return it."""
     env = f"PIPELINE_DASH_SECRET_{uuid.uuid4().hex[:8].upper()}"
