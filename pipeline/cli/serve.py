@@ -71,6 +71,17 @@ def register(app: typer.Typer) -> None:
         except OSError as exc:
             fail(str(exc))
 
+    @app.command("dashboard-password")
+    def dashboard_password() -> None:
+        """Ask for a password (twice) and print its hash for `[server] password_hash`, which
+        the dashboard's login then takes besides the API token."""
+        from pipeline.dashboard.access import hash_password
+
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+        if len(password) < 12:
+            fail("the password needs at least 12 characters", EXIT_USAGE)
+        typer.echo(hash_password(password))
+
 
 def _announce(service: Service) -> None:
     import structlog
@@ -85,3 +96,4 @@ def _announce(service: Service) -> None:
         log.info("following", repo=name, url=redact_url(repo.url), ref=repo.follows, via=how)
     for name, svc in cfg.services.items():
         log.info("service", service=name, image=svc.image, hosts=svc.hosts)
+    log.info(f"dashboard at {service.url}/")

@@ -159,6 +159,16 @@ def _address(value: str) -> str:
     return value
 
 
+_PASSWORD_HASH_RE = re.compile(r"^scrypt:\d{1,9}:\d{1,3}:\d{1,3}\$[^$]{1,128}\$[0-9a-f]{16,256}$")
+
+
+def _password_hash(value: str) -> str:
+    # The value is not echoed: a hash is still worth keeping out of logs and errors.
+    if not _PASSWORD_HASH_RE.match(value):
+        raise ValueError("not a password hash of the form 'scrypt:N:r:p$SALT$HEX'")
+    return value
+
+
 def _docker_url(value: str) -> str:
     if not re.match(r"^(unix:///[^\s]+|tcp://[A-Za-z0-9.-]+:\d{1,5}|ssh://[^\s/]+)$", value):
         raise ValueError(
@@ -266,6 +276,12 @@ class ServerSection(_Table):
     max_body: int = Field(default=5 * 1024 * 1024, ge=1024)  # bytes
     # None: required when `listen` reaches beyond loopback (see `reads_need_token`)
     read_token_required: bool | None = None
+    # The dashboard's read pages: "open" (no login, only while reads need no token, see
+    # `dashboard_open`) or "login"; its actions always need the login.
+    dashboard: Literal["login", "open"] = "open"
+    # A password the dashboard's login takes besides the API token: werkzeug's scrypt format,
+    # "scrypt:N:r:p$SALT$HEX" (`pipeline dashboard-password` prints one).
+    password_hash: Annotated[str, AfterValidator(_password_hash)] | None = None
 
     def reads_need_token(self, bound: str | None = None) -> bool:
         """Whether `GET /api/*` needs the API token: `read_token_required` when set, else
@@ -274,6 +290,11 @@ class ServerSection(_Table):
         if self.read_token_required is not None:
             return self.read_token_required
         return listens_beyond_loopback(bound or self.listen)
+
+    def dashboard_open(self, bound: str | None = None) -> bool:
+        """Whether the dashboard's read pages are shown without a login: `dashboard = "open"`
+        and the API's reads need no token (loopback, see `reads_need_token`)."""
+        return self.dashboard == "open" and not self.reads_need_token(bound)
 
     # How long an event waits for the commit it names to show on the remote (replication lag).
     announced_commit_timeout: Duration = 300.0

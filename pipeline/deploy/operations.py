@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from pydantic import ValidationError
@@ -230,3 +231,33 @@ def _cluster_rows(
             }
         )
     return rows
+def repo_heads(connections: Connections) -> list[dict[str, Any]]:
+    """Per repo of the config, what the dashboard shows: its name, what it follows (a branch
+    or a tag glob) and the head its mirror last fetched (`head`, `subject`; None before the
+    first fetch). Reads the mirrors only: no network."""
+    rows: list[dict[str, Any]] = []
+    for name, section in connections.loaded.model.repos.items():
+        sha = None
+        with contextlib.suppress(PipelineError):
+            branch = None if section.tags else (section.branch or "main")
+            rev = connections.mirror(name).local_head(branch=branch, tags=section.tags)
+            sha = rev.sha if rev else None
+        rows.append(
+            {
+                "name": name,
+                "follows": section.follows,
+                "head": sha,
+                "subject": commit_subject(connections, name, sha) if sha else None,
+            }
+        )
+    return rows
+
+
+def commit_subject(connections: Connections, repo: str, sha: str) -> str | None:
+    """The subject line of commit `sha` in `repo`'s mirror; None when it is not there."""
+    if repo not in connections.loaded.model.repos:
+        return None
+    try:
+        return connections.mirror(repo).commit_info(sha)["subject"]
+    except PipelineError:
+        return None

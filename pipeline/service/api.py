@@ -24,16 +24,12 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.config.load import LoadedConfig, read_secret
 from pipeline.redact import redact_value
-from pipeline.state.queue import EventQueue
-from pipeline.state.schema import Run, Step
-from pipeline.state.store import State, release_json
-from pipeline.timeutil import iso
+from pipeline.state.queue import REVISION_PATTERN, EventQueue, RequestError, queue_request
+from pipeline.state.store import State, release_json, run_json, step_json
 
 log = structlog.get_logger(__name__)
 
-# Revisions and rollback targets reach git and docker later: refuse anything that could be read
-# as an option or walk a path.
-_REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$"
+_REVISION = REVISION_PATTERN
 _API_BODY_MAX = 16 * 1024
 
 
@@ -52,6 +48,11 @@ class ServerContext:
     # takes effect on restart, so whether reads need the token follows this one. None: the
     # live config's.
     listen: str | None = None
+    # What the dashboard reads besides the records (the daemon provides them; None: not shown):
+    # each repo's followed head, a commit's subject line, and the planner's output now.
+    repos: Callable[[], list[dict[str, Any]]] | None = None
+    subject: Callable[[str, str], str | None] | None = None
+    plan: Callable[[], dict[str, Any]] | None = None
 
 
 def reply(status: int, data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -98,34 +99,6 @@ def wake(ctx: ServerContext) -> None:
         log.warning("could not wake the worker", error=f"{type(exc).__name__}: {exc}")
 
 
-def run_dict(run: Run) -> dict[str, Any]:
-    return {
-        "id": run.id,
-        "trigger": run.trigger,
-        "repo": run.repo,
-        "revision": run.revision,
-        "status": run.status,
-        "started_at": iso(run.started_at),
-        "finished_at": iso(run.finished_at),
-        "error": run.error,
-        "summary": run.summary,
-    }
-
-
-def step_dict(step: Step) -> dict[str, Any]:
-    return {
-        "kind": step.kind,
-        "subject": step.subject,
-        "host": step.host,
-        "revision": step.revision,
-        "status": step.status,
-        "started_at": iso(step.started_at),
-        "finished_at": iso(step.finished_at),
-        "detail": step.detail,
-        "error": step.error,
-    }
-
-
 class DeployRequest(BaseModel):
     """Deploy a service, at `revision` (a commit or ref) or at the followed branch's head."""
 
@@ -144,6 +117,12 @@ class RollbackRequest(BaseModel):
         pattern=_REVISION,
         description="release id (r42 or 42) or revision prefix; default: the previous release",
     )
+
+
+class RebuildRequest(BaseModel):
+    """Rebuild an image now, pulling its base image fresh (what its `rebuild` schedule does)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Refused(Exception):
@@ -255,16 +234,16 @@ def api_router(ctx: ServerContext) -> APIRouter:
 
     @router.get("/runs", summary="Runs, newest first")
     def runs(limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
-        return reply(200, [run_dict(r) for r in ctx.state.runs(limit)])
+        return reply(200, [run_json(r) for r in ctx.state.runs(limit)])
 
     @router.get("/runs/{run_id}", summary="One run, its steps and the releases it made")
     def run(run_id: int) -> JSONResponse:
         found = ctx.state.run(run_id)
         if found is None:
             return error(404, f"no run with id {run_id}")
-        steps = [step_dict(s) for s in ctx.state.steps(run_id)]
+        steps = [step_json(s) for s in ctx.state.steps(run_id)]
         releases = [release_json(r) for r in ctx.state.releases(limit=1000, run_id=run_id)]
-        return reply(200, {**run_dict(found), "steps": steps, "releases": releases})
+        return reply(200, {**run_json(found), "steps": steps, "releases": releases})
 
     @router.get("/history", summary="Releases, newest first, as `pipeline history --json`")
     def history(
@@ -278,7 +257,7 @@ def api_router(ctx: ServerContext) -> APIRouter:
         return reply(200, ctx.queue.recent(limit))
 
     async def _queue_service_event(
-        kind: str, service: str, request: Request, model: type[BaseModel], field: str
+        kind: str, service: str, request: Request, model: type[BaseModel], field: str | None
     ) -> JSONResponse:
         loaded = ctx.loaded()  # the token was checked by the router's dependency
         raw = await read_capped(request, min(_API_BODY_MAX, loaded.model.server.max_body))
@@ -287,19 +266,13 @@ def api_router(ctx: ServerContext) -> APIRouter:
         body = _body_model(raw, model)
         if isinstance(body, JSONResponse):
             return body
-        svc = loaded.model.services.get(service)
-        if svc is None:
-            return error(404, f"unknown service {service!r}: not in [services]")
-        image = loaded.model.images.get(svc.image)
-        target = getattr(body, field)
-        event_id, _ = await run_in_threadpool(
-            ctx.queue.put,
-            source="api",
-            kind=kind,
-            repo=image.repo if image else None,
-            subject=service,
-            sha=target,
-        )
+        target = getattr(body, field) if field else None
+        try:
+            event_id = await run_in_threadpool(
+                queue_request, ctx.queue, loaded.model, kind, service, target, source="api"
+            )
+        except RequestError as exc:
+            return error(404, str(exc))
         log.info("api event queued", kind=kind, service=service, revision=target, event_id=event_id)
         wake(ctx)
         return reply(202, {"status": "queued", "event_id": event_id})
@@ -321,5 +294,14 @@ def api_router(ctx: ServerContext) -> APIRouter:
     )
     async def rollback(service: str, request: Request) -> JSONResponse:
         return await _queue_service_event("rollback", service, request, RollbackRequest, "to")
+
+    @router.post(
+        "/rebuild/{image}",
+        status_code=202,
+        summary="Queue a rebuild of an image, its base pulled fresh (bearer token)",
+        openapi_extra=_openapi_body(RebuildRequest),
+    )
+    async def rebuild(image: str, request: Request) -> JSONResponse:
+        return await _queue_service_event("rebuild", image, request, RebuildRequest, None)
 
     return router

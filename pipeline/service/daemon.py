@@ -21,7 +21,7 @@ import structlog
 from pipeline.config import load as config_mod
 from pipeline.config.load import LoadedConfig
 from pipeline.deploy.connections import Connections
-from pipeline.deploy.operations import status_rows
+from pipeline.deploy.operations import commit_subject, repo_heads, status_rows
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
 from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
@@ -112,6 +112,9 @@ class Service:
             wake=self.wake,
             started_at=time.time(),
             listen=self.loaded.model.server.listen,
+            repos=self._repo_heads,
+            subject=self._commit_subject,
+            plan=self._plan,
         )
         self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
         try:
@@ -410,6 +413,20 @@ class Service:
         return event_id
 
     # -- helpers ----------------------------------------------------------------------------
+    def _repo_heads(self) -> list[dict[str, Any]]:
+        observer = self._observer
+        return repo_heads(observer) if observer is not None else []
+
+    def _commit_subject(self, repo: str, sha: str) -> str | None:
+        observer = self._observer
+        return commit_subject(observer, repo, sha) if observer is not None else None
+
+    def _plan(self) -> dict[str, Any]:
+        """What a pass would do now (`pipeline plan --json`): fetches, changes nothing."""
+        assert self._observer is not None
+        runner = Runner(self.loaded, self.state, self._observer, owner=self.owner)
+        return runner.preview().to_json()
+
     def _status(self) -> list[dict[str, Any]]:
         observer = self._observer
         return status_rows(self.state, observer) if observer is not None else []

@@ -1,4 +1,5 @@
-"""The HTTP server of `pipeline serve`: webhooks in, health, metrics and the /api routes out.
+"""The HTTP server of `pipeline serve`: webhooks in, health, metrics, the /api routes and the
+dashboard (`pipeline.dashboard`, at /) out.
 
 A webhook is acknowledged (202) only after its event is committed to the queue; deciding what a
 delivery means is the pure `decide`. Nothing here runs a deploy: routes only queue and wake the
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.config.load import read_secret
 from pipeline.config.model import RepoSection
+from pipeline.dashboard.routes import STATIC, dashboard_router
 from pipeline.redact import redact
 from pipeline.service import metrics
 from pipeline.service.api import (
@@ -278,6 +280,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return Response(metrics.render(ctx.state), media_type=metrics.CONTENT_TYPE)
 
     app.include_router(api_router(ctx))
+    # Set when the server stops: the dashboard's live streams end rather than hold it open.
+    closing = threading.Event()
+    app.state.closing = closing
+    app.include_router(dashboard_router(ctx, closing.is_set))
+    app.mount("/static", STATIC, name="static")
     return app
 
 
@@ -311,6 +318,9 @@ class RunningServer:
         return f"http://{self.host}:{self.port}"
 
     def stop(self, timeout: float = 10.0) -> None:
+        closing = getattr(getattr(self.server.config.app, "state", None), "closing", None)
+        if isinstance(closing, threading.Event):
+            closing.set()
         self.server.should_exit = True
         self.thread.join(timeout)
 
@@ -331,7 +341,15 @@ def start(app: FastAPI, listen: str, *, ready_timeout: float = 10.0) -> RunningS
         raise OSError(f"[server] listen {listen}: cannot bind: {exc.strerror or exc}") from None
     sock.listen(1024)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", backlog=1024)
+    # A graceful shutdown waits for open answers; a dashboard's live stream would hold it open.
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        backlog=1024,
+        timeout_graceful_shutdown=2,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="pipeline-http", daemon=True

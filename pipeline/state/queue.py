@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Table, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from pipeline.config.model import Config
 from pipeline.state.schema import Event
 from pipeline.state.store import State
 from pipeline.timeutil import aware, iso, utc
@@ -322,3 +323,41 @@ def _event_dict(row: Event) -> dict[str, Any]:
         "note": row.note,
         "not_before": iso(row.not_before),
     }
+
+
+# A revision or rollback target a person sends reaches git and docker later: refuse anything
+# that could be read as an option or walk a path.
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$"
+
+
+class RequestError(ValueError):
+    """A person's request names no service (or image) of the config; nothing was queued."""
+
+
+def queue_request(
+    queue: EventQueue,
+    cfg: Config,
+    kind: str,
+    name: str,
+    target: str | None = None,
+    *,
+    source: str,
+) -> int:
+    """Queue what a person asked for through the API or the dashboard (`source`): "deploy"
+    service `name` at `target` (a revision; None: the followed head), "rollback" it to
+    `target` (a release or revision; None: the previous release), or "rebuild" image `name`.
+    The worker runs it as it runs every event. Returns the event's id; raises RequestError
+    when `name` is not in the config's [services] (or [images] for a rebuild)."""
+    if kind == "rebuild":
+        image = cfg.images.get(name)
+        if image is None:
+            raise RequestError(f"unknown image {name!r}: not in [images]")
+        repo: str | None = image.repo
+    else:
+        svc = cfg.services.get(name)
+        if svc is None:
+            raise RequestError(f"unknown service {name!r}: not in [services]")
+        owner = cfg.images.get(svc.image)
+        repo = owner.repo if owner else None
+    event_id, _ = queue.put(source=source, kind=kind, repo=repo, subject=name, sha=target)
+    return event_id

@@ -137,4 +137,3 @@ class Rollbacks:
                 )
                 for p in s.scalars(select(Pin))
             }
-

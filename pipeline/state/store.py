@@ -69,6 +69,36 @@ def release_json(rel: Release) -> dict[str, Any]:
     }
 
 
+def run_json(run: Run) -> dict[str, Any]:
+    """A run as the API (`/api/runs`) and the dashboard show it."""
+    return {
+        "id": run.id,
+        "trigger": run.trigger,
+        "repo": run.repo,
+        "revision": run.revision,
+        "status": run.status,
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "error": run.error,
+        "summary": run.summary,
+    }
+
+
+def step_json(step: Step) -> dict[str, Any]:
+    """A step of a run as the API (`/api/runs/ID`) and the dashboard show it."""
+    return {
+        "kind": step.kind,
+        "subject": step.subject,
+        "host": step.host,
+        "revision": step.revision,
+        "status": step.status,
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
+        "detail": step.detail,
+        "error": step.error,
+    }
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
