@@ -120,4 +120,3 @@ def sample_app(tmp_path: Path) -> Callable[..., Path]:
         return write_sample_app(tmp_path, subdir, content)
 
     return make
-

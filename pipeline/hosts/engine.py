@@ -40,6 +40,7 @@ from pipeline.hosts.containers import (
 )
 from pipeline.hosts.dockercli import run_build
 from pipeline.hosts.proxy import ProxyContainer
+from pipeline.hosts.sessions import Sessions
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
 
@@ -71,6 +72,7 @@ class Engine:
         self.retry = retry or RetryPolicy()
         self.containers = Containers(conn)
         self.proxy = ProxyContainer(conn)
+        self.sessions = Sessions(conn)
 
     @classmethod
     def from_host(
@@ -301,3 +303,10 @@ class Engine:
         with self._conn.calling(f"list images {label}={value}"):
             found = self._conn.client.api.images(filters={"label": f"{label}={value}"})
         return sorted(((i["Id"], int(i.get("Created", 0))) for i in found), key=lambda x: -x[1])
+
+    def image_details(self, label: str, value: str) -> list[dict[str, Any]]:
+        """The images carrying label=value as Docker lists them: "Id", "Created" (epoch s),
+        "Size" (bytes), "RepoDigests" (repo@sha256:… refs), newest first."""
+        with self._conn.calling(f"list images {label}={value}"):
+            found = self._conn.client.api.images(filters={"label": f"{label}={value}"})
+        return sorted(found, key=lambda i: -int(i.get("Created", 0)))

@@ -1,0 +1,400 @@
+"""Loading `pipeline.toml`: every problem reported at once, each with file:line and key path."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from pipeline.config.envfile import EnvFile, EnvFileError, read_env_file
+from pipeline.config.model import (
+    NAME_RE,
+    Config,
+    HostSection,
+    ImageSection,
+    PipelineSection,
+    ProxySection,
+    RegistrySection,
+    RepoSection,
+    ServerSection,
+    ServiceSection,
+    listens_beyond_loopback,
+    parse_port,
+)
+from pipeline.errors import ConfigError
+from pipeline.redact import register_secret
+
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "pipeline": PipelineSection,
+    "server": ServerSection,
+    "registry": RegistrySection,
+    "proxy": ProxySection,
+}
+_NAMED: dict[str, type[BaseModel]] = {
+    "hosts": HostSection,
+    "repos": RepoSection,
+    "images": ImageSection,
+    "services": ServiceSection,
+}
+_INLINE_SECRETS = {"password", "token", "secret", "webhook_secret", "api_token"}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and where it came from; relative paths resolve against `base_dir`."""
+
+    path: Path
+    model: Config
+    shown: str = ""  # the file's name in messages, as given (default: its file name)
+    lines: _LineIndex | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def locate(self, *key: str) -> str:
+        """`FILE:LINE` of the config key `key` (or of its nearest table) for messages."""
+        line = self.lines.line_of(key) if self.lines is not None else 1
+        return f"{self.shown or self.path.name}:{line}"
+
+    def read_env_file(self, service: str) -> EnvFile | None:
+        """The `env_file` of `service` (relative to the config's directory), read and checked,
+        its values registered as secrets; None when it has none. Raises EnvFileError naming
+        `FILE:LINE` and `services.NAME.env_file` (see `pipeline.config.envfile`)."""
+        name = self.model.services[service].env_file
+        if not name:
+            return None
+        shown = str(Path(self.shown or self.path.name).parent / name)
+        key = f"services.{service}.env_file"
+        where = self.locate("services", service, "env_file")
+        return read_env_file(self.base_dir / name, shown, key, where)
+
+    def env_file_problems(self) -> list[str]:
+        """Every service's env_file problem (`FILE:LINE: services.NAME.env_file: ...`), in
+        service order; [] when each one reads."""
+        problems = []
+        for service in self.model.services:
+            try:
+                self.read_env_file(service)
+            except EnvFileError as exc:
+                problems.extend(exc.problems)
+        return problems
+
+    def docker_cli_problems(self) -> list[str]:
+        """`FILE:LINE: pipeline.docker_cli: PATH does not exist` (or is not a file, or is not
+        executable) when `[pipeline] docker_cli` names a CLI that cannot run; [] when it can or
+        is unset. The path is checked as builds run it (`pipeline.hosts.dockercli.probe`)."""
+        cli = self.model.pipeline.docker_cli
+        if cli is None:
+            return []
+        path = Path(cli)
+        if not path.exists():
+            why = "does not exist"
+        elif not path.is_file():
+            why = "is not a file"
+        elif not os.access(path, os.X_OK):
+            why = "is not executable"
+        else:
+            return []
+        return [f"{self.locate('pipeline', 'docker_cli')}: pipeline.docker_cli: {cli} {why}"]
+
+    @property
+    def data_dir(self) -> Path:
+        return (self.base_dir / self.model.pipeline.data_dir).resolve()
+
+    def services_of_image(self, image: str) -> list[str]:
+        return [name for name, svc in self.model.services.items() if svc.image == image]
+
+    def images_of_repo(self, repo: str) -> list[str]:
+        return [name for name, img in self.model.images.items() if img.repo == repo]
+
+
+def default_config_path() -> Path:
+    """`$PIPELINE_CONFIG`, else `./pipeline.toml`."""
+    return Path(os.environ.get("PIPELINE_CONFIG") or "pipeline.toml")
+
+
+def load(path: Path) -> LoadedConfig:
+    """Read and validate a config file; raise ConfigError listing every problem found."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse(text, path)
+
+
+def parse(text: str, path: Path) -> LoadedConfig:
+    """Validate config text; `path` names the file in messages and anchors relative paths.
+
+    The services' env files that read are read too, only to register their values as secrets
+    (so that every command, `history` included, masks them); a file's problem is left for
+    `validate` and for the plan of its service to report."""
+    name = path.name if path.parent == Path(".") else str(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        where = f"{name}:{line.group(1)}" if line else name
+        raise ConfigError([f"{where}: invalid TOML: {exc}"]) from None
+    lines = _LineIndex(text)
+    problems: list[tuple[tuple[str, ...], str]] = []
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            sections[key] = _validate(_SECTIONS[key], value, (key,), problems)
+        elif key in _NAMED:
+            sections[key] = _validate_named(key, value, problems)
+        else:
+            problems.append(((key,), _unknown_key_message(key)))
+    # References are checked on the raw tables, so that they are reported alongside the
+    # type errors of the same file instead of only after those are fixed.
+    problems.extend(_cross_references(raw))
+    if problems:
+        located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
+        raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
+    loaded = LoadedConfig(
+        path=path.resolve(), model=Config.model_validate(sections), shown=name, lines=lines
+    )
+    for service in loaded.model.services:
+        with contextlib.suppress(EnvFileError):
+            loaded.read_env_file(service)  # registers the values it reads as secrets
+    return loaded
+
+
+def _validate_named(
+    section: str, value: Any, problems: list[tuple[tuple[str, ...], str]]
+) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        problems.append(((section,), f"must be a table of named [{section}.NAME] entries"))
+        return {}
+    out: dict[str, Any] = {}
+    for key, entry in value.items():
+        if not NAME_RE.match(key):
+            problems.append(
+                ((section, key), f"invalid name {key!r}: use lowercase letters, digits, '-', '_'")
+            )
+            continue
+        checked = _validate(_NAMED[section], entry, (section, key), problems)
+        if checked is not None:
+            out[key] = checked
+    return out
+
+
+def _validate(
+    model: type[BaseModel],
+    value: Any,
+    where: tuple[str, ...],
+    problems: list[tuple[tuple[str, ...], str]],
+) -> BaseModel | None:
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = where + tuple(str(p) for p in err["loc"])
+            problems.append((loc, _message(err, loc)))
+        return None
+
+
+def _message(err: Any, loc: tuple[str, ...]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return _unknown_key_message(loc[-1])
+    if kind == "missing":
+        return "missing required key"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if kind.endswith("_type") or kind in ("model_type", "dict_type", "list_type"):
+        return f"{msg} (got {type(err['input']).__name__} {err['input']!r})"
+    return msg
+
+
+def _unknown_key_message(key: str) -> str:
+    if key in _INLINE_SECRETS:
+        return f"unknown key {key!r}: secrets are never inline; use {key}_env (or {key}_file)"
+    return f"unknown key {key!r}"
+
+
+def _cross_references(raw: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:
+    def table(key: str) -> dict[str, Any]:
+        value = raw.get(key)
+        return value if isinstance(value, dict) else {}
+
+    def entries(key: str) -> Iterable[tuple[str, dict[str, Any]]]:
+        return ((n, e) for n, e in table(key).items() if isinstance(e, dict))
+
+    hosts, repos, images = table("hosts"), table("repos"), table("images")
+
+    def ref(
+        where: tuple[str, ...], value: Any, known: dict[str, Any], what: str
+    ) -> Iterable[tuple[tuple[str, ...], str]]:
+        if isinstance(value, str) and value not in known:
+            yield (where, f"unknown {what} {value!r}")
+
+    yield from ref(("pipeline", "build_host"), table("pipeline").get("build_host"), hosts, "host")
+    yield from _read_token(table("server"))
+    for name, image in entries("images"):
+        yield from ref(("images", name, "repo"), image.get("repo"), repos, "repo")
+        yield from ref(("images", name, "build_host"), image.get("build_host"), hosts, "host")
+    for name, svc in entries("services"):
+        yield from ref(("services", name, "image"), svc.get("image"), images, "image")
+        svc_hosts = svc.get("hosts")
+        for i, host in enumerate(svc_hosts if isinstance(svc_hosts, list) else []):
+            yield from ref(("services", name, "hosts", str(i)), host, hosts, "host")
+        health = svc.get("health")
+        http = health.get("http") if isinstance(health, dict) else None
+        path_check = isinstance(http, str) and http.startswith("/")
+        proxied = isinstance(svc.get("proxy"), dict)  # checked through the proxy: no port needed
+        if (
+            path_check
+            and not proxied
+            and not svc.get("ports")
+            and svc.get("network", "bridge") != "host"
+        ):
+            yield (
+                ("services", name, "health", "http"),
+                "an http check on a path needs a published port ('ports') or network 'host'",
+            )
+
+    yield from _proxy_problems(raw, dict(entries("services")))
+
+
+def _proxy_problems(
+    raw: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> Iterable[tuple[tuple[str, ...], str]]:
+    """What the `[proxy]` and `[services.*.proxy]` tables must agree on: a `[proxy]` table once
+    any service is proxied; each host name and path claimed by one service; no service on a
+    proxy's host publishing the proxy's ports; a proxied service on the proxy's network."""
+    proxied = {n: s for n, s in services.items() if isinstance(s.get("proxy"), dict)}
+    if not proxied:
+        return
+    proxy = raw.get("proxy")
+    if not isinstance(proxy, dict):
+        for name in proxied:
+            yield (("services", name, "proxy"), "a proxied service needs a [proxy] table")
+        proxy = {}
+    http_port, https_port = proxy.get("http_port", 80), proxy.get("https_port", 443)
+    network = proxy.get("network", "pipeline")
+    claimed: dict[tuple[str, str], str] = {}
+    for name, svc in proxied.items():
+        table = svc["proxy"]
+        prefix = table.get("path_prefix", "/")
+        names = table.get("hosts")
+        for i, host in enumerate(names if isinstance(names, list) else []):
+            key = (str(host).lower(), str(prefix).rstrip("/") or "/")
+            if key in claimed:
+                yield (
+                    ("services", name, "proxy", "hosts", str(i)),
+                    f"host {host!r} with path {prefix!r} is already routed to service "
+                    f"{claimed[key]!r}",
+                )
+            else:
+                claimed[key] = name
+        if svc.get("network", "bridge") not in ("bridge", network):
+            yield (
+                ("services", name, "network"),
+                f"a proxied service runs on the proxy's network {network!r}; leave 'network' out",
+            )
+    proxy_hosts = {
+        h for s in proxied.values() for h in (s.get("hosts") or []) if isinstance(h, str)
+    }
+    for name, svc in services.items():
+        on_proxy_host = any(h in proxy_hosts for h in svc.get("hosts") or [] if isinstance(h, str))
+        ports = svc.get("ports")
+        for i, text in enumerate(ports if isinstance(ports, list) else []):
+            try:
+                host_port = parse_port(str(text)).host_port
+            except ValueError:
+                continue  # reported by the model
+            where = ("services", name, "ports", str(i))
+            if on_proxy_host and host_port in (http_port, https_port):
+                which = "http_port" if host_port == http_port else "https_port"
+                yield (where, f"publishes host port {host_port}, the proxy's {which}")
+            elif name in proxied and host_port is not None:
+                yield (
+                    where,
+                    f"a proxied service starts beside its old container, so it cannot publish "
+                    f"the fixed host port {host_port}; the proxy reaches it on its network",
+                )
+
+
+def _read_token(server: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:
+    """Reads that need the API token (`ServerSection.reads_need_token`) need `api_token_env`:
+    without it every `GET /api/*` would be refused."""
+    listen = server.get("listen", ServerSection.model_fields["listen"].default)
+    required = server.get("read_token_required")
+    if not isinstance(listen, str) or server.get("api_token_env") is not None:
+        return
+    fix = "set [server] api_token_env, or read_token_required = false to leave reads open"
+    if required is True:
+        yield (
+            ("server", "read_token_required"),
+            f"GET /api/* needs the API token, but api_token_env is not set: {fix}",
+        )
+    elif required is None and listens_beyond_loopback(listen):
+        yield (
+            ("server", "listen"),
+            f"{listen!r} reaches beyond loopback, so read_token_required defaults to true and "
+            f"GET /api/* needs the API token, but api_token_env is not set: {fix}",
+        )
+
+
+class _LineIndex:
+    """Maps dotted key paths to the line that defines them, for error messages."""
+
+    _HEADER = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(
+        r"^\s*((?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+)(?:\s*\.\s*(?:\"[^\"]*\"|'[^']*'|[A-Za-z0-9_-]+))*)\s*="
+    )
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        in_multiline = False
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.count('"""') % 2 == 1 or line.count("'''") % 2 == 1:
+                in_multiline = not in_multiline
+                if not in_multiline:
+                    continue
+            if in_multiline and not self._KEY.match(line):
+                continue
+            if header := self._HEADER.match(line):
+                table = self._split(header.group(1))
+                self._lines.setdefault(table, number)
+            elif key := self._KEY.match(line):
+                self._lines.setdefault(table + self._split(key.group(1)), number)
+
+    @staticmethod
+    def _split(dotted: str) -> tuple[str, ...]:
+        parts = re.findall(r"\"([^\"]*)\"|'([^']*)'|([A-Za-z0-9_-]+)", dotted)
+        return tuple(a or b or c for a, b, c in parts)
+
+    def line_of(self, path: tuple[str, ...]) -> int:
+        for end in range(len(path), 0, -1):
+            if path[:end] in self._lines:
+                return self._lines[path[:end]]
+        return 1
+
+
+def read_secret(
+    env: str | None, file: str | None = None, base_dir: Path | None = None
+) -> str | None:
+    """Read a secret from an environment variable or a file, and register it for redaction."""
+    value: str | None = None
+    if env:
+        value = os.environ.get(env)
+    if value is None and file:
+        path = Path(file) if base_dir is None else base_dir / file
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read secret file: {exc.strerror}"]) from None
+    register_secret(value)
+    return value

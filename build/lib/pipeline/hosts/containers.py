@@ -1,0 +1,317 @@
+"""Container side of the engine: pipeline's container types, their translation to Docker's API
+shapes (pure functions), and `Containers`, the container operations of one engine
+(`engine.containers`), which refuse to touch containers pipeline did not create."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker.errors
+import structlog
+
+from pipeline.config.model import parse_port
+from pipeline.errors import PipelineError, StallingError
+from pipeline.hosts.connection import Connection, ImageNotFound, status_of
+
+log = structlog.get_logger(__name__)
+
+LABEL_PREFIX = "dev.pipeline."
+_SPECIAL_NETWORKS = ("bridge", "host", "none")
+MANAGED_LABEL = LABEL_PREFIX + "managed"
+SERVICE_LABEL = LABEL_PREFIX + "service"
+_NEVER_STARTED = "0001-01-01T00:00:00Z"
+_EXIT_LOOKBACK = 3600.0  # seconds of the engine's event log searched for a container's exit
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to create one container; `image` is a ref (repo@digest) or an image id."""
+
+    name: str
+    image: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    command: Sequence[str] | None = None
+    ports: Sequence[str] = ()
+    volumes: Sequence[str] = ()
+    cpus: float | None = None
+    memory: str | None = None
+    network: str = "bridge"
+    restart: str = "unless-stopped"
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What an engine reports about one container; `ports` maps "8080/tcp" to its host port.
+
+    `exit_code` is the last exit code of a stopped or restarting container (None while it runs);
+    `restart_count` counts the restarts its restart policy made; `oom_killed` stays True once
+    the kernel killed it for lack of memory, even after a restart."""
+
+    id: str
+    name: str
+    image: str
+    status: str
+    health: str | None
+    exit_code: int | None
+    labels: Mapping[str, str]
+    ports: Mapping[str, int]
+    started_at: str | None
+    restart_count: int = 0
+    oom_killed: bool = False
+
+    @property
+    def managed(self) -> bool:
+        """True when pipeline created this container (it carries the managed label)."""
+        return self.labels.get(MANAGED_LABEL) == "true"
+
+
+def port_bindings(ports: Sequence[str]) -> dict[str, list[Any]]:
+    """The docker SDK `ports=` argument for config port strings (one key may bind several times)."""
+    result: dict[str, list[Any]] = {}
+    for text in ports:
+        try:
+            mapping = parse_port(text)
+        except ValueError as exc:  # the config refuses these; a spec made in code may not
+            raise StallingError(str(exc)) from None
+        binding: Any = mapping.host_port
+        if mapping.host_ip:
+            binding = (mapping.host_ip, mapping.host_port)
+        result.setdefault(mapping.key, []).append(binding)
+    return result
+
+
+def restart_policy(text: str) -> dict[str, Any]:
+    """Docker's RestartPolicy for "no", "always", "unless-stopped" or "on-failure[:N]"."""
+    name, _, count = text.partition(":")
+    if name not in ("no", "always", "unless-stopped", "on-failure") or (
+        count and (name != "on-failure" or not count.isdigit())
+    ):
+        raise StallingError(f"invalid restart policy {text!r}")
+    policy: dict[str, Any] = {"Name": name}
+    if count:
+        policy["MaximumRetryCount"] = int(count)
+    return policy
+
+
+def nano_cpus(cpus: float | None) -> int | None:
+    """Docker's NanoCpus for a fractional CPU count."""
+    return None if cpus is None else int(round(cpus * 1e9))
+
+
+def container_info(attrs: Mapping[str, Any]) -> ContainerInfo:
+    """A ContainerInfo from `docker inspect` output of one container."""
+    state = attrs.get("State") or {}
+    config = attrs.get("Config") or {}
+    status = str(state.get("Status", "unknown"))
+    health = (state.get("Health") or {}).get("Status")
+    # Docker reports ExitCode 0 for running containers; it only means something once stopped
+    # (or while the restart policy waits to start it again: the code it last exited with).
+    exit_code = state.get("ExitCode") if status in ("exited", "dead", "restarting") else None
+    started = state.get("StartedAt")
+    ports: dict[str, int] = {}
+    for key, bindings in ((attrs.get("NetworkSettings") or {}).get("Ports") or {}).items():
+        for binding in bindings or []:
+            if binding.get("HostPort"):
+                ports[key] = int(binding["HostPort"])
+                break
+    return ContainerInfo(
+        id=str(attrs.get("Id", "")),
+        name=str(attrs.get("Name", "")).lstrip("/"),
+        image=str(config.get("Image", "")),
+        status=status,
+        health=str(health) if health else None,
+        exit_code=int(exit_code) if exit_code is not None else None,
+        labels=dict(config.get("Labels") or {}),
+        ports=ports,
+        started_at=started if started and started != _NEVER_STARTED else None,
+        restart_count=int(attrs.get("RestartCount") or 0),
+        oom_killed=bool(state.get("OOMKilled")),
+    )
+
+
+def create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    """Keyword arguments for the docker SDK's `containers.create` for a spec."""
+    labels = {**spec.labels, MANAGED_LABEL: "true"}
+    kwargs: dict[str, Any] = {
+        "name": spec.name,
+        "labels": labels,
+        "environment": dict(spec.env),
+        "command": list(spec.command) if spec.command is not None else None,
+        "restart_policy": restart_policy(spec.restart),
+        "network_mode": spec.network,
+        "detach": True,
+    }
+    # Docker discards published ports with host networking (the container's ports are the host's).
+    if spec.ports and spec.network != "host":
+        kwargs["ports"] = port_bindings(spec.ports)
+    if spec.volumes:
+        kwargs["volumes"] = list(spec.volumes)
+    if spec.cpus is not None:
+        kwargs["nano_cpus"] = nano_cpus(spec.cpus)
+    if spec.memory:
+        kwargs["mem_limit"] = spec.memory
+    return kwargs
+
+
+class Containers:
+    """The containers of the engine behind `conn`; they refuse to touch containers pipeline did
+    not create (no managed label). Errors are pipeline's kinds, naming the engine."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def run(self, spec: ContainerSpec) -> ContainerInfo:
+        """Create and start a container; a managed container of the same name is replaced first.
+
+        Raises StallingError when the name belongs to a container pipeline did not create.
+        """
+        existing = self.inspect(spec.name)
+        if existing is not None and existing.name == spec.name:
+            if not existing.managed:
+                raise StallingError(
+                    f"{self._conn.where}: container {spec.name!r} exists and was not created by "
+                    f"pipeline (no {MANAGED_LABEL} label); refusing to replace it"
+                )
+            self.remove(existing.id)
+        kwargs = create_kwargs(spec)
+        action = f"create container {spec.name} from {spec.image}"
+        with self._conn.calling(action, not_found=ImageNotFound):
+            container = self._conn.client.containers.create(spec.image, **kwargs)
+        try:
+            with self._conn.calling(f"start container {spec.name}"):
+                container.start()
+                container.reload()
+        except PipelineError:
+            # A container that never started holds its name and nothing else worth keeping.
+            self._force_remove(container.id)
+            raise
+        info = container_info(container.attrs)
+        log.info(
+            "container started",
+            host=self._conn.name,
+            service=spec.labels.get(SERVICE_LABEL),
+            container=info.name,
+            image=spec.image,
+        )
+        return info
+
+    def ensure_network(self, name: str) -> None:
+        """Create a bridge network called `name` unless it exists (built-in networks: no-op)."""
+        if name in _SPECIAL_NETWORKS:
+            return
+        with self._conn.calling(f"ensure network {name}"):
+            # The name filter matches substrings; compare names exactly.
+            existing = self._conn.client.api.networks(names=[name])
+            if any(net.get("Name") == name for net in existing):
+                return
+            try:
+                self._conn.client.api.create_network(
+                    name, driver="bridge", labels={MANAGED_LABEL: "true"}, check_duplicate=True
+                )
+            except docker.errors.APIError as exc:
+                if status_of(exc) != 409:  # created meanwhile by a concurrent run
+                    raise
+        log.info("network ensured", host=self._conn.name, network=name)
+
+    def inspect(self, container_id: str) -> ContainerInfo | None:
+        """The container's state by id or name, or None when there is no such container."""
+        with self._conn.calling(f"inspect container {container_id}"):
+            try:
+                attrs = self._conn.client.api.inspect_container(container_id)
+            except docker.errors.NotFound:
+                return None
+        return container_info(attrs)
+
+    def managed_containers(
+        self, service: str | None = None, *, all: bool = True
+    ) -> list[ContainerInfo]:
+        """Containers pipeline created (optionally of one service), stopped ones too when `all`."""
+        filters = [f"{MANAGED_LABEL}=true"]
+        if service is not None:
+            filters.append(f"{SERVICE_LABEL}={service}")
+        with self._conn.calling("list containers"):
+            found = self._conn.client.containers.list(
+                all=all, filters={"label": filters}, ignore_removed=True
+            )
+        return [container_info(c.attrs) for c in found]
+
+    def _managed(self, container_id: str, action: str) -> ContainerInfo | None:
+        info = self.inspect(container_id)
+        if info is not None and not info.managed:
+            raise StallingError(
+                f"{self._conn.where}: refusing to {action} container {info.name!r}: not created by "
+                f"pipeline (no {MANAGED_LABEL} label)"
+            )
+        return info
+
+    def stop(self, container_id: str, timeout: int = 10) -> None:
+        """Stop a managed container (SIGTERM, then SIGKILL after `timeout` s); gone is fine."""
+        if self._managed(container_id, "stop") is None:
+            return
+        with self._conn.calling(f"stop container {container_id}"):
+            self._conn.client.api.stop(container_id, timeout=timeout)
+
+    def start(self, container_id: str, *, managed: bool = False) -> None:
+        """Start a stopped managed container again (a rollback's instant way back); `managed`:
+        the caller just listed it among pipeline's containers, so it is not inspected first."""
+        if not managed and self._managed(container_id, "start") is None:
+            raise StallingError(f"{self._conn.where}: container {container_id} is gone")
+        with self._conn.calling(f"start container {container_id}"):
+            self._conn.client.api.start(container_id)
+
+    def remove(self, container_id: str) -> None:
+        """Force-remove a managed container and its anonymous volumes; gone is fine."""
+        if self._managed(container_id, "remove") is None:
+            return
+        self._force_remove(container_id)
+
+    def _force_remove(self, container_id: str) -> None:
+        with self._conn.calling(f"remove container {container_id}"):
+            try:
+                self._conn.client.api.remove_container(container_id, force=True, v=True)
+            except docker.errors.NotFound:
+                return
+
+    def rename(self, container_id: str, new_name: str) -> None:
+        """Rename a managed container (e.g. keep the previous one as `web-previous`)."""
+        if self._managed(container_id, "rename") is None:
+            raise StallingError(f"{self._conn.where}: rename: no container {container_id!r}")
+        with self._conn.calling(f"rename container {container_id} to {new_name}"):
+            self._conn.client.api.rename(container_id, new_name)
+
+    def logs_tail(self, container_id: str, lines: int = 20) -> str:
+        """The container's last `lines` lines of stdout and stderr (of every run, restarts too)."""
+        with self._conn.calling(f"logs of container {container_id}"):
+            data = self._conn.client.api.logs(container_id, stdout=True, stderr=True, tail=lines)
+        return bytes(data).decode("utf-8", errors="replace")
+
+    def last_exit_code(self, container_id: str) -> int | None:
+        """The code the container last exited with, from the engine's event log (inspect forgets
+        it once a restart policy has started the container again); None when none is known."""
+        now = time.time()
+        with self._conn.calling(f"events of container {container_id}"):
+            events = list(
+                self._conn.client.api.events(
+                    since=f"{now - _EXIT_LOOKBACK:.9f}",
+                    until=f"{now:.9f}",  # past events only: a later `until` would wait for it
+                    filters={"container": container_id, "event": "die"},
+                    decode=True,
+                )
+            )
+        for event in reversed(events):
+            code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode")
+            if code is not None and str(code).lstrip("-").isdigit():
+                return int(code)
+        return None
+
+    def exec(self, container_id: str, cmd: Sequence[str]) -> tuple[int, str]:
+        """Run `cmd` inside the running container; return its exit code and combined output."""
+        with self._conn.calling(f"exec {cmd[0] if cmd else ''} in container {container_id}"):
+            created = self._conn.client.api.exec_create(container_id, list(cmd))
+            output = self._conn.client.api.exec_start(created["Id"])
+            code = self._conn.client.api.exec_inspect(created["Id"]).get("ExitCode")
+        return (int(code) if code is not None else -1), bytes(output).decode("utf-8", "replace")

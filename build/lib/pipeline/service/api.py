@@ -1,0 +1,325 @@
+"""The `/api` routes of `pipeline serve`, and what every route shares: the context, redacted JSON
+answers, a capped body reader and bearer-token checks.
+
+Writes (deploy, rollback) always need the token named by `[server] api_token_env` and only queue
+an event for the worker. Reads (status, runs, history, events) need it too when
+`[server] read_token_required` (by default: when the server listens beyond loopback). One
+router-wide dependency checks both, before a route reads anything.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from pipeline.config.load import LoadedConfig, read_secret
+from pipeline.redact import redact_value
+from pipeline.state.queue import EventQueue
+from pipeline.state.schema import Run, Step
+from pipeline.state.store import State, release_json
+from pipeline.timeutil import iso
+
+log = structlog.get_logger(__name__)
+
+# Revisions and rollback targets reach git and docker later: refuse anything that could be read
+# as an option or walk a path.
+_REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$"
+_API_BODY_MAX = 16 * 1024
+
+
+@dataclass
+class ServerContext:
+    """What the HTTP server needs from the service; `loaded` is called on every request because
+    the service reloads the config live."""
+
+    loaded: Callable[[], LoadedConfig]
+    state: State
+    queue: EventQueue
+    status: Callable[[], list[dict[str, Any]]]
+    wake: Callable[[], None]
+    started_at: float
+    # The `[server] listen` the HTTP server was started on: a reload that changes `listen` only
+    # takes effect on restart, so whether reads need the token follows this one. None: the
+    # live config's.
+    listen: str | None = None
+
+
+def reply(status: int, data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A JSON answer with every string in it redacted."""
+    return JSONResponse(redact_value(data), status_code=status, headers=headers)
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return reply(status, {"error": message}, headers)
+
+
+async def read_capped(request: Request, cap: int) -> bytes | JSONResponse:
+    """The raw body, or a 413 answer as soon as Content-Length or the bytes received pass `cap`.
+
+    Reading stops at the cap, so an oversized body is never held in memory whole.
+    """
+    too_big = error(
+        413,
+        f"request body is larger than [server] max_body ({cap} bytes)",
+        # The rest of the body is left unread: the connection cannot be reused.
+        {"Connection": "close"},
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            return error(400, f"Content-Length: not a number: {declared[:40]!r}")
+        if int(declared) > cap:
+            return too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            return too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def wake(ctx: ServerContext) -> None:
+    """Nudge the worker; the event is already stored, so a failure here only delays it."""
+    try:
+        ctx.wake()
+    except Exception as exc:  # a broken nudge must not turn an accepted event into a 500
+        log.warning("could not wake the worker", error=f"{type(exc).__name__}: {exc}")
+
+
+def run_dict(run: Run) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "trigger": run.trigger,
+        "repo": run.repo,
+        "revision": run.revision,
+        "status": run.status,
+        "started_at": iso(run.started_at),
+        "finished_at": iso(run.finished_at),
+        "error": run.error,
+        "summary": run.summary,
+    }
+
+
+def step_dict(step: Step) -> dict[str, Any]:
+    return {
+        "kind": step.kind,
+        "subject": step.subject,
+        "host": step.host,
+        "revision": step.revision,
+        "status": step.status,
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
+        "detail": step.detail,
+        "error": step.error,
+    }
+
+
+class DeployRequest(BaseModel):
+    """Deploy a service, at `revision` (a commit or ref) or at the followed branch's head."""
+
+    model_config = ConfigDict(extra="forbid")
+    revision: str | None = Field(default=None, pattern=_REVISION)
+
+
+class RollbackRequest(BaseModel):
+    """Roll a service back, image and settings, to the release before the current one, or to
+    `to`: `r42` (or `42`) is release 42, anything else a revision prefix; it stays pinned there
+    until a newer commit or a deploy."""
+
+    model_config = ConfigDict(extra="forbid")
+    to: str | None = Field(
+        default=None,
+        pattern=_REVISION,
+        description="release id (r42 or 42) or revision prefix; default: the previous release",
+    )
+
+
+class Refused(Exception):
+    """A request refused before its route ran; `answer` is what the client gets (the server
+    registers the handler that sends it)."""
+
+    def __init__(self, answer: JSONResponse) -> None:
+        super().__init__(answer.status_code)
+        self.answer = answer
+
+
+# Parses `Authorization: Bearer TOKEN` (None when absent or another scheme) and describes the
+# scheme in the OpenAPI document, so /docs offers to send the token.
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="the token from the environment variable named by [server] api_token_env",
+)
+# RFC 6750 section 3: no error code when the request carried no token, invalid_token when it
+# carried a wrong one.
+_CHALLENGE = 'Bearer realm="pipeline"'
+_CHALLENGE_INVALID = _CHALLENGE + ', error="invalid_token"'
+
+
+def _token_refusal(
+    loaded: LoadedConfig, credentials: HTTPAuthorizationCredentials | None, what: str
+) -> JSONResponse | None:
+    """None when `credentials` carry the API token; else the 403 (no token configured) or 401
+    answer. `what` ("read" or "write") names the endpoints in the message."""
+    env = loaded.model.server.api_token_env
+    if env is None:
+        return error(403, f"the API's {what} endpoints are disabled: set [server] api_token_env")
+    token = read_secret(env)
+    if not token:
+        return error(
+            403,
+            f"the API's {what} endpoints are disabled: environment variable {env} "
+            "(named by [server] api_token_env) is not set",
+        )
+    if credentials is None:
+        return error(
+            401,
+            f"the API's {what} endpoints need Authorization: 'Bearer <token>' with the token "
+            "from [server] api_token_env",
+            {"WWW-Authenticate": _CHALLENGE},
+        )
+    # compare_digest on bytes: constant time whatever the token, even non-ASCII ones.
+    if not hmac.compare_digest(credentials.credentials.strip().encode(), token.encode()):
+        return error(
+            401,
+            "Authorization: the bearer token is not the one from [server] api_token_env",
+            {"WWW-Authenticate": _CHALLENGE_INVALID},
+        )
+    return None
+
+
+def _authorize(ctx: ServerContext) -> Callable[..., Any]:
+    """The dependency every /api route runs first: writes need the API token; reads (GET, HEAD)
+    need it when `[server] read_token_required` (see `ServerSection.reads_need_token`).
+
+    Raises Refused with the 401/403 answer."""
+
+    async def authorize(
+        request: Request,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        loaded = ctx.loaded()
+        if request.method in ("GET", "HEAD"):
+            if not loaded.model.server.reads_need_token(ctx.listen):
+                return
+            what = "read"
+        else:
+            what = "write"
+        refused = _token_refusal(loaded, credentials, what)
+        if refused is not None:
+            raise Refused(refused)
+
+    return authorize
+
+
+def _body_model(raw: bytes, model: type[BaseModel]) -> BaseModel | JSONResponse:
+    if not raw.strip():
+        return model()
+    try:
+        return model.model_validate(json.loads(raw))
+    except (ValueError, ValidationError) as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) else None
+        where = ".".join(str(p) for p in first["loc"]) if first else "body"
+        what = first["msg"] if first else f"not JSON: {exc}"
+        return error(400, f"{where}: {what}")
+
+
+def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
+    # The body is read by hand (capped, after the token check), so describe it for /docs here.
+    return {
+        "requestBody": {
+            "required": False,
+            "content": {"application/json": {"schema": model.model_json_schema()}},
+        }
+    }
+
+
+def api_router(ctx: ServerContext) -> APIRouter:
+    """The /api routes bound to `ctx`."""
+    router = APIRouter(prefix="/api", tags=["api"], dependencies=[Depends(_authorize(ctx))])
+
+    @router.get("/status", summary="What runs where, as `pipeline status --json`")
+    def status() -> JSONResponse:
+        return reply(200, ctx.status())
+
+    @router.get("/runs", summary="Runs, newest first")
+    def runs(limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
+        return reply(200, [run_dict(r) for r in ctx.state.runs(limit)])
+
+    @router.get("/runs/{run_id}", summary="One run, its steps and the releases it made")
+    def run(run_id: int) -> JSONResponse:
+        found = ctx.state.run(run_id)
+        if found is None:
+            return error(404, f"no run with id {run_id}")
+        steps = [step_dict(s) for s in ctx.state.steps(run_id)]
+        releases = [release_json(r) for r in ctx.state.releases(limit=1000, run_id=run_id)]
+        return reply(200, {**run_dict(found), "steps": steps, "releases": releases})
+
+    @router.get("/history", summary="Releases, newest first, as `pipeline history --json`")
+    def history(
+        service: str | None = Query(None, max_length=128),
+        limit: int = Query(50, ge=1, le=1000),
+    ) -> JSONResponse:
+        return reply(200, [release_json(r) for r in ctx.state.releases(service, limit)])
+
+    @router.get("/events", summary="Queued and handled events, newest first")
+    def events(limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
+        return reply(200, ctx.queue.recent(limit))
+
+    async def _queue_service_event(
+        kind: str, service: str, request: Request, model: type[BaseModel], field: str
+    ) -> JSONResponse:
+        loaded = ctx.loaded()  # the token was checked by the router's dependency
+        raw = await read_capped(request, min(_API_BODY_MAX, loaded.model.server.max_body))
+        if isinstance(raw, JSONResponse):
+            return raw
+        body = _body_model(raw, model)
+        if isinstance(body, JSONResponse):
+            return body
+        svc = loaded.model.services.get(service)
+        if svc is None:
+            return error(404, f"unknown service {service!r}: not in [services]")
+        image = loaded.model.images.get(svc.image)
+        target = getattr(body, field)
+        event_id, _ = await run_in_threadpool(
+            ctx.queue.put,
+            source="api",
+            kind=kind,
+            repo=image.repo if image else None,
+            subject=service,
+            sha=target,
+        )
+        log.info("api event queued", kind=kind, service=service, revision=target, event_id=event_id)
+        wake(ctx)
+        return reply(202, {"status": "queued", "event_id": event_id})
+
+    @router.post(
+        "/deploy/{service}",
+        status_code=202,
+        summary="Queue a deploy of a service (bearer token)",
+        openapi_extra=_openapi_body(DeployRequest),
+    )
+    async def deploy(service: str, request: Request) -> JSONResponse:
+        return await _queue_service_event("deploy", service, request, DeployRequest, "revision")
+
+    @router.post(
+        "/rollback/{service}",
+        status_code=202,
+        summary="Queue a rollback of a service (bearer token)",
+        openapi_extra=_openapi_body(RollbackRequest),
+    )
+    async def rollback(service: str, request: Request) -> JSONResponse:
+        return await _queue_service_event("rollback", service, request, RollbackRequest, "to")
+
+    return router

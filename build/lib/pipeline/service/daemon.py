@@ -1,0 +1,415 @@
+"""`pipeline serve`: the long-running service around the runner.
+
+Triggers (webhooks, polls, cron ticks, file events, git hooks, and the timers that retry a
+revision after an infrastructure failure) only put events in the durable queue; ONE worker
+thread (`pipeline.service.worker`) claims them and runs passes, so two deploys never race. On
+start it recovers what a crash left behind: events still "working", runs and leases of dead
+owners, and services whose rollout was interrupted midway.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from pipeline.config import load as config_mod
+from pipeline.config.load import LoadedConfig
+from pipeline.deploy.connections import Connections
+from pipeline.deploy.operations import status_rows
+from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
+from pipeline.deploy.runner import Runner
+from pipeline.errors import ConfigError
+from pipeline.service import server as server_mod
+from pipeline.service.retries import Retrier
+from pipeline.service.worker import Worker
+from pipeline.sources.schedule import Scheduler
+from pipeline.sources.watch import Watcher, git_dir_of, local_repo_path
+from pipeline.state.queue import EventQueue
+from pipeline.state.store import State, default_owner, owner_alive_local
+
+log = structlog.get_logger(__name__)
+
+IDLE_WAIT = 1.0  # also how soon events queued by another process (a git hook) are noticed
+
+
+class Service:
+    """The service: HTTP server, scheduler, watchers and one worker over the durable queue."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        owner: str | None = None,
+        watch_repos: bool = True,
+        idle_wait: float = IDLE_WAIT,
+        report: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config_path = config_path
+        self.clock, self.sleep = clock, sleep
+        self.owner = owner or default_owner()
+        self.watch_repos = watch_repos
+        self.idle_wait = idle_wait
+        self.report = report
+        self._stopping = threading.Event()
+        self._wake = threading.Event()
+        self._reload_lock = threading.Lock()
+        self._scheduler = Scheduler()
+        self._watcher = Watcher()
+        self._watched: dict[str, Path] = {}
+        self._worker: Worker | None = None
+        self._worker_thread: threading.Thread | None = None
+        self._http: server_mod.RunningServer | None = None
+        self._config_text = ""
+        self._loaded: LoadedConfig | None = None
+        self._state: State | None = None
+        self._queue: EventQueue | None = None
+        self._observer: Connections | None = None
+        self._retrier: Retrier | None = None
+
+    # -- what the rest of the service reads -------------------------------------------------
+    @property
+    def loaded(self) -> LoadedConfig:
+        assert self._loaded is not None, "Service.start() first"
+        return self._loaded
+
+    @property
+    def state(self) -> State:
+        assert self._state is not None, "Service.start() first"
+        return self._state
+
+    @property
+    def queue(self) -> EventQueue:
+        assert self._queue is not None, "Service.start() first"
+        return self._queue
+
+    @property
+    def worker(self) -> Worker:
+        assert self._worker is not None, "Service.start() first"
+        return self._worker
+
+    @property
+    def url(self) -> str | None:
+        """Where the HTTP server listens (the real port, when `listen` asked for port 0)."""
+        return self._http.url if self._http else None
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the config (ConfigError if invalid), recover from a crash, start everything."""
+        self._open()
+        ctx = server_mod.ServerContext(
+            loaded=lambda: self.loaded,
+            state=self.state,
+            queue=self.queue,
+            status=self._status,
+            wake=self.wake,
+            started_at=time.time(),
+            listen=self.loaded.model.server.listen,
+        )
+        self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
+        try:
+            self._scheduler.start()
+            self._sync_jobs()
+            self._retrier = Retrier(
+                state=self.state,
+                queue=self.queue,
+                timers=self._scheduler,
+                config=lambda: self.loaded.model,
+                wake=self.wake,
+            )
+            self._retrier.sync()  # waits left by the last run of the service, or by the CLI
+            self._watcher.watch_file("config", self.config_path, self._on_config_change)
+            self._sync_repo_watches()
+            self._watcher.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._worker_thread = threading.Thread(
+            target=self.worker.run, name="pipeline-worker", daemon=True
+        )
+        self._worker_thread.start()
+        log.info("service.started", owner=self.owner, url=self.url)
+
+    def _open(self) -> None:
+        self._config_text, self._loaded = self._read_config()
+        self._state = State.in_dir(self.loaded.data_dir)
+        self._queue = EventQueue(self.state)
+        self._worker = Worker(
+            loaded=lambda: self.loaded,
+            state=self.state,
+            queue=self.queue,
+            owner=self.owner,
+            stopping=self._stopping,
+            wake=self._wake,
+            reload=self.reload,
+            observer=lambda: self._observer,
+            clock=self.clock,
+            sleep=self.sleep,
+            idle_wait=self.idle_wait,
+            report=self.report,
+            after_pass=self._sync_retries,
+        )
+        self._observer = Connections(self.loaded)
+        self.recover()
+
+    def work_until(self, done: Callable[[], bool]) -> bool:
+        """Be the worker in this process, without server, timers or watchers, until `done()`
+        (a git hook's fallback when the service is down). False if the queue ran dry first:
+        another worker claimed what was left. An event waiting for its commit is waited for."""
+        self._open()
+        try:
+            while not done():
+                events = self.queue.claim(self.owner)
+                if not events:
+                    due = self.queue.next_due_in()
+                    if due is None:
+                        return False
+                    self.sleep(max(due, 0.05))
+                    continue
+                self.worker.handle(events)
+            return True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._observer is not None:
+            self._observer.close()
+
+    def request_stop(self) -> None:
+        """Ask everything to stop (safe from a signal handler); `serve_forever` then returns."""
+        self._stopping.set()
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, stop the timers and watchers, let the worker finish or interrupt its
+        step (health waits return), and join it; events it leaves go back to the queue."""
+        self.request_stop()
+        if self._http is not None:
+            self._http.stop()
+        self._scheduler.shutdown()
+        self._watcher.stop()
+        thread = self._worker_thread
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.warning("service.worker_still_busy", timeout=timeout)
+        if self._queue is not None and not (thread and thread.is_alive()):
+            # Ours and unfinished: queue them again for the next start (even in this process).
+            self._queue.requeue_interrupted(lambda owner: owner != self.owner)
+        self.close()
+        log.info("service.stopped")
+
+    def serve_forever(self, on_started: Callable[[Service], None] | None = None) -> None:
+        """Start, call `on_started`, block until `request_stop` (SIGTERM/SIGINT), then stop."""
+        self.start()
+        try:
+            if on_started is not None:
+                on_started(self)
+            while not self._stopping.wait(0.5):
+                pass
+        finally:
+            self.stop()
+
+    def wake(self) -> None:
+        """Make the worker look at the queue now instead of at its next idle tick."""
+        self._wake.set()
+
+    # -- recovery ---------------------------------------------------------------------------
+    def recover(self) -> None:
+        """Requeue events of dead owners; put back (or finish) the rollouts they left running,
+        from what was recorded before each host was touched; mark their runs interrupted and
+        free their leases; give each interrupted revision one fresh attempt."""
+        requeued = self.queue.requeue_interrupted(owner_alive_local)
+        assert self._observer is not None
+        recovery = Runner(self.loaded, self.state, self._observer, owner=self.owner)
+        recovered = recover_interrupted(recovery, owner_alive_local)
+        runs = self.state.interrupt_stale_runs(owner_alive_local)
+        locks = self.state.leases.break_locks_of(owner_alive_local)
+        if requeued or recovered or runs or locks:
+            log.warning(
+                "service.recovered",
+                events=requeued,
+                releases=[r.release_id for r in recovered],
+                runs=runs,
+                locks=locks,
+            )
+        cfg = self.loaded.model
+        for name, svc in cfg.services.items():
+            releases = self.state.releases(name, limit=100)
+            if not releases or releases[0].status != "interrupted":
+                continue
+            rel = releases[0]
+            if not fresh_attempt_due(releases, rel.id):
+                log.warning(
+                    "service.interrupted_not_retried",
+                    service=name,
+                    revision=rel.revision[:12],
+                    reason="interrupted before; waiting for a newer commit or pipeline deploy",
+                )
+                continue
+            # The delivery id makes this idempotent: two quick restarts queue it once.
+            event_id, created = self.queue.put(
+                source="recover",
+                kind="deploy",
+                repo=cfg.images[svc.image].repo,
+                subject=name,
+                sha=rel.revision,
+                delivery_id=f"release-{rel.id}",
+            )
+            if created:
+                log.warning(
+                    "service.redeploy_interrupted",
+                    service=name,
+                    revision=rel.revision[:12],
+                    event_id=event_id,
+                )
+
+    # -- config -----------------------------------------------------------------------------
+    def _read_config(self) -> tuple[str, LoadedConfig]:
+        try:
+            text = self.config_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError([f"{self.config_path}: cannot read: {exc.strerror or exc}"]) from None
+        return text, config_mod.parse(text, self.config_path)
+
+    def reload(self) -> bool:
+        """Reload the config file: True if a valid, changed config is now in use; an invalid one
+        is logged problem by problem and the running config kept."""
+        with self._reload_lock:
+            try:
+                text, loaded = self._read_config()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("config.problem", problem=problem)
+                log.error(
+                    "config.invalid_kept_running",
+                    path=str(self.config_path),
+                    problems=len(exc.problems),
+                )
+                return False
+            if text == self._config_text:
+                return False
+            old = self.loaded
+            for what, before, after in (
+                ("data_dir", old.data_dir, loaded.data_dir),
+                ("server.listen", old.model.server.listen, loaded.model.server.listen),
+            ):
+                if before != after:
+                    log.warning("config.needs_restart", key=what, running=str(before))
+            self._config_text, self._loaded = text, loaded
+            previous, self._observer = self._observer, Connections(loaded)
+            if previous is not None:
+                previous.close()
+            self._sync_jobs()
+            self._sync_repo_watches()
+            log.info(
+                "config.reloaded",
+                repos=sorted(loaded.model.repos),
+                services=sorted(loaded.model.services),
+            )
+            return True
+
+    def _on_config_change(self) -> None:
+        if self._stopping.is_set() or not self.reload():
+            return
+        event_id, _ = self.queue.put(source="watch", kind="config")
+        log.info("config.event_queued", event_id=event_id)
+        self.wake()
+
+    # -- triggers ---------------------------------------------------------------------------
+    def _sync_jobs(self) -> None:
+        cfg = self.loaded.model
+        polls = {name: repo.poll for name, repo in cfg.repos.items() if repo.poll}
+        self._scheduler.sync_polls(polls, self.poll)
+        crons = {name: img.rebuild for name, img in cfg.images.items() if img.rebuild}
+        self._scheduler.sync_crons(crons, self._on_cron)
+
+    def _sync_retries(self) -> None:
+        """Re-arm the retry timers after a pass (none in `work_until`, which has no timers)."""
+        if self._retrier is not None:
+            self._retrier.sync()
+
+    def _sync_repo_watches(self) -> None:
+        wanted: dict[str, Path] = {}
+        if self.watch_repos:
+            for name, repo in self.loaded.model.repos.items():
+                path = local_repo_path(repo.url)
+                git_dir = git_dir_of(path) if path else None
+                if git_dir is not None:
+                    wanted[name] = git_dir.resolve()
+                elif path is not None:
+                    log.warning("watch.not_a_repo", repo=name, path=str(path))
+        for name, path in list(self._watched.items()):
+            if wanted.get(name) != path:
+                self._watcher.unwatch(f"repo:{name}")
+                del self._watched[name]
+        for name, path in wanted.items():
+            if name in self._watched:
+                continue
+            try:
+                self._watcher.watch_git_refs(
+                    f"repo:{name}", path, functools.partial(self._on_refs_change, name)
+                )
+            except OSError as exc:
+                log.warning("watch.failed", repo=name, path=str(path), error=str(exc))
+                continue
+            self._watched[name] = path
+            # Catch up with pushes made while nobody watched (before start, or before the
+            # config named this repo).
+            self._on_refs_change(name)
+
+    def _on_refs_change(self, repo: str) -> None:
+        try:
+            self.check_repo(repo, source="watch")
+        except Exception as exc:  # a trigger that fails is logged; the next change retries
+            log.warning("watch.check_failed", repo=repo, error=str(exc))
+
+    def _on_cron(self, image: str) -> None:
+        img = self.loaded.model.images.get(image)
+        if img is None:
+            return
+        event_id, _ = self.queue.put(source="cron", kind="rebuild", repo=img.repo, subject=image)
+        log.info("cron.rebuild_queued", image=image, event_id=event_id)
+        self.wake()
+
+    def poll(self, repo: str) -> None:
+        """One poll tick of `repo` (errors propagate, so the scheduler backs the repo off)."""
+        self.check_repo(repo, source="poll")
+
+    def check_repo(self, repo: str, *, source: str) -> int | None:
+        """Queue a push/tag event if the followed ref of `repo` moved past the mirror (one cheap
+        ls-remote, no fetch); return its id, or None when nothing moved or an event waits."""
+        observer = self._observer
+        section = self.loaded.model.repos.get(repo)
+        if section is None or observer is None or self.queue.newer_waiting(repo, 0):
+            return None
+        branch, tags = (None, section.tags) if section.tags else (section.branch or "main", None)
+        mirror = observer.mirror(repo)
+        ref, sha = None, None
+        # A mirror is only ever created by the worker's fetch, never by this concurrent check.
+        if (mirror.path / "HEAD").is_file():
+            remote = mirror.remote_head(branch=branch, tags=tags)
+            if remote is None:
+                return None
+            local = mirror.local_head(branch=branch, tags=tags)
+            if local is not None and local.sha == remote.sha:
+                return None
+            ref, sha = remote.ref, remote.sha
+        event_id, _ = self.queue.put(
+            source=source, kind="tag" if tags else "push", repo=repo, ref=ref, sha=sha
+        )
+        log.info("repo.moved", repo=repo, source=source, revision=sha, event_id=event_id)
+        self.wake()
+        return event_id
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _status(self) -> list[dict[str, Any]]:
+        observer = self._observer
+        return status_rows(self.state, observer) if observer is not None else []
