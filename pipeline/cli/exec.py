@@ -50,8 +50,6 @@ def register(app: typer.Typer) -> None:
         """Run CMD in SERVICE's running container (on the first host, --host H, or each with
         --all-hosts); exit with CMD's exit code."""
         from pipeline.deploy.connections import Connections
-        from pipeline.deploy.operations import oneoff_spec
-        from pipeline.state.store import State
 
         loaded = load_config(config)
         svc = loaded.model.services.get(service)
@@ -62,7 +60,6 @@ def register(app: typer.Typer) -> None:
             fail(f"service {service} does not run on host {host!r} (hosts: "
                  f"{', '.join(svc.hosts)})", EXIT_USAGE)  # fmt: skip
         hosts = list(svc.hosts) if all_hosts else [host or svc.hosts[0]]
-        state = State.in_dir(loaded.data_dir)
         connections = Connections(loaded)
         worst = 0
         try:
@@ -71,6 +68,11 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"== {h}", err=True)
                 sessions = connections.engine(h).sessions
                 if new:
+                    # Only a one-off needs the records and the rollout's container spec.
+                    from pipeline.deploy.operations import oneoff_spec
+                    from pipeline.state.store import State
+
+                    state = State.in_dir(loaded.data_dir)
                     spec = oneoff_spec(state, connections, service, h, command)
                     code = sessions.run_oneoff(spec, service, interactive=interactive, tty=tty)
                 else:

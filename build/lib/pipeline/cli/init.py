@@ -36,9 +36,11 @@ def find_dockerfiles(root: Path) -> list[PurePosixPath]:
 def exposed_port(text: str) -> int | None:
     """The first port a Dockerfile's EXPOSE names (8080 of "EXPOSE 8080/tcp 9090"), or None;
     parsed by dockerfile-parse, so line continuations and comments are Docker's."""
+    import io
+
     from dockerfile_parse import DockerfileParser
 
-    parser = DockerfileParser(fileobj=_Text(text))
+    parser = DockerfileParser(fileobj=io.BytesIO(text.encode("utf-8")))
     for instruction in parser.structure:
         if instruction["instruction"] == "EXPOSE":
             for word in instruction["value"].split():
@@ -46,28 +48,6 @@ def exposed_port(text: str) -> int | None:
                 if port.isdigit():
                     return int(port)
     return None
-
-
-class _Text:
-    """The minimal file object dockerfile-parse reads a Dockerfile's text from."""
-
-    def __init__(self, text: str) -> None:
-        self._data = text.encode("utf-8")
-
-    def read(self) -> bytes:
-        return self._data
-
-    def seek(self, *_args: int) -> None:
-        return None
-
-    def tell(self) -> int:
-        return 0
-
-    def truncate(self, *_args: int) -> None:
-        return None
-
-    def write(self, *_args: bytes) -> None:
-        return None
 
 
 def _name(text: str) -> str:

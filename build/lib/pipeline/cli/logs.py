@@ -30,21 +30,23 @@ _COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
 _SWITCH_POLL = 0.5  # seconds between looks for the container that replaced a followed one
 
 
-def split_timestamp(line: str) -> tuple[float, str]:
-    """A Docker log line "2026-11-30T02:45:32.123456789Z text" as (epoch seconds, text); a line
-    without a valid timestamp sorts first (0.0) with its whole text."""
+def split_timestamp(line: str) -> tuple[int, str]:
+    """A Docker log line "2026-11-30T02:45:32.123456789Z text" as (nanoseconds since the epoch,
+    text): exact, so lines nanoseconds apart keep their order; a line without a valid timestamp
+    sorts first (0) with its whole text."""
     stamp, _, text = line.partition(" ")
     head, _, frac = stamp.rstrip("Z").partition(".")
     try:
-        seconds = datetime.fromisoformat(head + "+00:00").timestamp()
+        seconds = int(datetime.fromisoformat(head + "+00:00").timestamp())
     except ValueError:
-        return 0.0, line
-    return seconds + (float(f"0.{frac}") if frac.isdigit() else 0.0), text
+        return 0, line
+    nanos = int(frac[:9].ljust(9, "0")) if frac.isdigit() else 0
+    return seconds * 1_000_000_000 + nanos, text
 
 
-def merge_by_time(lines: Iterable[tuple[str, str]]) -> list[tuple[str, float, str]]:
-    """(host, docker line) pairs as (host, epoch, text), in time order (stable: one host's lines
-    keep their order at equal times)."""
+def merge_by_time(lines: Iterable[tuple[str, str]]) -> list[tuple[str, int, str]]:
+    """(host, docker line) pairs as (host, nanoseconds, text), in time order (stable: one host's
+    lines keep their order at equal times)."""
     parsed = [(host, *split_timestamp(line)) for host, line in lines]
     return sorted(parsed, key=lambda item: item[1])
 

@@ -21,7 +21,9 @@ def prune(state: State, connections: Connections, *, dry_run: bool) -> list[dict
     deployed = {(d.service, d.host): d.container_id for d in state.deployments()}
     rows: list[dict[str, Any]] = []
     for name, svc in cfg.services.items():
-        succeeded = state.successful_releases(name)[:keep]
+        # The deployed release and the one before it (what `pipeline rollback` goes back to)
+        # are needed whatever keep_revisions says.
+        succeeded = state.successful_releases(name)[: max(keep, 2)]
         releases = [r.id for r in succeeded]
         digests = [r.digest for r in succeeded if r.digest]
         for host in svc.hosts:
