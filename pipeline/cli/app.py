@@ -82,13 +82,19 @@ def demo(
     lab_dir: Annotated[Path, typer.Option("--lab-dir", help="Where the lab lives.")] = Path("lab"),
 ) -> None:
     """Bring up the lab, deploy the sample app from the example config, then deploy a change."""
+    from pipeline.cli.output import make_reporter
     from pipeline.lab.demo import run_demo
 
     loaded = load_config(config or Path("pipeline.example.toml"))
+    # On a terminal the demo's lines get the same view as `run` (spinner, elapsed time).
+    reporter = make_reporter(False) if sys.stdout.isatty() else None
     try:
-        ok = run_demo(loaded, lab_dir, typer.echo)
+        ok = run_demo(loaded, lab_dir, reporter.line if reporter else typer.echo)
     except PipelineError as exc:
         fail(str(exc))
+    finally:
+        if reporter:
+            reporter.close([])
     if not ok:
         raise typer.Exit(1)
 

@@ -31,19 +31,21 @@ if TYPE_CHECKING:
     from pipeline.deploy.runner import PassResult, Runner
 
 
-def _connections(loaded: LoadedConfig) -> Connections:
+def _connections(loaded: LoadedConfig, reporter: Reporter | None = None) -> Connections:
     # Imported here: the docker SDK and GitPython are not needed by `history` or `validate`.
     from pipeline.deploy.connections import Connections
 
-    return Connections(loaded)
+    return Connections(loaded, progress=reporter.progress if reporter else None)
 
 
 def _runner(loaded: LoadedConfig, reporter: Reporter | None = None) -> Runner:
     from pipeline.deploy.runner import Runner
     from pipeline.state.store import State
 
-    report = (reporter or make_reporter(True)).line
-    return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=report)
+    reporter = reporter or make_reporter(True)
+    return Runner(
+        loaded, State.in_dir(loaded.data_dir), _connections(loaded, reporter), report=reporter.line
+    )
 
 
 def _reporter(loaded: LoadedConfig, json: bool) -> Reporter:

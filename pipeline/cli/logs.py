@@ -20,6 +20,7 @@ from pipeline.cli.common import (
     fail,
     load_config,
 )
+from pipeline.errors import PipelineError
 from pipeline.redact import redact
 
 if TYPE_CHECKING:
@@ -67,22 +68,25 @@ def _follow_host(
     while not stop.is_set():
         try:
             running = [c for c in engine.sessions.running(service) if c.id not in seen]
-        except Exception:  # an engine that does not answer now may later: keep looking
+        except PipelineError:  # an engine that does not answer now may later: keep looking
             running = []
         if not running:
             stop.wait(_SWITCH_POLL)
             continue
         container = min(running, key=lambda c: c.started_at or "")
         seen.add(container.id)
-        for line in engine.sessions.log_lines(
-            container.id,
-            since=since if first else None,
-            tail=tail if first else None,
-            follow=True,
-        ):
-            if stop.is_set():
-                return
-            out(line)
+        try:
+            for line in engine.sessions.log_lines(
+                container.id,
+                since=since if first else None,
+                tail=tail if first else None,
+                follow=True,
+            ):
+                if stop.is_set():
+                    return
+                out(line)
+        except PipelineError:  # the engine went away mid-stream: look again
+            stop.wait(_SWITCH_POLL)
         first = False
 
 

@@ -22,6 +22,10 @@ class Reporter(Protocol):
 
     def line(self, text: str) -> None: ...
 
+    def progress(self, what: str, done: int, total: int | None) -> None:
+        """How far long work is (`hosts.engine.Progress`): bytes of a push or pull, steps of a
+        build."""
+
     def close(self, releases: list[dict[str, Any]]) -> None:
         """Stop the progress display and show the summary of `releases` (`release_json`)."""
 
@@ -31,6 +35,9 @@ class PlainReporter:
 
     def line(self, text: str) -> None:
         typer.echo(text, err=True)  # the runner has redacted its lines
+
+    def progress(self, what: str, done: int, total: int | None) -> None:
+        return None  # a log file gets the step lines, not a counter
 
     def close(self, releases: list[dict[str, Any]]) -> None:
         return None
@@ -74,6 +81,12 @@ class RichReporter:
         self.step_started = time.monotonic()
         self.status.update(self._status_text())
 
+    def progress(self, what: str, done: int, total: int | None) -> None:
+        from rich.markup import escape
+
+        self.current = escape(f"{what}: {amount(what, done, total)}")
+        self.status.update(self._status_text())
+
     def close(self, releases: list[dict[str, Any]]) -> None:
         from rich.table import Table
 
@@ -94,6 +107,14 @@ class RichReporter:
                 f"{took:.1f}s" if took is not None else "-",
             )
         self.console.print(table)
+
+
+def amount(what: str, done: int, total: int | None) -> str:
+    """ "step 3/5" for a build, "1.2/4.0 MB" for bytes (total unknown: "1.2 MB")."""
+    if " build " in f" {what} ":
+        return f"step {done}/{total}" if total else f"step {done}"
+    mb = f"{done / 1e6:.1f}"
+    return f"{mb}/{total / 1e6:.1f} MB" if total else f"{mb} MB"
 
 
 def _next_step(text: str) -> str:

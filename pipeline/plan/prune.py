@@ -1,10 +1,11 @@
 """Which of a service's containers and images on one host `pipeline prune` removes: pure.
 
 Kept, always: running containers, the container pipeline deployed, and the images those run;
-the images of the service's last `keep_revisions` succeeded releases (a rollback starts one of
-them again without a registry, STYLE.md 5) and the newest stopped container of a release a
-rollback may choose (a proxied service keeps its previous one stopped for an instant switch).
-Then the newest `keep_revisions` images are kept too; the rest goes."""
+the images of the releases a rollback may go back to (the caller names them: the deployed one
+and the one before it at least; a rollback starts one again without a registry, STYLE.md 5) and
+the newest stopped container of such a release (a proxied service keeps its previous one
+stopped for an instant switch). Then the newest `keep_revisions` images are kept too; the rest
+goes."""
 
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def choose_prune(
     """Select what to remove on one host (see the module docstring for the rules).
 
     `deployed` is the container id pipeline recorded for the host; `rollback_releases` and
-    `rollback_digests` are the release ids and image digests of the service's last `keep`
-    succeeded releases, newest first."""
+    `rollback_digests` are the release ids and image digests of the succeeded releases a
+    rollback may need, newest first; `keep` is `keep_revisions`."""
     kept: list[tuple[str, str]] = []
     keep_containers: set[str] = set()
     for c in containers:

@@ -235,3 +235,32 @@ def test_completion_through_the_shell_protocol(tmp_path: Path) -> None:
 
     assert complete(f"pipeline deploy -c {config} ") == ["web", "worker"]
     assert complete("pipeline lo") == ["logs", "lock"]
+
+
+def test_push_and_pull_progress_sums_bytes_over_layers() -> None:
+    """Docker's per-layer push/pull messages add up to the bytes a terminal shows; a finished
+    layer counts whole."""
+    from pipeline.cli.output import amount
+    from pipeline.hosts.engine import layer_progress
+
+    layers: dict[str, tuple[int, int]] = {}
+    messages = [
+        {"status": "Preparing", "id": "a"},
+        {
+            "status": "Pushing",
+            "id": "a",
+            "progressDetail": {"current": 500_000, "total": 2_000_000},
+        },
+        {
+            "status": "Pushing",
+            "id": "b",
+            "progressDetail": {"current": 100_000, "total": 1_000_000},
+        },
+        {"status": "Pushed", "id": "a", "progressDetail": {}},
+    ]
+    changed = [layer_progress(layers, m) for m in messages]
+    assert changed == [False, True, True, True]
+    done, total = sum(c for c, _ in layers.values()), sum(t for _, t in layers.values())
+    assert (done, total) == (2_100_000, 3_000_000)
+    assert amount("push reg/web", done, total) == "2.1/3.0 MB"
+    assert amount("lab-1: build web", 3, 5) == "step 3/5"
