@@ -120,3 +120,4 @@ def sample_app(tmp_path: Path) -> Callable[..., Path]:
         return write_sample_app(tmp_path, subdir, content)
 
     return make
+

@@ -32,17 +32,8 @@ TEST_MONITOR = "300ms"
 class Project:
     """Two images (`web/`, `api/`) in one repo, their services on the lab hosts."""
 
-    def __init__(
-        self,
-        root: Path,
-        remote: Any,
-        lab: LabState,
-        *,
-        extra: str = "",
-        hosts: int = 2,
-        registry: str | None = None,
-        no_registry: bool = False,
-    ) -> None:
+    def __init__(self, root: Path, remote: Any, lab: LabState, *, extra: str = "",
+                 hosts: int = 2, registry: str | None = None, no_registry: bool = False) -> None:
         self.root, self.remote, self.lab = root, remote, lab
         self.suffix = uuid.uuid4().hex[:6]
         self.web, self.api = f"web{self.suffix}", f"api{self.suffix}"
@@ -136,13 +127,8 @@ monitor = "{TEST_MONITOR}"
             runner.connections.close()
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "pipeline", *args, "-c", str(self.config)],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=300,
-        )
+        return subprocess.run([sys.executable, "-m", "pipeline", *args, "-c", str(self.config)],
+                              capture_output=True, text=True, check=False, timeout=300)
 
     # -- hosts ----------------------------------------------------------------------------
     def get(self, host_index: int, port: int) -> str:
@@ -155,12 +141,8 @@ monitor = "{TEST_MONITOR}"
         for h in self.lab.hosts:
             client = docker.DockerClient(base_url=h.docker_url)
             try:
-                out[h.name] = [
-                    c.id
-                    for c in client.containers.list(
-                        filters={"label": f"dev.pipeline.service={service}"}
-                    )
-                ]
+                out[h.name] = [c.id for c in client.containers.list(
+                    filters={"label": f"dev.pipeline.service={service}"})]
             finally:
                 client.close()
         return out
@@ -172,14 +154,14 @@ monitor = "{TEST_MONITOR}"
             try:
                 for svc in (self.web, self.api):
                     for c in client.containers.list(
-                        all=True, filters={"label": f"dev.pipeline.service={svc}"}
-                    ):
+                            all=True, filters={"label": f"dev.pipeline.service={svc}"}):
                         c.remove(force=True)
             finally:
                 client.close()
 
 
-def one_service_config(registry: str, host_table: str, repo_url: str, name: str, port: int) -> str:
+def one_service_config(registry: str, host_table: str, repo_url: str, name: str,
+                       port: int) -> str:
     """A config deploying the sample app (context `web/`) as service `name` on the one host
     `host_table` describes (a `[hosts.NAME]` table), health-checked on `port`."""
     return f"""
@@ -235,9 +217,7 @@ class RegistryBlock:
                 return
             listing = subprocess.run(
                 [*self.nsenter, "iptables", "-L", "OUTPUT", "-v", "-n", "-x"],
-                capture_output=True,
-                text=True,
-                check=False,
+                capture_output=True, text=True, check=False,
             ).stdout
             for line in listing.splitlines():
                 if "REJECT" in line and re.search(rf"dpt:{self.rule[6]}\b", line):

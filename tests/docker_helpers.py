@@ -83,9 +83,7 @@ def make_htpasswd(path: Path, user: str, password: str) -> str | None:
         if shutil.which("htpasswd"):
             out = subprocess.run(
                 ["htpasswd", "-nbB", "-C", "4", "--", user, password],
-                check=True,
-                capture_output=True,
-                text=True,
+                check=True, capture_output=True, text=True,
             ).stdout
             hashed = out.strip().split(":", 1)[1]
         else:

@@ -31,9 +31,7 @@ def test_secret_read_from_env_is_masked_in_json_logs(monkeypatch) -> None:  # ty
     logs.configure("json", "info", stream=out)
     try:
         structlog.get_logger("t").info(
-            "push failed",
-            service="web",
-            error="auth hunter2-registry refused",
+            "push failed", service="web", error="auth hunter2-registry refused",
             detail={"args": ["--password", "hunter2-registry"]},
         )
     finally:
@@ -48,12 +46,8 @@ def test_validate_errors_do_not_echo_url_credentials(tmp_path: Path) -> None:
     """A config error about a repo URL with credentials never prints the credentials."""
     cfg = tmp_path / "pipeline.toml"
     cfg.write_text('[repos.x]\nurl = "http://bob:tok3n-value@example.com/x.git"\n')
-    res = subprocess.run(
-        [sys.executable, "-m", "pipeline", "validate", "-c", str(cfg)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    res = subprocess.run([sys.executable, "-m", "pipeline", "validate", "-c", str(cfg)],
+                         capture_output=True, text=True, check=False)
     assert res.returncode == 2
     assert "tok3n-value" not in res.stderr + res.stdout
     assert "repos.x.url" in res.stderr
@@ -86,10 +80,7 @@ def test_url_secrets_are_the_literal_credentials_raw_and_decoded() -> None:
     """The user-info's password, user:password and their percent-decoded forms are masked
     literally; short fragments (under 4 characters) and URLs without user-info give none."""
     assert url_secrets("https://bob:p%40ss-word@h/x") == [
-        "bob:p%40ss-word",
-        "bob:p@ss-word",
-        "p%40ss-word",
-        "p@ss-word",
+        "bob:p%40ss-word", "bob:p@ss-word", "p%40ss-word", "p@ss-word"
     ]
     assert url_secrets("https://ghp_token@h/x") == ["ghp_token"]
     assert url_secrets("https://h/x") == [] and url_secrets("git@h:x") == []

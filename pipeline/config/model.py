@@ -274,7 +274,6 @@ class ServerSection(_Table):
         if self.read_token_required is not None:
             return self.read_token_required
         return listens_beyond_loopback(bound or self.listen)
-
     # How long an event waits for the commit it names to show on the remote (replication lag).
     announced_commit_timeout: Duration = 300.0
 

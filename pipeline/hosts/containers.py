@@ -190,13 +190,8 @@ class Containers:
             self._force_remove(container.id)
             raise
         info = container_info(container.attrs)
-        log.info(
-            "container started",
-            host=self._conn.name,
-            service=spec.labels.get(SERVICE_LABEL),
-            container=info.name,
-            image=spec.image,
-        )
+        log.info("container started", host=self._conn.name, service=spec.labels.get(SERVICE_LABEL),
+                 container=info.name, image=spec.image)
         return info
 
     def ensure_network(self, name: str) -> None:

@@ -148,7 +148,9 @@ def gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
-def stop(pids: list[int], grace: float, sleep: Callable[[float], None] = time.sleep) -> None:
+def stop(
+    pids: list[int], grace: float, sleep: Callable[[float], None] = time.sleep
+) -> None:
     """SIGTERM every pid, wait up to `grace` seconds, then SIGKILL what is left."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         alive = [p for p in pids if not gone(p)]
@@ -168,23 +170,14 @@ def spawn(argv: list[str], logfile: Path) -> int:
     """Start a daemon in its own session, output appended to logfile; returns its pid."""
     with logfile.open("ab") as out:
         proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # outlives the CLI and its terminal's Ctrl-C
         )
     return proc.pid
 
 
-_STRAY_PROGRAMS = {
-    "dockerd",
-    "containerd",
-    "containerd-shim",
-    "containerd-shim-runc-v2",
-    "docker-registry",
-    "docker-proxy",
-}
+_STRAY_PROGRAMS = {"dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2",
+                   "docker-registry", "docker-proxy"}
 
 
 def strays(dir: Path) -> list[int]:

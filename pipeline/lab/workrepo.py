@@ -14,23 +14,14 @@ GIT_ENV = {
     "GIT_CONFIG_NOSYSTEM": "1",
     "GIT_TERMINAL_PROMPT": "0",
 }
-GIT_ID = [
-    "-c",
-    "user.name=pipeline",
-    "-c",
-    "user.email=pipeline@pipeline.invalid",
-    "-c",
-    "init.defaultBranch=main",
-    "-c",
-    "commit.gpgsign=false",
-]
+GIT_ID = ["-c", "user.name=pipeline", "-c", "user.email=pipeline@pipeline.invalid",
+       "-c", "init.defaultBranch=main", "-c", "commit.gpgsign=false"]
 
 
 def git(*args: str, cwd: Path) -> str:
     """Run git (argv, fixed identity, no user config); return stdout, or raise with stderr."""
-    res = subprocess.run(
-        ["git", *GIT_ID, *args], cwd=cwd, env=GIT_ENV, capture_output=True, text=True, check=False
-    )
+    res = subprocess.run(["git", *GIT_ID, *args], cwd=cwd, env=GIT_ENV, capture_output=True,
+                         text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {res.stderr.strip()}")
     return res.stdout.strip()
@@ -65,13 +56,8 @@ class WorkRepo:
 
     def push(self, ref: str = "main", force: bool = False) -> None:
         """Push the local branch `ref` to the bare repo."""
-        git(
-            "push",
-            *(["--force"] if force else []),
-            "origin",
-            f"{ref}:refs/heads/{ref}",
-            cwd=self.work,
-        )
+        git("push", *(["--force"] if force else []), "origin", f"{ref}:refs/heads/{ref}",
+            cwd=self.work)
 
     def commit_push(self, message: str) -> str:
         """Commit every change and push main; return the new commit's sha."""

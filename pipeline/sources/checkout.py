@@ -34,7 +34,6 @@ _LFS_FAILED = re.compile(r"^fatal: (.+): smudge filter lfs failed$", re.MULTILIN
 _LFS_DOWNLOADING = re.compile(r"^Error downloading object: (.+?) \([0-9a-f]+\):", re.MULTILINE)
 _LFS_MISSING = re.compile(r"remote missing object|object does not exist on the server", re.I)
 
-
 @dataclass(frozen=True)
 class Submodule:
     """One `[submodule "NAME"]` of a `.gitmodules`: its name, tree path and URL as written."""

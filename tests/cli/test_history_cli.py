@@ -38,30 +38,16 @@ def _state_with_releases(tmp_path: Path) -> Path:
         ("b" * 40, "rolled_back", "infrastructure"),
         ("c" * 40, "rolled_back", "unhealthy"),
     ]:
-        rel = state.start_release(
-            "web",
-            revision,
-            "sha256:x",
-            "r@sha256:x",
-            "h",
-            kind="deploy",
-            reason="test",
-            run_id=None,
-        )
-        state.finish_release(
-            rel, status, None if status == "succeeded" else "it failed", failure_kind=kind
-        )  # type: ignore[arg-type]
+        rel = state.start_release("web", revision, "sha256:x", "r@sha256:x", "h", kind="deploy",
+                                  reason="test", run_id=None)
+        state.finish_release(rel, status, None if status == "succeeded" else "it failed",
+                             failure_kind=kind)  # type: ignore[arg-type]
     return config
 
 
 def _history(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", "history", *args, "-c", str(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    return subprocess.run([sys.executable, "-m", "pipeline", "history", *args, "-c", str(config)],
+                          capture_output=True, text=True, check=False, timeout=60)
 
 
 def test_history_json_carries_failure_kind(tmp_path: Path) -> None:

@@ -73,12 +73,12 @@ def test_all_errors_reported_with_line_and_key() -> None:
         ('url = "https://git.example.com/acme/shop.git"', 'url = "--upload-pack=x"', "option"),
         ('context = "web"', 'context = "../web"', "leaves the repository"),
         ('context = "web"', 'context = "/etc"', "must be relative"),
-        ("[services.web]", "[services.Web_]", "invalid name"),
+        ('[services.web]', '[services.Web_]', "invalid name"),
         ('hosts = ["web-1"]', 'hosts = ["web-2"]', "unknown host 'web-2'"),
         ('repo = "shop"', 'repo = "shop"\nrebuild = "61 * * * *"', "invalid cron"),
         ('ports = ["8080:8080"]', 'ports = ["8080:99999"]', "invalid port"),
         ('ports = ["8080:8080"]', 'ports = "8080:8080"', "valid list"),
-        ("[repos.shop]", '[repos.shop]\npassword = "hunter2"', "secrets are never inline"),
+        ('[repos.shop]', '[repos.shop]\npassword = "hunter2"', "secrets are never inline"),
     ],
 )
 def test_bad_values_are_refused(old: str, new: str, expected: str) -> None:
@@ -157,20 +157,15 @@ def test_validate_cli_exit_codes(tmp_path: Path) -> None:
     """`pipeline validate` exits 0 on the example and 2 with the errors on a bad file."""
     ok = subprocess.run(
         [sys.executable, "-m", "pipeline", "validate", "-c", str(ROOT / "pipeline.example.toml")],
-        capture_output=True,
-        text=True,
-        check=False,
+        capture_output=True, text=True, check=False,
     )
     assert ok.returncode == 0, ok.stderr
     assert "1 service(s)" in ok.stdout
     bad = tmp_path / "pipeline.toml"
     bad.write_text(BASE.replace('image = "web"', 'image = "wbe"'))
     res = subprocess.run(
-        [sys.executable, "-m", "pipeline", "validate"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
+        [sys.executable, "-m", "pipeline", "validate"], capture_output=True, text=True,
+        check=False, cwd=tmp_path,
     )
     assert res.returncode == 2
     assert "pipeline.toml:13: services.web.image: unknown image 'wbe'" in res.stderr

@@ -34,9 +34,7 @@ def test_first_run_builds_and_deploys_both(project: Project) -> None:
         assert project.get(i, project.api_port) == "api v1"
     status = json.loads(project.cli("status", "--json").stdout)
     assert {(r["service"], r["state"]) for r in status} == {
-        (project.web, "running"),
-        (project.api, "running"),
-    }
+        (project.web, "running"), (project.api, "running")}
     assert all(len(r["revision"]) == 40 and r["digest"].startswith("sha256:") for r in status)
 
 
@@ -197,18 +195,14 @@ def _netns(lab: LabState, index: int) -> str:
 
 def _block_registry(lab: LabState, index: int) -> list[str]:
     rule = ["OUTPUT", "-p", "tcp", "--dport", lab.registry.rsplit(":", 1)[1], "-j", "REJECT"]
-    subprocess.run(
-        ["nsenter", f"--net=/var/run/netns/{_netns(lab, index)}", "iptables", "-I", *rule],
-        check=True,
-    )
+    subprocess.run(["nsenter", f"--net=/var/run/netns/{_netns(lab, index)}", "iptables", "-I",
+                    *rule], check=True)
     return rule
 
 
 def _unblock_registry(lab: LabState, index: int, rule: list[str]) -> None:
-    subprocess.run(
-        ["nsenter", f"--net=/var/run/netns/{_netns(lab, index)}", "iptables", "-D", *rule],
-        check=False,
-    )
+    subprocess.run(["nsenter", f"--net=/var/run/netns/{_netns(lab, index)}", "iptables", "-D",
+                    *rule], check=False)
 
 
 def test_without_registry_each_host_builds(tmp_path: Path, git_remote: Any, lab: LabState) -> None:
@@ -292,9 +286,8 @@ def test_env_file_is_read_once_per_pass(project: Project) -> None:
             env_file.write_text("GREETING=changed later\n")
 
     connections = Connections(loaded)
-    runner = Runner(
-        loaded, state, connections, sleep=lambda _s: None, report=rewrite_when_rolling_out
-    )
+    runner = Runner(loaded, state, connections, sleep=lambda _s: None,
+                    report=rewrite_when_rolling_out)
     try:
         result = runner.run_pass()
     finally:
@@ -307,8 +300,7 @@ def test_env_file_is_read_once_per_pass(project: Project) -> None:
         client = docker.DockerClient(base_url=host.docker_url)
         try:
             (container,) = client.containers.list(
-                filters={"label": f"dev.pipeline.service={project.web}"}
-            )
+                filters={"label": f"dev.pipeline.service={project.web}"})
             env = container.attrs["Config"]["Env"]
         finally:
             client.close()

@@ -94,12 +94,8 @@ def test_wait_healthy_honours_threshold_and_deadline(
     fake = FakeTime()
     calls, probe = _scripted(results)
     result = wait_healthy(
-        probe,
-        interval=1.0,
-        timeout=10.0,
-        threshold=threshold,
-        clock=fake.clock,
-        sleep=fake.sleep,
+        probe, interval=1.0, timeout=10.0, threshold=threshold,
+        clock=fake.clock, sleep=fake.sleep,
     )
     assert (result.healthy, result.attempts, calls[0]) == (healthy, attempts, attempts)
     assert result.detail == f"check {attempts} {'ok' if healthy else 'failed'}"
@@ -113,28 +109,15 @@ def test_wait_healthy_fails_at_once_when_the_container_exits_or_on_stop() -> Non
     calls, probe = _scripted([False])
     states = iter([_box("running"), _box("exited", 1)])
     result = wait_healthy(
-        probe,
-        interval=1.0,
-        timeout=60.0,
-        threshold=1,
-        state=lambda: next(states),
-        clock=fake.clock,
-        sleep=fake.sleep,
+        probe, interval=1.0, timeout=60.0, threshold=1, state=lambda: next(states),
+        clock=fake.clock, sleep=fake.sleep,
     )
     assert (result.healthy, result.detail, result.attempts, result.failure_kind) == (
-        False,
-        "container exited (exit code 1)",
-        1,
-        CRASHED,
+        False, "container exited (exit code 1)", 1, CRASHED,
     )
     stop = wait_healthy(
-        probe,
-        interval=1.0,
-        timeout=60.0,
-        threshold=1,
-        should_stop=lambda: True,
-        clock=fake.clock,
-        sleep=fake.sleep,
+        probe, interval=1.0, timeout=60.0, threshold=1, should_stop=lambda: True,
+        clock=fake.clock, sleep=fake.sleep,
     )
     assert (stop.healthy, stop.detail, stop.attempts) == (False, "interrupted", 0)
 
@@ -149,15 +132,8 @@ def test_tcp_probe_of_a_closed_port_is_refused() -> None:
 
 def _info(ports: dict[str, int]) -> ContainerInfo:
     return ContainerInfo(
-        id="c1",
-        name="web-1",
-        image="img",
-        status="running",
-        health=None,
-        exit_code=None,
-        labels={},
-        ports=ports,
-        started_at=None,
+        id="c1", name="web-1", image="img", status="running", health=None, exit_code=None,
+        labels={}, ports=ports, started_at=None,
     )
 
 
@@ -166,17 +142,8 @@ def _box(
 ) -> ContainerInfo:
     """A container as the engine would report it."""
     return ContainerInfo(
-        id="c1",
-        name="web-1",
-        image="img",
-        status=status,
-        health=None,
-        exit_code=code,
-        labels={},
-        ports={},
-        started_at=None,
-        restart_count=restarts,
-        oom_killed=oom,
+        id="c1", name="web-1", image="img", status=status, health=None, exit_code=code,
+        labels={}, ports={}, started_at=None, restart_count=restarts, oom_killed=oom,
     )
 
 
@@ -208,13 +175,8 @@ def _gate(checks: Checks, states: Timeline, **settings: float) -> HealthResult:
     options: dict[str, float] = {"interval": 1.0, "timeout": 10.0, "monitor": 5.0, **settings}
     return wait_healthy(
         probe if checks is not None else None,
-        interval=options["interval"],
-        timeout=options["timeout"],
-        threshold=1,
-        monitor=options["monitor"],
-        state=state,
-        clock=fake.clock,
-        sleep=fake.sleep,
+        interval=options["interval"], timeout=options["timeout"], threshold=1,
+        monitor=options["monitor"], state=state, clock=fake.clock, sleep=fake.sleep,
     )
 
 
@@ -222,104 +184,43 @@ def _gate(checks: Checks, states: Timeline, **settings: float) -> HealthResult:
     ("checks", "states", "kind", "ends_at", "detail"),
     [
         # crash during the wait: the check never passed, the container exits at 2 s
-        (
-            [(0, False)],
-            [(0, UP), (2, _box("exited", 1))],
-            CRASHED,
-            2.0,
-            "container exited (exit code 1)",
-        ),
+        ([(0, False)], [(0, UP), (2, _box("exited", 1))], CRASHED, 2.0,
+         "container exited (exit code 1)"),
         # crash during the window: passed at once, then restarting after exiting with 1
-        (
-            [(0, True)],
-            [(0, UP), (3, _box("restarting", 1, restarts=1))],
-            CRASHED,
-            3.0,
-            "container exited and is restarting (exit code 1; restarted 1 time)",
-        ),
+        ([(0, True)], [(0, UP), (3, _box("restarting", 1, restarts=1))], CRASHED, 3.0,
+         "container exited and is restarting (exit code 1; restarted 1 time)"),
         # the restart count grows between two looks: running again, still a crash
-        (
-            [(0, True)],
-            [(0, UP), (1.5, _box("running", None, restarts=1))],
-            CRASHED,
-            1.5,
-            "container exited and was restarted (exit code unknown; restarted 1 time)",
-        ),
+        ([(0, True)], [(0, UP), (1.5, _box("running", None, restarts=1))], CRASHED, 1.5,
+         "container exited and was restarted (exit code unknown; restarted 1 time)"),
         # killed for lack of memory and restarted by its policy
-        (
-            [(0, True)],
-            [(0, UP), (1, _box("running", 137, restarts=1, oom=True))],
-            CRASHED,
-            1.0,
-            "container exited and was restarted (OOMKilled: out of memory, exit code 137; "
-            "restarted 1 time)",
-        ),
-        (
-            [(0, False)],
-            [(0, UP), (0.5, _box("exited", 137, oom=True))],
-            CRASHED,
-            0.5,
-            "container exited (OOMKilled: out of memory, exit code 137)",
-        ),
-        (
-            [(0, False)],
-            [(0, UP), (4, _box("dead", 2))],
-            CRASHED,
-            4.0,
-            "container dead (exit code 2)",
-        ),
+        ([(0, True)], [(0, UP), (1, _box("running", 137, restarts=1, oom=True))], CRASHED, 1.0,
+         "container exited and was restarted (OOMKilled: out of memory, exit code 137; "
+         "restarted 1 time)"),
+        ([(0, False)], [(0, UP), (0.5, _box("exited", 137, oom=True))], CRASHED, 0.5,
+         "container exited (OOMKilled: out of memory, exit code 137)"),
+        ([(0, False)], [(0, UP), (4, _box("dead", 2))], CRASHED, 4.0,
+         "container dead (exit code 2)"),
         ([(0, False)], [(0, UP), (1, None)], CRASHED, 1.0, "container is gone"),
         # the probe flaps in the window while the container stays up
-        (
-            [(0, True), (2, False), (2.5, True)],
-            [(0, UP)],
-            UNHEALTHY,
-            2.0,
-            "failed within the 5s window: GET /health -> 503",
-        ),
+        ([(0, True), (2, False), (2.5, True)], [(0, UP)], UNHEALTHY, 2.0,
+         "failed within the 5s window: GET /health -> 503"),
         # the probe fails as the app dies, a moment before the engine says it exited
-        (
-            [(0, True), (2, False)],
-            [(0, UP), (2.1, _box("exited", 1))],
-            CRASHED,
-            2.0,
-            "container exited (exit code 1)",
-        ),
+        ([(0, True), (2, False)], [(0, UP), (2.1, _box("exited", 1))], CRASHED, 2.0,
+         "container exited (exit code 1)"),
         # the probe never passes: unhealthy only when the timeout is spent
         ([(0, False)], [(0, UP)], UNHEALTHY, 10.0, "GET /health -> 503"),
         # healthy through the window; an engine blip on the way is no news
-        (
-            [(0, False), (0.3, True)],
-            [(0, UP), (2, BLIP), (2.6, UP)],
-            None,
-            5.35,
-            "GET /health -> 200; up 5s with no restart",
-        ),
+        ([(0, False), (0.3, True)], [(0, UP), (2, BLIP), (2.6, UP)], None, 5.35,
+         "GET /health -> 200; up 5s with no restart"),
         # no probe: the container must run through the window
         (None, [(0, UP)], None, 5.0, "container running; up 5s with no restart"),
-        (
-            None,
-            [(0, UP), (2, _box("restarting", 1, restarts=1))],
-            CRASHED,
-            2.0,
-            "container exited and is restarting (exit code 1; restarted 1 time)",
-        ),
+        (None, [(0, UP), (2, _box("restarting", 1, restarts=1))], CRASHED, 2.0,
+         "container exited and is restarting (exit code 1; restarted 1 time)"),
     ],
-    ids=[
-        "crash-in-wait",
-        "crash-in-window",
-        "restart-count-grows",
-        "oom-restarted",
-        "oom-exited",
-        "dead",
-        "gone",
-        "probe-flaps-in-window",
-        "probe-fails-as-it-dies",
-        "never-passes",
-        "healthy-through-window",
-        "no-probe-healthy",
-        "no-probe-crash-loop",
-    ],
+    ids=["crash-in-wait", "crash-in-window", "restart-count-grows", "oom-restarted",
+         "oom-exited", "dead", "gone", "probe-flaps-in-window", "probe-fails-as-it-dies",
+         "never-passes",
+         "healthy-through-window", "no-probe-healthy", "no-probe-crash-loop"],
 )
 def test_health_gate_table(
     checks: Checks, states: Timeline, kind: str | None, ends_at: float, detail: str
@@ -343,24 +244,16 @@ def test_health_gate_counts_restarts_from_the_container_start() -> None:
     """A container reported with restarts it already had is not taken for a crash."""
     fake = FakeTime()
     result = wait_healthy(
-        None,
-        interval=1.0,
-        timeout=10.0,
-        threshold=1,
-        monitor=1.0,
-        restarts=2,
-        state=lambda: _box("running", restarts=2),
-        clock=fake.clock,
-        sleep=fake.sleep,
+        None, interval=1.0, timeout=10.0, threshold=1, monitor=1.0, restarts=2,
+        state=lambda: _box("running", restarts=2), clock=fake.clock, sleep=fake.sleep,
     )
     assert result.healthy, result.detail
 
 
 def test_failure_text_names_exit_code_last_check_and_logs() -> None:
     """A failure message says crashed or unhealthy, when, why, the last check and the logs."""
-    crashed = HealthResult(
-        False, "container exited (exit code 1)", 3, 2.25, CRASHED, "GET /health -> 503"
-    )
+    crashed = HealthResult(False, "container exited (exit code 1)", 3, 2.25, CRASHED,
+                           "GET /health -> 503")
     assert failure_text(crashed, "web-1", "FATAL: no db") == (
         "crashed after 2.2s: container exited (exit code 1); last check: GET /health -> 503\n"
         "--- last 50 log lines of web-1 ---\nFATAL: no db"
@@ -376,16 +269,9 @@ def test_failure_text_names_exit_code_last_check_and_logs() -> None:
 @pytest.mark.parametrize(
     ("service", "container_port", "target"),
     [
-        (
-            {"ports": ["8080"], "health": {"http": "/health"}},
-            8080,
-            "GET http://127.0.0.1:{}/health",
-        ),
-        (
-            {"ports": ["9000", "8080"], "health": {"http": "/h", "port": 8080}},
-            8080,
-            "GET http://127.0.0.1:{}/h",
-        ),
+        ({"ports": ["8080"], "health": {"http": "/health"}}, 8080, "GET http://127.0.0.1:{}/health"),
+        ({"ports": ["9000", "8080"], "health": {"http": "/h", "port": 8080}}, 8080,
+         "GET http://127.0.0.1:{}/h"),
         ({"ports": ["5432"], "health": {"tcp": 5432}}, 5432, "TCP 127.0.0.1:{}"),
     ],
 )
@@ -434,14 +320,14 @@ def engine() -> Iterator[Engine]:
 def images(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A plain busybox httpd image and one with a HEALTHCHECK, shared by the module."""
     plain = write_busybox_context(tmp_path_factory.mktemp("plain"), SESSION)
-    checked = write_busybox_context(tmp_path_factory.mktemp("checked"), SESSION, extra=HEALTHCHECK)
+    checked = write_busybox_context(
+        tmp_path_factory.mktemp("checked"), SESSION, extra=HEALTHCHECK
+    )
     built = {
-        "plain": engine.build(
-            plain, "Dockerfile", [f"pl-test-{SESSION}:plain"], labels={}, build_args={}
-        ),
-        "checked": engine.build(
-            checked, "Dockerfile", [f"pl-test-{SESSION}:checked"], labels={}, build_args={}
-        ),
+        "plain": engine.build(plain, "Dockerfile", [f"pl-test-{SESSION}:plain"],
+                              labels={}, build_args={}),
+        "checked": engine.build(checked, "Dockerfile", [f"pl-test-{SESSION}:checked"],
+                                labels={}, build_args={}),
     }
     yield built
     sdk = docker.DockerClient(base_url="unix:///var/run/docker.sock")
@@ -460,17 +346,10 @@ def run(engine: Engine) -> Iterator[Start]:
 
     def start(image: str, **changes: object) -> ContainerInfo:
         fields: dict[str, object] = {
-            "name": unique_name(),
-            "image": image,
-            "ports": ["127.0.0.1::8080"],
+            "name": unique_name(), "image": image, "ports": ["127.0.0.1::8080"],
             "labels": {TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "web"},
-            "env": {},
-            "command": None,
-            "volumes": (),
-            "cpus": None,
-            "memory": None,
-            "network": "bridge",
-            "restart": "no",
+            "env": {}, "command": None, "volumes": (), "cpus": None, "memory": None,
+            "network": "bridge", "restart": "no",
         }
         fields.update(changes)
         info = engine.containers.run(ContainerSpec(**fields))  # type: ignore[arg-type]
@@ -482,6 +361,7 @@ def run(engine: Engine) -> Iterator[Start]:
         engine.containers.remove(container_id)
 
 
+
 @pytest.mark.docker
 def test_http_probe_is_healthy_when_health_endpoint_serves(
     engine: Engine, images: dict[str, str], run: Start
@@ -489,12 +369,12 @@ def test_http_probe_is_healthy_when_health_endpoint_serves(
     """An HTTP check of busybox httpd's /health through probe_for becomes healthy."""
     info = run(images["plain"])
     section = ServiceSection.model_validate(
-        {"image": "web", "hosts": ["h"], "ports": ["8080"], "health": {"http": "/health"}},
+        {"image": "web", "hosts": ["h"], "ports": ["8080"],
+         "health": {"http": "/health"}},
     )
     probe = probe_for(section, engine, info, "127.0.0.1")
-    result = wait_healthy(
-        probe, interval=0.1, timeout=10, threshold=2, state=container_state(engine, info)
-    )
+    result = wait_healthy(probe, interval=0.1, timeout=10, threshold=2,
+                          state=container_state(engine, info))
     assert result.healthy, result.detail
     assert result.detail == f"GET http://127.0.0.1:{info.ports['8080/tcp']}/health -> 200"
 
@@ -519,29 +399,17 @@ def test_a_rollout_whose_container_exits_fails_at_once(
     timeout, and the failure says how it exited."""
     service = unique_name()
     spec = ServiceSection.model_validate(
-        {
-            "image": "web",
-            "hosts": ["local"],
-            "command": ["/bin/busybox", "false"],
-            "restart": "no",
-            "labels": {TEST_LABEL: SESSION},
-            "health": {"cmd": ["/bin/busybox", "true"], "timeout": "30s"},
-        },
+        {"image": "web", "hosts": ["local"], "command": ["/bin/busybox", "false"],
+         "restart": "no", "labels": {TEST_LABEL: SESSION},
+         "health": {"cmd": ["/bin/busybox", "true"], "timeout": "30s"}},
     )
     rollout = Rollout(
-        state=State(f"sqlite:///{tmp_path / 'state.db'}"),
-        service=service,
-        spec=spec,
+        state=State(f"sqlite:///{tmp_path / 'state.db'}"), service=service, spec=spec,
         hosts={"local": HostSection(docker="unix:///var/run/docker.sock")},
         engines={"local": engine},
     )
-    target = Target(
-        revision="a" * 40,
-        digest="sha256:" + "0" * 64,
-        refs={"local": images["plain"]},
-        spec_hash="test",
-        pull=False,
-    )
+    target = Target(revision="a" * 40, digest="sha256:" + "0" * 64,
+                    refs={"local": images["plain"]}, spec_hash="test", pull=False)
     started = time.monotonic()
     result = rollout.run(target, run_id=None)
     assert not result.ok
@@ -558,10 +426,7 @@ def test_an_exiting_container_fails_at_once(
     info = run(images["plain"], command=["/bin/busybox", "false"], ports=[])
     started = time.monotonic()
     result = wait_healthy(
-        tcp_probe("127.0.0.1", free_port()),
-        interval=0.1,
-        timeout=30,
-        threshold=1,
+        tcp_probe("127.0.0.1", free_port()), interval=0.1, timeout=30, threshold=1,
         state=container_state(engine, info),
     )
     assert not result.healthy
@@ -575,13 +440,8 @@ def test_docker_probe_follows_the_image_healthcheck(
 ) -> None:
     """docker_probe becomes healthy once the image's own HEALTHCHECK passes."""
     info = run(images["checked"])
-    result = wait_healthy(
-        docker_probe(engine, info.id),
-        interval=0.2,
-        timeout=20,
-        threshold=1,
-        state=container_state(engine, info),
-    )
+    result = wait_healthy(docker_probe(engine, info.id), interval=0.2, timeout=20, threshold=1,
+                          state=container_state(engine, info))
     assert result.healthy, result.detail
     assert result.detail == "docker health status: healthy"
 
@@ -635,12 +495,8 @@ def test_check_container_catches_a_crash_in_the_window_with_its_exit_code(
 ) -> None:
     """An app that serves, then exits 3 after a second under unless-stopped, passes its http
     check but crashes within the window; the exit code comes through its restart."""
-    command = [
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "/bin/busybox httpd -f -p 8080 -h /www & /bin/busybox sleep 1; exit 3",
-    ]
+    command = ["/bin/busybox", "sh", "-c",
+               "/bin/busybox httpd -f -p 8080 -h /www & /bin/busybox sleep 1; exit 3"]
     info = run(images["plain"], command=command, restart="unless-stopped")
     service = _service({"http": "/health", "interval": "100ms", "monitor": "4s"})
     result = check_container(service, engine, info, "127.0.0.1")
@@ -656,12 +512,8 @@ def test_check_container_of_an_oom_killed_app_says_so(
     engine: Engine, images: dict[str, str], run: Start
 ) -> None:
     """An app killed for lack of memory is "crashed" and the detail says OOMKilled."""
-    hog = [
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "a=$(/bin/busybox head -c 100000000 /dev/zero | /bin/busybox tr '\\0' x)",
-    ]
+    hog = ["/bin/busybox", "sh", "-c",
+           "a=$(/bin/busybox head -c 100000000 /dev/zero | /bin/busybox tr '\\0' x)"]
     info = run(images["plain"], command=hog, memory="8m", restart="unless-stopped")
     result = check_container(_service({"monitor": "3s"}), engine, info, "127.0.0.1")
     assert (result.healthy, result.failure_kind) == (False, CRASHED), result
@@ -675,9 +527,7 @@ def test_check_container_passes_a_steady_app_after_the_window(
     """A serving app passes its check, then the window, and is healthy no sooner than that."""
     info = run(images["plain"])
     result = check_container(
-        _service({"http": "/health", "interval": "100ms", "monitor": "1s"}),
-        engine,
-        info,
+        _service({"http": "/health", "interval": "100ms", "monitor": "1s"}), engine, info,
         "127.0.0.1",
     )
     assert result.healthy and result.failure_kind is None, result
@@ -694,42 +544,24 @@ def test_check_container_passes_a_steady_app_after_the_window(
     ids=["crashed", "unhealthy"],
 )
 def test_rollout_result_carries_the_failure_kind(
-    engine: Engine,
-    images: dict[str, str],
-    tmp_path: Path,
-    command: list[str] | None,
-    health: dict[str, object],
-    kind: str,
-    shown: str,
+    engine: Engine, images: dict[str, str], tmp_path: Path,
+    command: list[str] | None, health: dict[str, object], kind: str, shown: str,
 ) -> None:
     """A rollout whose new container fails the gate is rolled back, and its result says whether
     it crashed or was unhealthy, with the reason in its error."""
     name = f"gate{uuid.uuid4().hex[:6]}"
-    spec = ServiceSection.model_validate(
-        {
-            "image": "web",
-            "hosts": ["local"],
-            "ports": ["127.0.0.1::8080"],
-            "command": command,
-            "restart": "no",
-            "labels": {TEST_LABEL: SESSION},
-            "health": {**health, "interval": "100ms", "monitor": "300ms"},
-        }
-    )
+    spec = ServiceSection.model_validate({
+        "image": "web", "hosts": ["local"], "ports": ["127.0.0.1::8080"],
+        "command": command, "restart": "no", "labels": {TEST_LABEL: SESSION},
+        "health": {**health, "interval": "100ms", "monitor": "300ms"},
+    })
     rollout = Rollout(
-        state=State.in_dir(tmp_path / "data"),
-        service=name,
-        spec=spec,
+        state=State.in_dir(tmp_path / "data"), service=name, spec=spec,
         hosts={"local": HostSection(docker="unix:///var/run/docker.sock")},
         engines={"local": engine},
     )
-    target = Target(
-        revision="a" * 40,
-        digest="sha256:" + "0" * 64,
-        refs={"local": images["plain"]},
-        spec_hash="h",
-        pull=False,
-    )
+    target = Target(revision="a" * 40, digest="sha256:" + "0" * 64,
+                    refs={"local": images["plain"]}, spec_hash="h", pull=False)
     try:
         result = rollout.run(target, run_id=None)
     finally:

@@ -82,9 +82,8 @@ def test_rollback_restores_whole_releases_twice_back_and_pins(project: Project) 
     project.remote.write("web/www/index.html", "web v3")
     project.push("v3")
     assert project.run().ok
-    _assert_release(
-        project, _web_status(project)[0]["digest"], "three", port_b, httpd=False, content="web v3"
-    )
+    _assert_release(project, _web_status(project)[0]["digest"], "three", port_b,
+                    httpd=False, content="web v3")
 
     res = project.cli("rollback", project.web)
     assert res.returncode == 0, res.stdout + res.stderr

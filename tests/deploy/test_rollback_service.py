@@ -69,28 +69,13 @@ def _deploy(root: Path, state: State, i: int, name: str, *, settings: bool = Tru
     recorded = ServiceSettings(svc, (root / "web.env").read_text()) if settings else None
     rev, digest = str(i) * 40, f"sha256:{str(i) * 64}"
     release = state.start_release(
-        "web",
-        rev,
-        digest,
-        f"reg/web@{digest}",
-        f"spec{i}",
-        kind="deploy",
-        reason="x",
-        run_id=None,
-        settings=recorded,
+        "web", rev, digest, f"reg/web@{digest}", f"spec{i}", kind="deploy", reason="x",
+        run_id=None, settings=recorded,
     )
     state.finish_release(release, "succeeded")
     for host in svc.hosts:
-        state.set_deployment(
-            "web",
-            host,
-            revision=rev,
-            digest=digest,
-            ref=f"reg/web@{digest}",
-            spec_hash=f"spec{i}",
-            container_id=None,
-            release_id=release,
-        )
+        state.set_deployment("web", host, revision=rev, digest=digest, ref=f"reg/web@{digest}",
+                             spec_hash=f"spec{i}", container_id=None, release_id=release)
 
 
 @pytest.fixture
@@ -140,9 +125,8 @@ def test_release_without_stored_settings_uses_current_ones_and_says_so(
     assert call["target"].digest == "sha256:" + "2" * 64
     assert call["spec"] == run.cfg.services["web"]
     assert call["target"].settings.service == run.cfg.services["web"]
-    assert any(
-        "r2 has no stored settings" in line and "current settings" in line for line in lines
-    ), lines
+    assert any("r2 has no stored settings" in line and "current settings" in line
+               for line in lines), lines
 
 
 def test_failed_rollback_pins_nothing(runner: tuple[Runner, Recorder, list[str]]) -> None:

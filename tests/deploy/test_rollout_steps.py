@@ -253,9 +253,7 @@ class Bed:
     def roll(self, rollout: Rollout | None = None) -> Any:
         target = Target(NEW, "sha256:new", dict.fromkeys(HOSTS, NEW_IMAGE), "spec-new", pull=True)
         return (rollout or self.rollout()).run(
-            target,
-            run_id=self.run_id,
-            lease=self.world.lease,  # type: ignore[arg-type]
+            target, run_id=self.run_id, lease=self.world.lease  # type: ignore[arg-type]
         )
 
 

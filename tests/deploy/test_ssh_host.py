@@ -38,9 +38,8 @@ def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     d = tmp_path / "ssh"
     d.mkdir()
     for key in ("host_key", "id"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
-        )
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
+                       check=True)
     (d / "authorized_keys").write_text((d / "id.pub").read_text())
     (d / "sshd_config").write_text(
         f"ListenAddress {addr}:{SSH_PORT}\nHostKey {d}/host_key\n"
@@ -61,26 +60,12 @@ def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     (bin_dir / "ssh").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen(
-        [
-            "nsenter",
-            f"--net=/var/run/netns/{ns}",
-            "/usr/sbin/sshd",
-            "-D",
-            "-e",
-            "-f",
-            str(d / "sshd_config"),
-        ],
-        stderr=subprocess.PIPE,
-    )
+    sshd = subprocess.Popen(["nsenter", f"--net=/var/run/netns/{ns}", "/usr/sbin/sshd", "-D",
+                             "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["ssh", "-l", "root", "--", addr, "true"], capture_output=True, check=False
-            ).returncode
-            != 0
-        ):
+        while subprocess.run(["ssh", "-l", "root", "--", addr, "true"],
+                             capture_output=True, check=False).returncode != 0:
             if time.monotonic() > deadline or sshd.poll() is not None:
                 pytest.fail(f"sshd did not come up: {sshd.stderr.read() if sshd.stderr else ''}")
             time.sleep(0.2)
@@ -90,9 +75,8 @@ def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         sshd.wait(timeout=10)
 
 
-def test_deploy_to_an_ssh_host(
-    ssh_host: str, lab: LabState, tmp_path: Path, git_remote: Any
-) -> None:
+def test_deploy_to_an_ssh_host(ssh_host: str, lab: LabState, tmp_path: Path,
+                               git_remote: Any) -> None:
     """A service on a `docker = "ssh://root@HOST:PORT"` host is pulled, started, health-checked and
     reported through the ssh connection."""
     write_sample_app(git_remote.work, "web", "served over ssh")
@@ -101,7 +85,9 @@ def test_deploy_to_an_ssh_host(
     host_table = (
         f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
     )
-    config.write_text(one_service_config(lab.registry, host_table, git_remote.url, "sshweb", 18555))
+    config.write_text(
+        one_service_config(lab.registry, host_table, git_remote.url, "sshweb", 18555)
+    )
     loaded = load(config)
     runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
     try:
@@ -117,9 +103,8 @@ def test_deploy_to_an_ssh_host(
         runner.connections.close()
 
 
-def test_proxied_deploy_and_rollback_on_an_ssh_host(
-    ssh_host: str, lab: LabState, tmp_path: Path, git_remote: Any
-) -> None:
+def test_proxied_deploy_and_rollback_on_an_ssh_host(ssh_host: str, lab: LabState,
+                                                     tmp_path: Path, git_remote: Any) -> None:
     """Over ssh:// only, the host's proxy is made, the service served through it by its Host
     header, a new revision switched to, and `rollback` switches back to the kept container."""
     if lab.proxy_image is None:

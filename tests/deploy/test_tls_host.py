@@ -36,58 +36,16 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 def _certs(d: Path) -> None:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
-    _openssl(
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=pipeline test CA",
-        cwd=d,
-    )
-    for name, ext in (
-        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
-        ("client", "extendedKeyUsage=clientAuth\n"),
-    ):
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.crt", "-days", "1", "-subj", "/CN=pipeline test CA", cwd=d)
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
         (d / f"{name}.ext").write_text(ext)
-        _openssl(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={name}",
-            cwd=d,
-        )
-        _openssl(
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.crt",
-            "-days",
-            "1",
-            "-extfile",
-            f"{name}.ext",
-            cwd=d,
-        )
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", "-extfile",
+                 f"{name}.ext", cwd=d)
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -159,9 +117,8 @@ def test_deploy_through_mutual_tls(lab: LabState, tmp_path: Path, git_remote: An
             assert httpx.get(f"http://{host.address}:18556/", timeout=5).text == "served over tls"
             (row,) = status_rows(runner.state, runner.connections)
             assert row["state"] == "running"
-            anonymous = Engine(
-                Connection("anonymous", f"tcp://127.0.0.1:{port}", tls_ca=str(certs / "ca.crt"))
-            )
+            anonymous = Engine(Connection("anonymous", f"tcp://127.0.0.1:{port}",
+                                          tls_ca=str(certs / "ca.crt")))
             with pytest.raises(PipelineError):
                 anonymous.ping()
             anonymous.close()

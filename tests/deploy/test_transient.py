@@ -43,9 +43,7 @@ def test_registry_blip_while_host_2_pulls_is_retried(project: Project) -> None:
     with registry_blocked(project.lab, 1) as block:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "run", "-c", str(project.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         try:
             deadline = time.monotonic() + 240

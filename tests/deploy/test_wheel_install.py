@@ -4,6 +4,7 @@ virtualenv, installs the git hooks (shipped as package data) and a push through 
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -30,8 +31,17 @@ def test_a_wheel_in_a_fresh_virtualenv_installs_hooks_and_a_push_deploys(
     """`pip wheel .` then `pip install` into a new virtualenv: its `pipeline hooks install`
     finds the hook scripts inside the installed package, and a `git push` through them builds
     and deploys the sample app on the lab hosts."""
+    # Built from a copy: setuptools writes build/ and *.egg-info beside the sources.
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "build", "*.egg-info", "__pycache__", ".*_cache", "tests", "bench"
+        ),
+    )
     dist = tmp_path / "dist"
-    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, ROOT)
+    built = _run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, src)
     assert built.returncode == 0, built.stderr
     (wheel,) = dist.glob("pipeline-*.whl")
 

@@ -85,16 +85,8 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 def _spec(image: str, **changes: object) -> ContainerSpec:
     labels = {TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "web"}
     fields: dict[str, object] = {
-        "name": unique_name(),
-        "image": image,
-        "labels": labels,
-        "env": {},
-        "command": None,
-        "ports": (),
-        "volumes": (),
-        "cpus": None,
-        "memory": None,
-        "network": "bridge",
+        "name": unique_name(), "image": image, "labels": labels, "env": {}, "command": None,
+        "ports": (), "volumes": (), "cpus": None, "memory": None, "network": "bridge",
         "restart": "no",
     }
     fields.update(changes)
@@ -112,12 +104,8 @@ def test_build_streams_output_and_labels_image(
     lines: list[str] = []
     tag = f"pl-test-{SESSION}:labelled"
     image_id = engine.build(
-        context,
-        "Dockerfile",
-        [tag, f"pl-test-{SESSION}:second"],
-        labels={f"{LABEL_PREFIX}revision": "abc123"},
-        build_args={},
-        on_output=lines.append,
+        context, "Dockerfile", [tag, f"pl-test-{SESSION}:second"],
+        labels={f"{LABEL_PREFIX}revision": "abc123"}, build_args={}, on_output=lines.append,
     )
     try:
         assert image_id.startswith("sha256:")
@@ -136,9 +124,8 @@ def test_build_failure_raises_stalling_error_with_output_tail(
 ) -> None:
     """A failing RUN step raises StallingError carrying the build's last output lines."""
     context = write_busybox_context(
-        tmp_path / "ctx",
-        SESSION,
-        extra='RUN ["/bin/busybox", "echo", "about-to-fail"]\nRUN ["/bin/busybox", "false"]',
+        tmp_path / "ctx", SESSION, extra='RUN ["/bin/busybox", "echo", "about-to-fail"]\n'
+        'RUN ["/bin/busybox", "false"]'
     )
     with pytest.raises(StallingError, match="build failed") as caught:
         engine.build(context, "Dockerfile", [f"pl-test-{SESSION}:broken"], labels={}, build_args={})
@@ -157,8 +144,7 @@ def test_push_digest_matches_registry_and_pull_by_digest(
     digest = engine.push(repository, "v1", auth=None, on_output=pushed.append)
     response = httpx.get(
         f"{registry.url}/v2/pl-test/web/manifests/v1",
-        headers={"Accept": MANIFEST_V2},
-        trust_env=False,
+        headers={"Accept": MANIFEST_V2}, trust_env=False,
     )
     assert response.status_code == 200
     assert digest == response.headers["Docker-Content-Digest"]
@@ -212,13 +198,8 @@ def test_run_applies_settings_and_serves_http(
     volume = unique_name("pl-test-vol")
     (tmp_path / "shared").mkdir()
     spec = _spec(
-        image,
-        ports=[f"127.0.0.1:{port}:8080", "9090"],
-        env={"GREETING": "hi"},
-        memory="64m",
-        cpus=0.5,
-        restart="on-failure:3",
-        network=network,
+        image, ports=[f"127.0.0.1:{port}:8080", "9090"], env={"GREETING": "hi"},
+        memory="64m", cpus=0.5, restart="on-failure:3", network=network,
         volumes=[f"{volume}:/data", f"{tmp_path / 'shared'}:/shared:ro"],
         labels={TEST_LABEL: SESSION, f"{LABEL_PREFIX}service": "web"},
     )
@@ -279,9 +260,7 @@ def test_remove_stop_and_rename_refuse_an_unmanaged_container(
     foreign = sdk.containers.create(image, name=unique_name(), labels={TEST_LABEL: SESSION})
     containers = engine.containers
     for action in (
-        containers.remove,
-        containers.stop,
-        lambda cid: containers.rename(cid, unique_name()),
+        containers.remove, containers.stop, lambda cid: containers.rename(cid, unique_name())
     ):
         with pytest.raises(StallingError, match="not created by pipeline"):
             action(foreign.id)
@@ -340,13 +319,10 @@ def test_crash_looping_container_reports_restarts_exit_code_and_logs(
 ) -> None:
     """A container that keeps exiting under a restart policy shows a growing restart count, its
     exit code while restarting (and in the event log), and every run's output in logs_tail."""
-    info = engine.containers.run(
-        _spec(
-            image,
-            restart="unless-stopped",
-            command=["/bin/busybox", "sh", "-c", "echo FATAL: run >&2; exit 3"],
-        )
-    )
+    info = engine.containers.run(_spec(
+        image, restart="unless-stopped",
+        command=["/bin/busybox", "sh", "-c", "echo FATAL: run >&2; exit 3"],
+    ))
     seen = set()
     for _ in range(100):
         now = engine.containers.inspect(info.id)

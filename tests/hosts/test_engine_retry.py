@@ -168,7 +168,9 @@ def test_a_blip_shorter_than_the_retries_is_covered(
     assert api.pulls == 3 and sleeps.waits == [0.5, 1]
 
 
-@pytest.mark.parametrize(("failure", "kind"), NOT_RETRIED.values(), ids=NOT_RETRIED.keys())
+@pytest.mark.parametrize(
+    ("failure", "kind"), NOT_RETRIED.values(), ids=NOT_RETRIED.keys()
+)
 def test_refusals_and_unknown_images_are_not_retried(
     failure: BaseException | dict[str, Any], kind: type[PipelineError]
 ) -> None:

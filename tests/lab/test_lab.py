@@ -93,10 +93,8 @@ def test_every_host_engine_answers(lab: LabState) -> None:
         finally:
             client.close()
     written = tomllib.loads((lab.dir / "pipeline.lab.toml").read_text())
-    assert (
-        written["registry"]["address"]
-        == lab.registry
-        == (f"{next(ipaddress.ip_network(lab.subnet).hosts())}:5000")
+    assert written["registry"]["address"] == lab.registry == (
+        f"{next(ipaddress.ip_network(lab.subnet).hosts())}:5000"
     )
     assert sorted(written["hosts"]) == ["lab-1", "lab-2"]
     assert lab_status(lab.dir).alive
@@ -169,9 +167,8 @@ def test_image_pushed_to_lab_registry_serves_on_every_host(
     """An image built and pushed by the local engine is pulled over TLS by each host and its
     container answers HTTP 200 with the app's content on the host's address."""
     content = f"hello from the lab {uuid.uuid4().hex[:6]}"
-    with _local_image(
-        local_engine, sample_app(content=content), f"{lab.registry}/labtest/web"
-    ) as ref:
+    with _local_image(local_engine, sample_app(content=content), f"{lab.registry}/labtest/web") \
+            as ref:
         _push(local_engine, ref)
 
         def check(address: str) -> None:

@@ -251,10 +251,8 @@ def test_planner_says_why_a_revision_waits() -> None:
     waiting = Blocked(B, "sha256:b", spec, waiting.why, waiting.until, "infrastructure")
     assert _plan(waiting) == (
         [],
-        [
-            f"revision {B[:12]} failed for an infrastructure reason at 21:02:35 UTC (1 in a row); "
-            "retrying after 21:03:05 UTC (`pipeline deploy` retries now)"
-        ],
+        [f"revision {B[:12]} failed for an infrastructure reason at 21:02:35 UTC (1 in a row); "
+         "retrying after 21:03:05 UTC (`pipeline deploy` retries now)"],
     )
     unhealthy = Blocked(B, "sha256:b", spec, f"failed its health check; {UNTIL_NEWER}")
     assert _plan(unhealthy) == ([], [f"revision {B[:12]} failed its health check; {UNTIL_NEWER}"])

@@ -31,7 +31,8 @@ NEW = "2a2b2c2d2e2f3a3b3c3d3e3f4a4b4c4d4e4f5a5b"
 HISTORY_UNKNOWN = "history unknown (force push or first fetch): rebuilding"
 DEFINITION_CHANGED = (
     "definition changed: context, dockerfile, build_args, watch, target or secrets differ from the "
-    "build at " + OLD[:12]
+    "build at "
+    + OLD[:12]
 )
 
 HEAD = """
@@ -565,7 +566,6 @@ def test_spec_hashes_ignore_placement_only() -> None:
 def test_health_monitor_counts_in_the_service_hash_only_away_from_its_default() -> None:
     """Changing `monitor` rolls a service out like any health key, while a service that does
     not set it keeps the hash it had before the key existed (upgrading restarts nothing)."""
-
     def svc(**health: object) -> ServiceSection:
         return ServiceSection.model_validate(
             {"image": "web", "hosts": ["h"], "health": {"http": "/health", **health}}

@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(240)]
 DEPLOY_DEADLINE = 30.0
 
 
+
+
 def with_secret(sp: ServeProject) -> str:
     """Give repo shop a webhook secret, in the env var the config names; return the secret."""
     env = f"PIPELINE_E2E_SECRET_{uuid.uuid4().hex[:8].upper()}"

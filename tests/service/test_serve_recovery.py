@@ -15,6 +15,8 @@ from pipeline.state.store import State
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(240)]
 
 
+
+
 def test_kill_9_during_the_check_of_a_bad_revision_restores_the_old_one_everywhere(
     sp: ServeProject, serve: ServeProcesses
 ) -> None:

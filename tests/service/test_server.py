@@ -595,20 +595,15 @@ def test_run_detail_and_history_show_releases_with_failure_kind(svc: Service) ->
     its failure_kind (null when it succeeded)."""
     state = svc.ctx.state
     run = state.start_run("cli", "app")
-    for revision, status, kind in [
-        ("a" * 40, "succeeded", None),
-        ("b" * 40, "rolled_back", "infrastructure"),
-    ]:
-        rel = state.start_release(
-            "web", revision, "sha256:x", "r@sha256:x", "h", kind="deploy", reason="test", run_id=run
-        )
+    for revision, status, kind in [("a" * 40, "succeeded", None),
+                                   ("b" * 40, "rolled_back", "infrastructure")]:
+        rel = state.start_release("web", revision, "sha256:x", "r@sha256:x", "h", kind="deploy",
+                                  reason="test", run_id=run)
         state.finish_release(rel, status, failure_kind=kind)  # type: ignore[arg-type]
     state.finish_run(run, "failed")
     detail = svc.client.get(f"/api/runs/{run}").json()
     assert [(r["status"], r["failure_kind"]) for r in detail["releases"]] == [
-        ("rolled_back", "infrastructure"),
-        ("succeeded", None),
-    ]
+        ("rolled_back", "infrastructure"), ("succeeded", None)]
     history = svc.client.get("/api/history", params={"service": "web"}).json()
     assert [r["failure_kind"] for r in history] == ["infrastructure", None]
     assert svc.client.get("/api/history", params={"service": "api"}).json() == []

@@ -18,9 +18,8 @@ class Clock:
 
 
 def _release(state: State, revision: str, status: str, kind: str | None) -> None:
-    rel = state.start_release(
-        "web", revision, "sha256:x", "r@sha256:x", "spec", kind="deploy", reason="test", run_id=None
-    )
+    rel = state.start_release("web", revision, "sha256:x", "r@sha256:x", "spec", kind="deploy",
+                              reason="test", run_id=None)
     state.finish_release(rel, status, "it failed", failure_kind=kind)  # type: ignore[arg-type]
 
 

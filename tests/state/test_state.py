@@ -56,9 +56,8 @@ def test_lease_held_by_a_live_process_is_refused_with_its_holder(state: State) -
     try:
         owner = default_owner().rsplit(":", 1)[0] + f":{live.pid}"
         assert state.leases.acquire("service:web", owner, ttl=3600)
-        with (
-            pytest.raises(LockedError, match=f":{live.pid}"),
-            state.leases.lease("service:web", default_owner()),
+        with pytest.raises(LockedError, match=f":{live.pid}"), state.leases.lease(
+            "service:web", default_owner()
         ):
             pass
     finally:
@@ -70,9 +69,8 @@ def test_interrupted_runs_are_marked_and_not_left_running(state: State) -> None:
     """Runs, steps and releases of a dead owner are recorded as interrupted on the next start."""
     run = state.start_run("cli", "shop", owner="elsewhere:1")
     step = state.start_step(run, "build", "web")
-    rel = state.start_release(
-        "web", "a" * 40, "sha256:x", "r@sha256:x", "h", kind="deploy", reason="test", run_id=run
-    )
+    rel = state.start_release("web", "a" * 40, "sha256:x", "r@sha256:x", "h", kind="deploy",
+                              reason="test", run_id=run)
     assert state.interrupt_stale_runs(lambda owner: owner != "elsewhere:1") == [run]
     assert state.run(run).status == "interrupted"  # type: ignore[union-attr]
     assert state.steps(run)[0].id == step and state.steps(run)[0].status == "interrupted"
