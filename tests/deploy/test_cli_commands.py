@@ -20,6 +20,7 @@ import pytest
 from deploy_helpers import Project
 
 from pipeline.lab.manage import LabState
+from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
@@ -176,21 +177,19 @@ def test_prune_dry_run_keeps_what_rollback_needs_and_lock_status_shows_a_running
     finally:
         client.close()
 
-    # A deploy that takes a while: its health check must hold for 3 s on each host.
+    # A deploy that takes a while: its health check must hold for 10 s (the CLI takes seconds
+    # to start on a busy machine).
     project.write_config(web_health=f'[services.{project.web}.health]\nhttp = "/health"\n'
-                         'interval = "200ms"\ntimeout = "10s"\nmonitor = "3s"')  # fmt: skip
+                         'interval = "200ms"\ntimeout = "10s"\nmonitor = "10s"')  # fmt: skip
     deploy = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "deploy", project.web, "-c", str(project.config)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        rows: list[dict[str, object]] = []
-
-        def held() -> bool:
-            rows[:] = json.loads(cli(project, "lock", "status", "--json").stdout)
-            return any(r["service"] == project.web for r in rows)
-
-        wait_for(held, 30, "the deploy's lease")
+        state = State.in_dir(project.root / "data")
+        wait_for(lambda: state.leases.lock_holder(f"service:{project.web}") is not None, 60,
+                 "the deploy to take its lease")  # fmt: skip
+        rows = json.loads(cli(project, "lock", "status", "--json").stdout)
         (row,) = [r for r in rows if r["service"] == project.web]
         assert row["pid"] == deploy.pid and row["host"] and row["expires_at"]
         out, err = deploy.communicate(timeout=120)
