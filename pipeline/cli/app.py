@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -20,7 +21,7 @@ from pipeline.errors import PipelineError
 
 # Commands that only read the config and print: they log nothing, so they do not pay for
 # structlog's import (hook-validate runs on every push; hook-event configures its own logging).
-_NO_LOGGING = frozenset({"validate", "hook-validate", "hook-event"})
+_NO_LOGGING = frozenset({"validate", "hook-validate", "hook-event", "init"})
 
 app = typer.Typer(
     help="GitOps deployment for Docker hosts: rebuild what a commit changed, roll it out behind "
@@ -39,11 +40,18 @@ def _main(
         logs.LogFormat, typer.Option("--log-format", help="console or json (JSON lines).")
     ] = "console",
     log_level: Annotated[
-        str, typer.Option("--log-level", help="debug, info, warning, error.")
-    ] = "info",
+        str | None,
+        typer.Option(
+            "--log-level",
+            help="debug, info, warning, error (default: warning on a terminal, else info).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     if ctx.invoked_subcommand not in _NO_LOGGING:
-        logs.configure(log_format, log_level)
+        # Log events go to stderr; a person at a terminal reads the progress lines, not them.
+        level = log_level or ("warning" if sys.stderr.isatty() else "info")
+        logs.configure(log_format, level)
 
 
 @app.command()
@@ -75,30 +83,46 @@ def demo(
     lab_dir: Annotated[Path, typer.Option("--lab-dir", help="Where the lab lives.")] = Path("lab"),
 ) -> None:
     """Bring up the lab, deploy the sample app from the example config, then deploy a change."""
+    from pipeline.cli.output import make_reporter
     from pipeline.lab.demo import run_demo
 
     loaded = load_config(config or Path("pipeline.example.toml"))
+    # On a terminal the demo's lines get the same view as `run` (spinner, elapsed time).
+    reporter = make_reporter(False) if sys.stdout.isatty() else None
     try:
-        ok = run_demo(loaded, lab_dir, typer.echo)
+        ok = run_demo(loaded, lab_dir, reporter.line if reporter else typer.echo)
     except PipelineError as exc:
         fail(str(exc))
+    finally:
+        if reporter:
+            reporter.close([])
     if not ok:
         raise typer.Exit(1)
 
 
 def _register_subcommands() -> None:
     from pipeline.cli import deploy as cli_deploy
+    from pipeline.cli import exec as cli_exec
     from pipeline.cli import hooks as cli_hooks
+    from pipeline.cli import init as cli_init
+    from pipeline.cli import logs as cli_logs
+    from pipeline.cli import prune as cli_prune
     from pipeline.cli import serve as cli_serve
     from pipeline.cli.lab import lab_app
+    from pipeline.cli.lock import lock_app
     from pipeline.cli.proxy import proxy_app
 
     cli_deploy.register(app)
+    cli_logs.register(app)
+    cli_exec.register(app)
+    cli_init.register(app)
+    cli_prune.register(app)
     cli_serve.register(app)
     cli_hooks.register(app)
 
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
     app.add_typer(proxy_app, name="proxy", help="The reverse proxy pipeline runs on each host.")
+    app.add_typer(lock_app, name="lock", help="The leases deploys hold: who, since when; release.")
 
 
 def interrupt_on_sigterm() -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LockedError
 from pipeline.redact import redact, redact_value
 
 if TYPE_CHECKING:
@@ -31,8 +31,26 @@ ConfigOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+# Exit codes, the same for every command (README "Exit codes" shows this table).
+EXIT_OK = 0
+EXIT_FAILED = 1  # failed (a failed rollout was rolled back), or interrupted (Ctrl-C, SIGTERM)
+EXIT_USAGE = 2  # bad input: the config, an argument, an unknown name; nothing changed
+EXIT_LOCKED = 3  # another deploy holds a service's lease: try later (`pipeline lock status`)
+EXIT_CODES: dict[int, str] = {
+    EXIT_OK: "done",
+    EXIT_FAILED: "failed, a failed rollout rolled back; or interrupted after undoing its work",
+    EXIT_USAGE: "bad input: config, argument or name; nothing changed",
+    EXIT_LOCKED: "locked: another deploy holds a service's lease",
+}
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code for an error a command stops on: its kind decides (`errors.py`)."""
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, LockedError):
+        return EXIT_LOCKED
+    return EXIT_FAILED
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -67,3 +85,40 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
         typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+# -- shell completion (`pipeline --install-completion`) --------------------------------------
+# Read cheaply: the TOML file named by -c/--config, $PIPELINE_CONFIG or ./pipeline.toml, parsed
+# with tomllib and not validated (a completion must answer at once and never fail).
+
+
+def _config_names(ctx: typer.Context, table: str) -> list[str]:
+    import os
+    import tomllib
+
+    path = None
+    node: Any = ctx
+    while node is not None and path is None:
+        path = node.params.get("config")
+        node = node.parent
+    path = Path(path or os.environ.get("PIPELINE_CONFIG") or "pipeline.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    section = data.get(table)
+    return sorted(section) if isinstance(section, dict) else []
+
+
+def _completer(table: str) -> Any:
+    def complete(ctx: typer.Context, incomplete: str) -> list[str]:
+        return [n for n in _config_names(ctx, table) if n.startswith(incomplete)]
+
+    complete.__doc__ = f"Names of the config's [{table}.*] tables that start with what is typed."
+    return complete
+
+
+complete_service = _completer("services")
+complete_host = _completer("hosts")
+complete_image = _completer("images")
+complete_repo = _completer("repos")

@@ -8,13 +8,20 @@ import typer
 
 from pipeline.cli.common import (
     EXIT_FAILED,
+    EXIT_LOCKED,
+    EXIT_USAGE,
     ConfigOption,
     JsonOption,
+    complete_image,
+    complete_repo,
+    complete_service,
+    exit_code_of,
     fail,
     load_config,
     print_json,
     print_table,
 )
+from pipeline.cli.output import Reporter, make_reporter
 from pipeline.errors import PipelineError
 from pipeline.redact import redact
 
@@ -24,22 +31,25 @@ if TYPE_CHECKING:
     from pipeline.deploy.runner import PassResult, Runner
 
 
-def _echo(line: str) -> None:
-    typer.echo(line, err=True)  # the runner has redacted its lines
-
-
-def _connections(loaded: LoadedConfig) -> Connections:
+def _connections(loaded: LoadedConfig, reporter: Reporter | None = None) -> Connections:
     # Imported here: the docker SDK and GitPython are not needed by `history` or `validate`.
     from pipeline.deploy.connections import Connections
 
-    return Connections(loaded)
+    return Connections(loaded, progress=reporter.progress if reporter else None)
 
 
-def _runner(loaded: LoadedConfig) -> Runner:
+def _runner(loaded: LoadedConfig, reporter: Reporter | None = None) -> Runner:
     from pipeline.deploy.runner import Runner
     from pipeline.state.store import State
 
-    return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
+    reporter = reporter or make_reporter(True)
+    return Runner(
+        loaded, State.in_dir(loaded.data_dir), _connections(loaded, reporter), report=reporter.line
+    )
+
+
+def _reporter(loaded: LoadedConfig, json: bool) -> Reporter:
+    return make_reporter(json, {n: list(s.hosts) for n, s in loaded.model.services.items()})
 
 
 def _recovered(runner: Runner) -> Runner:
@@ -50,13 +60,32 @@ def _recovered(runner: Runner) -> Runner:
     return runner
 
 
-def _outcome(result: PassResult) -> None:
-    """Print a pass's errors and outcome; exit 1 when it failed."""
-    for error in result.errors:
-        typer.echo(redact(f"error: {error}"), err=True)
-    typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
-    if not result.ok:
-        raise typer.Exit(EXIT_FAILED)
+def _outcome(runner: Runner, result: PassResult, reporter: Reporter, json: bool) -> None:
+    """Show a pass's summary, errors and outcome (or its `--json` document); exit 1 when it
+    failed, 3 when a service's lease was held by another deploy."""
+    from pipeline.state.store import release_json
+
+    releases = [release_json(r) for r in reversed(runner.state.releases(run_id=result.run_id))]
+    reporter.close(releases)
+    code = 0 if result.ok else EXIT_LOCKED if result.locked else EXIT_FAILED
+    if json:
+        print_json(
+            {
+                "run_id": result.run_id,
+                "ok": result.ok,
+                "exit_code": code,
+                "locked": result.locked,
+                "errors": result.errors,
+                "plan": result.plan.to_json(),
+                "releases": releases,
+            }
+        )
+    else:
+        for error in result.errors:
+            typer.echo(redact(f"error: {error}"), err=True)
+        typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
@@ -66,7 +95,9 @@ def register(app: typer.Typer) -> None:
     def plan(
         config: ConfigOption = None,
         json: JsonOption = False,
-        repo: Annotated[str | None, typer.Option(help="Only this repo.")] = None,
+        repo: Annotated[
+            str | None, typer.Option(help="Only this repo.", autocompletion=complete_repo)
+        ] = None,
     ) -> None:
         """Show what a run would build and roll out, and why; change nothing. Exit 1 when a
         service cannot be planned (its env_file cannot be read)."""
@@ -98,17 +129,22 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def run(
         config: ConfigOption = None,
-        repo: Annotated[str | None, typer.Option(help="Only this repo.")] = None,
+        repo: Annotated[
+            str | None, typer.Option(help="Only this repo.", autocompletion=complete_repo)
+        ] = None,
+        json: JsonOption = False,
     ) -> None:
         """One pass: bring every service to the newest commit. Exit 1 if anything failed."""
         loaded = load_config(config)
-        result = _recovered(_runner(loaded)).run_pass(repo)
-        _outcome(result)
+        reporter = _reporter(loaded, json)
+        runner = _recovered(_runner(loaded, reporter))
+        _outcome(runner, runner.run_pass(repo), reporter, json)
 
     @app.command()
     def deploy(
-        service: str,
+        service: Annotated[str, typer.Argument(autocompletion=complete_service)],
         config: ConfigOption = None,
+        json: JsonOption = False,
         revision: Annotated[
             str | None, typer.Option(help="Commit sha (or prefix) or tag; default: the newest.")
         ] = None,
@@ -117,9 +153,12 @@ def register(app: typer.Typer) -> None:
         loaded = load_config(config)
         svc = loaded.model.services.get(service)
         if svc is None:
-            fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})", 2)
+            fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
+                 EXIT_USAGE)  # fmt: skip
         repo = loaded.model.images[svc.image].repo
-        result = _recovered(_runner(loaded)).run_pass(
+        reporter = _reporter(loaded, json)
+        runner = _recovered(_runner(loaded, reporter))
+        result = runner.run_pass(
             repo,
             trigger="deploy",
             only_services=[service],
@@ -127,25 +166,30 @@ def register(app: typer.Typer) -> None:
             pinned={repo: revision} if revision else None,
             force_services=[service],
         )
-        _outcome(result)
+        _outcome(runner, result, reporter, json)
 
     @app.command()
-    def rebuild(image: str, config: ConfigOption = None) -> None:
+    def rebuild(
+        image: Annotated[str, typer.Argument(autocompletion=complete_image)],
+        config: ConfigOption = None,
+        json: JsonOption = False,
+    ) -> None:
         """Rebuild IMAGE now, pulling its base image fresh (what its `rebuild` schedule does);
         its services are rolled out only when the digest changed."""
         loaded = load_config(config)
         img = loaded.model.images.get(image)
         if img is None:
-            fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", 2)
-        result = _recovered(_runner(loaded)).run_pass(
-            img.repo, trigger="rebuild", force_images=[image], pull_base=True
-        )
-        _outcome(result)
+            fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", EXIT_USAGE)
+        reporter = _reporter(loaded, json)
+        runner = _recovered(_runner(loaded, reporter))
+        result = runner.run_pass(img.repo, trigger="rebuild", force_images=[image], pull_base=True)
+        _outcome(runner, result, reporter, json)
 
     @app.command()
     def rollback(
-        service: str,
+        service: Annotated[str, typer.Argument(autocompletion=complete_service)],
         config: ConfigOption = None,
+        json: JsonOption = False,
         to: Annotated[
             str | None,
             typer.Option(
@@ -158,16 +202,30 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Put SERVICE back on an earlier succeeded release on every host, its image and its
         settings, and pin it there until a newer commit or `pipeline deploy SERVICE`."""
+        from pipeline.state.store import release_json
+
         loaded = load_config(config)
-        runner = _runner(loaded)
+        reporter = _reporter(loaded, json)
+        runner = _runner(loaded, reporter)
         try:
             from pipeline.deploy.operations import rollback_service
 
             outcome = rollback_service(_recovered(runner), service, to)
         except PipelineError as exc:
-            fail(str(exc))
+            reporter.close([])
+            fail(str(exc), exit_code_of(exc))
+        releases = [release_json(r) for r in runner.state.releases(service, 1)
+                    if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
+        reporter.close(releases)
+        code = 0 if outcome.ok else EXIT_LOCKED if outcome.locked else EXIT_FAILED
+        if json:
+            print_json({"service": service, "ok": outcome.ok, "exit_code": code,
+                        "error": outcome.error, "releases": releases})  # fmt: skip
+            if code:
+                raise typer.Exit(code)
+            return
         if not outcome.ok:
-            fail(f"rollback failed: {outcome.error}")
+            fail(f"rollback failed: {outcome.error}", code)
         typer.echo(f"{service}: rolled back")
 
     @app.command()
@@ -198,7 +256,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def history(
-        service: Annotated[str | None, typer.Argument()] = None,
+        service: Annotated[str | None, typer.Argument(autocompletion=complete_service)] = None,
         config: ConfigOption = None,
         json: JsonOption = False,
         limit: Annotated[int, typer.Option(help="How many entries.")] = 50,

@@ -35,7 +35,15 @@ def split_listen(listen: str) -> tuple[str, int]:
     return split(listen)
 
 
-HOOKS_DIR = Path(__file__).resolve().parents[2] / "hooks"
+def hook_script(name: str) -> str:
+    """The text of a hook script shipped inside the package (`pipeline/cli/hook_scripts/`,
+    package data in pyproject.toml), read through importlib.resources: from a wheel, a zip or
+    a source checkout alike."""
+    from importlib.resources import files
+
+    return files("pipeline.cli").joinpath("hook_scripts", name).read_text(encoding="utf-8")
+
+
 HOOK_NAMES = ("pre-receive", "post-receive")
 HOOK_MARKER = "installed by `pipeline hooks install`"
 ENV_FILE = "pipeline-hook.env"
@@ -195,7 +203,7 @@ def install(
     (hooks_dir / ENV_FILE).write_text("\n".join(env_lines) + "\n", encoding="utf-8")
     for hook in HOOK_NAMES:
         target = hooks_dir / hook
-        target.write_text((HOOKS_DIR / hook).read_text(encoding="utf-8"), encoding="utf-8")
+        target.write_text(hook_script(hook), encoding="utf-8")
         target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     follows = loaded.model.repos[name].follows
     mode = "queue only" if queue_only else "deploy inline"

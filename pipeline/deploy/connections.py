@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 from pipeline.config.load import LoadedConfig, read_secret
-from pipeline.hosts.engine import Engine
+from pipeline.hosts.engine import Engine, Progress
 from pipeline.retry import RetryPolicy
 from pipeline.sources.git import Mirror
 
@@ -15,8 +15,15 @@ class Connections:
     """Engines by host and mirrors by repo of `loaded`, made on first use; `close()` closes the
     engines' connections (a later use reconnects). Safe to share between threads."""
 
-    def __init__(self, loaded: LoadedConfig, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        retry: RetryPolicy | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         self.loaded = loaded
+        self.progress = progress  # each engine's byte and step progress goes there
         self.retry = retry or RetryPolicy()  # the engines' policy for pulls and inspections
         self._lock = threading.Lock()
         self._engines: dict[str, Engine] = {}
@@ -28,13 +35,14 @@ class Connections:
         key = host or "local"
         with self._lock:
             if key not in self._engines:
-                self._engines[key] = (
+                engine = self._engines[key] = (
                     Engine.local(retry=self.retry)
                     if host is None
                     else Engine.from_host(
                         host, self.loaded.model.hosts[host], self.loaded.base_dir, retry=self.retry
                     )
                 )
+                engine.progress = self.progress
             return self._engines[key]
 
     def cluster(self, name: str) -> Engine:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
 
 from pipeline.config.model import ServiceSection
 from pipeline.deploy.connections import Connections
-from pipeline.deploy.rollout import RolloutResult, Target
+from pipeline.deploy.rollout import RolloutResult, Target, service_container_spec
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
 from pipeline.hosts.engine import LABEL_PREFIX
+from pipeline.hosts.containers import ContainerSpec
 from pipeline.plan.planner import service_spec_hash
 from pipeline.plan.rollback import PinRecord, choose_rollback
 from pipeline.state.rollbacks import ServiceSettings
@@ -261,3 +263,28 @@ def commit_subject(connections: Connections, repo: str, sha: str) -> str | None:
         return connections.mirror(repo).commit_info(sha)["subject"]
     except PipelineError:
         return None
+def oneoff_spec(
+    state: State, connections: Connections, service: str, host: str, command: list[str]
+) -> ContainerSpec:
+    """The spec of a one-off container running `command` (`pipeline exec --new`): the image the
+    service runs on `host` now, with the settings its rollout would give it (env and env_file,
+    volumes, network, resources, labels), named SERVICE-run-XXXXXX. StallingError when nothing
+    of the service was deployed there."""
+    import uuid
+
+    loaded = connections.loaded
+    svc = loaded.model.services[service]
+    d = state.deployment(service, host)
+    if d is None:
+        raise StallingError(f"{service} is not deployed on host {host}: nothing to run it from")
+    env_file = loaded.read_env_file(service)  # EnvFileError: a StallingError
+    target = Target(
+        revision=d.revision,
+        digest=d.digest,
+        refs={host: d.ref},
+        spec_hash=d.spec_hash,
+        pull=False,
+        env_file=env_file.text if env_file else None,
+    )
+    spec = service_container_spec(service, svc, target, d.ref, d.release_id or 0)
+    return replace(spec, name=f"{service}-run-{uuid.uuid4().hex[:6]}", command=command)

@@ -92,10 +92,45 @@ class RolloutResult:
     hosts: list[str] = field(default_factory=list)
     superseded: bool = False  # gave way to a newer commit at a safe point; not a failure
     failure_kind: FailureKind | None = None  # why it failed (see `pipeline.errors.FailureKind`)
+    locked: bool = False  # never started: another owner held the service's lease
 
 
 def container_name(service: str, revision: str, release_id: int) -> str:
     return f"{service}-{revision[:12]}-r{release_id}"
+
+
+def service_container_spec(
+    service: str, spec: ServiceSection, target: Target, ref: str, release_id: int
+) -> ContainerSpec:
+    """The container a rollout starts for `service` at `target` (image `ref`): the env file's
+    values overlaid by `env`, the config's labels plus pipeline's, ports, volumes, resources,
+    network and restart policy. `pipeline exec --new` starts its one-off from the same spec."""
+    env = env_values(target.env_file) if target.env_file is not None else {}
+    env.update(spec.env)
+    labels = dict(spec.labels)
+    labels.update(
+        {
+            f"{LABEL_PREFIX}managed": "true",
+            f"{LABEL_PREFIX}service": service,
+            f"{LABEL_PREFIX}revision": target.revision,
+            f"{LABEL_PREFIX}digest": target.digest,
+            f"{LABEL_PREFIX}release": str(release_id),
+            f"{LABEL_PREFIX}spec": target.spec_hash,
+        }
+    )
+    return ContainerSpec(
+        name=container_name(service, target.revision, release_id),
+        image=ref,
+        labels=labels,
+        env=env,
+        command=spec.command,
+        ports=spec.ports,
+        volumes=spec.volumes,
+        cpus=spec.cpus,
+        memory=spec.memory,
+        network=spec.network,
+        restart=spec.restart,
+    )
 
 
 @dataclass
@@ -366,6 +401,7 @@ class Rollout:
             # Not retried here: the engine retries its own pulls.
             if engine.has_image(ref):
                 return "already on the host"
+            self.report(f"{self.service}: {host}: pulling {ref}")
             engine.pull(ref, auth=target.auth)
             return None
         if step == "stop":
@@ -567,32 +603,7 @@ class Rollout:
         )
 
     def _container_spec(self, target: Target, ref: str, release_id: int) -> ContainerSpec:
-        env = env_values(target.env_file) if target.env_file is not None else {}
-        env.update(self.spec.env)
-        labels = dict(self.spec.labels)
-        labels.update(
-            {
-                f"{LABEL_PREFIX}managed": "true",
-                f"{LABEL_PREFIX}service": self.service,
-                f"{LABEL_PREFIX}revision": target.revision,
-                f"{LABEL_PREFIX}digest": target.digest,
-                f"{LABEL_PREFIX}release": str(release_id),
-                f"{LABEL_PREFIX}spec": target.spec_hash,
-            }
-        )
-        return ContainerSpec(
-            name=container_name(self.service, target.revision, release_id),
-            image=ref,
-            labels=labels,
-            env=env,
-            command=self.spec.command,
-            ports=self.spec.ports,
-            volumes=self.spec.volumes,
-            cpus=self.spec.cpus,
-            memory=self.spec.memory,
-            network=self.spec.network,
-            restart=self.spec.restart,
-        )
+        return service_container_spec(self.service, self.spec, target, ref, release_id)
 
     # -- after every host passed ------------------------------------------------------------
     def retire(

@@ -24,7 +24,7 @@ from pipeline.deploy.placement import check_rollouts, overlay_manager
 from pipeline.deploy.recovery import recover_service
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
-from pipeline.errors import PipelineError
+from pipeline.errors import LockedError, PipelineError
 from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
 from pipeline.redact import redact
 from pipeline.retry import RetryPolicy
@@ -87,6 +87,11 @@ class PassResult:
     errors: list[str] = field(default_factory=list)
     rollouts: list[RolloutResult] = field(default_factory=list)
     superseded: bool = False  # a rollout gave way to a newer commit (the next pass deploys it)
+
+    @property
+    def locked(self) -> bool:
+        """True when a rollout did not start because another owner held its service's lease."""
+        return any(r.locked for r in self.rollouts)
 
 
 class Runner:
@@ -439,6 +444,8 @@ class Runner:
                 if isinstance(executor, RolloutExecutor):
                     recover_service(executor)
                 outcome = executor.run(target, run_id=run_id, kind=kind, reason=reason, lease=held)
+        except LockedError as exc:
+            return RolloutResult(service, False, 0, str(exc), locked=True)
         except PipelineError as exc:
             return RolloutResult(service, False, 0, str(exc))
         if outcome.ok:

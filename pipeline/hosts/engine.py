@@ -41,6 +41,7 @@ from pipeline.hosts.containers import (
 from pipeline.hosts.dockercli import run_build
 from pipeline.hosts.proxy import ProxyContainer
 from pipeline.hosts.swarm import Swarm
+from pipeline.hosts.sessions import Sessions
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
 
@@ -57,6 +58,33 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 _BUILD_TAIL = 10
+_BUILD_STEP = re.compile(r"^Step (\d+)/(\d+) :")
+
+# Where long work says how far it is: (what, done, total) — bytes of a push or pull summed
+# over its layers, or steps of a legacy build; total None while unknown.
+Progress = Callable[[str, int, int | None], None]
+
+
+def layer_progress(layers: dict[str, tuple[int, int]], chunk: Mapping[str, Any]) -> bool:
+    """Fold one push/pull stream message into `layers` (layer id -> (current, total) bytes);
+    True when it changed them. Docker's messages: {"id", "status": "Pushing"|"Downloading"|…,
+    "progressDetail": {"current", "total"}}; a finished layer ("Pushed", "Pull complete",
+    "Layer already exists", "Already exists") counts as all done."""
+    layer = chunk.get("id")
+    if not layer:
+        return False
+    detail = chunk.get("progressDetail") or {}
+    status = str(chunk.get("status") or "")
+    seen = layers.get(layer, (0, 0))
+    if detail.get("total"):
+        layers[layer] = (int(detail.get("current") or 0), int(detail["total"]))
+        return True
+    if status in ("Pushed", "Pull complete", "Layer already exists", "Already exists"):
+        layers[layer] = (seen[1], seen[1])
+        return True
+    return False
+
+
 _BUILD_TIMEOUT = 3600  # seconds without output before a build's HTTP read gives up
 
 
@@ -73,6 +101,8 @@ class Engine:
         self.containers = Containers(conn)
         self.proxy = ProxyContainer(conn)
         self.swarm = Swarm(conn)  # the Swarm it belongs to, if any (`pipeline.hosts.swarm`)
+        self.progress: Progress | None = None  # set by whoever shows progress (the CLI)
+        self.sessions = Sessions(conn)
 
     @classmethod
     def from_host(
@@ -155,6 +185,9 @@ class Engine:
                     detail = f"{redact(message)}\n{redact(output)}".rstrip()
                     raise StallingError(f"build failed: {self._conn.where}: {detail}")
                 text = chunk.get("stream")
+                if text and self.progress and (step := _BUILD_STEP.match(str(text))):
+                    self.progress(f"{self.name}: build {context.name}", int(step[1]),
+                                  int(step[2]))  # fmt: skip
                 if text:
                     for line in str(text).splitlines():
                         if line.strip():
@@ -224,8 +257,10 @@ class Engine:
                 decode=True,
                 auth_config=dict(auth) if auth else None,
             )
+            layers: dict[str, tuple[int, int]] = {}
             for chunk in stream:
                 self._conn.raise_stream_error(chunk, action, secrets)
+                self._bytes(f"push {repository}", layers, chunk)
                 aux = chunk.get("aux") or {}
                 if isinstance(aux, dict) and aux.get("Digest"):
                     digest = str(aux["Digest"])
@@ -253,9 +288,16 @@ class Engine:
             stream = self._conn.client.api.pull(
                 ref, stream=True, decode=True, auth_config=dict(auth) if auth else None
             )
+            layers: dict[str, tuple[int, int]] = {}
             for chunk in stream:
                 self._conn.raise_stream_error(chunk, action, secrets, not_found=ImageNotFound)
+                self._bytes(f"pull on {self.name}", layers, chunk)
             return str(self._conn.client.api.inspect_image(ref)["Id"])
+
+    def _bytes(self, what: str, layers: dict[str, tuple[int, int]], chunk: Any) -> None:
+        if self.progress and isinstance(chunk, dict) and layer_progress(layers, chunk):
+            done = sum(c for c, _t in layers.values())
+            self.progress(what, done, sum(t for _c, t in layers.values()) or None)
 
     def _inspect_image(self, ref: str) -> dict[str, Any]:
         action = f"inspect image {ref}"
@@ -303,3 +345,10 @@ class Engine:
         with self._conn.calling(f"list images {label}={value}"):
             found = self._conn.client.api.images(filters={"label": f"{label}={value}"})
         return sorted(((i["Id"], int(i.get("Created", 0))) for i in found), key=lambda x: -x[1])
+
+    def image_details(self, label: str, value: str) -> list[dict[str, Any]]:
+        """The images carrying label=value as Docker lists them: "Id", "Created" (epoch s),
+        "Size" (bytes), "RepoDigests" (repo@sha256:… refs), newest first."""
+        with self._conn.calling(f"list images {label}={value}"):
+            found = self._conn.client.api.images(filters={"label": f"{label}={value}"})
+        return sorted(found, key=lambda i: -int(i.get("Created", 0)))

@@ -105,6 +105,26 @@ class Leases:
             row = s.get(Lock, name)
             return row if row and row.expires_at >= self.clock() else None
 
+    def held(self) -> list[Lock]:
+        """Every lease held now (expired ones left out), by name."""
+        with self.session() as s:
+            rows = s.scalars(
+                select(Lock).where(Lock.expires_at >= self.clock()).order_by(Lock.name)
+            )
+            return list(rows)
+
+    def force_release(self, name: str) -> str | None:
+        """Free the lease `name` whoever holds it (a human decided: `pipeline lock release`);
+        return the owner it was taken from, None when it was free. The holder, if alive, finds
+        it lost at its next renewal (`HeldLease.lost`) and stops at its next step boundary."""
+        with self.session() as s:
+            row = s.get(Lock, name)
+            if row is None:
+                return None
+            owner = row.owner
+            s.delete(row)
+            return owner
+
     def break_locks_of(self, owner_alive: Callable[[str], bool]) -> list[str]:
         """Free the leases whose holder process is gone, without waiting for their expiry."""
         with self.session() as s:

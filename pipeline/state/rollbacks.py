@@ -85,11 +85,11 @@ class Rollbacks:
         return ServiceSettings.from_json(text) if text is not None else None
 
     def past_releases(self, service: str) -> list[PastRelease]:
-        """Every release of `service` (superseded commits left out), oldest first."""
+        """Every release of `service` (superseded commits and notes left out), oldest first."""
         with self.session() as s:
             rows = s.scalars(
                 select(Release)
-                .where(Release.service == service, Release.status != "superseded")
+                .where(Release.service == service, Release.status.not_in(("superseded", "note")))
                 .order_by(Release.id)
             )
             return [

@@ -441,6 +441,27 @@ class State:
                 )
             )
 
+    def record_note(self, service: str, kind: str, note: str) -> None:
+        """A line in `service`'s history that is not a rollout (status "note", no revision):
+        e.g. `pipeline lock release` saying whose lease it freed. Planning and rollback skip it."""
+        now = self.now()
+        with self.session() as s:
+            s.add(
+                Release(
+                    service=service,
+                    revision="",
+                    digest="",
+                    ref="",
+                    spec_hash="",
+                    kind=kind,
+                    reason=note,
+                    status="note",
+                    run_id=None,
+                    started_at=now,
+                    finished_at=now,
+                )
+            )
+
     def releases(
         self, service: str | None = None, limit: int = 50, *, run_id: int | None = None
     ) -> list[Release]:
@@ -507,7 +528,7 @@ class State:
             for service in services:
                 rows = s.scalars(
                     select(Release)
-                    .where(Release.service == service)
+                    .where(Release.service == service, Release.status != "note")
                     .order_by(Release.id.desc())
                     .limit(_RELEASES_CONSIDERED)
                 )

@@ -116,3 +116,18 @@ def test_hook_event_imports_the_database_but_not_docker_git_or_the_service(
     loaded = _loaded(tmp_path, *args, "-c", str(config))
     assert "sqlalchemy" in loaded  # the event was queued
     assert loaded & {"docker", "git", "fastapi", "uvicorn", "pyroute2", "httpx"} == set()
+
+
+def test_init_and_lock_status_import_only_what_they_need(tmp_path: Path) -> None:
+    """`pipeline init` loads neither structlog, Docker, git nor the database;
+    `lock status` loads the database but not Docker, git or the service."""
+    repo = tmp_path / "repo"
+    (repo / "web").mkdir(parents=True)
+    (repo / "web" / "Dockerfile").write_text("FROM scratch\nEXPOSE 8080\n")
+    loaded = _loaded(tmp_path, "init", str(repo))
+    assert (repo / "pipeline.toml").exists()  # the probe ran the command
+    assert loaded & HEAVY == set()
+
+    loaded = _loaded(tmp_path, "lock", "status", "-c", str(_config(tmp_path)))
+    assert "sqlalchemy" in loaded
+    assert loaded & {"docker", "git", "fastapi", "uvicorn", "pyroute2", "httpx"} == set()

@@ -1,0 +1,103 @@
+"""`pipeline lock status` and `pipeline lock release SERVICE`: the leases deploys hold.
+
+A lease is named `service:NAME` and held by `host:pid` (`pipeline/state/leases.py`); it ends
+with its holder, so a release by hand is for a holder on another machine that will not renew
+it (a machine gone) — a live holder finds it lost and stops at its next step."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from pipeline.cli.common import (
+    EXIT_USAGE,
+    ConfigOption,
+    JsonOption,
+    complete_service,
+    fail,
+    load_config,
+    print_json,
+    print_table,
+)
+
+if TYPE_CHECKING:
+    from pipeline.state.store import State
+
+lock_app = typer.Typer(no_args_is_help=True)
+
+
+def lease_rows(state: State) -> list[dict[str, Any]]:
+    """Each lease held now: its name, the service it guards, its owner split into host and pid,
+    since when (the start of the owner's oldest running run; None when it runs none) and when
+    it expires (ISO 8601, UTC)."""
+    from pipeline.timeutil import iso, utc
+
+    running = [r for r in state.runs(limit=500) if r.status == "running"]
+    rows = []
+    for lock in state.leases.held():
+        host, _, pid = lock.owner.rpartition(":")
+        since = min((r.started_at for r in running if r.owner == lock.owner), default=None)
+        rows.append(
+            {
+                "lease": lock.name,
+                "service": lock.name.removeprefix("service:")
+                if lock.name.startswith("service:")
+                else None,
+                "owner": lock.owner,
+                "host": host or None,
+                "pid": int(pid) if pid.isdigit() else None,
+                "since": iso(since) if since else None,
+                "expires_at": iso(utc(lock.expires_at)),
+            }
+        )
+    return rows
+
+
+@lock_app.command()
+def status(config: ConfigOption = None, json: JsonOption = False) -> None:
+    """Who holds which lease: owner (host and process), since when, until when."""
+    from pipeline.state.store import State
+
+    loaded = load_config(config)
+    rows = lease_rows(State.in_dir(loaded.data_dir))
+    if json:
+        print_json(rows)
+        return
+    if not rows:
+        typer.echo("No lease is held.")
+        return
+    print_table(rows, ["lease", "host", "pid", "since", "expires_at"])
+
+
+@lock_app.command()
+def release(
+    service: Annotated[str, typer.Argument(autocompletion=complete_service)],
+    config: ConfigOption = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+) -> None:
+    """Free SERVICE's lease after asking; history gets a line saying whose it was."""
+    from pipeline.state.store import State
+
+    loaded = load_config(config)
+    if service not in loaded.model.services:
+        fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})", EXIT_USAGE)
+    state = State.in_dir(loaded.data_dir)
+    name = f"service:{service}"
+    holder = state.leases.lock_holder(name)
+    if holder is None:
+        typer.echo(f"{service}: no lease is held")
+        return
+    if not yes and not typer.confirm(f"Release {name}, held by {holder.owner}?", err=True):
+        typer.echo("Nothing released.", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    owner = state.leases.force_release(name)
+    if owner is None:
+        typer.echo(f"{service}: no lease is held")
+        return
+    from pipeline.state.leases import default_owner
+
+    state.record_note(
+        service, "lock", f"lease released by hand by {default_owner()} (held by {owner})"
+    )
+    typer.echo(f"{service}: released the lease held by {owner}")
