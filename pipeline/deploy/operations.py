@@ -13,8 +13,8 @@ from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target, service_container_spec
 from pipeline.deploy.runner import Runner
 from pipeline.errors import PipelineError, StallingError
-from pipeline.hosts.engine import LABEL_PREFIX
 from pipeline.hosts.containers import ContainerSpec
+from pipeline.hosts.engine import LABEL_PREFIX
 from pipeline.plan.planner import service_spec_hash
 from pipeline.plan.rollback import PinRecord, choose_rollback
 from pipeline.state.rollbacks import ServiceSettings

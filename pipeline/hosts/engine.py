@@ -40,8 +40,8 @@ from pipeline.hosts.containers import (
 )
 from pipeline.hosts.dockercli import run_build
 from pipeline.hosts.proxy import ProxyContainer
-from pipeline.hosts.swarm import Swarm
 from pipeline.hosts.sessions import Sessions
+from pipeline.hosts.swarm import Swarm
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
 
