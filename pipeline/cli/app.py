@@ -89,6 +89,7 @@ def _register_subcommands() -> None:
     from pipeline.cli import deploy as cli_deploy
     from pipeline.cli import hooks as cli_hooks
     from pipeline.cli import serve as cli_serve
+    from pipeline.cli.db import db_app
     from pipeline.cli.lab import lab_app
     from pipeline.cli.proxy import proxy_app
 
@@ -98,6 +99,7 @@ def _register_subcommands() -> None:
 
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
     app.add_typer(proxy_app, name="proxy", help="The reverse proxy pipeline runs on each host.")
+    app.add_typer(db_app, name="db", help="The state database's schema: version and upgrade.")
 
 
 def interrupt_on_sigterm() -> None:

@@ -37,9 +37,9 @@ def _connections(loaded: LoadedConfig) -> Connections:
 
 def _runner(loaded: LoadedConfig) -> Runner:
     from pipeline.deploy.runner import Runner
-    from pipeline.state.store import State
+    from pipeline.state.database import open_state
 
-    return Runner(loaded, State.in_dir(loaded.data_dir), _connections(loaded), report=_echo)
+    return Runner(loaded, open_state(loaded), _connections(loaded), report=_echo)
 
 
 def _recovered(runner: Runner) -> Runner:
@@ -175,9 +175,9 @@ def register(app: typer.Typer) -> None:
         """Per service and host: revision, digest, container state and health."""
         loaded = load_config(config)
         from pipeline.deploy.operations import status_rows
-        from pipeline.state.store import State
+        from pipeline.state.database import open_state
 
-        rows = status_rows(State.in_dir(loaded.data_dir), _connections(loaded))
+        rows = status_rows(open_state(loaded), _connections(loaded))
         if json:
             print_json(rows)
             return
@@ -204,10 +204,11 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
     ) -> None:
         """Rollouts, newest first: service, revision, status, why it failed, times, error."""
-        from pipeline.state.store import State, release_json
+        from pipeline.state.database import open_state
+        from pipeline.state.store import release_json
 
         loaded = load_config(config)
-        state = State.in_dir(loaded.data_dir)
+        state = open_state(loaded)
         rows = [release_json(r) for r in state.releases(service, limit)]
         if json:
             print_json(rows)
