@@ -92,8 +92,11 @@ class State:
     def __init__(self, url: str | URL, *, clock: Clock = time.time) -> None:
         self.url = url
         self.clock = clock
-        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
+        is_sqlite = (url if isinstance(url, str) else url.drivername).startswith("sqlite")
+        # A server's connections can be dropped under us (a restart, a failover): test each one
+        # as it is taken from the pool. A SQLite file needs no such round trip.
+        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not is_sqlite)
+        if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
