@@ -137,7 +137,12 @@ class EventQueue:
                 s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_CLAIM_LOCK})
             due = or_(Event.not_before.is_(None), Event.not_before <= self.state.now())
             working = aliased(Event)
-            busy = exists().where(working.status == "working", working.repo == Event.repo)
+            # A repo-less event (a config change) runs a pass over every repo: it waits for
+            # every pass, and every pass waits for it.
+            busy = exists().where(
+                working.status == "working",
+                or_(working.repo == Event.repo, working.repo.is_(None), Event.repo.is_(None)),
+            )
             first = s.scalars(
                 select(Event)
                 .where(Event.status == "queued", due, ~busy)

@@ -108,13 +108,19 @@ def test_claim_skips_a_repo_another_worker_is_working_on(queue: EventQueue) -> N
     assert queue.claim("host:2") == []
     queue.finish([first], "done")
     assert [e.id for e in queue.claim("host:2")] == [later]
+    config = queue.put(source="watch", kind="config")[0]
+    assert queue.claim("host:1") == []  # a config pass covers every repo: it waits for later
+    queue.finish([later, other], "done")
+    assert [e.id for e in queue.claim("host:1")] == [config]
+    queue.put(source="webhook", kind="push", repo="app")
+    assert queue.claim("host:2") == []  # and every repo's pass waits for it
 
 
 def test_concurrent_claims_never_share_an_event(tmp_path: Path) -> None:
     """Two workers on separate connections claiming at once never both get the same event."""
     first = EventQueue(State.in_dir(tmp_path / "data"))
     for i in range(40):
-        first.put(source="api", kind="deploy", subject=f"s{i}")
+        first.put(source="api", kind="deploy", repo=f"r{i}", subject=f"s{i}")
     workers = [EventQueue(State.in_dir(tmp_path / "data")) for _ in range(2)]
     got: list[int] = []
     lock = threading.Lock()
@@ -123,6 +129,7 @@ def test_concurrent_claims_never_share_an_event(tmp_path: Path) -> None:
         while batch := q.claim(owner):
             with lock:
                 got.extend(e.id for e in batch)
+            q.finish([e.id for e in batch], "done")
 
     threads = [threading.Thread(target=work, args=(q, f"h:{n}")) for n, q in enumerate(workers)]
     for t in threads:
