@@ -12,6 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 from lab_subnets import TEST_LAB_SUBNET
+from pg_helpers import PgServer, pg_server, pg_skip_reason
 
 from pipeline.lab import manage as lab_mod
 from pipeline.lab.sample_app import write_sample_app
@@ -120,3 +121,22 @@ def sample_app(tmp_path: Path) -> Callable[..., Path]:
         return write_sample_app(tmp_path, subdir, content)
 
     return make
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server for this xdist worker, stopped and removed at its end."""
+    reason = pg_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    with pg_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(pg: PgServer) -> str:
+    """The URL (password included) of a new, empty database on the session's server."""
+    return pg.url(pg.create_database())

@@ -161,11 +161,19 @@ class ServeProcesses:
         self.started: list[Serve] = []
 
     def __call__(
-        self, sp: ServeProject, *, watch_repos: bool = True, options: tuple[str, ...] = ()
+        self,
+        sp: ServeProject,
+        *,
+        watch_repos: bool = True,
+        options: tuple[str, ...] = (),
+        instance: Instance | None = None,
     ) -> Serve:
+        """Start `pipeline serve` of `sp`'s config, or of `instance`'s (one of several sharing
+        a database)."""
         log_path = self.tmp_path / f"serve-{len(self.started) + 1}.log"
+        config, url = (instance.config, instance.url) if instance else (sp.config, sp.url)
         serve = start_serve(
-            sp.config, sp.url, log_path, env=sp.env, watch_repos=watch_repos, options=options
+            config, url, log_path, env=sp.env, watch_repos=watch_repos, options=options
         )
         self.started.append(serve)
         return serve
@@ -177,6 +185,33 @@ class ServeProcesses:
         for serve in self.started:
             with contextlib.suppress(OSError):
                 print(f"\n----- {serve.log_path} -----\n{serve.log()}")
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One of several `pipeline serve` instances of a project: its own config file (own
+    `data_dir` and port, the shared `[pipeline] database`) and the URL it serves."""
+
+    config: Path
+    url: str
+
+
+def instances_of(sp: ServeProject, database: str, password_env: str, count: int) -> list[Instance]:
+    """Write `count` configs of `sp` (as rendered now) that share `database` (a URL without
+    password; the password in `password_env`), each with a data_dir and a port of its own."""
+    found = []
+    for n in range(1, count + 1):
+        port = free_port()
+        text = sp.render().replace(
+            '[pipeline]\ndata_dir = "data"\n',
+            f'[pipeline]\ndata_dir = "data-{n}"\ndatabase = "{database}"\n'
+            f'database_password_env = "{password_env}"\n',
+        )
+        text = text.replace(f'listen = "127.0.0.1:{sp.port}"', f'listen = "127.0.0.1:{port}"')
+        config = sp.config.with_name(f"pipeline-{n}.toml")
+        config.write_text(text)
+        found.append(Instance(config, f"http://127.0.0.1:{port}"))
+    return found
 
 
 # -- webhooks -------------------------------------------------------------------------------

@@ -108,6 +108,7 @@ def _register_subcommands() -> None:
     from pipeline.cli import logs as cli_logs
     from pipeline.cli import prune as cli_prune
     from pipeline.cli import serve as cli_serve
+    from pipeline.cli.db import db_app
     from pipeline.cli.lab import lab_app
     from pipeline.cli.lock import lock_app
     from pipeline.cli.proxy import proxy_app
@@ -123,6 +124,7 @@ def _register_subcommands() -> None:
     app.add_typer(lab_app, name="lab", help="A lab of real Docker hosts on this machine.")
     app.add_typer(proxy_app, name="proxy", help="The reverse proxy pipeline runs on each host.")
     app.add_typer(lock_app, name="lock", help="The leases deploys hold: who, since when; release.")
+    app.add_typer(db_app, name="db", help="The state database's schema: version and upgrade.")
 
 
 def interrupt_on_sigterm() -> None:

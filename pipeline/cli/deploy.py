@@ -40,11 +40,11 @@ def _connections(loaded: LoadedConfig, reporter: Reporter | None = None) -> Conn
 
 def _runner(loaded: LoadedConfig, reporter: Reporter | None = None) -> Runner:
     from pipeline.deploy.runner import Runner
-    from pipeline.state.store import State
+    from pipeline.state.database import open_state
 
     reporter = reporter or make_reporter(True)
     return Runner(
-        loaded, State.in_dir(loaded.data_dir), _connections(loaded, reporter), report=reporter.line
+        loaded, open_state(loaded), _connections(loaded, reporter), report=reporter.line
     )
 
 
@@ -233,9 +233,9 @@ def register(app: typer.Typer) -> None:
         """Per service and host: revision, digest, container state and health."""
         loaded = load_config(config)
         from pipeline.deploy.operations import status_rows
-        from pipeline.state.store import State
+        from pipeline.state.database import open_state
 
-        rows = status_rows(State.in_dir(loaded.data_dir), _connections(loaded))
+        rows = status_rows(open_state(loaded), _connections(loaded))
         if json:
             print_json(rows)
             return
@@ -262,10 +262,11 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
     ) -> None:
         """Rollouts, newest first: service, revision, status, why it failed, times, error."""
-        from pipeline.state.store import State, release_json
+        from pipeline.state.database import open_state
+        from pipeline.state.store import release_json
 
         loaded = load_config(config)
-        state = State.in_dir(loaded.data_dir)
+        state = open_state(loaded)
         rows = [release_json(r) for r in state.releases(service, limit)]
         if json:
             print_json(rows)

@@ -70,9 +70,9 @@ def register(app: typer.Typer) -> None:
                 if new:
                     # Only a one-off needs the records and the rollout's container spec.
                     from pipeline.deploy.operations import oneoff_spec
-                    from pipeline.state.store import State
+                    from pipeline.state.database import open_state
 
-                    state = State.in_dir(loaded.data_dir)
+                    state = open_state(loaded)
                     spec = oneoff_spec(state, connections, service, h, command)
                     code = sessions.run_oneoff(spec, service, interactive=interactive, tty=tty)
                 else:

@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
         timeout: Annotated[float, typer.Option(help="Stop following after this many s.")] = 1800,
     ) -> None:
         """Queue a push event for REPO (run by the post-receive hook) and follow it."""
+        from pipeline.state.database import open_state
         from pipeline.state.queue import FINAL_STATUSES, EventQueue
-        from pipeline.state.store import State
 
         logs.configure("console", "warning")  # the pusher reads our lines, not the service log
         loaded = load_config(config)
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         if not follows_ref(section, ref):
             typer.echo(f"pipeline: {ref} is not followed by repo {repo} ({section.follows}).")
             return
-        state = State.in_dir(loaded.data_dir)
+        state = open_state(loaded)
         queue = EventQueue(state)
         baseline = _latest_run(state)
         kind = "tag" if ref.startswith("refs/tags/") else "push"

@@ -57,10 +57,10 @@ def lease_rows(state: State) -> list[dict[str, Any]]:
 @lock_app.command()
 def status(config: ConfigOption = None, json: JsonOption = False) -> None:
     """Who holds which lease: owner (host and process), since when, until when."""
-    from pipeline.state.store import State
+    from pipeline.state.database import open_state
 
     loaded = load_config(config)
-    rows = lease_rows(State.in_dir(loaded.data_dir))
+    rows = lease_rows(open_state(loaded))
     if json:
         print_json(rows)
         return
@@ -77,12 +77,12 @@ def release(
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
 ) -> None:
     """Free SERVICE's lease after asking; history gets a line saying whose it was."""
-    from pipeline.state.store import State
+    from pipeline.state.database import open_state
 
     loaded = load_config(config)
     if service not in loaded.model.services:
         fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})", EXIT_USAGE)
-    state = State.in_dir(loaded.data_dir)
+    state = open_state(loaded)
     name = f"service:{service}"
     holder = state.leases.lock_holder(name)
     if holder is None:

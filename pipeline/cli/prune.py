@@ -33,12 +33,12 @@ def register(app: typer.Typer) -> None:
         the deployed one or what a rollback needs; say what went and the space freed."""
         from pipeline.deploy.connections import Connections
         from pipeline.deploy.prune import prune as do_prune
-        from pipeline.state.store import State
+        from pipeline.state.database import open_state
 
         loaded = load_config(config)
         connections = Connections(loaded)
         try:
-            rows = do_prune(State.in_dir(loaded.data_dir), connections, dry_run=dry_run)
+            rows = do_prune(open_state(loaded), connections, dry_run=dry_run)
         finally:
             connections.close()
         if json:

@@ -198,6 +198,21 @@ def _secret_sources(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
+def _database_url(value: str) -> str:
+    """A `[pipeline] database` URL: postgresql:// (or sqlite:///PATH); a password in it is
+    refused (it would sit in the config file: use database_password_env/_file)."""
+    scheme, sep, rest = value.partition("://")
+    if not sep or scheme.split("+")[0] not in ("postgresql", "sqlite"):
+        raise ValueError("invalid database URL (a postgresql:// or sqlite:/// URL)")
+    userinfo = rest.partition("/")[0].rpartition("@")[0]
+    if ":" in userinfo:
+        raise ValueError(
+            "a password in the database URL: give it by database_password_env or "
+            "database_password_file instead"
+        )
+    return value
+
+
 def _spec_list(value: object) -> object:
     """A cache spec given as one string or a list of them, as a list."""
     return [value] if isinstance(value, str) else value
@@ -239,6 +254,11 @@ class PipelineSection(_Table):
     # The docker CLI BuildKit builds run through; tried first, then `docker` on PATH, then
     # /usr/bin/docker (pipeline.build.buildkit.cli_candidates).
     docker_cli: str | None = None
+    # The state database as an SQLAlchemy URL without its password (postgresql://USER@HOST/DB);
+    # None: SQLite in data_dir. Several `pipeline serve` instances share a PostgreSQL one.
+    database: Annotated[str, AfterValidator(_database_url)] | None = None
+    database_password_env: EnvName | None = None
+    database_password_file: str | None = None
 
 
 def listen_host(listen: str) -> str:

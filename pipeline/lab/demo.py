@@ -20,7 +20,7 @@ from pipeline.deploy.runner import Runner
 from pipeline.lab.manage import lab_up
 from pipeline.lab.sample_app import write_sample_app
 from pipeline.lab.workrepo import WorkRepo
-from pipeline.state.store import State
+from pipeline.state.database import open_state
 
 
 def prepare_repo(bare: Path, context: str) -> WorkRepo:
@@ -65,9 +65,7 @@ def run_demo(loaded: LoadedConfig, lab_dir: Path, say: Callable[[str], None]) ->
 def _pass(loaded: LoadedConfig, say: Callable[[str], None], title: str) -> bool:
     say(f"== {title}")
     connections = Connections(loaded)
-    runner = Runner(
-        loaded, State.in_dir(loaded.data_dir), connections, report=lambda line: say(f"   {line}")
-    )
+    runner = Runner(loaded, open_state(loaded), connections, report=lambda line: say(f"   {line}"))
     try:
         result = runner.run_pass(trigger="demo")
     finally:

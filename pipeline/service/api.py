@@ -256,6 +256,12 @@ def api_router(ctx: ServerContext) -> APIRouter:
     def events(limit: int = Query(50, ge=1, le=1000)) -> JSONResponse:
         return reply(200, ctx.queue.recent(limit))
 
+    @router.get("/instances", summary="The instances sharing the state database")
+    def instances() -> JSONResponse:
+        """Every `pipeline serve` heard of in the last hour: owner (host:pid), url, started_at,
+        heartbeat_at, heartbeat_age (seconds) and alive (heard within INSTANCE_TTL)."""
+        return reply(200, ctx.state.cluster.instances())
+
     async def _queue_service_event(
         kind: str, service: str, request: Request, model: type[BaseModel], field: str | None
     ) -> JSONResponse:

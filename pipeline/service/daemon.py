@@ -9,6 +9,7 @@ owners, and services whose rollout was interrupted midway.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -25,11 +26,14 @@ from pipeline.deploy.operations import commit_subject, repo_heads, status_rows
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
 from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
+from pipeline.service import metrics
 from pipeline.service import server as server_mod
 from pipeline.service.retries import Retrier
 from pipeline.service.worker import Worker
 from pipeline.sources.schedule import Scheduler
 from pipeline.sources.watch import Watcher, git_dir_of, local_repo_path
+from pipeline.state.cluster import HEARTBEAT
+from pipeline.state.database import open_state
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State, default_owner, owner_alive_local
 
@@ -60,6 +64,7 @@ class Service:
         self.report = report
         self._stopping = threading.Event()
         self._wake = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
         self._reload_lock = threading.Lock()
         self._scheduler = Scheduler()
         self._watcher = Watcher()
@@ -118,6 +123,7 @@ class Service:
         )
         self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
         try:
+            self._start_heartbeat()
             self._scheduler.start()
             self._sync_jobs()
             self._retrier = Retrier(
@@ -142,7 +148,7 @@ class Service:
 
     def _open(self) -> None:
         self._config_text, self._loaded = self._read_config()
-        self._state = State.in_dir(self.loaded.data_dir)
+        self._state = open_state(self.loaded)
         self._queue = EventQueue(self.state)
         self._worker = Worker(
             loaded=lambda: self.loaded,
@@ -158,6 +164,7 @@ class Service:
             idle_wait=self.idle_wait,
             report=self.report,
             after_pass=self._sync_retries,
+            housekeeping=self.take_over,
         )
         self._observer = Connections(self.loaded)
         self.recover()
@@ -206,6 +213,10 @@ class Service:
         if self._queue is not None and not (thread and thread.is_alive()):
             # Ours and unfinished: queue them again for the next start (even in this process).
             self._queue.requeue_interrupted(lambda owner: owner != self.owner)
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(HEARTBEAT + 5)
+            with contextlib.suppress(Exception):  # its row only ages out then
+                self.state.cluster.leave(self.owner)
         self.close()
         log.info("service.stopped")
 
@@ -224,17 +235,47 @@ class Service:
         """Make the worker look at the queue now instead of at its next idle tick."""
         self._wake.set()
 
-    # -- recovery ---------------------------------------------------------------------------
-    def recover(self) -> None:
+    # -- instances and recovery -------------------------------------------------------------
+    def _start_heartbeat(self) -> None:
+        """Record this instance in `instances` now and every HEARTBEAT seconds until stopped."""
+        self.state.cluster.heartbeat(self.owner, self.url)
+
+        def beat() -> None:
+            while not self._stopping.wait(HEARTBEAT):
+                try:
+                    self.state.cluster.heartbeat(self.owner, self.url)
+                except Exception as exc:  # the next beat may reach the database again
+                    log.warning("instance.heartbeat_failed", error=str(exc))
+
+        self._heartbeat_thread = threading.Thread(target=beat, name="pipeline-heartbeat",
+                                                  daemon=True)  # fmt: skip
+        self._heartbeat_thread.start()
+
+    def take_over(self) -> None:
+        """The worker's look for work of dead instances (about once a second, between claims):
+        when an instance's process is gone or its heartbeat is older than INSTANCE_TTL, its
+        events, runs, leases and interrupted rollouts are recovered here (see `recover`)."""
+        alive = self.state.cluster.owner_alive()
+        if self.state.leases.break_locks_of(alive) or (
+            self.queue.requeue_interrupted(alive)
+            or self.state.rollouts.abandoned_releases(alive)
+            or self.state.stale_runs(alive)
+        ):
+            log.warning("instance.taking_over", owner=self.owner)
+            self.recover(alive)
+            self.wake()
+
+    def recover(self, owner_alive: Callable[[str], bool] = owner_alive_local) -> None:
         """Requeue events of dead owners; put back (or finish) the rollouts they left running,
         from what was recorded before each host was touched; mark their runs interrupted and
-        free their leases; give each interrupted revision one fresh attempt."""
-        requeued = self.queue.requeue_interrupted(owner_alive_local)
+        free their leases; give each interrupted revision one fresh attempt. At start, and
+        when the worker finds a dead instance's work (`take_over`)."""
+        requeued = self.queue.requeue_interrupted(owner_alive)
         assert self._observer is not None
         recovery = Runner(self.loaded, self.state, self._observer, owner=self.owner)
-        recovered = recover_interrupted(recovery, owner_alive_local)
-        runs = self.state.interrupt_stale_runs(owner_alive_local)
-        locks = self.state.leases.break_locks_of(owner_alive_local)
+        recovered = recover_interrupted(recovery, owner_alive)
+        runs = self.state.interrupt_stale_runs(owner_alive)
+        locks = self.state.leases.break_locks_of(owner_alive)
         if requeued or recovered or runs or locks:
             log.warning(
                 "service.recovered",
@@ -376,14 +417,22 @@ class Service:
 
     def _on_cron(self, image: str) -> None:
         img = self.loaded.model.images.get(image)
-        if img is None:
+        # A cron tick fires on every instance; the minute's slot goes to one of them.
+        if img is None or not self.state.cluster.claim_slot(f"cron:{image}", 60, self.owner):
             return
         event_id, _ = self.queue.put(source="cron", kind="rebuild", repo=img.repo, subject=image)
         log.info("cron.rebuild_queued", image=image, event_id=event_id)
         self.wake()
 
     def poll(self, repo: str) -> None:
-        """One poll tick of `repo` (errors propagate, so the scheduler backs the repo off)."""
+        """One poll tick of `repo` (errors propagate, so the scheduler backs the repo off): run
+        by the instance that claims this interval's slot, skipped on the others."""
+        section = self.loaded.model.repos.get(repo)
+        if section is None or not section.poll:
+            return
+        if not self.state.cluster.claim_slot(f"poll:{repo}", section.poll, self.owner):
+            return
+        metrics.observe_poll(repo)
         self.check_repo(repo, source="poll")
 
     def check_repo(self, repo: str, *, source: str) -> int | None:

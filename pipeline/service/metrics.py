@@ -38,6 +38,12 @@ ROLLOUT_SECONDS = Histogram(
     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
     registry=REGISTRY,
 )
+POLLS = Counter(
+    "pipeline_polls",
+    "Poll ticks this instance ran, by repo (each interval's tick runs on one instance).",
+    ["repo"],
+    registry=REGISTRY,
+)
 QUEUE_DEPTH = Gauge(
     "pipeline_queue_depth",
     "Events queued and not yet claimed by the worker.",
@@ -57,6 +63,11 @@ _refresh_lock = threading.Lock()
 def observe_run(outcome: str) -> None:
     """Count one finished run under its outcome."""
     RUNS.labels(outcome=outcome).inc()
+
+
+def observe_poll(repo: str) -> None:
+    """Count one poll tick of `repo` run by this instance."""
+    POLLS.labels(repo=repo).inc()
 
 
 def observe_build(seconds: float) -> None:

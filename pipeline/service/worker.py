@@ -36,6 +36,9 @@ log = structlog.get_logger(__name__)
 SETTLE = 0.075
 MAX_SETTLE = 2.0
 
+# How often the worker looks for work left by dead instances (between claims).
+HOUSEKEEPING = 1.0
+
 SCHEDULED_REBUILD = "scheduled rebuild (base image pulled fresh)"
 REQUESTED_REBUILD = "rebuild requested"
 
@@ -61,7 +64,9 @@ class Worker:
 
     `loaded` and `observer` (the service's long-lived mirrors) are called each time, so a config
     reload is seen by the next event; `reload` re-reads the config file (for "config" events);
-    `after_pass` is called after each claim it handles (the service re-arms its retry timers).
+    `after_pass` is called after each claim it handles (the service re-arms its retry timers);
+    `housekeeping` about once a second between claims (the service takes dead instances' work
+    over).
     Each pass gets engines and mirrors of its own, closed when it ends.
     """
 
@@ -81,6 +86,7 @@ class Worker:
         idle_wait: float,
         report: Callable[[str], None] | None = None,
         after_pass: Callable[[], None] | None = None,
+        housekeeping: Callable[[], None] | None = None,
     ) -> None:
         self.loaded, self.state, self.queue, self.owner = loaded, state, queue, owner
         self._stopping, self._wake = stopping, wake
@@ -89,11 +95,14 @@ class Worker:
         self.idle_wait = idle_wait
         self.report = report
         self._after_pass = after_pass
+        self._housekeeping = housekeeping
+        self._housekept = float("-inf")
 
     def run(self) -> None:
         """The worker thread's loop: settle, claim, handle; idle until woken or `idle_wait`."""
         while not self._stopping.is_set():
             self._wake.clear()
+            self._housekeep()
             try:
                 self._settle()
                 events = self.queue.claim(self.owner)
@@ -109,6 +118,17 @@ class Worker:
                     self._after_pass()
                 except Exception as exc:  # the next pass tries again
                     log.error("worker.after_pass_failed", error=str(exc))
+
+    def _housekeep(self) -> None:
+        """Call `housekeeping` (the service's look for dead instances' work) at most once per
+        HOUSEKEEPING seconds, on this thread: a rollout it recovers never races our own."""
+        if self._housekeeping is None or self.clock() - self._housekept < HOUSEKEEPING:
+            return
+        self._housekept = self.clock()
+        try:
+            self._housekeeping()
+        except Exception as exc:  # the database may be busy or gone for a moment
+            log.error("worker.housekeeping_failed", error=str(exc))
 
     def _idle_for(self) -> float:
         """How long to wait for a wake-up: `idle_wait`, less when a deferred event falls due."""

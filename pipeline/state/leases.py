@@ -27,8 +27,9 @@ from pipeline.state.schema import Lock
 log = structlog.get_logger(__name__)
 
 # Seconds a lease outlives its holder's last renewal; the heartbeat renews every third of it,
-# so two missed renewals in a row are survived, and a holder stuck longer loses the lease.
-LEASE_TTL = 30.0
+# so two missed renewals in a row are survived, and a holder stuck longer loses the lease. Under
+# 10 s, so a lease of an instance that died on another machine is free within 10 s.
+LEASE_TTL = 9.0
 
 
 class LeaseLost(LockedError):

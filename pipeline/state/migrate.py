@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest revision in migrations/versions; tests/state/test_migrate.py checks they agree.
-HEAD = "0004"
+HEAD = "0005"
 BASELINE = "0001"  # the schema of pipeline 0.1, the last release before migrations
 
 
@@ -55,10 +55,25 @@ def upgrade(engine: Engine) -> None:
         command.upgrade(cfg, "head")
 
 
+# The key of the PostgreSQL advisory lock migrations are run under (any constant bigint).
+_PG_MIGRATION_LOCK = 0x70697065
+
+
 @contextlib.contextmanager
 def _lock(engine: Engine) -> Iterator[None]:
-    """Hold a lock beside a SQLite file while migrating; other databases rely on their
-    transactional DDL (the loser of a race fails on the unique `alembic_version` row)."""
+    """Hold a lock while migrating, so instances starting together migrate once: a file lock
+    beside a SQLite file; a session advisory lock on PostgreSQL (pg_advisory_lock, released
+    when the block ends; PostgreSQL docs, "Advisory Locks"); nothing for an in-memory one."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _PG_MIGRATION_LOCK})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _PG_MIGRATION_LOCK})
+                conn.commit()
+        return
     path = engine.url.database
     if engine.url.get_backend_name() != "sqlite" or not path or path == ":memory:":
         yield

@@ -1,7 +1,8 @@
 """The durable event queue: every trigger is a row in the state database before it is acknowledged.
 
-Triggers (webhooks, polls, cron ticks, file events, API calls) only `put`; the one worker
-`claim`s, runs, and `finish`es. Pushes and tags of one repo coalesce: the worker deploys the
+Triggers (webhooks, polls, cron ticks, file events, API calls) only `put`; a worker `claim`s,
+runs, and `finish`es; several instances' workers share one PostgreSQL queue, one pass per repo
+at a time. Pushes and tags of one repo coalesce: the worker deploys the
 newest of a claimed group. A worker killed mid-run leaves its events "working" under its owner;
 `requeue_interrupted` puts them back at the next start, so nothing accepted is lost. An event
 whose commit the remote does not show yet is `defer`red: queued again, not claimed before its
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, func, insert, or_, select, update
+from sqlalchemy import Table, exists, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import aliased
 
 from pipeline.config.model import Config
 from pipeline.state.schema import Event
@@ -32,6 +34,8 @@ _COALESCING = ("push", "tag")
 # or Core) costs several times the SQLite work itself.
 _EVENTS: Table = Event.__table__  # type: ignore[assignment]
 _INSERT = insert(_EVENTS).returning(_EVENTS.c.id)
+# The key of the advisory lock PostgreSQL claims are made under (any constant bigint).
+_PG_CLAIM_LOCK = 0x636C61696D
 _DEPTH = select(func.count()).select_from(_EVENTS).where(_EVENTS.c.status == "queued")
 
 
@@ -120,13 +124,32 @@ class EventQueue:
             ).first()
 
     def claim(self, owner: str) -> list[QueuedEvent]:
-        """Mark the oldest queued event that is due (not deferred past now), and every queued
-        push/tag of the same repo when it is one (deferred ones too: the newest supersedes
-        them), "working" under `owner`; return them oldest first ([] when nothing is due)."""
+        """Mark the oldest queued event that is due (not deferred past now) and whose repo no
+        pass is working on, and every queued push/tag of the same repo when it is one (deferred
+        ones too: the newest supersedes them), "working" under `owner`; return them oldest
+        first ([] when nothing is due).
+
+        Several instances may claim at once: rows are selected `FOR UPDATE SKIP LOCKED` on
+        PostgreSQL (PostgreSQL docs, SELECT "The Locking Clause"), under a transaction-scoped
+        advisory lock so that each claim sees the ones before it and a repo has one pass at a
+        time cluster-wide; SQLite has one writer at a time and ignores the locking clause."""
         with self._write, self.state.session() as s:
+            if self.state.engine.dialect.name == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _PG_CLAIM_LOCK})
             due = or_(Event.not_before.is_(None), Event.not_before <= self.state.now())
+            working = aliased(Event)
+            # A repo-less event (a config change) runs a pass over every repo: it waits for
+            # every pass, and every pass waits for it.
+            busy = exists().where(
+                working.status == "working",
+                or_(working.repo == Event.repo, working.repo.is_(None), Event.repo.is_(None)),
+            )
             first = s.scalars(
-                select(Event).where(Event.status == "queued", due).order_by(Event.id).limit(1)
+                select(Event)
+                .where(Event.status == "queued", due, ~busy)
+                .order_by(Event.id)
+                .limit(1)
+                .with_for_update(skip_locked=True)
             ).first()
             if first is None:
                 return []
@@ -141,6 +164,7 @@ class EventQueue:
                             Event.kind.in_(_COALESCING),
                         )
                         .order_by(Event.id)
+                        .with_for_update(skip_locked=True)
                     )
                 )
             # The status guard makes the claim safe against another process claiming the same

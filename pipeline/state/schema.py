@@ -200,3 +200,26 @@ class Event(Base):
     note: Mapped[str | None] = mapped_column(RedactedText)
     # A queued event put off until then (its commit not on the remote yet); NULL: claim at once.
     not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Instance(Base):
+    """A `pipeline serve` process sharing this database: `owner` (host:pid, as in leases and
+    events) and its last heartbeat; one whose heartbeat is older than `cluster.INSTANCE_TTL`
+    is dead, and a live instance takes its work over."""
+
+    __tablename__ = "instances"
+    owner: Mapped[str] = mapped_column(String(160), primary_key=True)
+    url: Mapped[str | None] = mapped_column(String(255))  # its HTTP API, when it serves one
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[float] = mapped_column()  # epoch seconds
+
+
+class ScheduleSlot(Base):
+    """The last slot of a timed job (a repo's poll, an image's cron rebuild) that some instance
+    claimed: `slot` counts intervals since the epoch, so each interval's tick fires once for the
+    whole set of instances."""
+
+    __tablename__ = "schedule_slots"
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    slot: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str] = mapped_column(String(160))

@@ -1,7 +1,8 @@
 """The state database: every run and step, builds, releases, deployments, leases and events.
 
-SQLite in the data dir by default (WAL, so the service and the CLI read and write together);
-any SQLAlchemy URL works. Each write is its own short transaction, so a crash leaves a true record.
+SQLite in the data dir by default (WAL, so the service and the CLI read and write together), or
+PostgreSQL (`[pipeline] database`, see `state.database`) shared by several instances; one code
+path serves both. Each write is its own short transaction, so a crash leaves a true record.
 Errors, details, summaries and reasons are redacted by their column type as they are written
 (`schema.RedactedText`), so callers pass them as they are.
 """
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, delete, event, func, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.errors import FailureKind
 from pipeline.plan.blocked import Blocked, ReleaseFact, blocked_revision, infrastructure_retry
 from pipeline.plan.planner import ImageRecord, ServiceRecord
 from pipeline.state import migrate
+from pipeline.state.cluster import Cluster
 from pipeline.state.leases import Leases, default_owner
 from pipeline.state.leases import owner_alive_local as owner_alive_local  # re-exported
 from pipeline.state.rollbacks import Rollbacks, ServiceSettings
@@ -110,21 +112,26 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 class State:
     """Facade over the state database; time is injected through `clock` (epoch seconds).
 
-    Beside its own records (runs, steps, builds, releases, deployments) it holds three objects
+    Beside its own records (runs, steps, builds, releases, deployments) it holds four objects
     over the same database: `state.leases` (`lease`, `acquire`, ...: `state.leases.Leases`),
+    `state.cluster` (instances' heartbeats and timed jobs' slots: `state.cluster.Cluster`),
     `state.rollouts` (per-host rollout records: `state.rollouts.RolloutRecords`) and
     `state.rollbacks` (release settings and pins: `state.rollbacks.Rollbacks`).
     """
 
-    def __init__(self, url: str, *, clock: Clock = time.time) -> None:
+    def __init__(self, url: str | URL, *, clock: Clock = time.time) -> None:
         self.url = url
         self.clock = clock
-        self.engine: Engine = create_engine(url, future=True)
-        if url.startswith("sqlite"):
+        is_sqlite = (url if isinstance(url, str) else url.drivername).startswith("sqlite")
+        # A server's connections can be dropped under us (a restart, a failover): test each one
+        # as it is taken from the pool. A SQLite file needs no such round trip.
+        self.engine: Engine = create_engine(url, future=True, pool_pre_ping=not is_sqlite)
+        if is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.leases = Leases(self.engine, self.session, clock)
+        self.cluster = Cluster(self.engine, self.session, clock, self.now)
         self.rollbacks = Rollbacks(self.session, self.now)
         self.rollouts = RolloutRecords(self.session, self.now)
 
@@ -245,6 +252,12 @@ class State:
                 .group_by(Release.service)
             )
             return {service: finished for service, finished in rows if finished is not None}
+
+    def stale_runs(self, owner_alive: Callable[[str], bool]) -> list[int]:
+        """Ids of runs still "running" whose owner is gone (nothing is changed)."""
+        with self.session() as s:
+            rows = s.execute(select(Run.id, Run.owner).where(Run.status == "running"))
+            return [run_id for run_id, owner in rows if not owner_alive(owner)]
 
     def interrupt_stale_runs(self, owner_alive: Callable[[str], bool]) -> list[int]:
         """Mark runs (and their open steps and releases) whose owner is gone as interrupted."""

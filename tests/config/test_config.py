@@ -273,3 +273,33 @@ def test_a_proxied_service_cannot_publish_a_fixed_port() -> None:
     text = "[proxy]\n" + PROXIED.replace('image = "web"\n', fixed)
     assert any("services.web.ports.0: a proxied service starts beside" in p
                for p in problems(text))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("postgresql://pipeline:hunter2-pw@db/pipeline", "a password in the database URL"),
+        ("mysql://pipeline@db/pipeline", "invalid database URL"),
+    ],
+)
+def test_a_database_url_with_a_password_or_an_unknown_scheme_is_refused(
+    value: str, expected: str
+) -> None:
+    """`[pipeline] database` refuses an inline password (it belongs in database_password_env
+    or _file) and schemes other than PostgreSQL and SQLite, naming file:line and key, and the
+    message never repeats the password."""
+    text = f'[pipeline]\ndatabase = "{value}"\n'
+    with pytest.raises(ConfigError) as err:
+        parse(text, Path("pipeline.toml"))
+    assert f"pipeline.toml:2: pipeline.database: {expected}" in str(err.value)
+    assert "hunter2-pw" not in str(err.value)
+
+
+def test_a_postgresql_database_with_its_password_variable_is_accepted() -> None:
+    """`database = "postgresql://USER@HOST/DB"` with `database_password_env` is valid config."""
+    loaded = parse(
+        '[pipeline]\ndatabase = "postgresql://pipeline@db.example.com/pipeline"\n'
+        'database_password_env = "PIPELINE_DB_PASSWORD"\n',
+        Path("pipeline.toml"),
+    )
+    assert loaded.model.pipeline.database_password_env == "PIPELINE_DB_PASSWORD"

@@ -91,15 +91,36 @@ def test_claim_takes_deploys_one_at_a_time(queue: EventQueue) -> None:
     rollback = queue.put(source="api", kind="rollback", repo="app", subject="web")[0]
     push2 = queue.put(source="poll", kind="push", repo="app")[0]
     assert [e.id for e in queue.claim("w")] == [deploy]
+    queue.finish([deploy], "done")
     assert [e.id for e in queue.claim("w")] == [push, push2]
+    queue.finish([push, push2], "done")
     assert [(e.id, e.kind) for e in queue.claim("w")] == [(rollback, "rollback")]
+
+
+def test_claim_skips_a_repo_another_worker_is_working_on(queue: EventQueue) -> None:
+    """While one instance works on a repo's event, another instance's claim takes the next
+    repo's event instead, so a repo never has two passes (two builds of one commit) at once."""
+    first = queue.put(source="webhook", kind="push", repo="app", sha="1" * 40)[0]
+    assert [e.id for e in queue.claim("host:1")] == [first]
+    later = queue.put(source="webhook", kind="push", repo="app", sha="2" * 40)[0]
+    other = queue.put(source="webhook", kind="push", repo="other")[0]
+    assert [e.id for e in queue.claim("host:2")] == [other]
+    assert queue.claim("host:2") == []
+    queue.finish([first], "done")
+    assert [e.id for e in queue.claim("host:2")] == [later]
+    config = queue.put(source="watch", kind="config")[0]
+    assert queue.claim("host:1") == []  # a config pass covers every repo: it waits for later
+    queue.finish([later, other], "done")
+    assert [e.id for e in queue.claim("host:1")] == [config]
+    queue.put(source="webhook", kind="push", repo="app")
+    assert queue.claim("host:2") == []  # and every repo's pass waits for it
 
 
 def test_concurrent_claims_never_share_an_event(tmp_path: Path) -> None:
     """Two workers on separate connections claiming at once never both get the same event."""
     first = EventQueue(State.in_dir(tmp_path / "data"))
     for i in range(40):
-        first.put(source="api", kind="deploy", subject=f"s{i}")
+        first.put(source="api", kind="deploy", repo=f"r{i}", subject=f"s{i}")
     workers = [EventQueue(State.in_dir(tmp_path / "data")) for _ in range(2)]
     got: list[int] = []
     lock = threading.Lock()
@@ -108,6 +129,7 @@ def test_concurrent_claims_never_share_an_event(tmp_path: Path) -> None:
         while batch := q.claim(owner):
             with lock:
                 got.extend(e.id for e in batch)
+            q.finish([e.id for e in batch], "done")
 
     threads = [threading.Thread(target=work, args=(q, f"h:{n}")) for n, q in enumerate(workers)]
     for t in threads:
