@@ -10,11 +10,13 @@ serialised per host by a lock.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +69,11 @@ class HostProxy:
     auth: Mapping[str, str] | None = None
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    # Held around each read-modify-write of the route table: the table is one file that every
+    # service on the host shares, and another process (a CLI deploy beside `pipeline serve`,
+    # another instance on the same database) may change it at the same time. The in-process
+    # lock below only orders this process's threads.
+    exclusive: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
 
     def __post_init__(self) -> None:
         self._ready: ProxyInfo | None = None  # the proxy as this object last made sure of it
@@ -145,7 +152,7 @@ class HostProxy:
         """Read the host's routes, apply `change`, and load the result into the proxy in one
         reload (nothing when unchanged); the proxy is made first when missing. Raises
         ProxyError when the proxy cannot be made or refuses the config (the old routes stay)."""
-        with _lock(self.engine):
+        with _lock(self.engine), self.exclusive():
             try:
                 info = self._ensure(False)
                 before = self._stored(info)

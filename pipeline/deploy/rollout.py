@@ -16,6 +16,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -58,7 +59,7 @@ from pipeline.proxy.routes import (
     without_standby,
 )
 from pipeline.retry import RetryPolicy
-from pipeline.state.leases import HeldLease
+from pipeline.state.leases import HeldLease, default_owner
 from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.steps import StepLog
 from pipeline.state.store import PreviousContainer, State
@@ -182,7 +183,7 @@ class Rollout:
             self.route = route_of(self.service, self.spec)
             self.proxies = {
                 h: HostProxy(h, self.engines[h], self.proxy, self.hosts[h].reach_address,
-                             self.auth, self.clock, self.sleep)
+                             self.auth, self.clock, self.sleep, self._proxy_lease(h))
                 for h in self.spec.hosts if h in self.engines
             }  # fmt: skip
         # Steps and undos are retried under the shared policy, fewer tries than a pull: they
@@ -498,6 +499,13 @@ class Rollout:
         p.new[host] = new
         self.report(f"{self.service}: {host}: started {new.name}, checking health")
         return f"container {new.name}"
+
+    def _proxy_lease(self, host: str) -> Callable[[], AbstractContextManager[None]]:
+        """The lease `proxy:HOST` a change of the host's route table holds, so that another
+        process changing another service's route on the same proxy waits instead of
+        overwriting this change (or having this one overwrite its own)."""
+        owner = default_owner()
+        return lambda: self.state.leases.waiting(f"proxy:{host}", owner, sleep=self.sleep)
 
     def _retained(self, host: str, p: _Pass) -> ContainerInfo | None:
         """A container of the service on the host that ran this release's image and settings

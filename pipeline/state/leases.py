@@ -135,6 +135,36 @@ class Leases:
             return [lk.name for lk in dead]
 
     @contextmanager
+    def waiting(
+        self,
+        name: str,
+        owner: str,
+        *,
+        ttl: float = 60.0,
+        timeout: float = 60.0,
+        sleep: Callable[[float], None],
+    ) -> Iterator[None]:
+        """Hold `name` for a short critical section (no heartbeat: the block must end within
+        `ttl` seconds), waiting up to `timeout` seconds while another owner holds it; a dead
+        local holder's lease is freed at once. Raises LockedError naming the holder when the
+        wait runs out. Used where two processes (a CLI deploy beside `pipeline serve`, or
+        several instances on one database) read-modify-write one shared thing."""
+        deadline = self.clock() + timeout
+        while not self.acquire(name, owner, ttl):
+            if self.break_locks_of(owner_alive_local):
+                continue
+            if self.clock() >= deadline:
+                holder = self.lock_holder(name)
+                raise LockedError(
+                    f"{name} is locked by {holder.owner if holder else '?'}; waited {timeout:g}s"
+                )
+            sleep(0.05)
+        try:
+            yield
+        finally:
+            self.release(name, owner)
+
+    @contextmanager
     def lease(
         self,
         name: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,3 +78,49 @@ def test_holder_that_lost_its_lease_knows_at_its_next_renewal(tmp_path: Path) ->
             held.check()
     holder = state.leases.lock_holder("service:web")
     assert holder is not None and holder.owner == "host:2"  # leaving did not free host:2's lease
+
+
+def test_a_waiting_lease_waits_for_the_holder_then_takes_it(tmp_path: Path) -> None:
+    """A second process changing the same host's proxy routes waits while the first holds
+    `proxy:HOST` and goes on as soon as it lets go; the two changes never overlap."""
+    first, second = State.in_dir(tmp_path), State.in_dir(tmp_path)  # two connections, one file
+    inside: list[str] = []
+    released = threading.Event()
+
+    def hold() -> None:
+        with first.leases.waiting("proxy:lab-1", "host:1", sleep=time.sleep):
+            inside.append("first in")
+            released.wait(5)
+            time.sleep(0.3)
+            inside.append("first out")
+
+    worker = threading.Thread(target=hold)
+    worker.start()
+    while not inside:
+        time.sleep(0.01)
+    released.set()
+    with second.leases.waiting("proxy:lab-1", "host:2", sleep=time.sleep):
+        inside.append("second in")
+    worker.join()
+    assert inside == ["first in", "first out", "second in"]
+    assert second.leases.lock_holder("proxy:lab-1") is None  # let go after the block
+
+
+def test_a_waiting_lease_gives_up_naming_the_holder_and_skips_a_dead_one(tmp_path: Path) -> None:
+    """A wait that runs out raises LockedError naming who holds the lease; a lease left by a
+    process that is gone is taken at once."""
+    clock = Clock()
+    state = State.in_dir(tmp_path, clock=clock)
+    assert state.leases.acquire("proxy:lab-1", "otherhost:7", ttl=60)
+
+    def tick(seconds: float) -> None:
+        clock.now += seconds
+
+    with (
+        pytest.raises(LockedError, match="otherhost:7"),
+        state.leases.waiting("proxy:lab-1", "host:2", timeout=1, sleep=tick),
+    ):
+        pass
+    assert state.leases.acquire("proxy:lab-2", _dead_owner(), ttl=60)
+    with state.leases.waiting("proxy:lab-2", "host:2", timeout=0, sleep=tick):
+        assert state.leases.lock_holder("proxy:lab-2").owner == "host:2"  # type: ignore[union-attr]
