@@ -12,7 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 from lab_subnets import TEST_LAB_SUBNET
-from pg_helpers import PgServer, pg_server, pg_skip_reason
+from pg_helpers import PgServer, pg_server, pg_missing
 
 from pipeline.lab import manage as lab_mod
 from pipeline.lab.sample_app import write_sample_app
@@ -129,9 +129,9 @@ def sample_app(tmp_path: Path) -> Callable[..., Path]:
 @pytest.fixture(scope="session")
 def pg() -> Iterator[PgServer]:
     """A throwaway PostgreSQL server for this xdist worker, stopped and removed at its end."""
-    reason = pg_skip_reason()
-    if reason:
-        pytest.skip(reason)
+    reason = pg_missing()
+    if reason:  # CI installs it (.ci/setup): a missing server fails, it never hides tests
+        pytest.fail(reason)
     with pg_server() as server:
         yield server
 

@@ -19,7 +19,7 @@ PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PASSWORD = "pg-test-secret-4711"
 
 
-def pg_skip_reason() -> str | None:
+def pg_missing() -> str | None:
     """Why a PostgreSQL server cannot be started here, or None when it can."""
     if not (PG_BIN / "initdb").is_file():
         return "PostgreSQL is not installed (apt-get install postgresql)"
