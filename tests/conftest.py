@@ -12,7 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 from lab_subnets import TEST_LAB_SUBNET
-from pg_helpers import PgServer, pg_server, pg_missing
+from pg_helpers import PgServer, pg_missing, pg_server
 
 from pipeline.lab import manage as lab_mod
 from pipeline.lab.sample_app import write_sample_app
