@@ -149,4 +149,13 @@ def main() -> None:
     """Console-script entry point."""
     interrupt_on_sigterm()
     _register_subcommands()
-    app()
+    try:
+        app()
+    except PipelineError as exc:
+        # An error a command did not handle itself (the state database out of reach, say):
+        # its message, redacted, and the exit code its kind declares, never a traceback.
+        from pipeline.cli.common import exit_code_of
+        from pipeline.redact import redact
+
+        typer.echo(redact(str(exc)), err=True)
+        raise SystemExit(exit_code_of(exc)) from None

@@ -7,9 +7,11 @@ again, so a newcomer sees a change deployed. Safe to run again: it reuses what e
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -32,11 +34,29 @@ def prepare_repo(bare: Path, context: str) -> WorkRepo:
     return repo
 
 
+def config_subnet(loaded: LoadedConfig) -> str:
+    """The lab subnet the config's hosts live on: the /24 of its registry's (else its first
+    host's) IPv4 address, e.g. "10.88.110.0/24" for `10.88.110.1:5000`; the lab's default
+    ("10.88.0.0/24") when the config names no IPv4 address. So a demo of a config made for a
+    lab on another subnet brings up (or reuses) that lab instead of replacing it."""
+    cfg = loaded.model
+    candidates = [cfg.registry.address] if cfg.registry else []
+    candidates += [h.docker for h in cfg.hosts.values()]
+    for text in candidates:
+        host = urlsplit(text if "//" in text else f"//{text}").hostname or ""
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            continue
+        return str(ipaddress.IPv4Network(f"{address}/24", strict=False))
+    return "10.88.0.0/24"
+
+
 def run_demo(loaded: LoadedConfig, lab_dir: Path, say: Callable[[str], None]) -> bool:
     """The whole demo; returns whether both passes succeeded and the change is served."""
     cfg = loaded.model
     say(f"== bringing up the lab in {lab_dir} (real Docker hosts in network namespaces)")
-    lab = lab_up(lab_dir, hosts=len(cfg.hosts))
+    lab = lab_up(lab_dir, hosts=len(cfg.hosts), subnet=config_subnet(loaded))
     lab_hosts = {h.docker_url for h in lab.hosts}
     missing = [n for n, h in cfg.hosts.items() if h.docker not in lab_hosts]
     if missing or (cfg.registry and cfg.registry.address != lab.registry):

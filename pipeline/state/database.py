@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from pipeline.config.load import LoadedConfig, read_secret
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.state import migrate
 from pipeline.state.store import State
 
@@ -45,6 +45,13 @@ def database_url(loaded: LoadedConfig) -> URL:
     password = read_secret(
         section.database_password_env, section.database_password_file, loaded.base_dir
     )
+    if password is None and section.database_password_env and not section.database_password_file:
+        # Said here, not as the server's "no password supplied" after a connection attempt.
+        raise ConfigError([
+            f"{loaded.locate('pipeline', 'database_password_env')}: "
+            f"pipeline.database_password_env: the variable {section.database_password_env} "
+            "is not set"
+        ])  # fmt: skip
     if password:
         url = url.set(password=password)
     return url

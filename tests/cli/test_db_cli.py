@@ -75,3 +75,32 @@ def test_db_current_names_an_unreachable_database_without_its_password(tmp_path:
     assert res.returncode == 1
     assert "postgresql+psycopg://***@127.0.0.1:9/pipeline" in res.stderr
     assert "s3cret-db-pass-99" not in res.stdout + res.stderr
+
+
+def test_commands_say_in_one_line_why_the_database_is_out_of_reach(tmp_path: Path) -> None:
+    """With the password variable unset, every command that opens the state database says so
+    at the key (exit 2); with a server that does not answer, one line naming the masked URL
+    (exit 1); never a traceback, never the password."""
+    (tmp_path / "pipeline.toml").write_text(
+        '[pipeline]\ndata_dir = "data"\n'
+        'database = "postgresql://pipeline@127.0.0.1:9/pipeline"\n'
+        'database_password_env = "PIPELINE_TEST_DB_PASSWORD"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PIPELINE_TEST_DB_PASSWORD"}
+    for command in (["status"], ["history"], ["lock", "status"]):
+        unset = subprocess.run(
+            [sys.executable, "-m", "pipeline", *command, "-c", str(tmp_path / "pipeline.toml")],
+            capture_output=True, text=True, check=False, timeout=60, env=env,
+        )  # fmt: skip
+        assert unset.returncode == 2, (command, unset.stderr)
+        assert "Traceback" not in unset.stderr
+        assert "pipeline.toml:4: pipeline.database_password_env" in unset.stderr
+        assert "PIPELINE_TEST_DB_PASSWORD is not set" in unset.stderr
+    env["PIPELINE_TEST_DB_PASSWORD"] = "s3cret-db-pw"
+    down = subprocess.run(
+        [sys.executable, "-m", "pipeline", "status", "-c", str(tmp_path / "pipeline.toml")],
+        capture_output=True, text=True, check=False, timeout=60, env=env,
+    )  # fmt: skip
+    assert down.returncode == 1, down.stderr
+    assert "Traceback" not in down.stderr and "s3cret-db-pw" not in down.stderr
+    assert "127.0.0.1:9" in down.stderr and len(down.stderr.strip().splitlines()) <= 2
