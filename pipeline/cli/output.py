@@ -12,9 +12,13 @@ from __future__ import annotations
 import sys
 import time
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import typer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 
 class Reporter(Protocol):
@@ -56,21 +60,31 @@ class RichReporter:
     """A terminal's view: each line printed with a tick, a spinner and the elapsed time on the
     step at work, a summary table at the end (rich, on stdout)."""
 
-    def __init__(self, hosts: dict[str, list[str]] | None = None) -> None:
+    def __init__(
+        self, hosts: dict[str, list[str]] | None = None, console: Console | None = None
+    ) -> None:
         from rich.console import Console
 
-        self.console = Console(highlight=False)
+        self.console = console or Console(highlight=False)
         self.hosts = hosts or {}
         self.started = time.monotonic()
         self.step_started = self.started
         self.current = "starting"
-        self.status = self.console.status(self._status_text(), spinner="dots")
+        # The spinner's text is rendered at each refresh (`__rich__`), not when a line comes:
+        # the elapsed times move while a long step (a health wait, a pull) says nothing.
+        self.status = self.console.status(self, spinner="dots")
         self.status.start()
 
     def _status_text(self) -> str:
         now = time.monotonic()
         step, total = now - self.step_started, now - self.started
         return f"{self.current}  [dim]({step:.1f}s, {total:.1f}s total)"
+
+    def __rich__(self) -> Text:
+        """What the spinner shows now: the step at work and the times elapsed."""
+        from rich.text import Text
+
+        return Text.from_markup(self._status_text())
 
     def line(self, text: str) -> None:
         from rich.markup import escape
@@ -79,13 +93,11 @@ class RichReporter:
         self.console.print(f"{mark} {escape(text)}")
         self.current = escape(_next_step(text))
         self.step_started = time.monotonic()
-        self.status.update(self._status_text())
 
     def progress(self, what: str, done: int, total: int | None) -> None:
         from rich.markup import escape
 
         self.current = escape(f"{what}: {amount(what, done, total)}")
-        self.status.update(self._status_text())
 
     def close(self, releases: list[dict[str, Any]]) -> None:
         from rich.table import Table
