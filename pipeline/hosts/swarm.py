@@ -171,8 +171,15 @@ class Swarm:
                     check_duplicate=True,
                 )
             except docker.errors.APIError as exc:
-                if status_of(exc) != 409:  # created meanwhile
+                # Created meanwhile (two services of one pass share a new network): 409 on
+                # newer engines, a 500 "name conflicts with an existing object" from Swarm's
+                # allocator on 20.10. Either way, look again rather than trust the code.
+                if status_of(exc) not in (409, 500) or not any(
+                    n.get("Name") == name and n.get("Driver") == "overlay"
+                    for n in self._conn.client.api.networks(names=[name])
+                ):
                     raise
+                return False
         log.info("overlay network ensured", engine=self._conn.name, network=name)
         return True
 
