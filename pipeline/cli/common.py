@@ -19,6 +19,7 @@ from pipeline.redact import redact, redact_value
 
 if TYPE_CHECKING:
     from pipeline.config.load import LoadedConfig
+    from pipeline.config.model import ServiceSection
 
 ConfigOption = Annotated[
     Path | None,
@@ -67,6 +68,25 @@ def load_config(path: Path | None) -> LoadedConfig:
         return config_mod.load(path or config_mod.default_config_path())
     except ConfigError as exc:
         fail(f"{exc}\n{len(exc.problems)} problem(s) found.", EXIT_USAGE)
+
+
+def host_service(loaded: LoadedConfig, service: str, command: str) -> ServiceSection:
+    """SERVICE's section when its containers run on `[hosts.*]` (what `logs` and `exec` work
+    on); exits 2 for an unknown service (naming the known ones) or a cluster service, whose
+    containers are Swarm tasks placed by the Swarm (pointing to the docker command to use)."""
+    svc = loaded.model.services.get(service)
+    if svc is None:
+        fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
+             EXIT_USAGE)  # fmt: skip
+    if svc.cluster:
+        manager = loaded.model.clusters[svc.cluster].docker
+        fail(
+            f"pipeline {command} works on services of [hosts.*]; {service} runs as Swarm tasks "
+            f"on cluster {svc.cluster!r}: `docker -H {manager} service ps {service}` shows "
+            f"where, `docker -H {manager} service logs {service}` their logs",
+            EXIT_USAGE,
+        )
+    return svc
 
 
 def print_json(data: Any) -> None:

@@ -14,6 +14,7 @@ from pipeline.cli.common import (
     complete_service,
     exit_code_of,
     fail,
+    host_service,
     load_config,
 )
 from pipeline.errors import PipelineError
@@ -52,10 +53,7 @@ def register(app: typer.Typer) -> None:
         from pipeline.deploy.connections import Connections
 
         loaded = load_config(config)
-        svc = loaded.model.services.get(service)
-        if svc is None:
-            fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
-                 EXIT_USAGE)  # fmt: skip
+        svc = host_service(loaded, service, "exec")
         if host is not None and host not in svc.hosts:
             fail(f"service {service} does not run on host {host!r} (hosts: "
                  f"{', '.join(svc.hosts)})", EXIT_USAGE)  # fmt: skip

@@ -18,6 +18,7 @@ from pipeline.cli.common import (
     complete_host,
     complete_service,
     fail,
+    host_service,
     load_config,
 )
 from pipeline.errors import PipelineError
@@ -116,10 +117,7 @@ def register(app: typer.Typer) -> None:
         from pipeline.deploy.connections import Connections
 
         loaded = load_config(config)
-        svc = loaded.model.services.get(service)
-        if svc is None:
-            fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
-                 EXIT_USAGE)  # fmt: skip
+        svc = host_service(loaded, service, "logs")
         hosts = list(svc.hosts)
         if host is not None:
             if host not in hosts:

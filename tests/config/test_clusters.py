@@ -107,3 +107,26 @@ def test_cluster_service_needs_a_registry() -> None:
     text = (BASE + CLUSTER_SERVICE).replace('[registry]\naddress = "10.88.0.1:5000"\n', "")
     found = problems(text)
     assert any("services.api.cluster: a cluster's nodes pull" in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    "command", [["logs", "api"], ["exec", "api", "--", "/bin/busybox", "true"]]
+)
+def test_logs_and_exec_of_a_cluster_service_say_where_its_tasks_are(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """`pipeline logs` and `pipeline exec` of a cluster service exit 2 with a line pointing to
+    the Swarm's own commands, never a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "pipeline.toml").write_text(BASE + CLUSTER_SERVICE)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *command[:2], "-c", str(tmp_path / "pipeline.toml"),
+         *command[2:]],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "runs as Swarm tasks on cluster 'prod'" in done.stderr
+    assert "docker -H tcp://10.88.0.2:2375 service logs api" in done.stderr
