@@ -48,6 +48,8 @@ class ServiceRecord:
     revision: str
     digest: str
     spec_hash: str  # service_spec_hash at that rollout
+    # Where it runs now (its hosts, or its cluster's name); None: not known, taken as all.
+    targets: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,8 @@ def image_spec_hash(image: ImageSection) -> str:
 
 def service_spec_hash(service: ServiceSection, env_file_text: str | None = None) -> str:
     """Hash of a service's runtime definition; hosts, strategy and max_parallel are left out
-    so that changing them never restarts a container."""
+    so that changing them never restarts a container (a host added to `hosts` is seen from
+    `ServiceRecord.targets` instead)."""
     return _sha256(
         {
             "image": service.image,
@@ -183,6 +186,18 @@ def service_spec_hash(service: ServiceSection, env_file_text: str | None = None)
             "restart": service.restart,
             "labels": service.labels,
             "health": _health_for_hash(service.health),
+            # A cluster service's Swarm settings; absent for a host service, whose hash (and so
+            # its containers) stays what it was before clusters existed.
+            **(
+                {
+                    "replicas": service.replicas,
+                    "placement": list(service.placement),
+                    "networks": list(service.networks),
+                    "endpoint_mode": service.endpoint_mode,
+                }
+                if service.cluster
+                else {}
+            ),
         }
     )
 
@@ -430,6 +445,11 @@ def _service_rollout(
         reasons.append("never deployed")
     elif spec_changed:
         reasons.append("definition changed")
+    if record is not None and record.targets is not None:
+        # A host added to `hosts` gets the service (every host is rolled, as a deploy does).
+        added = [t for t in service.targets if t not in record.targets]
+        if added:
+            reasons.append(f"not deployed on {', '.join(added)}")
     if rebuilt:
         reasons.append(f"image {service.image} rebuilt")
     elif record is not None and image_record is not None and record.digest != image_record.digest:

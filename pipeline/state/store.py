@@ -515,8 +515,15 @@ class State:
         for service in services:
             ok = self.successful_releases(service)
             if ok:
+                with self.session() as s:
+                    targets = frozenset(
+                        s.scalars(select(Deployment.host).where(Deployment.service == service))
+                    )
                 out[service] = ServiceRecord(
-                    revision=ok[0].revision, digest=ok[0].digest, spec_hash=ok[0].spec_hash
+                    revision=ok[0].revision,
+                    digest=ok[0].digest,
+                    spec_hash=ok[0].spec_hash,
+                    targets=targets,
                 )
         return out
 

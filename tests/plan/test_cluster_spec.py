@@ -92,3 +92,20 @@ def test_undo_of(reached: Any, existed: bool, how: str) -> None:
     """Nothing is undone before the update was sent; after it, Swarm's rollback, or removing a
     service that did not exist before."""
     assert undo_of(reached, existed) == how
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"replicas": 2}, {"placement": ["node.role == worker"]}, {"networks": ["other"]},
+     {"endpoint_mode": "vip"}],
+)  # fmt: skip
+def test_a_changed_swarm_setting_is_a_changed_definition(change: dict[str, Any]) -> None:
+    """Changing replicas, placement, networks or endpoint_mode of a cluster service changes
+    its definition, so the next pass updates the Swarm service instead of saying up to date."""
+    from pipeline.plan.planner import service_spec_hash
+
+    base = {"image": "api", "cluster": "prod", "replicas": 3, "networks": ["backend"],
+            "placement": ["node.labels.zone == a"], "endpoint_mode": "dnsrr"}  # fmt: skip
+    before = ServiceSection.model_validate(base)
+    after = ServiceSection.model_validate({**base, **change})
+    assert service_spec_hash(before) != service_spec_hash(after)

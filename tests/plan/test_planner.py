@@ -282,6 +282,19 @@ CASES = [
         rollouts={"api": rebuilt("api"), "web": rebuilt("web"), "web-worker": rebuilt("web")},
     ),
     Case(
+        "a host added to a service's hosts rolls the current digest out without a build",
+        _app(),
+        frozenset(),
+        old_toml=_app(api_hosts='["h1"]'),
+        rollouts={"api": (OLD, False, "not deployed on h2")},
+    ),
+    Case(
+        "a host taken away from a service's hosts rolls nothing out",
+        _app(api_hosts='["h1"]'),
+        frozenset(),
+        old_toml=_app(),
+    ),
+    Case(
         "env and memory changes roll out the current digest without a build",
         _app(svc_api='env = { LOG = "debug" }\nmemory = "512m"'),
         frozenset(),
@@ -454,6 +467,7 @@ def _run(case: Case) -> Plan:
             OLD,
             f"sha256:{svc.image}" + ("-older" if name in case.stale else ""),
             service_spec_hash(svc, old_env.get(name) if svc.env_file else None),
+            frozenset(svc.targets),
         )
         for name, svc in old.services.items()
         if name not in case.undeployed
