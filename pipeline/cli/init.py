@@ -15,7 +15,7 @@ import typer
 
 from pipeline.cli.common import EXIT_USAGE, fail
 
-FILL = "FILL-IN"  # what every placeholder holds; `validate` refuses it (no scheme, no port)
+FILL = "FILL-IN"  # what every placeholder holds; `validate` refuses it at its key (config.load)
 _SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "__pycache__", ".pipeline"}
 _DOCKERFILE = re.compile(r"^(Dockerfile|Containerfile)(\..+)?$|^.+\.(Dockerfile|Containerfile)$")
 

@@ -158,6 +158,7 @@ def parse(text: str, path: Path) -> LoadedConfig:
     # References are checked on the raw tables, so that they are reported alongside the
     # type errors of the same file instead of only after those are fixed.
     problems.extend(_cross_references(raw))
+    problems.extend((key, PLACEHOLDER_MESSAGE) for key in _placeholders(raw, ()))
     if problems:
         located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
         raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
@@ -168,6 +169,22 @@ def parse(text: str, path: Path) -> LoadedConfig:
         with contextlib.suppress(EnvFileError):
             loaded.read_env_file(service)  # registers the values it reads as secrets
     return loaded
+
+
+# What `pipeline init` writes where only the user knows the value (a registry, a host).
+PLACEHOLDER = "FILL-IN"
+PLACEHOLDER_MESSAGE = f"{PLACEHOLDER} is a placeholder `pipeline init` wrote: fill it in"
+
+
+def _placeholders(value: Any, key: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The keys whose string value still holds `PLACEHOLDER`, in tables and lists."""
+    if isinstance(value, str):
+        return [key] if PLACEHOLDER in value else []
+    if isinstance(value, dict):
+        return [k for name, v in value.items() for k in _placeholders(v, (*key, name))]
+    if isinstance(value, list):
+        return [k for item in value for k in _placeholders(item, key)]
+    return []
 
 
 def _validate_named(

@@ -143,6 +143,12 @@ def test_init_writes_a_config_that_validates_once_filled(tmp_path: Path) -> None
     refused = cli("validate", "-c", str(config))
     assert refused.returncode == 2 and "FILL-IN" in refused.stdout + refused.stderr
 
+    # Each placeholder left is refused at its key, the registry's too (a valid host name).
+    config.write_text(text.replace('docker = "FILL-IN"', 'docker = "tcp://10.88.40.2:2375"'))
+    half = cli("validate", "-c", str(config))
+    assert half.returncode == 2, half.stdout + half.stderr
+    assert "registry.address: FILL-IN is a placeholder" in half.stdout + half.stderr
+
     config.write_text(
         text.replace('address = "FILL-IN"', 'address = "10.88.40.1:5000"').replace(
             'docker = "FILL-IN"', 'docker = "tcp://10.88.40.2:2375"'
