@@ -19,7 +19,13 @@ from urllib.parse import parse_qs, quote
 
 import structlog
 from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from markupsafe import Markup
@@ -48,6 +54,8 @@ _HEADERS = {
 def _templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=_HERE / "templates")
     templates.env.filters["short"] = views.short
+    templates.env.filters["words"] = views.words
+    templates.env.filters["utc_text"] = views.utc_text
     # Every value a page prints is redacted, as every API answer is (`api.reply`): records are
     # redacted when stored, but an engine's error in a status row is not a record.
     # A macro's output (Markup) is left as it is: its own values were redacted as it rendered.
@@ -106,6 +114,11 @@ def dashboard_router(
             return result
 
         return endpoint
+
+    @router.get("/favicon.ico")
+    def favicon() -> Response:
+        """The pages link /static/favicon.svg; this answers what browsers and tools ask first."""
+        return FileResponse(_HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
     # -- login ----------------------------------------------------------------------------
     @router.get("/login")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pipeline.config.load import LoadedConfig
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State, release_json, run_json, step_json
+from pipeline.timeutil import iso, utc
 
 # The steps a rollout records per host, in the order they run (deploy/steps.py).
 _ROLLOUT_STEPS = ("pull", "stop", "start", "health", "route", "switch", "retire", "rollback")
@@ -20,7 +22,8 @@ _TRIGGER_SOURCES = ("poll", "webhook", "hook", "watch")
 class Backend(Protocol):
     """What the dashboard reads from the service (`service.api.ServerContext` is one): the
     live config, the records, the queue, the status rows of `pipeline status`, the worker's
-    nudge, the address listened on, and the daemon's repo heads, commit subjects and plan."""
+    nudge, the address listened on, and the daemon's repo heads, commit subjects, ancestry
+    (`ancestor(repo, old, new)`: is `old` reachable from `new`; None when unknown) and plan."""
 
     @property
     def loaded(self) -> Callable[[], LoadedConfig]: ...
@@ -40,11 +43,30 @@ class Backend(Protocol):
     def subject(self) -> Callable[[str, str], str | None] | None: ...
     @property
     def plan(self) -> Callable[[], dict[str, Any]] | None: ...
+    @property
+    def ancestor(self) -> Callable[[str, str, str], bool | None] | None: ...
 
 
 def short(sha: str | None, n: int = 12) -> str:
     """The first `n` characters of a sha or digest ("" for None); "sha256:" kept off digests."""
     return (sha or "").removeprefix("sha256:")[:n]
+
+
+def words(label: str | None) -> str:
+    """A stored label as words for a page: "rolled_back" -> "rolled back" ("" for None)."""
+    return (label or "").replace("_", " ")
+
+
+def utc_text(value: str | None) -> str:
+    """An ISO 8601 time as "2026-11-30 04:02 UTC", for text no script localizes ("" for
+    None; the value itself when it does not parse)."""
+    if not value:
+        return ""
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 @dataclass
@@ -106,13 +128,13 @@ def overview(backend: Backend) -> Overview:
         for name in services
         if (latest := backend.state.releases(name, limit=1)) and latest[0].status == "running"
     }
-    last_trigger: dict[str, dict[str, Any]] = {}
+    queued: dict[str, dict[str, Any]] = {}
     for ev in backend.queue.recent(200):
         if ev["repo"] and ev["source"] in _TRIGGER_SOURCES:
-            last_trigger.setdefault(ev["repo"], ev)
+            queued.setdefault(ev["repo"], ev)
     repos = backend.repos() if backend.repos is not None else []
     for repo in repos:
-        repo["last_trigger"] = last_trigger.get(repo["name"])
+        repo["last_trigger"] = _last_trigger(backend, repo["name"], queued.get(repo["name"]))
     return Overview(
         hosts=hosts,
         services=services,
@@ -122,6 +144,29 @@ def overview(backend: Backend) -> Overview:
         queue_depth=backend.queue.depth(),
         runs=[run_json(r) for r in backend.state.runs(10)],
     )
+
+
+def _last_trigger(
+    backend: Backend, repo: str, event: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The newer of `repo`'s last poll and its last queued trigger (a webhook, or a poll that
+    found a change), as {"source": "poll" | "webhook" | ..., "at": ISO UTC}; None when neither.
+
+    A poll that finds nothing new queues nothing; what it leaves is the slot it claimed in
+    `schedule_slots` (`Cluster.claim_slot`), so its time is that slot's start: the poll ran
+    within one poll interval after it."""
+    found: list[tuple[datetime, str, str]] = []
+    if event is not None and event["received_at"]:
+        found.append((datetime.fromisoformat(event["received_at"]), event["source"], ""))
+    section = backend.loaded().model.repos.get(repo)
+    slot = backend.state.cluster.last_slot(f"poll:{repo}")
+    if section is not None and section.poll and slot is not None:
+        at = utc(slot * section.poll)
+        found.append((at, "poll", f"polled within {section.poll:g} s after this"))
+    if not found:
+        return None
+    at, source, note = max(found)
+    return {"source": source, "at": iso(at), "note": note}
 
 
 @dataclass
@@ -194,7 +239,9 @@ def _unique(values: Any) -> list[str]:
 
 @dataclass
 class ServiceView:
-    """A service page: its releases newest first, each with the commit range it brought."""
+    """A service page: its releases newest first, each with the commit range it brought
+    (`range_from`..`revision`), or, for one that went back to an older revision,
+    `back_from` (the revision it replaced)."""
 
     name: str
     image: str
@@ -205,13 +252,22 @@ class ServiceView:
 
 def service_view(backend: Backend, name: str, limit: int = 50) -> ServiceView | None:
     """Service `name`'s page; None when the config has no such service. A release's commit
-    range runs from the revision of the succeeded release before it ("" for the first)."""
-    svc = backend.loaded().model.services.get(name)
+    range runs from the revision of the succeeded release before it (None for the first, and
+    for one of the same revision); when its revision is an ancestor of that one (the mirror's
+    `git merge-base --is-ancestor`), it brought no commits: `back_from` names the one left."""
+    cfg = backend.loaded().model
+    svc = cfg.services.get(name)
     if svc is None:
         return None
+    repo = cfg.images[svc.image].repo
     releases = [release_json(r) for r in backend.state.releases(name, limit)]
     for i, rel in enumerate(releases):
         before = next((r for r in releases[i + 1 :] if r["status"] == "succeeded"), None)
-        rel["range_from"] = before["revision"] if before else None
+        old, new = (before["revision"] if before else None), rel["revision"]
+        rel["range_from"], rel["back_from"] = old, None
+        if old is None or not new or old == new:
+            rel["range_from"] = None
+        elif backend.ancestor is not None and backend.ancestor(repo, new, old):
+            rel["range_from"], rel["back_from"] = None, old
     targets = [r for r in releases if r["status"] == "succeeded"]
     return ServiceView(name, svc.image, list(svc.hosts), releases, targets)

@@ -233,6 +233,8 @@ def _cluster_rows(
             }
         )
     return rows
+
+
 def repo_heads(connections: Connections) -> list[dict[str, Any]]:
     """Per repo of the config, what the dashboard shows: its name, what it follows (a branch
     or a tag glob) and the head its mirror last fetched (`head`, `subject`; None before the
@@ -263,6 +265,19 @@ def commit_subject(connections: Connections, repo: str, sha: str) -> str | None:
         return connections.mirror(repo).commit_info(sha)["subject"]
     except PipelineError:
         return None
+
+
+def is_ancestor(connections: Connections, repo: str, old: str, new: str) -> bool | None:
+    """Whether commit `old` is reachable from commit `new` in `repo`'s mirror (`git merge-base
+    --is-ancestor`, `Mirror.is_ancestor`); None when `new` is not there or git fails."""
+    if repo not in connections.loaded.model.repos:
+        return None
+    try:
+        return connections.mirror(repo).is_ancestor(old, new)
+    except PipelineError:
+        return None
+
+
 def oneoff_spec(
     state: State, connections: Connections, service: str, host: str, command: list[str]
 ) -> ContainerSpec:

@@ -49,10 +49,12 @@ class ServerContext:
     # live config's.
     listen: str | None = None
     # What the dashboard reads besides the records (the daemon provides them; None: not shown):
-    # each repo's followed head, a commit's subject line, and the planner's output now.
+    # each repo's followed head, a commit's subject line, the planner's output now, and
+    # whether commit `old` is an ancestor of `new` in a repo (`ancestor(repo, old, new)`).
     repos: Callable[[], list[dict[str, Any]]] | None = None
     subject: Callable[[str, str], str | None] | None = None
     plan: Callable[[], dict[str, Any]] | None = None
+    ancestor: Callable[[str, str, str], bool | None] | None = None
 
 
 def reply(status: int, data: Any, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -22,7 +22,7 @@ import structlog
 from pipeline.config import load as config_mod
 from pipeline.config.load import LoadedConfig
 from pipeline.deploy.connections import Connections
-from pipeline.deploy.operations import commit_subject, repo_heads, status_rows
+from pipeline.deploy.operations import commit_subject, is_ancestor, repo_heads, status_rows
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
 from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError
@@ -120,6 +120,7 @@ class Service:
             repos=self._repo_heads,
             subject=self._commit_subject,
             plan=self._plan,
+            ancestor=self._is_ancestor,
         )
         self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
         try:
@@ -469,6 +470,10 @@ class Service:
     def _commit_subject(self, repo: str, sha: str) -> str | None:
         observer = self._observer
         return commit_subject(observer, repo, sha) if observer is not None else None
+
+    def _is_ancestor(self, repo: str, old: str, new: str) -> bool | None:
+        observer = self._observer
+        return is_ancestor(observer, repo, old, new) if observer is not None else None
 
     def _plan(self) -> dict[str, Any]:
         """What a pass would do now (`pipeline plan --json`): fetches, changes nothing."""

@@ -121,3 +121,11 @@ class Cluster:
         with self.session() as s:
             # RETURNING yields the row only when it was inserted or updated (not skipped).
             return s.execute(stmt.returning(ScheduleSlot.name)).first() is not None
+
+    def last_slot(self, name: str) -> int | None:
+        """The last slot of timed job `name` that an instance claimed (`claim_slot`: epoch
+        seconds // its interval at the claim), or None when none was ever claimed. The job
+        ran once inside that slot, whether it found anything to do or not."""
+        with self.session() as s:
+            row = s.get(ScheduleSlot, name)
+            return row.slot if row is not None else None

@@ -1,10 +1,12 @@
 """The dashboard's access rules and actions over the app in process (TestClient, a real SQLite
 state in tmp_path): who sees the pages, the login and its cookie, CSRF on every action, the
-password hash format, and a finished run's live stream."""
+password hash format, a finished run's live stream, and what the pages print (times, digests,
+labels, the last poll or webhook, a release that went back)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from pipeline.dashboard.access import check_password, hash_password
 from pipeline.errors import ConfigError
 from pipeline.redact import register_secret
 from pipeline.service.server import ServerContext, create_app
+from pipeline.sources.git import Mirror
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State
 
@@ -29,6 +32,7 @@ docker = "tcp://127.0.0.1:2375"
 
 [repos.shop]
 url = "/srv/git/shop.git"
+poll = "5s"
 
 [images.web]
 repo = "shop"
@@ -50,7 +54,9 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
     made: list[TestClient] = []
 
     def make(
-        server: str = 'listen = "127.0.0.1:8700"', status: list[dict[str, object]] | None = None
+        server: str = 'listen = "127.0.0.1:8700"',
+        status: list[dict[str, object]] | None = None,
+        **extra: object,
     ) -> TestClient:
         text = f'[server]\n{server}\napi_token_env = "{TOKEN_ENV}"\n{SERVICES}'
         loaded = parse(text, tmp_path / "pipeline.toml")
@@ -63,6 +69,7 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Client]:
             wake=lambda: None,
             started_at=time.time(),
             listen=loaded.model.server.listen,
+            **extra,  # type: ignore[arg-type]
         )
         c = TestClient(create_app(ctx), follow_redirects=False)
         c.__enter__()
@@ -205,3 +212,135 @@ def test_pages_redact_what_they_show(client: Client) -> None:
     row |= {"updated_at": "2026-01-01T00:00:00+00:00", "pinned": None}
     page = client(status=[row]).get("/").text
     assert "unreachable: tls key *** refused" in page and secret not in page
+
+
+SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+def _release(state: State, revision: str, status: str = "succeeded") -> int:
+    release = state.start_release(
+        "web", revision, "sha256:" + "d" * 64, "main", "x", kind="deploy", reason=None, run_id=None
+    )
+    state.finish_release(release, status)
+    return release
+
+
+def test_rollback_choices_carry_their_time_for_the_viewers_zone(client: Client) -> None:
+    """The rollback list's options carry their release's time for the page's script to show
+    in the viewer's zone (no raw ISO text), and no select or input is wider than the page."""
+    c = client()
+    state: State = c.app_state.state  # type: ignore[attr-defined]
+    release = _release(state, SHA_A)
+    page = c.get("/services/web").text
+    (started,) = re.findall(r'data-datetime="([^"]+)"', page)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+\+00:00", started)
+    option = re.search(rf'<option value="r{release}"[^>]*>([^<]*)</option>', page)
+    assert option and option.group(1).endswith(" UTC") and "+00:00" not in option.group(1)
+    assert f'data-label="r{release} · {SHA_A[:12]}"' in page
+    script = c.get("/static/app.js").text
+    assert 'querySelectorAll("option[data-datetime]")' in script
+    css = c.get("/static/style.css").text
+    assert re.search(r"input, select, button \{[^}]*max-width: 100%", css)
+    assert re.search(r"main \{[^}]*overflow-wrap: anywhere", css)
+
+
+def test_overview_shows_the_last_poll_or_webhook_whichever_is_newer(client: Client) -> None:
+    """A repo's last poll (its claimed poll slot, which a poll that found nothing leaves) or
+    last webhook is shown, whichever is newer, saying which; "none yet" before either."""
+    heads = [{"name": "shop", "follows": "main", "head": None, "subject": None}]
+    c = client(repos=lambda: [dict(h) for h in heads])
+    state: State = c.app_state.state  # type: ignore[attr-defined]
+
+    def last() -> str:
+        page = c.get("/").text
+        cell = re.search(r'<td class="last-trigger">(.*?)</td>', page, re.S)
+        assert cell, page
+        return cell.group(1)
+
+    assert "none yet" in last()
+    now = time.time()
+    state.cluster.clock = lambda: now - 60
+    assert state.cluster.claim_slot("poll:shop", 5, "other-instance:1")
+    assert last().startswith('<span title="polled within 5 s after this">poll</span> <time')
+    c.app_state.queue.put(source="webhook", kind="push", repo="shop", sha=SHA_A)  # type: ignore[attr-defined]
+    assert last().startswith("<span>webhook</span> <time")
+    state.cluster.clock = lambda: now + 30
+    assert state.cluster.claim_slot("poll:shop", 5, "other-instance:1")
+    shown = last()
+    assert shown.startswith("<span title=") and ">poll</span>" in shown
+    slot_start = int((now + 30) // 5) * 5
+    assert re.search(r'datetime="([^"]+)"', shown).group(1) == (  # type: ignore[union-attr]
+        time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(slot_start))
+    )
+
+
+def test_overview_digest_is_twelve_hex_like_the_cli(client: Client) -> None:
+    """The overview shows an image digest as 12 hex characters without "sha256:", the full
+    digest in its title."""
+    digest = "sha256:" + "0123456789abcdef" * 4
+    row = {"service": "web", "host": "h1", "revision": SHA_A, "digest": digest}
+    row |= {"state": "running", "health": None, "updated_at": None, "pinned": None}
+    page = client(status=[row]).get("/").text
+    assert f'<code title="{digest}">0123456789ab</code>' in page
+
+
+def _git_history(tmp_path: Path) -> tuple[Mirror, str, str]:
+    """A mirror of a real repo with two commits on main: (mirror, first, second)."""
+    work = tmp_path / "shop"
+    env = {"GIT_CONFIG_GLOBAL": "/dev/null", "GIT_CONFIG_NOSYSTEM": "1", "PATH": "/usr/bin:/bin"}
+    who = ["-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *who, *args], cwd=work, env=env, check=True, text=True, capture_output=True
+        )
+        return done.stdout.strip()
+
+    work.mkdir()
+    git("init", "-q", "-b", "main")
+    shas = []
+    for message in ("first", "second"):
+        git("commit", "-q", "--allow-empty", "-m", message)
+        shas.append(git("rev-parse", "HEAD"))
+    mirror = Mirror(work.as_uri(), tmp_path / "mirror.git")
+    mirror.fetch(branch="main")
+    return mirror, shas[0], shas[1]
+
+
+def test_a_release_back_to_an_older_revision_shows_back_to_not_a_range(
+    client: Client, tmp_path: Path
+) -> None:
+    """A release whose revision is an ancestor of the one before it (the mirror's git
+    merge-base --is-ancestor) reads "back to X from Y"; one that moved forward, a range."""
+    mirror, first, second = _git_history(tmp_path)
+    c = client(ancestor=lambda repo, old, new: mirror.is_ancestor(old, new))
+    state: State = c.app_state.state  # type: ignore[attr-defined]
+    r1, r2, r3 = (_release(state, sha) for sha in (first, second, first))
+    page = c.get("/services/web").text
+
+    def meta(release: int) -> str:
+        found = re.search(rf'id="r{release}".*?<p class="meta">(.*?)·', page, re.S)
+        assert found, page
+        return " ".join(found.group(1).split())
+
+    assert meta(r3) == f"back to <code>{first[:12]}</code> from <code>{second[:12]}</code>"
+    assert meta(r2) == f"commits <code>{first[:12]}..{second[:12]}</code>"
+    assert meta(r1) == f"commit <code>{first[:12]}</code>"
+
+
+def test_outcomes_read_as_words(client: Client) -> None:
+    """A stored outcome such as rolled_back is shown as "rolled back"."""
+    c = client()
+    _release(c.app_state.state, SHA_A, "rolled_back")  # type: ignore[attr-defined]
+    page = c.get("/services/web").text
+    assert '<span class="status rolled_back">rolled back</span>' in page
+    assert ">rolled_back<" not in page
+
+
+def test_the_favicon_is_served_and_linked(client: Client) -> None:
+    """/favicon.ico answers with the package's SVG icon, which every page links."""
+    c = client('listen = "0.0.0.0:8700"')
+    icon = c.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/svg+xml"
+    assert icon.text.startswith("<svg") and c.get("/static/favicon.svg").text == icon.text
+    assert '<link rel="icon" href="/static/favicon.svg"' in c.get("/login").text

@@ -1,4 +1,4 @@
-// pipeline dashboard: times in the viewer's zone, confirmations, a run's steps live (SSE).
+// pipeline dashboard: times (of <time> and <option data-datetime>) in the viewer's zone, confirmations, a run's steps live (SSE).
 (function () {
   "use strict";
   function ago(date) {
@@ -17,6 +17,14 @@
       if (isNaN(d.getTime())) continue;
       t.title = d.toLocaleString();
       t.textContent = t.hasAttribute("data-ago") ? ago(d) : d.toLocaleString();
+    }
+    // An <option> holds text only: its time comes from data-datetime, after data-label.
+    var options = (root || document).querySelectorAll("option[data-datetime]");
+    for (var j = 0; j < options.length; j++) {
+      var o = options[j];
+      var od = new Date(o.getAttribute("data-datetime"));
+      if (isNaN(od.getTime())) continue;
+      o.textContent = (o.getAttribute("data-label") || "") + " · " + od.toLocaleString();
     }
   }
   document.addEventListener("DOMContentLoaded", function () {
