@@ -122,7 +122,10 @@ class RichReporter:
 
 
 def amount(what: str, done: int, total: int | None) -> str:
-    """ "step 3/5" for a build, "1.2/4.0 MB" for bytes (total unknown: "1.2 MB")."""
+    """ "step 3/5" for a build, "attempt 3" for a health check, "1.2/4.0 MB" for bytes (total
+    unknown: "1.2 MB")."""
+    if what.endswith(": health"):
+        return f"attempt {done}"
     if " build " in f" {what} ":
         return f"step {done}/{total}" if total else f"step {done}"
     mb = f"{done / 1e6:.1f}"

@@ -11,6 +11,7 @@ A crash (kill -9) leaves the records; `recover` puts the hosts back from them.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import traceback
@@ -548,6 +549,29 @@ class Rollout:
         dial = self.route.dial(new.name)
         self._table_change(host, lambda r: switched(r, dial))
 
+    def _counted(self, host: str, factory: ProbeFactory) -> ProbeFactory:
+        """`factory`'s probes, each attempt told to whoever shows progress (the CLI's terminal
+        view: "web: lab-1: health: attempt 3" beside the elapsed time)."""
+        progress = self.engines[host].progress
+        if progress is None:
+            return factory
+
+        def make(
+            service: ServiceSection, engine: Engine, container: ContainerInfo, address: str
+        ) -> Probe | None:
+            probe = factory(service, engine, container, address)
+            if probe is None:
+                return None
+            attempts = itertools.count(1)
+
+            def counted() -> tuple[bool, str]:
+                progress(f"{self.service}: {host}: health", next(attempts), None)
+                return probe()
+
+            return counted
+
+        return make
+
     def _proxied_probe(self, host: str) -> ProbeFactory:
         """An http check on a path goes through the host's proxy, by the Host that only reaches
         the container under check: it needs no published port and works on any host."""
@@ -592,7 +616,9 @@ class Rollout:
             clock=self.clock,
             sleep=self.sleep,
             should_stop=stop,
-            probe_for=self._proxied_probe(host) if self.proxies else self.probe_for,
+            probe_for=self._counted(
+                host, self._proxied_probe(host) if self.proxies else self.probe_for
+            ),
         )
         if result.healthy:
             self.report(f"{self.service}: {host}: healthy ({result.detail})")

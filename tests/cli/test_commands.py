@@ -270,3 +270,4 @@ def test_push_and_pull_progress_sums_bytes_over_layers() -> None:
     assert (done, total) == (2_100_000, 3_000_000)
     assert amount("push reg/web", done, total) == "2.1/3.0 MB"
     assert amount("lab-1: build web", 3, 5) == "step 3/5"
+    assert amount("web: lab-1: health", 3, None) == "attempt 3"

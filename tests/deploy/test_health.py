@@ -703,7 +703,8 @@ def test_rollout_result_carries_the_failure_kind(
     shown: str,
 ) -> None:
     """A rollout whose new container fails the gate is rolled back, and its result says whether
-    it crashed or was unhealthy, with the reason in its error."""
+    it crashed or was unhealthy, with the reason in its error; each check attempt is told to
+    whoever shows progress (the terminal view's "health: attempt N")."""
     name = f"gate{uuid.uuid4().hex[:6]}"
     spec = ServiceSection.model_validate(
         {
@@ -730,13 +731,18 @@ def test_rollout_result_carries_the_failure_kind(
         spec_hash="h",
         pull=False,
     )
+    seen: list[tuple[str, int]] = []
+    engine.progress = lambda what, done, _total: seen.append((what, done))
     try:
         result = rollout.run(target, run_id=None)
     finally:
+        engine.progress = None
         for c in engine.containers.managed_containers(name):
             engine.containers.remove(c.id)
     assert (result.ok, result.failure_kind) == (False, kind), result.error
     assert shown in (result.error or "")
+    if kind == UNHEALTHY:
+        assert seen[:2] == [(f"{name}: local: health", 1), (f"{name}: local: health", 2)], seen
 
 
 @pytest.mark.docker
