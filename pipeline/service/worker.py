@@ -362,7 +362,8 @@ class Worker:
             and self._newer_commit_waiting(repo, ev.id, pinned, contained)
         ):
             # Its rollout gave way to a newer commit (recorded as superseded, not as broken).
-            return _Outcome("superseded", result.run_id, f"a newer push is queued; {note}")
+            said = "a newer push is queued" + (f"; {note}" if note else "")
+            return _Outcome("superseded", result.run_id, said)
         return _Outcome("done" if result.ok else "failed", result.run_id, note)
 
     def _push(self, ev: QueuedEvent, repo: str) -> _Outcome | None:
