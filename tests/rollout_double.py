@@ -141,6 +141,7 @@ class EngineDouble:
         self.boxes: dict[str, ContainerInfo] = {}
         self.images: set[str] = set()
         self.ports = itertools.count(32768)
+        self.progress = None  # as an Engine nobody shows progress for (`Engine.progress`)
 
     def _call(self, method: str, perform: Callable[[], Any]) -> Any:
         return self.world.call(self.name, method, perform)
