@@ -511,19 +511,24 @@ class State:
             )
 
     def service_records(self, services: list[str]) -> dict[str, ServiceRecord]:
+        """Per service, its last succeeded release and where it runs now (its deployments'
+        hosts, or its cluster's name); services never deployed are left out."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Deployment.service, Deployment.host).where(Deployment.service.in_(services))
+            )
+            targets: dict[str, set[str]] = {}
+            for service, host in rows:
+                targets.setdefault(service, set()).add(host)
         out = {}
         for service in services:
             ok = self.successful_releases(service)
             if ok:
-                with self.session() as s:
-                    targets = frozenset(
-                        s.scalars(select(Deployment.host).where(Deployment.service == service))
-                    )
                 out[service] = ServiceRecord(
                     revision=ok[0].revision,
                     digest=ok[0].digest,
                     spec_hash=ok[0].spec_hash,
-                    targets=targets,
+                    targets=frozenset(targets.get(service, ())),
                 )
         return out
 

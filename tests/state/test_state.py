@@ -86,3 +86,19 @@ def test_owner_alive_local_knows_dead_pids() -> None:
     dead.wait()
     assert not owner_alive_local(default_owner().rsplit(":", 1)[0] + f":{dead.pid}")
     assert owner_alive_local("another-machine:1")
+
+
+def test_service_records_say_where_each_service_runs(tmp_path: Path) -> None:
+    """A service's record carries the hosts it is deployed on, so that the planner can roll
+    it out to a host added to its `hosts`; a service never deployed has no record."""
+    state = State.in_dir(tmp_path)
+    rel = state.start_release("web", "a" * 40, "sha256:a", "r/web@sha256:a", "h", kind="deploy",
+                              reason="test", run_id=None)  # fmt: skip
+    state.finish_release(rel, "succeeded")
+    for host in ("lab-1", "lab-2"):
+        state.set_deployment("web", host, revision="a" * 40, digest="sha256:a",
+                             ref="r/web@sha256:a", spec_hash="h", container_id=None,
+                             release_id=rel)  # fmt: skip
+    records = state.service_records(["web", "api"])
+    assert set(records) == {"web"}
+    assert records["web"].targets == frozenset({"lab-1", "lab-2"})
