@@ -152,6 +152,7 @@ class _Pass:
     reused: set[str] = field(default_factory=set)
     containers: dict[str, list[ContainerInfo]] = field(default_factory=dict)  # seen by observe
     routed_at: dict[str, float] = field(default_factory=dict)
+    standby: set[str] = field(default_factory=set)  # hosts whose proxy reaches the new one
 
 
 @dataclass
@@ -429,8 +430,8 @@ class Rollout:
             self.report(f"{self.service}: {host}: started {new.name}, checking health")
             return f"container {new.name}"
         if step == "health":
-            if self.proxies:
-                self._reachable(host, p.new[host])
+            if self.proxies and host not in p.standby:
+                self._reachable(host, p.new[host].name)
             return self._check(host, p)
         if step == "route":
             new = p.new[host]
@@ -466,14 +467,50 @@ class Rollout:
     def _start_proxied(self, host: str, p: _Pass) -> str:
         """Start the new container on the proxy's network with no host port (or start again
         the retained container that ran this very release: a rollback is a switch), after
-        making sure the host's proxy runs and the image exposes the routed port."""
+        making sure the host's proxy runs and the image exposes the routed port; the proxy's
+        standby route to it (pipeline's own way in, for the check) is loaded meanwhile."""
         engine, target = self.engines[host], p.target
         assert self.proxy is not None and self.spec.proxy is not None
         network, port = self.proxy.network, self.spec.proxy.port
         tls = self.spec.proxy.tls != "off"
         retained = self._retained(host, p)
-        if retained is None or tls:  # else the check's route makes it, one question fewer
+        if retained is None or tls:  # else the standby route makes it, one question fewer
             self.retry.call(lambda: self.proxies[host].ensure(tls), f"proxy on {host}")
+        spec: ContainerSpec | None = None
+        if retained is None:
+            exposed = engine.exposed_ports(target.refs[host])
+            if exposed is not None and f"{port}/tcp" not in exposed:
+                raise RolloutFailed(
+                    f"host {host}: {self.service}: services.{self.service}.proxy.port {port} is "
+                    f"not a port the image exposes (EXPOSE: {', '.join(exposed) or 'none'}); "
+                    "nothing was switched",
+                    "unhealthy",
+                )
+            self.retry.call(
+                lambda: engine.containers.ensure_network(network), f"network on {host}"
+            )
+            spec = replace(self._container_spec(target, target.refs[host], p.release_id),
+                           network=network)  # fmt: skip
+        # The standby route is loaded while the engine starts the container: Caddy resolves an
+        # upstream per request, so a route to a container not running yet is harmless, and the
+        # two round trips (a reload by exec; a start) overlap instead of adding up. They are
+        # most of a rollback's time per host.
+        name = retained.name if retained is not None else spec.name if spec else ""
+        with ThreadPoolExecutor(1, thread_name_prefix=f"standby-{host}") as pool:
+            standby = pool.submit(self._reachable, host, name)
+            try:
+                detail = self._start_on_proxy_network(host, p, retained, spec)
+            finally:
+                failed = standby.exception()  # waits: the route change is never left halfway
+        if failed is not None:
+            raise failed
+        p.standby.add(host)
+        return detail
+
+    def _start_on_proxy_network(
+        self, host: str, p: _Pass, retained: ContainerInfo | None, spec: ContainerSpec | None
+    ) -> str:
+        engine = self.engines[host]
         if retained is not None:
             info = retained
             if retained.status != "running":
@@ -485,17 +522,7 @@ class Rollout:
             p.reused.add(host)
             self.report(f"{self.service}: {host}: started retained {info.name} again, checking")
             return f"retained container {info.name}"
-        exposed = engine.exposed_ports(target.refs[host])
-        if exposed is not None and f"{port}/tcp" not in exposed:
-            raise RolloutFailed(
-                f"host {host}: {self.service}: services.{self.service}.proxy.port {port} is not "
-                f"a port the image exposes (EXPOSE: {', '.join(exposed) or 'none'}); nothing "
-                "was switched",
-                "unhealthy",
-            )
-        self.retry.call(lambda: engine.containers.ensure_network(network), f"network on {host}")
-        spec = replace(self._container_spec(target, target.refs[host], p.release_id),
-                       network=network)  # fmt: skip
+        assert spec is not None
         new = self.retry.call(lambda: engine.containers.run(spec), f"start on {host}")
         p.new[host] = new
         self.report(f"{self.service}: {host}: started {new.name}, checking health")
@@ -535,10 +562,10 @@ class Rollout:
 
         return self.proxies[host].change(apply)
 
-    def _reachable(self, host: str, new: ContainerInfo) -> None:
-        """Let pipeline, and only pipeline, reach the new container through the host's proxy."""
+    def _reachable(self, host: str, name: str) -> None:
+        """Let pipeline, and only pipeline, reach container `name` through the host's proxy."""
         assert self.route is not None
-        dial = self.route.dial(new.name)
+        dial = self.route.dial(name)
         self.retry.call(
             lambda: self._table_change(host, lambda r: with_standby(r, dial)), f"proxy on {host}"
         )

@@ -72,8 +72,10 @@ class HostUndo:
             elif undo == "remove_new" and new:
                 info = engine.containers.inspect(new) if host in self.proxies else None
                 engine.containers.remove(new)  # by id or by its release's name; gone is fine
-                if info is not None:
-                    self._forget(host, info.name)
+                if host in self.proxies:
+                    # The standby route is loaded while the container starts: it may name a
+                    # container that was never made (then `new` is its release's name).
+                    self._forget(host, info.name if info is not None else new)
             elif undo == "start_previous" and prev.container and prev.running:
                 info = engine.containers.inspect(prev.container)
                 if info is None:
