@@ -23,6 +23,7 @@ taken from the recorded steps: from its first step to the end of its `route` ste
 from __future__ import annotations
 
 import argparse
+import collections
 import http.client
 import json
 import statistics
@@ -205,6 +206,7 @@ def main() -> int:
         good = [first.rollouts[0].release_id]
         pass_seconds: dict[str, list[float]] = {"deploy": [], "failing": [], "rollback": []}
         rollback_hosts: dict[str, list[float]] = {h.name: [] for h in lab.hosts}
+        rollback_steps: dict[str, list[float]] = collections.defaultdict(list)
         failures: list[str] = []
         with Load([h.address for h in lab.hosts], args.threads) as load_gen:
             time.sleep(args.idle)
@@ -251,6 +253,11 @@ def main() -> int:
                             assert end is not None
                             took = (end - first_start).total_seconds()
                             rollback_hosts[h.name].append(took)
+                        for s in mine:  # where the time goes: each step's own duration
+                            if s.finished_at is not None:
+                                rollback_steps[s.kind].append(
+                                    (s.finished_at - s.started_at).total_seconds()
+                                )
                     print(f"rollback {n} to {to}: {pass_seconds['rollback'][-1]:.2f}s", flush=True)
             finally:
                 _block_registry(lab, False)
@@ -283,6 +290,8 @@ def main() -> int:
     if per_host:
         print(f"rollback per host, all: median {statistics.median(per_host):.3f}s, "
               f"max {max(per_host):.3f}s (target < 1 s)")  # fmt: skip
+    for kind, ts in rollback_steps.items():
+        print(f"  rollback step {kind}: median {statistics.median(ts):.3f}s, max {max(ts):.3f}s")
     for f in failures:
         print(f"PROBLEM: {f}")
     return 0 if not failed and not failures else 1
