@@ -1,4 +1,8 @@
-"""Loading `pipeline.toml`: every problem reported at once, each with file:line and key path."""
+"""Loading `pipeline.toml`: its problems reported at once, each with file:line and key path.
+
+Tables are decoded one by one (each `[services.NAME]`, `[hosts.NAME]`, ... entry on its own), and
+msgspec stops at a table's first problem: one run reports the first problem of every bad table,
+every reference to an undefined name and every placeholder left."""
 
 from __future__ import annotations
 
@@ -129,7 +133,8 @@ def default_config_path() -> Path:
 
 
 def load(path: Path) -> LoadedConfig:
-    """Read and validate a config file; raise ConfigError listing every problem found."""
+    """Read and validate a config file; raise ConfigError listing the problems found (the
+    first of each bad table, every cross-reference and placeholder)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
