@@ -27,11 +27,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from dotenv.parser import Binding, parse_stream
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
 from pipeline.redact import register_env_value
+
+if TYPE_CHECKING:
+    from dotenv.parser import Binding
 
 # Compose's rule for a variable name (compose-go dotenv/parser.go: letters, digits, `_.-[]`).
 _NAME = re.compile(r"[\w.\-\[\]]+")
@@ -61,6 +63,9 @@ def parse_env(text: str) -> tuple[dict[str, str], tuple[int, str] | None]:
     """The variables of env_file `text` (values registered as secrets) and its first problem as
     (line number, message), or None. Nothing after a problem is trusted (an unclosed quote turns
     the lines after it into nonsense): the values returned are those before it."""
+    # Imported here: python-dotenv is paid only by a config whose services have an env_file.
+    from dotenv.parser import parse_stream
+
     values: dict[str, str] = {}
     for binding in parse_stream(io.StringIO(text)):
         problem = _problem(binding)

@@ -1,4 +1,8 @@
-"""Loading `pipeline.toml`: every problem reported at once, each with file:line and key path."""
+"""Loading `pipeline.toml`: its problems reported at once, each with file:line and key path.
+
+Tables are decoded one by one (each `[services.NAME]`, `[hosts.NAME]`, ... entry on its own), and
+msgspec stops at a table's first problem: one run reports the first problem of every bad table,
+every reference to an undefined name and every placeholder left."""
 
 from __future__ import annotations
 
@@ -6,15 +10,17 @@ import contextlib
 import os
 import re
 import tomllib
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ValidationError
+import msgspec
 
 from pipeline.config.envfile import EnvFile, EnvFileError, read_env_file
 from pipeline.config.model import (
+    DEFAULT_LISTEN,
     NAME_RE,
     ClusterSection,
     Config,
@@ -26,19 +32,20 @@ from pipeline.config.model import (
     RepoSection,
     ServerSection,
     ServiceSection,
+    decode,
     listens_beyond_loopback,
     parse_port,
 )
 from pipeline.errors import ConfigError
 from pipeline.redact import register_secret
 
-_SECTIONS: dict[str, type[BaseModel]] = {
+_SECTIONS: dict[str, type[msgspec.Struct]] = {
     "pipeline": PipelineSection,
     "server": ServerSection,
     "registry": RegistrySection,
     "proxy": ProxySection,
 }
-_NAMED: dict[str, type[BaseModel]] = {
+_NAMED: dict[str, type[msgspec.Struct]] = {
     "hosts": HostSection,
     "clusters": ClusterSection,
     "repos": RepoSection,
@@ -46,6 +53,8 @@ _NAMED: dict[str, type[BaseModel]] = {
     "services": ServiceSection,
 }
 _INLINE_SECRETS = {"password", "token", "secret", "webhook_secret", "api_token"}
+# A key whose wrongly typed value a message does not quote: it may be a secret.
+_SECRETISH = ("password", "token", "secret")
 
 
 @dataclass(frozen=True)
@@ -124,7 +133,8 @@ def default_config_path() -> Path:
 
 
 def load(path: Path) -> LoadedConfig:
-    """Read and validate a config file; raise ConfigError listing every problem found."""
+    """Read and validate a config file; raise ConfigError listing the problems found (the
+    first of each bad table, every cross-reference and placeholder)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -162,9 +172,7 @@ def parse(text: str, path: Path) -> LoadedConfig:
     if problems:
         located = sorted((lines.line_of(p), ".".join(p), m) for p, m in problems)
         raise ConfigError([f"{name}:{line}: {key}: {msg}" for line, key, msg in located])
-    loaded = LoadedConfig(
-        path=path.resolve(), model=Config.model_validate(sections), shown=name, lines=lines
-    )
+    loaded = LoadedConfig(path=path.resolve(), model=Config(**sections), shown=name, lines=lines)
     for service in loaded.model.services:
         with contextlib.suppress(EnvFileError):
             loaded.read_env_file(service)  # registers the values it reads as secrets
@@ -207,32 +215,101 @@ def _validate_named(
 
 
 def _validate(
-    model: type[BaseModel],
+    model: type[msgspec.Struct],
     value: Any,
     where: tuple[str, ...],
     problems: list[tuple[tuple[str, ...], str]],
-) -> BaseModel | None:
+) -> msgspec.Struct | None:
+    """`value` decoded as `model`, or None with its problem added: msgspec stops at a table's
+    first problem, so each table (each named entry) reports one."""
     try:
-        return model.model_validate(value)
-    except ValidationError as exc:
-        for err in exc.errors():
-            loc = where + tuple(str(p) for p in err["loc"])
-            problems.append((loc, _message(err, loc)))
+        return decode(model, value)
+    except msgspec.ValidationError as exc:
+        loc, msg = _problem(model, value, str(exc))
+        problems.append((where + loc, msg))
         return None
 
 
-def _message(err: Any, loc: tuple[str, ...]) -> str:
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        return _unknown_key_message(loc[-1])
-    if kind == "missing":
-        return "missing required key"
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        msg = msg.removeprefix(prefix)
-    if kind.endswith("_type") or kind in ("model_type", "dict_type", "list_type"):
-        return f"{msg} (got {type(err['input']).__name__} {err['input']!r})"
-    return msg
+# msgspec's messages (ValidationError): "WHAT - at `$.key.list[0]`"; "at" is absent at the top.
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[\.\.\.\]")
+_FIELD = re.compile(r"^Object (contains unknown|missing required) field `([^`]+)`$")
+_TYPE = re.compile(r"^Expected `([^`]+)`, got `[^`]+`$")
+_BOUND = re.compile(r"^Expected `[^`]+`( of length)? (>=|>|<=|<) ([0-9.]+)$")
+_BOUND_WORDS = {
+    ">=": "greater than or equal to",
+    ">": "greater than",
+    "<=": "less than or equal to",
+    "<": "less than",
+}
+_TYPE_WORDS = {"array": "list", "object": "table", "null": "", "float": "number"}
+
+
+def _problem(model: type[msgspec.Struct], value: Any, error: str) -> tuple[tuple[str, ...], str]:
+    """The key path (within the table) and the user's message of a msgspec error."""
+    at = _AT.match(error)
+    assert at is not None  # the pattern matches any text
+    msg = at.group("msg")
+    loc: tuple[str, ...] = ()
+    in_dict = False  # `[...]`: an entry of a table msgspec does not name; reported at the table
+    for key, index in _STEP.findall(at.group("path") or ""):
+        if not key and not index:
+            in_dict = True
+            break
+        loc = (*loc, key or index)
+    if field := _FIELD.match(msg):
+        loc = (*loc, field.group(2))
+        if field.group(1) == "contains unknown":
+            return loc, _unknown_key_message(field.group(2))
+        return loc, "missing required key"
+    given, found = _raw_at(value, loc) if not in_dict else (None, False)
+    # The value is quoted unless it may be a secret (by its key) or is a whole table or list.
+    quoted = (
+        found
+        and not isinstance(given, dict | list)
+        and not (loc and any(word in loc[-1] for word in _SECRETISH))
+    )
+    if typed := _TYPE.match(msg):
+        expected = " or ".join(
+            w for w in (_TYPE_WORDS.get(t, t) for t in typed.group(1).split(" | ")) if w
+        )
+        if in_dict:
+            return loc, f"each value: expected {expected}"
+        kind = {"dict": "table"}.get(type(given).__name__, type(given).__name__)
+        return loc, f"expected {expected}, got {kind}" + (f" {given!r}" if quoted else "")
+    got = f" (got {given!r})" if quoted else ""
+    if bound := _BOUND.match(msg):
+        of_length, op, limit = bound.groups()
+        if of_length:
+            return loc, f"must have at least {limit} item(s)"
+        return loc, f"must be {_BOUND_WORDS[op]} {limit}{got}"
+    if msg.startswith("Invalid enum value"):
+        return loc, f"must be {' or '.join(map(repr, _choices(model, loc)))}{got}"
+    return loc, msg  # a rule's own message (a ValueError of a value type or a table's check)
+
+
+def _raw_at(value: Any, loc: tuple[str, ...]) -> tuple[Any, bool]:
+    """The raw (TOML) value at `loc` in `value`, and whether there is one."""
+    for part in loc:
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None, False
+    return value, True
+
+
+def _choices(model: Any, loc: tuple[str, ...]) -> tuple[Any, ...]:
+    """The values of the `Literal` field at `loc` of `model` (through nested tables)."""
+    kind: Any = model
+    for part in loc:
+        if not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+            return ()
+        kind = next((f.type for f in msgspec.structs.fields(kind) if f.name == part), None)
+        while get_origin(kind) in (Union, types.UnionType):  # `X | None` of a table or a Literal
+            kind = next(a for a in get_args(kind) if a is not type(None))
+    return get_args(kind) if get_origin(kind) is Literal else ()
 
 
 def _unknown_key_message(key: str) -> str:
@@ -391,7 +468,7 @@ def _proxy_problems(
 def _read_token(server: dict[str, Any]) -> Iterable[tuple[tuple[str, ...], str]]:
     """Reads that need the API token (`ServerSection.reads_need_token`) need `api_token_env`:
     without it every `GET /api/*` would be refused."""
-    listen = server.get("listen", ServerSection.model_fields["listen"].default)
+    listen = server.get("listen", DEFAULT_LISTEN)
     required = server.get("read_token_required")
     if not isinstance(listen, str) or server.get("api_token_env") is not None:
         return

@@ -59,7 +59,7 @@ class Connections:
         """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
         hundreds of repos then costs one `git ls-remote` each)."""
         section = self.loaded.model.repos[repo]
-        url = section.url
+        url: str = section.url
         if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)
             url = f"file://{url}"
         with self._lock:

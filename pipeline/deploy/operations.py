@@ -6,9 +6,9 @@ import contextlib
 from dataclasses import replace
 from typing import Any
 
-from pydantic import ValidationError
+import msgspec
 
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import ServiceSection, decode, to_data
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.rollout import RolloutResult, Target, service_container_spec
 from pipeline.deploy.runner import Runner
@@ -99,14 +99,14 @@ def restored_spec(stored: ServiceSettings, current: ServiceSection) -> ServiceSe
     command, volumes, resources, network, restart, labels, health) with the current config's
     hosts, strategy, max_parallel and stop_timeout. The env file's stored text travels beside
     it in `Target.env_file` (the file on disk may have changed since)."""
-    ran = stored.service.model_dump(mode="json")
-    how = current.model_dump(mode="json", include=_HOW)
+    ran = to_data(stored.service)
+    how = {key: value for key, value in to_data(current).items() if key in _HOW}
     try:
-        return ServiceSection.model_validate({**ran, **how})
-    except ValidationError:
+        return decode(ServiceSection, {**ran, **how})
+    except msgspec.ValidationError:
         # Today's strategy does not fit the stored ports (start-first with a fixed host port):
         # roll out as that release was.
-        return ServiceSection.model_validate({**ran, **how, "strategy": ran["strategy"]})
+        return decode(ServiceSection, {**ran, **how, "strategy": ran["strategy"]})
 
 
 def _repo_head(runner: Runner, repo: str) -> str | None:

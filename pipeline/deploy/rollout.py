@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgspec
 import structlog
 
 from pipeline.config.envfile import env_values
@@ -632,8 +633,8 @@ class Rollout:
 
         spec = self.spec
         if host in p.reused:  # known good: it passed its window when it was first deployed
-            spec = spec.model_copy(
-                update={"health": spec.health.model_copy(update={"monitor": 0.0})}
+            spec = msgspec.structs.replace(
+                spec, health=msgspec.structs.replace(spec.health, monitor=0.0)
             )
         result = check_container(
             spec,

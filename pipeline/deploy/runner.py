@@ -176,7 +176,7 @@ class Runner:
         records = self.state.image_records(images)
         changes = {r.revision: mirror.changed_paths(r.revision, sha) for r in records.values()}
         contexts = {self.cfg.images[i].context for i in images}
-        ignores = {}
+        ignores: dict[str, str] = {}
         for ctx in contexts:
             text = mirror.read_file(sha, ".dockerignore" if ctx == "." else f"{ctx}/.dockerignore")
             if text is not None:

@@ -40,7 +40,7 @@ def config_subnet(loaded: LoadedConfig) -> str:
     ("10.88.0.0/24") when the config names no IPv4 address. So a demo of a config made for a
     lab on another subnet brings up (or reuses) that lab instead of replacing it."""
     cfg = loaded.model
-    candidates = [cfg.registry.address] if cfg.registry else []
+    candidates: list[str] = [cfg.registry.address] if cfg.registry else []
     candidates += [h.docker for h in cfg.hosts.values()]
     for text in candidates:
         host = urlsplit(text if "//" in text else f"//{text}").hostname or ""

@@ -23,6 +23,7 @@ from pipeline.config.model import (
     HealthSection,
     ImageSection,
     ServiceSection,
+    to_data,
 )
 from pipeline.plan.blocked import Blocked
 from pipeline.plan.dockerignore import DockerIgnore, DockerIgnoreError
@@ -205,7 +206,7 @@ def service_spec_hash(service: ServiceSection, env_file_text: str | None = None)
 def _health_for_hash(health: HealthSection) -> dict[str, object]:
     """The health table as hashed: every key counts, but keys added to pipeline later count only
     when set away from their default, so that upgrading pipeline restarts no container."""
-    data = health.model_dump(mode="json")
+    data = to_data(health)
     if health.monitor == DEFAULT_MONITOR:
         del data["monitor"]
     return data

@@ -12,12 +12,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
 import structlog
-from pydantic import ValidationError
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import ServiceSection, decode, to_data
 from pipeline.plan.rollback import PastRelease, PinRecord
 from pipeline.state.schema import Pin, Release, ReleaseSettings
 from pipeline.timeutil import aware
@@ -39,7 +39,7 @@ class ServiceSettings:
         return json.dumps(
             {
                 "format": _FORMAT,
-                "service": self.service.model_dump(mode="json"),
+                "service": to_data(self.service),
                 "env_file_text": self.env_file_text,
             },
             sort_keys=True,
@@ -53,11 +53,11 @@ class ServiceSettings:
             data = json.loads(text)
             if data.get("format") != _FORMAT:
                 return None
-            return cls(ServiceSection.model_validate(data["service"]), data.get("env_file_text"))
-        except ValidationError as exc:
-            # Only where it failed: pydantic's message would quote the (secret) input.
-            where = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
-            log.warning("stored release settings do not validate", keys=where)
+            return cls(decode(ServiceSection, data["service"]), data.get("env_file_text"))
+        except msgspec.ValidationError as exc:
+            # Only where it failed: the message may quote the (secret) input.
+            where = str(exc).rpartition(" - at `$")[2].rstrip("`").lstrip(".")
+            log.warning("stored release settings do not validate", keys=[where or "service"])
             return None
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("stored release settings are not readable JSON")

@@ -47,7 +47,7 @@ HEAVY = {
     "httpx",
     "tenacity",
 }
-# The config needs pydantic; cron expressions are checked with APScheduler's own parser.
+# The config needs msgspec; cron expressions are checked with APScheduler's own parser.
 CONFIG_ONLY = HEAVY - {"apscheduler"}
 
 
@@ -94,7 +94,7 @@ def test_config_only_commands_import_no_database_docker_git_or_service(
     tmp_path: Path, command: str
 ) -> None:
     """`pipeline validate` and the pre-receive hook's `hook-validate` (run on every push) load
-    the config's pydantic model and nothing of the database, Docker, git, the service or
+    the config's msgspec model and nothing of the database, Docker, git, the service or
     structlog."""
     config = _config(tmp_path)
     args = ["validate", "-c", str(config)]
@@ -102,8 +102,42 @@ def test_config_only_commands_import_no_database_docker_git_or_service(
         args = ["hook-validate", "--repo", "shop", "--ref", "refs/heads/main"]
         args += ["-c", str(config), str(config)]
     loaded = _loaded(tmp_path, *args)
-    assert "pydantic" in loaded  # the config was read
+    assert "msgspec" in loaded  # the config was read
     assert loaded & CONFIG_ONLY == set()
+
+
+# Loads a config the way every command does, then prints the top-level packages it loaded.
+_LOAD = """
+import json, sys
+from pathlib import Path
+from pipeline.config.load import load
+load(Path(sys.argv[1]))
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+@pytest.mark.parametrize("env_file", [False, True])
+def test_loading_a_config_imports_no_pydantic(tmp_path: Path, env_file: bool) -> None:
+    """Loading and validating a config imports neither pydantic nor the heavy packages, and
+    python-dotenv only when a service has an env_file."""
+    config = _config(tmp_path)
+    if env_file:
+        (tmp_path / "web.env").write_text("MODE=prod\n")
+        text = config.read_text(encoding="utf-8")
+        config.write_text(
+            text.replace("[services.web]\n", '[services.web]\nenv_file = "web.env"\n')
+        )
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD, str(config)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded = set(json.loads(done.stdout))
+    assert "msgspec" in loaded
+    assert loaded & (CONFIG_ONLY | {"pydantic", "pydantic_core", "typer"}) == set()
+    assert ("dotenv" in loaded) is env_file
 
 
 def test_hook_event_imports_the_database_but_not_docker_git_or_the_service(

@@ -77,7 +77,7 @@ def test_all_errors_reported_with_line_and_key() -> None:
         ('hosts = ["web-1"]', 'hosts = ["web-2"]', "unknown host 'web-2'"),
         ('repo = "shop"', 'repo = "shop"\nrebuild = "61 * * * *"', "invalid cron"),
         ('ports = ["8080:8080"]', 'ports = ["8080:99999"]', "invalid port"),
-        ('ports = ["8080:8080"]', 'ports = "8080:8080"', "valid list"),
+        ('ports = ["8080:8080"]', 'ports = "8080:8080"', "expected list, got str '8080:8080'"),
         ("[repos.shop]", '[repos.shop]\npassword = "hunter2"', "secrets are never inline"),
     ],
 )
@@ -303,3 +303,68 @@ def test_a_postgresql_database_with_its_password_variable_is_accepted() -> None:
         Path("pipeline.toml"),
     )
     assert loaded.model.pipeline.database_password_env == "PIPELINE_DB_PASSWORD"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (
+            '[pipeline]\nbuild_concurrency = "2"\n',
+            "pipeline.toml:2: pipeline.build_concurrency: expected int, got str '2'",
+        ),
+        (
+            "[pipeline]\nkeep_revisions = 0\n",
+            "pipeline.toml:2: pipeline.keep_revisions: must be greater than or equal to 1 (got 0)",
+        ),
+        (
+            '[server]\ndashboard = "closed"\n',
+            "pipeline.toml:2: server.dashboard: must be 'login' or 'open' (got 'closed')",
+        ),
+        (
+            "[server]\napi_token_env = 12345\n",
+            "pipeline.toml:2: server.api_token_env: expected str, got int",
+        ),
+        (
+            "[registry]\ninsecure = true\n",
+            "pipeline.toml:1: registry.address: missing required key",
+        ),
+        (
+            '[registry]\naddress = "r:5000"\npassword = "hunter2"\n',
+            "pipeline.toml:3: registry.password: unknown key 'password': secrets are never "
+            "inline; use password_env (or password_file)",
+        ),
+        (
+            "[pipeline]\ndata_dir = 5\n",
+            "pipeline.toml:2: pipeline.data_dir: expected str, got int 5",
+        ),
+        (
+            "[proxy]\nhttp_port = 8080\nhttps_port = 8080\n",
+            "pipeline.toml:1: proxy: http_port and https_port must differ",
+        ),
+    ],
+)
+def test_each_kind_of_problem_reads_plainly(extra: str, expected: str) -> None:
+    """A wrong type, a number out of range, a value not among the choices, a missing key, an
+    inline secret and a table's own check each read as one located sentence, quoting the value
+    except under a key that may hold a secret."""
+    assert problems(extra + BASE) == [expected]
+
+
+def test_one_problem_per_bad_entry_and_every_reference_in_one_run() -> None:
+    """Two bad keys in one service give its first; a bad key in another service, an unknown
+    host, a wrongly typed health key and a placeholder are each reported too, in one run."""
+    text = BASE.replace('ports = ["8080:8080"]', 'ports = ["8080:8080"]\ncpus = "1"\nmemory = "x"')
+    text += '\n[services.api]\nimage = "web"\nhosts = ["web-9"]\nrestart = "sometimes"\n'
+    text += '\n[services.db]\nimage = "web"\nhosts = ["web-1"]\n'
+    text += '\n[services.db.health]\ntcp = "5432"\n'
+    text += '\n[repos.other]\nurl = "https://git.example.com/FILL-IN.git"\n'
+    found = problems(text)
+    keys = [p.split(": ")[1] for p in found]
+    assert keys == [
+        "services.web.cpus",
+        "services.api.hosts.0",
+        "services.api.restart",
+        "services.db.health.tcp",
+        "repos.other.url",
+    ], found
+    assert "expected int, got str '5432'" in found[3]

@@ -19,7 +19,7 @@ from docker_helpers import (
     write_busybox_context,
 )
 
-from pipeline.config.model import HostSection, ServiceSection
+from pipeline.config.model import HostSection, ServiceSection, decode
 from pipeline.deploy.health import (
     CRASHED,
     STATE_POLL,
@@ -393,7 +393,7 @@ def test_probe_for_aims_at_the_published_port(
     service: dict[str, object], container_port: int, target: str
 ) -> None:
     """probe_for picks the check's kind and the host port that publishes the container port."""
-    section = ServiceSection.model_validate({"image": "web", "hosts": ["h"], **service})
+    section = decode(ServiceSection, {"image": "web", "hosts": ["h"], **service})
     published = free_port()  # nothing listens there: the probe fails at once, naming its target
     ports = {"9000/tcp": 1, f"{container_port}/tcp": published}
     unused = Engine(Connection("unused", "tcp://127.0.0.1:1"))
@@ -406,14 +406,16 @@ def test_probe_for_host_network_and_full_url() -> None:
     """With network "host" the container port itself is probed; a full URL is used as given."""
     engine = Engine(Connection("unused", "tcp://127.0.0.1:1"))
     port = free_port()
-    host_net = ServiceSection.model_validate(
-        {"image": "web", "hosts": ["h"], "network": "host", "health": {"http": "/h", "port": port}}
+    host_net = decode(
+        ServiceSection,
+        {"image": "web", "hosts": ["h"], "network": "host", "health": {"http": "/h", "port": port}},
     )
     assert probe_for(host_net, engine, _info({}), "127.0.0.1")()[1].startswith(
         f"GET http://127.0.0.1:{port}/h:"
     )
-    url = ServiceSection.model_validate(
-        {"image": "web", "hosts": ["h"], "health": {"http": f"http://127.0.0.1:{port}/x"}}
+    url = decode(
+        ServiceSection,
+        {"image": "web", "hosts": ["h"], "health": {"http": f"http://127.0.0.1:{port}/x"}},
     )
     assert probe_for(url, engine, _info({}), "10.0.0.5")()[1].startswith(
         f"GET http://127.0.0.1:{port}/x:"
@@ -488,7 +490,8 @@ def test_http_probe_is_healthy_when_health_endpoint_serves(
 ) -> None:
     """An HTTP check of busybox httpd's /health through probe_for becomes healthy."""
     info = run(images["plain"])
-    section = ServiceSection.model_validate(
+    section = decode(
+        ServiceSection,
         {"image": "web", "hosts": ["h"], "ports": ["8080"], "health": {"http": "/health"}},
     )
     probe = probe_for(section, engine, info, "127.0.0.1")
@@ -518,7 +521,8 @@ def test_a_rollout_whose_container_exits_fails_at_once(
     """A new container whose command exits fails its rollout at once, long before the health
     timeout, and the failure says how it exited."""
     service = unique_name()
-    spec = ServiceSection.model_validate(
+    spec = decode(
+        ServiceSection,
         {
             "image": "web",
             "hosts": ["local"],
@@ -600,8 +604,9 @@ FATAL = ["/bin/busybox", "sh", "-c", "echo 'FATAL: DATABASE_URL is not set' >&2;
 
 
 def _service(health: dict[str, object], **keys: object) -> ServiceSection:
-    return ServiceSection.model_validate(
-        {"image": "web", "hosts": ["h"], "ports": ["8080"], "health": health, **keys}
+    return decode(
+        ServiceSection,
+        {"image": "web", "hosts": ["h"], "ports": ["8080"], "health": health, **keys},
     )
 
 
@@ -706,7 +711,8 @@ def test_rollout_result_carries_the_failure_kind(
     it crashed or was unhealthy, with the reason in its error; each check attempt is told to
     whoever shows progress (the terminal view's "health: attempt N")."""
     name = f"gate{uuid.uuid4().hex[:6]}"
-    spec = ServiceSection.model_validate(
+    spec = decode(
+        ServiceSection,
         {
             "image": "web",
             "hosts": ["local"],
@@ -715,7 +721,7 @@ def test_rollout_result_carries_the_failure_kind(
             "restart": "no",
             "labels": {TEST_LABEL: SESSION},
             "health": {**health, "interval": "100ms", "monitor": "300ms"},
-        }
+        },
     )
     rollout = Rollout(
         state=State.in_dir(tmp_path / "data"),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipeline.config.load import load
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import ServiceSection, decode
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import restored_spec, rollback_service
 from pipeline.deploy.rollout import RolloutResult, Target
@@ -156,9 +156,10 @@ def test_failed_rollback_pins_nothing(runner: tuple[Runner, Recorder, list[str]]
 def test_restored_spec_keeps_the_stored_strategy_when_todays_does_not_fit() -> None:
     """A release with a fixed host port keeps stop-first even when the config now says
     start-first (which cannot publish a fixed port); max_parallel comes from today."""
-    stored = ServiceSection.model_validate({"image": "web", "hosts": ["h1"], "ports": ["80:8080"]})
-    today = ServiceSection.model_validate(
-        {"image": "web", "hosts": ["h1", "h2"], "strategy": "start-first", "max_parallel": 2}
+    stored = decode(ServiceSection, {"image": "web", "hosts": ["h1"], "ports": ["80:8080"]})
+    today = decode(
+        ServiceSection,
+        {"image": "web", "hosts": ["h1", "h2"], "strategy": "start-first", "max_parallel": 2},
     )
     spec = restored_spec(ServiceSettings(stored), today)
     assert (spec.strategy, spec.max_parallel, spec.ports) == ("stop-first", 2, ["80:8080"])

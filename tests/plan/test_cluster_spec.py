@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from pipeline.config.model import ServiceSection
+from pipeline.config.model import ServiceSection, decode
 from pipeline.plan.cluster import memory_bytes, swarm_service_spec, undo_of
 
 REF = "10.88.0.1:5000/api@sha256:" + "a" * 64
 
 
 def spec_of(**keys: Any) -> dict[str, Any]:
-    section = ServiceSection.model_validate({"image": "api", "cluster": "prod", **keys})
+    section = decode(ServiceSection, {"image": "api", "cluster": "prod", **keys})
     return swarm_service_spec("api", section, REF, env={"A": "1"}, labels={"l": "v"})
 
 
@@ -106,6 +106,6 @@ def test_a_changed_swarm_setting_is_a_changed_definition(change: dict[str, Any])
 
     base = {"image": "api", "cluster": "prod", "replicas": 3, "networks": ["backend"],
             "placement": ["node.labels.zone == a"], "endpoint_mode": "dnsrr"}  # fmt: skip
-    before = ServiceSection.model_validate(base)
-    after = ServiceSection.model_validate({**base, **change})
+    before = decode(ServiceSection, base)
+    after = decode(ServiceSection, {**base, **change})
     assert service_spec_hash(before) != service_spec_hash(after)

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from pipeline.config.load import parse
-from pipeline.config.model import Config, ServiceSection
+from pipeline.config.model import Config, ServiceSection, decode
 from pipeline.plan.planner import (
     ImageRecord,
     Plan,
@@ -569,11 +570,11 @@ def test_unknown_names_are_problems() -> None:
 def test_spec_hashes_ignore_placement_only() -> None:
     """hosts, strategy and max_parallel leave the service hash alone; env_file content does not."""
     base = _config(_app(svc_api='env_file = "a.env"')).services["api"]
-    moved = base.model_copy(update={"hosts": ["h2"], "max_parallel": 4})
+    moved = msgspec.structs.replace(base, hosts=["h2"], max_parallel=4)
     assert service_spec_hash(base, "X=1") == service_spec_hash(moved, "X=1")
     assert service_spec_hash(base, "X=1") != service_spec_hash(base, "X=2")
     web = _config(_app()).images["web"]
-    assert image_spec_hash(web) != image_spec_hash(web.model_copy(update={"watch": ["x/"]}))
+    assert image_spec_hash(web) != image_spec_hash(msgspec.structs.replace(web, watch=["x/"]))
 
 
 def test_health_monitor_counts_in_the_service_hash_only_away_from_its_default() -> None:
@@ -581,8 +582,9 @@ def test_health_monitor_counts_in_the_service_hash_only_away_from_its_default() 
     not set it keeps the hash it had before the key existed (upgrading restarts nothing)."""
 
     def svc(**health: object) -> ServiceSection:
-        return ServiceSection.model_validate(
-            {"image": "web", "hosts": ["h"], "health": {"http": "/health", **health}}
+        return decode(
+            ServiceSection,
+            {"image": "web", "hosts": ["h"], "health": {"http": "/health", **health}},
         )
 
     before_monitor = "6c782d6f647cfa6ac40168a56adada406c70e181c0ec4bc795d81159c1703e0e"

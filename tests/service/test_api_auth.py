@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipeline.config.load import parse
-from pipeline.config.model import ServerSection, listens_beyond_loopback
+from pipeline.config.model import ServerSection, decode, listens_beyond_loopback
 from pipeline.errors import ConfigError
 from pipeline.service.server import ServerContext, create_app
 from pipeline.state.queue import EventQueue
@@ -60,7 +60,7 @@ def test_listen_address_decides_the_default(listen: str, beyond: bool) -> None:
 )
 def test_read_token_required_overrides_the_default(table: dict[str, object], needed: bool) -> None:
     """An explicit `read_token_required` wins over the default taken from `listen`."""
-    assert ServerSection.model_validate(table).reads_need_token() is needed
+    assert decode(ServerSection, table).reads_need_token() is needed
 
 
 @pytest.mark.parametrize(

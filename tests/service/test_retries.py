@@ -7,6 +7,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from pipeline.config.load import parse
@@ -198,8 +199,8 @@ def test_timers_follow_the_services_that_still_wait(setup: Setup) -> None:
     setup.retrier.sync()
     assert setup.timers.retries() == {"web": T0 + 30, "site": T0 + 30}
     setup.release("web", A, "succeeded", None)  # a newer push landed before the backoff ended
-    setup.config = setup.config.model_copy(
-        update={"services": {k: v for k, v in setup.config.services.items() if k != "site"}}
+    setup.config = msgspec.structs.replace(
+        setup.config, services={k: v for k, v in setup.config.services.items() if k != "site"}
     )
     setup.retrier.sync()
     assert setup.timers.retries() == {}

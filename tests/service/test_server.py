@@ -769,8 +769,8 @@ def test_decide_table(
     repo: dict[str, str], events: list[PushEvent], action: str, kind: str | None
 ) -> None:
     """decide queues exactly the ref changes a repo follows (branch, or tags by glob)."""
-    from pipeline.config.model import RepoSection
+    from pipeline.config.model import RepoSection, decode
 
-    section = RepoSection.model_validate({"url": "file:///srv/x.git", **repo})
+    section = decode(RepoSection, {"url": "file:///srv/x.git", **repo})
     decision = decide(section, events)
     assert (decision.action, decision.kind) == (action, kind)

@@ -89,17 +89,19 @@ def test_settings_are_kept_with_their_release_and_read_back(project: Path) -> No
     assert SECRET not in repr(settings) and FILE_SECRET not in repr(settings)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "where"),
+    [("env", {"API_KEY": 12345678, "SECRET_TWO": SECRET}, "env"), ("memory", SECRET, "memory")],
+)
 def test_settings_that_no_longer_validate_are_none_and_logged_without_values(
-    project: Path,
+    project: Path, key: str, value: object, where: str
 ) -> None:
     """Stored settings the config model no longer accepts read as None; the warning names the
-    key, not the value."""
+    key, not the value (an env value of the wrong type, a memory size that is a secret)."""
     state = State.in_dir(project.parent / "data")
     release_id = _release(state, _settings(project))
     stored = json.loads(state.rollbacks.release_settings(release_id).to_json())  # type: ignore[union-attr]
-    stored["service"]["env"]["API_KEY"] = 12345678
-    stored["service"]["env"]["SECRET_TWO"] = SECRET  # still a string: fine
-    stored["service"]["memory"] = SECRET  # not a memory size: its value must not be logged
+    stored["service"][key] = value
     with state.session() as s:
         s.execute(
             update(ReleaseSettings)
@@ -108,7 +110,7 @@ def test_settings_that_no_longer_validate_are_none_and_logged_without_values(
         )
     with structlog.testing.capture_logs() as logs:
         assert state.rollbacks.release_settings(release_id) is None
-    assert "memory" in str(logs) and SECRET not in str(logs)
+    assert where in str(logs) and SECRET not in str(logs) and "12345678" not in str(logs)
 
 
 def test_rollback_rows_name_the_release_they_restore(project: Path) -> None:
