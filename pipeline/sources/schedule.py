@@ -14,10 +14,11 @@ from datetime import UTC, datetime
 import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from pipeline.config.cron import parse_cron
+from pipeline.config.cron import CronSchedule, parse_cron
 from pipeline.retry import capped_doubling
 from pipeline.timeutil import utc
 
@@ -28,6 +29,26 @@ logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 # -- the service's jobs ----------------------------------------------------------------------
+
+
+class CronTrigger(BaseTrigger):
+    """An APScheduler trigger firing on a `CronSchedule`'s times (cronsim's crontab rules, the
+    ones `pipeline validate` checked), not APScheduler's own cron, whose day-of-week numbers
+    start on Monday and whose day fields must both match."""
+
+    def __init__(self, schedule: CronSchedule) -> None:
+        self.schedule = schedule
+
+    def get_next_fire_time(
+        self, previous_fire_time: datetime | None, now: datetime
+    ) -> datetime | None:
+        """The first match after the previous fire time, or after `now` for a new job (what
+        APScheduler asks a trigger for)."""
+        return self.schedule.next_after(previous_fire_time or now)
+
+    def __str__(self) -> str:
+        return f"cron[{self.schedule.expr}]"
+
 
 MAX_BACKOFF = 600.0  # a repo that keeps failing is still retried every 10 minutes
 
@@ -146,7 +167,11 @@ class Scheduler:
                 self._crons[key] = expr
                 self._remove(f"cron:{key}")
                 self._sched.add_job(
-                    fire, parse_cron(expr), args=[key], id=f"cron:{key}", name=f"cron {key}"
+                    fire,
+                    CronTrigger(parse_cron(expr)),
+                    args=[key],
+                    id=f"cron:{key}",
+                    name=f"cron {key}",
                 )
 
     # -- one-shot retries ---------------------------------------------------------------------
