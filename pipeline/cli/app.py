@@ -18,7 +18,7 @@ from types import FrameType
 import click
 
 from pipeline import logs
-from pipeline.cli.common import EXIT_USAGE, Group, config_option, fail, load_config
+from pipeline.cli.common import EXIT_USAGE, LOG_SETTINGS, Group, config_option, fail, load_config
 from pipeline.errors import PipelineError
 
 # Commands that only read the config and print: they log nothing, so they do not pay for
@@ -204,8 +204,10 @@ def _prog_name(ctx: click.Context) -> str:
 def app(ctx: click.Context, log_format: logs.LogFormat, log_level: str | None) -> None:
     if ctx.invoked_subcommand not in _NO_LOGGING:
         # Log events go to stderr; a person at a terminal reads the progress lines, not them.
+        # Set up when the command runs (`common.Command.invoke`), not for its `--help` or a
+        # usage error: structlog's import is most of a `--help`'s start-up.
         level = log_level or ("warning" if sys.stderr.isatty() else "info")
-        logs.configure(log_format, level)
+        ctx.meta[LOG_SETTINGS] = (log_format, level)
 
 
 @app.command()

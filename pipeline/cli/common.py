@@ -26,10 +26,25 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# ctx.meta key: the (format, level) the app's `--log-format`/`--log-level` asked for, set up
+# by the command that runs (absent for the commands that log nothing, `app._NO_LOGGING`).
+LOG_SETTINGS = "pipeline.log_settings"
+
+
 class Command(click.Command):
     """A click command whose help lists its positional arguments with their help texts, as the
     options are listed (click >= 8.2 without 8.5's own section): "Arguments:", then one row
-    per argument, its metavar and `Arg` help, `[default: …]` and `[required]`."""
+    per argument, its metavar and `Arg` help, `[default: …]` and `[required]`. Before it
+    runs, it sets up logging as the app's options asked (`LOG_SETTINGS`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Set up logging (once, when the app asked for it), then run the command."""
+        settings = ctx.meta.pop(LOG_SETTINGS, None)
+        if settings is not None:
+            from pipeline import logs
+
+            logs.configure(*settings)
+        return super().invoke(ctx)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         """Usage, help text, arguments, options, epilog."""

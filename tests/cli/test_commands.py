@@ -221,6 +221,28 @@ def test_help_lists_every_command_as_the_command_describes_itself() -> None:
             assert cmd.get_short_help_str(limit=10_000) == short, name
 
 
+def test_global_log_options_set_up_logging_for_the_command_that_runs(tmp_path: Path) -> None:
+    """`pipeline --log-format json --log-level debug db current` runs with JSON log lines at
+    debug level (logging is set up when the command runs, after its arguments are parsed)."""
+    import structlog
+    from click.testing import CliRunner
+
+    from pipeline import logs
+
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG)
+    args = ["--log-format", "json", "--log-level", "debug", "db", "current", "-c", str(config)]
+    logs.configure("console", "warning")
+    try:
+        res = CliRunner().invoke(app, args)
+        settings = structlog.get_config()
+    finally:
+        logs.configure()  # the command logged to the runner's stream, closed now
+    assert res.exit_code == 0, res.output
+    assert isinstance(settings["processors"][-1], structlog.processors.JSONRenderer)
+    assert settings["wrapper_class"] is structlog.make_filtering_bound_logger("DEBUG")
+
+
 def test_completion_offers_the_configs_service_names(tmp_path: Path) -> None:
     """Shell completion of a service reads the names from the config named by -c."""
     config = tmp_path / "pipeline.toml"
