@@ -243,6 +243,24 @@ def test_global_log_options_set_up_logging_for_the_command_that_runs(tmp_path: P
     assert settings["wrapper_class"] is structlog.make_filtering_bound_logger("DEBUG")
 
 
+def test_an_interrupted_command_exits_1_as_the_readme_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command interrupted by Ctrl-C or SIGTERM (KeyboardInterrupt out of its body, after a
+    rollout undid its work) exits 1, README's "interrupted" code, without a traceback."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import app as app_module
+
+    def interrupted(_path: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_module, "load_config", interrupted)
+    res = CliRunner().invoke(app, ["validate"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+
+
 def test_completion_offers_the_configs_service_names(tmp_path: Path) -> None:
     """Shell completion of a service reads the names from the config named by -c."""
     config = tmp_path / "pipeline.toml"
