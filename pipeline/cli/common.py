@@ -1,18 +1,20 @@
 """Options and helpers shared by every CLI command.
 
-Every CLI module is imported at start-up (`--help` lists them all), so at module level they
-import only typer, the standard library and the light shared modules (`errors`, `redact`,
-`logs`); the config (pydantic), the state database (SQLAlchemy), Docker, git and the service
-are imported inside the commands that use them (`tests/cli/test_startup_imports.py`)."""
+A command's module is imported only when that command runs (or its `--help` is asked for;
+`pipeline/cli/app.py` lists the commands without importing them), and at module level the CLI
+modules import only click, the standard library and the light shared modules (`errors`,
+`redact`, `logs`); the config, the state database (SQLAlchemy), Docker, git and the service are
+imported inside the commands that use them (`tests/cli/test_startup_imports.py`)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import typer
+import click
 
 from pipeline.errors import ConfigError, LockedError
 from pipeline.redact import redact, redact_value
@@ -21,16 +23,91 @@ if TYPE_CHECKING:
     from pipeline.config.load import LoadedConfig
     from pipeline.config.model import ServiceSection
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="Config file (default: $PIPELINE_CONFIG, else ./pipeline.toml).",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# ctx.meta key: the (format, level) the app's `--log-format`/`--log-level` asked for, set up
+# by the command that runs (absent for the commands that log nothing, `app._NO_LOGGING`).
+LOG_SETTINGS = "pipeline.log_settings"
+
+
+class Command(click.Command):
+    """A click command whose help lists its positional arguments with their help texts, as the
+    options are listed (click >= 8.2 without 8.5's own section): "Arguments:", then one row
+    per argument, its metavar and `Arg` help, `[default: …]` and `[required]`. Before it
+    runs, it sets up logging as the app's options asked (`LOG_SETTINGS`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Set up logging (once, when the app asked for it), then run the command."""
+        settings = ctx.meta.pop(LOG_SETTINGS, None)
+        if settings is not None:
+            from pipeline import logs
+
+            logs.configure(*settings)
+        return super().invoke(ctx)
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """Usage, help text, arguments, options, epilog."""
+        self.format_usage(ctx, formatter)
+        self.format_help_text(ctx, formatter)
+        rows = [_argument_row(p, ctx) for p in self.get_params(ctx) if isinstance(p, Arg)]
+        if rows:
+            with formatter.section("Arguments"):
+                formatter.write_dl(rows)
+        self.format_options(ctx, formatter)
+        self.format_epilog(ctx, formatter)
+
+
+class Group(click.Group):
+    """A click group whose commands are `Command`s (their arguments listed in their help)."""
+
+    command_class = Command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands in the order they were added (click sorts them by name)."""
+        return list(self.commands)
+
+
+class Arg(click.Argument):
+    """A positional argument with a help text, shown by `Command`'s help. `help`: str or None."""
+
+    def __init__(self, param_decls: list[str], help: str | None = None, **attrs: Any) -> None:
+        super().__init__(param_decls, **attrs)
+        self.help = help
+
+
+def _argument_row(arg: Arg, ctx: click.Context) -> tuple[str, str]:
+    extra = []
+    default = arg.get_default(ctx, call=False)
+    if not arg.required and isinstance(default, str | int | float | Path):
+        extra.append(f"[default: {default}]")
+    if arg.required:
+        extra.append("[required]")
+    return arg.make_metavar(ctx), "  ".join([*([arg.help] if arg.help else []), *extra])
+
+
+def argument(name: str, **attrs: Any) -> Callable[[F], F]:
+    """`click.argument` with a help text (`help=`) shown in the command's help."""
+    return click.argument(name, cls=Arg, **attrs)
+
+
+def command(name: str | None = None, **attrs: Any) -> Callable[[Callable[..., Any]], Command]:
+    """`click.command` for a pipeline command: `Command`, and option defaults shown in its
+    help (what every option of the CLI shows unless it says `show_default=False`)."""
+    settings = {"show_default": True, **attrs.pop("context_settings", {})}
+    return click.command(name, cls=Command, context_settings=settings, **attrs)
+
+
+config_option = click.option(
+    "--config",
+    "-c",
+    "config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Config file (default: $PIPELINE_CONFIG, else ./pipeline.toml).",
+    show_default=False,
+)
+json_option = click.option("--json", "json", is_flag=True, help="Print JSON instead of a table.")
 
 # Exit codes, the same for every command (README "Exit codes" shows this table).
 EXIT_OK = 0
@@ -56,8 +133,8 @@ def exit_code_of(exc: BaseException) -> int:
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print a redacted error to stderr and exit with `code`."""
-    typer.echo(redact(message), err=True)
-    raise typer.Exit(code)
+    click.echo(redact(message), err=True)
+    raise click.exceptions.Exit(code)
 
 
 def load_config(path: Path | None) -> LoadedConfig:
@@ -102,9 +179,9 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         for r in rows
     ]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    typer.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in cells:
-        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 # -- shell completion (`pipeline --install-completion`) --------------------------------------
@@ -112,7 +189,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
 # with tomllib and not validated (a completion must answer at once and never fail).
 
 
-def _config_names(ctx: typer.Context, table: str) -> list[str]:
+def _config_names(ctx: click.Context, table: str) -> list[str]:
     import os
     import tomllib
 
@@ -130,11 +207,14 @@ def _config_names(ctx: typer.Context, table: str) -> list[str]:
     return sorted(section) if isinstance(section, dict) else []
 
 
-def _completer(table: str) -> Any:
-    def complete(ctx: typer.Context, incomplete: str) -> list[str]:
+def _completer(table: str) -> Callable[[click.Context, click.Parameter | None, str], list[str]]:
+    def complete(ctx: click.Context, param: click.Parameter | None, incomplete: str) -> list[str]:
         return [n for n in _config_names(ctx, table) if n.startswith(incomplete)]
 
-    complete.__doc__ = f"Names of the config's [{table}.*] tables that start with what is typed."
+    complete.__doc__ = (
+        f"Names of the config's [{table}.*] tables that start with what is typed (click's "
+        "`shell_complete` callback: context, parameter, incomplete word)."
+    )
     return complete
 
 

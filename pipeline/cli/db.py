@@ -3,16 +3,20 @@ its migration to the newest one (every command also migrates at start; this does
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from pipeline.cli.common import ConfigOption, JsonOption, fail, load_config, print_json
+import click
+
+from pipeline.cli.common import Group, config_option, fail, json_option, load_config, print_json
 from pipeline.errors import PipelineError
 
-db_app = typer.Typer(no_args_is_help=True)
+db_app = Group("db", help="The state database's schema: version and upgrade.", no_args_is_help=True)
 
 
-@db_app.command()
-def upgrade(config: ConfigOption = None, json: JsonOption = False) -> None:
+@db_app.command("upgrade")
+@config_option
+@json_option
+def upgrade(config: Path | None, json: bool) -> None:
     """Migrate the state database to the newest schema, its history kept; print the versions."""
     loaded = load_config(config)
     # Imported here: the CLI starts fast when this command is not the one run.
@@ -26,13 +30,15 @@ def upgrade(config: ConfigOption = None, json: JsonOption = False) -> None:
         print_json({"database": url, "before": before, "revision": after})
         return
     if before == after:
-        typer.echo(f"{url}: at {after} (the newest schema); nothing to do")
+        click.echo(f"{url}: at {after} (the newest schema); nothing to do")
     else:
-        typer.echo(f"{url}: upgraded from {before or 'no schema'} to {after}")
+        click.echo(f"{url}: upgraded from {before or 'no schema'} to {after}")
 
 
-@db_app.command()
-def current(config: ConfigOption = None, json: JsonOption = False) -> None:
+@db_app.command("current")
+@config_option
+@json_option
+def current(config: Path | None, json: bool) -> None:
     """Print the state database's schema version and whether it is the newest; changes nothing."""
     loaded = load_config(config)
     from pipeline.state import database, migrate
@@ -45,9 +51,9 @@ def current(config: ConfigOption = None, json: JsonOption = False) -> None:
         print_json({"database": url, "revision": found, "head": migrate.HEAD})
         return
     if found == migrate.HEAD:
-        typer.echo(f"{url}: {found} (head)")
+        click.echo(f"{url}: {found} (head)")
     else:
-        typer.echo(
+        click.echo(
             f"{url}: {found or 'no schema version'} (head is {migrate.HEAD}: "
             "`pipeline db upgrade`, or any command, migrates it)"
         )

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from pipeline.cli.common import (
     EXIT_FAILED,
     EXIT_LOCKED,
     EXIT_USAGE,
-    ConfigOption,
-    JsonOption,
+    argument,
+    command,
     complete_image,
     complete_repo,
     complete_service,
+    config_option,
     exit_code_of,
     fail,
+    json_option,
     load_config,
     print_json,
     print_table,
@@ -43,9 +46,7 @@ def _runner(loaded: LoadedConfig, reporter: Reporter | None = None) -> Runner:
     from pipeline.state.database import open_state
 
     reporter = reporter or make_reporter(True)
-    return Runner(
-        loaded, open_state(loaded), _connections(loaded, reporter), report=reporter.line
-    )
+    return Runner(loaded, open_state(loaded), _connections(loaded, reporter), report=reporter.line)
 
 
 def _reporter(loaded: LoadedConfig, json: bool) -> Reporter:
@@ -82,203 +83,194 @@ def _outcome(runner: Runner, result: PassResult, reporter: Reporter, json: bool)
         )
     else:
         for error in result.errors:
-            typer.echo(redact(f"error: {error}"), err=True)
-        typer.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
+            click.echo(redact(f"error: {error}"), err=True)
+        click.echo(f"run {result.run_id}: {'ok' if result.ok else 'FAILED'}")
     if code:
-        raise typer.Exit(code)
+        raise click.exceptions.Exit(code)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the deploy-flow commands to the main app."""
+_repo_option = click.option("--repo", help="Only this repo.", shell_complete=complete_repo)
 
-    @app.command()
-    def plan(
-        config: ConfigOption = None,
-        json: JsonOption = False,
-        repo: Annotated[
-            str | None, typer.Option(help="Only this repo.", autocompletion=complete_repo)
-        ] = None,
-    ) -> None:
-        """Show what a run would build and roll out, and why; change nothing. Exit 1 when a
-        service cannot be planned (its env_file cannot be read)."""
-        loaded = load_config(config)
-        runner = _runner(loaded)
-        try:
-            the_plan = runner.preview(repo)
-        except PipelineError as exc:
-            fail(str(exc))
-        if json:
-            print_json(the_plan.to_json())
-            if the_plan.errors:
-                raise typer.Exit(EXIT_FAILED)
-            return
-        if the_plan.empty and not the_plan.errors:
-            typer.echo("Nothing to do: every service is up to date.")
-        for b in the_plan.builds:
-            typer.echo(f"build   {b.image} at {b.revision[:12]}: {b.reason}")
-        for r in the_plan.rollouts:
-            how = "after its build" if r.rebuild else "same image"
-            typer.echo(f"rollout {r.service} ({how}): {r.reason}")
-        for p in the_plan.problems:
-            typer.echo(f"error   {p.message}" if p.error else f"note    {p.subject}: {p.message}")
-        for name in the_plan.unpin:
-            typer.echo(f"unpin   services.{name}: a newer commit releases its pin")
+
+@command("plan")
+@config_option
+@json_option
+@_repo_option
+def plan(config: Path | None, json: bool, repo: str | None) -> None:
+    """Show what a run would build and roll out, and why; change nothing. Exit 1 when a
+    service cannot be planned (its env_file cannot be read)."""
+    loaded = load_config(config)
+    runner = _runner(loaded)
+    try:
+        the_plan = runner.preview(repo)
+    except PipelineError as exc:
+        fail(str(exc))
+    if json:
+        print_json(the_plan.to_json())
         if the_plan.errors:
-            raise typer.Exit(EXIT_FAILED)
+            raise click.exceptions.Exit(EXIT_FAILED)
+        return
+    if the_plan.empty and not the_plan.errors:
+        click.echo("Nothing to do: every service is up to date.")
+    for b in the_plan.builds:
+        click.echo(f"build   {b.image} at {b.revision[:12]}: {b.reason}")
+    for r in the_plan.rollouts:
+        how = "after its build" if r.rebuild else "same image"
+        click.echo(f"rollout {r.service} ({how}): {r.reason}")
+    for p in the_plan.problems:
+        click.echo(f"error   {p.message}" if p.error else f"note    {p.subject}: {p.message}")
+    for name in the_plan.unpin:
+        click.echo(f"unpin   services.{name}: a newer commit releases its pin")
+    if the_plan.errors:
+        raise click.exceptions.Exit(EXIT_FAILED)
 
-    @app.command()
-    def run(
-        config: ConfigOption = None,
-        repo: Annotated[
-            str | None, typer.Option(help="Only this repo.", autocompletion=complete_repo)
-        ] = None,
-        json: JsonOption = False,
-    ) -> None:
-        """One pass: bring every service to the newest commit. Exit 1 if anything failed."""
-        loaded = load_config(config)
-        reporter = _reporter(loaded, json)
-        runner = _recovered(_runner(loaded, reporter))
-        _outcome(runner, runner.run_pass(repo), reporter, json)
 
-    @app.command()
-    def deploy(
-        service: Annotated[str, typer.Argument(autocompletion=complete_service)],
-        config: ConfigOption = None,
-        json: JsonOption = False,
-        revision: Annotated[
-            str | None, typer.Option(help="Commit sha (or prefix) or tag; default: the newest.")
-        ] = None,
-    ) -> None:
-        """Roll SERVICE out now, even a revision that failed before."""
-        loaded = load_config(config)
-        svc = loaded.model.services.get(service)
-        if svc is None:
-            fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
-                 EXIT_USAGE)  # fmt: skip
-        repo = loaded.model.images[svc.image].repo
-        reporter = _reporter(loaded, json)
-        runner = _recovered(_runner(loaded, reporter))
-        result = runner.run_pass(
-            repo,
-            trigger="deploy",
-            only_services=[service],
-            ignore_failed=True,
-            pinned={repo: revision} if revision else None,
-            force_services=[service],
+@command("run")
+@config_option
+@_repo_option
+@json_option
+def run(config: Path | None, repo: str | None, json: bool) -> None:
+    """One pass: bring every service to the newest commit. Exit 1 if anything failed."""
+    loaded = load_config(config)
+    reporter = _reporter(loaded, json)
+    runner = _recovered(_runner(loaded, reporter))
+    _outcome(runner, runner.run_pass(repo), reporter, json)
+
+
+@command("deploy")
+@argument("service", shell_complete=complete_service)
+@config_option
+@json_option
+@click.option("--revision", help="Commit sha (or prefix) or tag; default: the newest.")
+def deploy(service: str, config: Path | None, json: bool, revision: str | None) -> None:
+    """Roll SERVICE out now, even a revision that failed before."""
+    loaded = load_config(config)
+    svc = loaded.model.services.get(service)
+    if svc is None:
+        fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
+             EXIT_USAGE)  # fmt: skip
+    repo = loaded.model.images[svc.image].repo
+    reporter = _reporter(loaded, json)
+    runner = _recovered(_runner(loaded, reporter))
+    result = runner.run_pass(
+        repo,
+        trigger="deploy",
+        only_services=[service],
+        ignore_failed=True,
+        pinned={repo: revision} if revision else None,
+        force_services=[service],
+    )
+    _outcome(runner, result, reporter, json)
+
+
+@command("rebuild")
+@argument("image", shell_complete=complete_image)
+@config_option
+@json_option
+def rebuild(image: str, config: Path | None, json: bool) -> None:
+    """Rebuild IMAGE now, pulling its base image fresh (what its `rebuild` schedule does);
+    its services are rolled out only when the digest changed."""
+    loaded = load_config(config)
+    img = loaded.model.images.get(image)
+    if img is None:
+        fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", EXIT_USAGE)
+    reporter = _reporter(loaded, json)
+    runner = _recovered(_runner(loaded, reporter))
+    result = runner.run_pass(img.repo, trigger="rebuild", force_images=[image], pull_base=True)
+    _outcome(runner, result, reporter, json)
+
+
+@command("rollback")
+@argument("service", shell_complete=complete_service)
+@config_option
+@json_option
+@click.option(
+    "--to",
+    help="Release to go back to: r42 (or 42) is release 42 of `history`, anything "
+    "else a revision prefix (its newest succeeded release). Default: the release "
+    "before the one deployed now.",
+)
+def rollback(service: str, config: Path | None, json: bool, to: str | None) -> None:
+    """Put SERVICE back on an earlier succeeded release on every host, its image and its
+    settings, and pin it there until a newer commit or `pipeline deploy SERVICE`."""
+    from pipeline.state.store import release_json
+
+    loaded = load_config(config)
+    reporter = _reporter(loaded, json)
+    runner = _runner(loaded, reporter)
+    try:
+        from pipeline.deploy.operations import rollback_service
+
+        outcome = rollback_service(_recovered(runner), service, to)
+    except PipelineError as exc:
+        reporter.close([])
+        fail(str(exc), exit_code_of(exc))
+    releases = [release_json(r) for r in runner.state.releases(service, 1)
+                if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
+    reporter.close(releases)
+    code = 0 if outcome.ok else EXIT_LOCKED if outcome.locked else EXIT_FAILED
+    if json:
+        print_json({"service": service, "ok": outcome.ok, "exit_code": code,
+                    "error": outcome.error, "releases": releases})  # fmt: skip
+        if code:
+            raise click.exceptions.Exit(code)
+        return
+    if not outcome.ok:
+        fail(f"rollback failed: {outcome.error}", code)
+    click.echo(f"{service}: rolled back")
+
+
+@command("status")
+@config_option
+@json_option
+def status(config: Path | None, json: bool) -> None:
+    """Per service and host: revision, digest, container state and health."""
+    loaded = load_config(config)
+    from pipeline.deploy.operations import status_rows
+    from pipeline.state.database import open_state
+
+    rows = status_rows(open_state(loaded), _connections(loaded))
+    if json:
+        print_json(rows)
+        return
+    view: list[dict[str, Any]] = [
+        {**r, "revision": (r["revision"] or "")[:12], "digest": (r["digest"] or "")[7:19]}
+        for r in rows
+    ]
+    print_table(view, ["service", "host", "revision", "digest", "state", "health", "updated_at"])
+    pins = {r["service"]: r["pinned"] for r in rows if r["pinned"]}
+    for name, pin in pins.items():
+        click.echo(
+            f"{name}: pinned at {pin['revision'][:12]} (release r{pin['release_id']}) by "
+            f"{pin['reason']} since {pin['since']}; a newer commit or "
+            f"`pipeline deploy {name}` releases it"
         )
-        _outcome(runner, result, reporter, json)
 
-    @app.command()
-    def rebuild(
-        image: Annotated[str, typer.Argument(autocompletion=complete_image)],
-        config: ConfigOption = None,
-        json: JsonOption = False,
-    ) -> None:
-        """Rebuild IMAGE now, pulling its base image fresh (what its `rebuild` schedule does);
-        its services are rolled out only when the digest changed."""
-        loaded = load_config(config)
-        img = loaded.model.images.get(image)
-        if img is None:
-            fail(f"unknown image {image!r} (known: {', '.join(loaded.model.images)})", EXIT_USAGE)
-        reporter = _reporter(loaded, json)
-        runner = _recovered(_runner(loaded, reporter))
-        result = runner.run_pass(img.repo, trigger="rebuild", force_images=[image], pull_base=True)
-        _outcome(runner, result, reporter, json)
 
-    @app.command()
-    def rollback(
-        service: Annotated[str, typer.Argument(autocompletion=complete_service)],
-        config: ConfigOption = None,
-        json: JsonOption = False,
-        to: Annotated[
-            str | None,
-            typer.Option(
-                "--to",
-                help="Release to go back to: r42 (or 42) is release 42 of `history`, anything "
-                "else a revision prefix (its newest succeeded release). Default: the release "
-                "before the one deployed now.",
-            ),
-        ] = None,
-    ) -> None:
-        """Put SERVICE back on an earlier succeeded release on every host, its image and its
-        settings, and pin it there until a newer commit or `pipeline deploy SERVICE`."""
-        from pipeline.state.store import release_json
+@command("history")
+@argument("service", required=False, shell_complete=complete_service)
+@config_option
+@json_option
+@click.option("--limit", type=int, default=50, help="How many entries.")
+def history(service: str | None, config: Path | None, json: bool, limit: int) -> None:
+    """Rollouts, newest first: service, revision, status, why it failed, times, error."""
+    from pipeline.state.database import open_state
+    from pipeline.state.store import release_json
 
-        loaded = load_config(config)
-        reporter = _reporter(loaded, json)
-        runner = _runner(loaded, reporter)
-        try:
-            from pipeline.deploy.operations import rollback_service
-
-            outcome = rollback_service(_recovered(runner), service, to)
-        except PipelineError as exc:
-            reporter.close([])
-            fail(str(exc), exit_code_of(exc))
-        releases = [release_json(r) for r in runner.state.releases(service, 1)
-                    if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
-        reporter.close(releases)
-        code = 0 if outcome.ok else EXIT_LOCKED if outcome.locked else EXIT_FAILED
-        if json:
-            print_json({"service": service, "ok": outcome.ok, "exit_code": code,
-                        "error": outcome.error, "releases": releases})  # fmt: skip
-            if code:
-                raise typer.Exit(code)
-            return
-        if not outcome.ok:
-            fail(f"rollback failed: {outcome.error}", code)
-        typer.echo(f"{service}: rolled back")
-
-    @app.command()
-    def status(config: ConfigOption = None, json: JsonOption = False) -> None:
-        """Per service and host: revision, digest, container state and health."""
-        loaded = load_config(config)
-        from pipeline.deploy.operations import status_rows
-        from pipeline.state.database import open_state
-
-        rows = status_rows(open_state(loaded), _connections(loaded))
-        if json:
-            print_json(rows)
-            return
-        view: list[dict[str, Any]] = [
-            {**r, "revision": (r["revision"] or "")[:12], "digest": (r["digest"] or "")[7:19]}
-            for r in rows
-        ]
-        print_table(
-            view, ["service", "host", "revision", "digest", "state", "health", "updated_at"]
-        )
-        pins = {r["service"]: r["pinned"] for r in rows if r["pinned"]}
-        for name, pin in pins.items():
-            typer.echo(
-                f"{name}: pinned at {pin['revision'][:12]} (release r{pin['release_id']}) by "
-                f"{pin['reason']} since {pin['since']}; a newer commit or "
-                f"`pipeline deploy {name}` releases it"
-            )
-
-    @app.command()
-    def history(
-        service: Annotated[str | None, typer.Argument(autocompletion=complete_service)] = None,
-        config: ConfigOption = None,
-        json: JsonOption = False,
-        limit: Annotated[int, typer.Option(help="How many entries.")] = 50,
-    ) -> None:
-        """Rollouts, newest first: service, revision, status, why it failed, times, error."""
-        from pipeline.state.database import open_state
-        from pipeline.state.store import release_json
-
-        loaded = load_config(config)
-        state = open_state(loaded)
-        rows = [release_json(r) for r in state.releases(service, limit)]
-        if json:
-            print_json(rows)
-            return
-        view = [
-            {
-                **r,
-                "id": f"r{r['id']}",  # what `pipeline rollback --to` takes
-                "revision": r["revision"][:12],
-                "error": (r["error"] or "").splitlines()[0][:80] if r["error"] else None,
-            }
-            for r in rows
-        ]
-        columns = ["id", "started_at", "service", "kind", "revision", "status", "failure_kind"]
-        print_table(view, [*columns, "reason", "error"])
+    loaded = load_config(config)
+    state = open_state(loaded)
+    rows = [release_json(r) for r in state.releases(service, limit)]
+    if json:
+        print_json(rows)
+        return
+    view = [
+        {
+            **r,
+            "id": f"r{r['id']}",  # what `pipeline rollback --to` takes
+            "revision": r["revision"][:12],
+            "error": (r["error"] or "").splitlines()[0][:80] if r["error"] else None,
+        }
+        for r in rows
+    ]
+    columns = ["id", "started_at", "service", "kind", "revision", "status", "failure_kind"]
+    print_table(view, [*columns, "reason", "error"])

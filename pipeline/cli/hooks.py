@@ -11,12 +11,20 @@ import time
 from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
+import click
 
 from pipeline import logs
-from pipeline.cli.common import EXIT_FAILED, ConfigOption, fail, load_config
+from pipeline.cli.common import (
+    EXIT_FAILED,
+    Group,
+    argument,
+    command,
+    config_option,
+    fail,
+    load_config,
+)
 from pipeline.cli.serve import local_repo_path, service_class
 from pipeline.errors import ConfigError
 
@@ -49,8 +57,8 @@ HOOK_MARKER = "installed by `pipeline hooks install`"
 ENV_FILE = "pipeline-hook.env"
 FOLLOW_POLL = 0.3
 
-hooks_app = typer.Typer(
-    help="Git push-to-deploy hooks for bare repositories.", no_args_is_help=True
+hooks_app = Group(
+    "hooks", help="Git push-to-deploy hooks for bare repositories.", no_args_is_help=True
 )
 
 
@@ -63,120 +71,123 @@ def follows_ref(repo: RepoSection, ref: str) -> bool:
     return ref == f"refs/heads/{repo.branch or 'main'}"
 
 
-def register(app: typer.Typer) -> None:
-    """Add `hooks` and the hooks' internal commands to the main app."""
+@command("hook-event", hidden=True)
+@click.option("--repo", required=True, help="Config repo name.")
+@click.option("--ref", required=True, help="The pushed ref (refs/heads/X, refs/tags/X).")
+@click.option("--sha", required=True, help="The commit the ref now points at.")
+@config_option
+@click.option("--follow/--no-follow", default=False, help="Show the deploy's progress.")
+@click.option(
+    "--queue-only/--no-queue-only",
+    default=False,
+    help="When the server is down, only queue (no inline deploy).",
+)
+@click.option("--timeout", type=float, default=1800, help="Stop following after this many s.")
+def hook_event(
+    repo: str,
+    ref: str,
+    sha: str,
+    config: Path | None,
+    follow: bool,
+    queue_only: bool,
+    timeout: float,
+) -> None:
+    """Queue a push event for REPO (run by the post-receive hook) and follow it."""
+    from pipeline.state.database import open_state
+    from pipeline.state.queue import FINAL_STATUSES, EventQueue
 
-    @app.command("hook-event", hidden=True)
-    def hook_event(
-        repo: Annotated[str, typer.Option(help="Config repo name.")],
-        ref: Annotated[str, typer.Option(help="The pushed ref (refs/heads/X, refs/tags/X).")],
-        sha: Annotated[str, typer.Option(help="The commit the ref now points at.")],
-        config: ConfigOption = None,
-        follow: Annotated[bool, typer.Option(help="Show the deploy's progress.")] = False,
-        queue_only: Annotated[
-            bool, typer.Option(help="When the server is down, only queue (no inline deploy).")
-        ] = False,
-        timeout: Annotated[float, typer.Option(help="Stop following after this many s.")] = 1800,
-    ) -> None:
-        """Queue a push event for REPO (run by the post-receive hook) and follow it."""
-        from pipeline.state.database import open_state
-        from pipeline.state.queue import FINAL_STATUSES, EventQueue
+    logs.configure("console", "warning")  # the pusher reads our lines, not the service log
+    loaded = load_config(config)
+    section = loaded.model.repos.get(repo)
+    if section is None:
+        fail(f"pipeline: repo {repo!r} is not in {loaded.path} (hook installed for another?)")
+    if not follows_ref(section, ref):
+        click.echo(f"pipeline: {ref} is not followed by repo {repo} ({section.follows}).")
+        return
+    state = open_state(loaded)
+    queue = EventQueue(state)
+    baseline = _latest_run(state)
+    kind = "tag" if ref.startswith("refs/tags/") else "push"
+    # The service may have seen the new ref already (it watches local repos): follow that
+    # event rather than queue a second one that would only find everything up to date.
+    event_id = _seen_already(state, repo, sha)
+    if event_id is None:
+        event_id, _ = queue.put(source="hook", kind=kind, repo=repo, ref=ref, sha=sha)
+        what = f"event {event_id} ({kind} {ref.split('/', 2)[-1]} {sha[:12]}) queued"
+    else:
+        baseline = 0  # its run may have started already
+        what = f"event {event_id} ({kind} {ref.split('/', 2)[-1]} {sha[:12]}) seen already"
+    if not follow:
+        click.echo(f"pipeline: {what}.")
+        return
+    if _server_up(loaded):
+        click.echo(f"pipeline: {what}; following it (Ctrl-C stops following only).")
+    elif queue_only:
+        click.echo(
+            f"pipeline server is not running: {what}; it will deploy when `pipeline serve` starts."
+        )
+        return
+    else:
+        click.echo(f"pipeline server is not running: {what}; deploying it here.")
+        service = service_class()(loaded.path, report=lambda line: click.echo(f"  {line}"))
+        if service.work_until(lambda: _event(state, event_id).status in FINAL_STATUSES):
+            if not _outcome(state, loaded, _event(state, event_id)):
+                raise click.exceptions.Exit(EXIT_FAILED)
+            return
+        # A server that started meanwhile took the event: follow it there.
+    try:
+        final = _follow(state, event_id, baseline, timeout=timeout)
+    except KeyboardInterrupt:
+        click.echo("pipeline: stopped following; the deploy goes on.")
+        return
+    if final is None:
+        click.echo(f"pipeline: still deploying after {timeout:.0f}s; see `pipeline history`.")
+        return
+    if not _outcome(state, loaded, final):
+        raise click.exceptions.Exit(EXIT_FAILED)
 
-        logs.configure("console", "warning")  # the pusher reads our lines, not the service log
-        loaded = load_config(config)
-        section = loaded.model.repos.get(repo)
-        if section is None:
-            fail(f"pipeline: repo {repo!r} is not in {loaded.path} (hook installed for another?)")
-        if not follows_ref(section, ref):
-            typer.echo(f"pipeline: {ref} is not followed by repo {repo} ({section.follows}).")
-            return
-        state = open_state(loaded)
-        queue = EventQueue(state)
-        baseline = _latest_run(state)
-        kind = "tag" if ref.startswith("refs/tags/") else "push"
-        # The service may have seen the new ref already (it watches local repos): follow that
-        # event rather than queue a second one that would only find everything up to date.
-        event_id = _seen_already(state, repo, sha)
-        if event_id is None:
-            event_id, _ = queue.put(source="hook", kind=kind, repo=repo, ref=ref, sha=sha)
-            what = f"event {event_id} ({kind} {ref.split('/', 2)[-1]} {sha[:12]}) queued"
-        else:
-            baseline = 0  # its run may have started already
-            what = f"event {event_id} ({kind} {ref.split('/', 2)[-1]} {sha[:12]}) seen already"
-        if not follow:
-            typer.echo(f"pipeline: {what}.")
-            return
-        if _server_up(loaded):
-            typer.echo(f"pipeline: {what}; following it (Ctrl-C stops following only).")
-        elif queue_only:
-            typer.echo(
-                f"pipeline server is not running: {what}; "
-                "it will deploy when `pipeline serve` starts."
-            )
-            return
-        else:
-            typer.echo(f"pipeline server is not running: {what}; deploying it here.")
-            service = service_class()(loaded.path, report=lambda line: typer.echo(f"  {line}"))
-            if service.work_until(lambda: _event(state, event_id).status in FINAL_STATUSES):
-                if not _outcome(state, loaded, _event(state, event_id)):
-                    raise typer.Exit(EXIT_FAILED)
-                return
-            # A server that started meanwhile took the event: follow it there.
-        try:
-            final = _follow(state, event_id, baseline, timeout=timeout)
-        except KeyboardInterrupt:
-            typer.echo("pipeline: stopped following; the deploy goes on.")
-            return
-        if final is None:
-            typer.echo(f"pipeline: still deploying after {timeout:.0f}s; see `pipeline history`.")
-            return
-        if not _outcome(state, loaded, final):
-            raise typer.Exit(EXIT_FAILED)
 
-    @app.command("hook-validate", hidden=True)
-    def hook_validate(
-        file: Annotated[Path, typer.Argument(help="The pushed pipeline.toml.")],
-        repo: Annotated[str, typer.Option(help="Config repo name.")],
-        ref: Annotated[str, typer.Option(help="The pushed ref.")],
-        config: ConfigOption = None,
-    ) -> None:
-        """Exit 1, printing every problem, when a push to a followed ref has an invalid
-        pipeline.toml (run by the pre-receive hook)."""
-        from pipeline.config import load as config_mod
+@command("hook-validate", hidden=True)
+@argument("file", type=click.Path(path_type=Path), help="The pushed pipeline.toml.")
+@click.option("--repo", required=True, help="Config repo name.")
+@click.option("--ref", required=True, help="The pushed ref.")
+@config_option
+def hook_validate(file: Path, repo: str, ref: str, config: Path | None) -> None:
+    """Exit 1, printing every problem, when a push to a followed ref has an invalid
+    pipeline.toml (run by the pre-receive hook)."""
+    from pipeline.config import load as config_mod
 
-        try:
-            loaded = config_mod.load(config or config_mod.default_config_path())
-        except ConfigError as exc:
-            # A broken server config must not block every push; say so and let it through.
-            typer.echo(f"pipeline: not checking pipeline.toml: server config invalid:\n{exc}")
-            return
-        section = loaded.model.repos.get(repo)
-        if section is None or not follows_ref(section, ref):
-            return
-        try:
-            config_mod.parse(file.read_text(encoding="utf-8"), Path("pipeline.toml"))
-        except ConfigError as exc:
-            typer.echo(f"pipeline: push of {ref} refused: pipeline.toml is invalid:")
-            for problem in exc.problems:
-                typer.echo(f"  {problem}")
-            raise typer.Exit(EXIT_FAILED) from None
-        typer.echo("pipeline: pipeline.toml is valid.")
-
-    app.add_typer(hooks_app, name="hooks", help="Git push-to-deploy hooks for bare repositories.")
+    try:
+        loaded = config_mod.load(config or config_mod.default_config_path())
+    except ConfigError as exc:
+        # A broken server config must not block every push; say so and let it through.
+        click.echo(f"pipeline: not checking pipeline.toml: server config invalid:\n{exc}")
+        return
+    section = loaded.model.repos.get(repo)
+    if section is None or not follows_ref(section, ref):
+        return
+    try:
+        config_mod.parse(file.read_text(encoding="utf-8"), Path("pipeline.toml"))
+    except ConfigError as exc:
+        click.echo(f"pipeline: push of {ref} refused: pipeline.toml is invalid:")
+        for problem in exc.problems:
+            click.echo(f"  {problem}")
+        raise click.exceptions.Exit(EXIT_FAILED) from None
+    click.echo("pipeline: pipeline.toml is valid.")
 
 
 @hooks_app.command("install")
+@argument("bare_repo", type=click.Path(path_type=Path), help="The bare repository pushed to.")
+@click.option("--repo", help="Config repo name (default: the one whose url is it).")
+@config_option
+@click.option(
+    "--queue-only/--no-queue-only",
+    default=False,
+    help="When the server is down, only queue the event (no inline deploy).",
+)
+@click.option("--force/--no-force", default=False, help="Replace hooks pipeline did not install.")
 def install(
-    bare_repo: Annotated[Path, typer.Argument(help="The bare repository pushed to.")],
-    repo: Annotated[
-        str | None, typer.Option(help="Config repo name (default: the one whose url is it).")
-    ] = None,
-    config: ConfigOption = None,
-    queue_only: Annotated[
-        bool,
-        typer.Option(help="When the server is down, only queue the event (no inline deploy)."),
-    ] = False,
-    force: Annotated[bool, typer.Option(help="Replace hooks pipeline did not install.")] = False,
+    bare_repo: Path, repo: str | None, config: Path | None, queue_only: bool, force: bool
 ) -> None:
     """Install pre-receive (config check) and post-receive (deploy) hooks into BARE_REPO."""
     loaded = load_config(config)
@@ -207,7 +218,7 @@ def install(
         target.chmod(target.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     follows = loaded.model.repos[name].follows
     mode = "queue only" if queue_only else "deploy inline"
-    typer.echo(
+    click.echo(
         f"Installed pre-receive and post-receive in {hooks_dir} for repo {name}: pushes to "
         f"{follows} deploy (config {loaded.path}; when the server is down: {mode})."
     )
@@ -290,7 +301,7 @@ def _follow(
     baseline: int,
     *,
     timeout: float,
-    echo: Callable[[str], None] = typer.echo,
+    echo: Callable[[str], None] = click.echo,
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
 ) -> Event | None:
@@ -347,13 +358,13 @@ def _outcome(state: State, loaded: LoadedConfig, ev: Event) -> bool:
 
     run = state.run(ev.run_id) if ev.run_id else None
     if run is None:
-        typer.echo(f"pipeline: event {ev.id} {ev.status}" + (f": {ev.note}" if ev.note else ""))
+        click.echo(f"pipeline: event {ev.id} {ev.status}" + (f": {ev.note}" if ev.note else ""))
         return ev.status in ("done", "superseded", "ignored")
     ok = run.status in ("succeeded", "noop")
     word = {"noop": "nothing to deploy (up to date)"}.get(run.status, run.status)
-    typer.echo(f"pipeline: run {run.id} {word}" + (f": {run.summary}" if run.summary else ""))
+    click.echo(f"pipeline: run {run.id} {word}" + (f": {run.summary}" if run.summary else ""))
     for line in (run.error or "").splitlines():
-        typer.echo(f"  error: {line}")
+        click.echo(f"  error: {line}")
     cfg = loaded.model
     for rel in state.releases(limit=100):
         if rel.run_id != run.id or rel.status != "succeeded" or rel.service not in cfg.services:
@@ -366,7 +377,7 @@ def _outcome(state: State, loaded: LoadedConfig, ev: Event) -> bool:
                 if port.host_port is None or port.protocol != "tcp":
                     continue
                 ip = port.host_ip if port.host_ip not in (None, "0.0.0.0", "::") else address
-                typer.echo(
+                click.echo(
                     f"  {rel.service} {rel.revision[:12]} serving at http://{ip}:{port.host_port}/"
                 )
     return ok

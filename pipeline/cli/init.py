@@ -9,11 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
-from typing import Annotated
 
-import typer
+import click
 
-from pipeline.cli.common import EXIT_USAGE, fail
+from pipeline.cli.common import EXIT_USAGE, argument, command, fail
 
 FILL = "FILL-IN"  # what every placeholder holds; `validate` refuses it at its key (config.load)
 _SKIP_DIRS = {".git", "node_modules", ".venv", "venv", "__pycache__", ".pipeline"}
@@ -130,29 +129,29 @@ def init_toml(repo: str, url: str, dockerfiles: Iterable[tuple[PurePosixPath, st
     return "\n".join(out)
 
 
-def register(app: typer.Typer) -> None:
-    """Add `init` to the main app."""
-
-    @app.command()
-    def init(
-        directory: Annotated[Path, typer.Argument(help="The repository (default: here).")] = Path(
-            "."
-        ),
-    ) -> None:
-        """Write a commented pipeline.toml for the repository in DIRECTORY, from its
-        Dockerfiles; refuse to overwrite one."""
-        root = directory.resolve()
-        target = root / "pipeline.toml"
-        if not root.is_dir():
-            fail(f"{directory}: not a directory", EXIT_USAGE)
-        if target.exists():
-            fail(f"{target}: exists; not overwritten", EXIT_USAGE)
-        files = find_dockerfiles(root)
-        text = init_toml(
-            _name(root.name),
-            str(root),
-            ((p, (root / p).read_text(encoding="utf-8", errors="replace")) for p in files),
-        )
-        target.write_text(text, encoding="utf-8")
-        typer.echo(f"wrote {target}: {len(files)} image(s) and service(s); fill in every {FILL}, "
-                   "then run `pipeline validate`")  # fmt: skip
+@command("init")
+@argument(
+    "directory",
+    type=click.Path(path_type=Path),
+    default=Path("."),
+    required=False,
+    help="The repository (default: here).",
+)
+def init(directory: Path) -> None:
+    """Write a commented pipeline.toml for the repository in DIRECTORY, from its
+    Dockerfiles; refuse to overwrite one."""
+    root = directory.resolve()
+    target = root / "pipeline.toml"
+    if not root.is_dir():
+        fail(f"{directory}: not a directory", EXIT_USAGE)
+    if target.exists():
+        fail(f"{target}: exists; not overwritten", EXIT_USAGE)
+    files = find_dockerfiles(root)
+    text = init_toml(
+        _name(root.name),
+        str(root),
+        ((p, (root / p).read_text(encoding="utf-8", errors="replace")) for p in files),
+    )
+    target.write_text(text, encoding="utf-8")
+    click.echo(f"wrote {target}: {len(files)} image(s) and service(s); fill in every {FILL}, "
+               "then run `pipeline validate`")  # fmt: skip

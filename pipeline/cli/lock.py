@@ -6,16 +6,19 @@ it (a machine gone) — a live holder finds it lost and stops at its next step."
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import typer
+import click
 
 from pipeline.cli.common import (
     EXIT_USAGE,
-    ConfigOption,
-    JsonOption,
+    Group,
+    argument,
     complete_service,
+    config_option,
     fail,
+    json_option,
     load_config,
     print_json,
     print_table,
@@ -24,7 +27,9 @@ from pipeline.cli.common import (
 if TYPE_CHECKING:
     from pipeline.state.store import State
 
-lock_app = typer.Typer(no_args_is_help=True)
+lock_app = Group(
+    "lock", help="The leases deploys hold: who, since when; release.", no_args_is_help=True
+)
 
 
 def lease_rows(state: State) -> list[dict[str, Any]]:
@@ -54,8 +59,10 @@ def lease_rows(state: State) -> list[dict[str, Any]]:
     return rows
 
 
-@lock_app.command()
-def status(config: ConfigOption = None, json: JsonOption = False) -> None:
+@lock_app.command("status")
+@config_option
+@json_option
+def status(config: Path | None, json: bool) -> None:
     """Who holds which lease: owner (host and process), since when, until when."""
     from pipeline.state.database import open_state
 
@@ -65,17 +72,16 @@ def status(config: ConfigOption = None, json: JsonOption = False) -> None:
         print_json(rows)
         return
     if not rows:
-        typer.echo("No lease is held.")
+        click.echo("No lease is held.")
         return
     print_table(rows, ["lease", "host", "pid", "since", "expires_at"])
 
 
-@lock_app.command()
-def release(
-    service: Annotated[str, typer.Argument(autocompletion=complete_service)],
-    config: ConfigOption = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
-) -> None:
+@lock_app.command("release")
+@argument("service", shell_complete=complete_service)
+@config_option
+@click.option("--yes", "-y", "yes", is_flag=True, help="Do not ask.")
+def release(service: str, config: Path | None, yes: bool) -> None:
     """Free SERVICE's lease after asking; history gets a line saying whose it was."""
     from pipeline.state.database import open_state
 
@@ -86,18 +92,18 @@ def release(
     name = f"service:{service}"
     holder = state.leases.lock_holder(name)
     if holder is None:
-        typer.echo(f"{service}: no lease is held")
+        click.echo(f"{service}: no lease is held")
         return
-    if not yes and not typer.confirm(f"Release {name}, held by {holder.owner}?", err=True):
-        typer.echo("Nothing released.", err=True)
-        raise typer.Exit(EXIT_USAGE)
+    if not yes and not click.confirm(f"Release {name}, held by {holder.owner}?", err=True):
+        click.echo("Nothing released.", err=True)
+        raise click.exceptions.Exit(EXIT_USAGE)
     owner = state.leases.force_release(name)
     if owner is None:
-        typer.echo(f"{service}: no lease is held")
+        click.echo(f"{service}: no lease is held")
         return
     from pipeline.state.leases import default_owner
 
     state.record_note(
         service, "lock", f"lease released by hand by {default_owner()} (held by {owner})"
     )
-    typer.echo(f"{service}: released the lease held by {owner}")
+    click.echo(f"{service}: released the lease held by {owner}")

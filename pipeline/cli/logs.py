@@ -8,15 +8,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import typer
+import click
 
 from pipeline.cli.common import (
     EXIT_USAGE,
-    ConfigOption,
+    argument,
+    command,
     complete_host,
     complete_service,
+    config_option,
     fail,
     host_service,
     load_config,
@@ -91,68 +94,65 @@ def _follow_host(
         first = False
 
 
-def register(app: typer.Typer) -> None:
-    """Add `logs` to the main app."""
+@command("logs")
+@argument("service", shell_complete=complete_service)
+@config_option
+@click.option("--host", help="Only this host.", shell_complete=complete_host)
+@click.option("--follow", "-f", "follow", is_flag=True, help="Keep following.")
+@click.option("--since", help="Only lines newer than this (10m, 1h, 30s).")
+@click.option("--tail", "-n", "tail", type=int, help="The last N lines of each host.")
+def logs(
+    service: str,
+    config: Path | None,
+    host: str | None,
+    follow: bool,
+    since: str | None,
+    tail: int | None,
+) -> None:
+    """SERVICE's container logs from every host it runs on, in time order, prefixed with
+    the host; -f follows until Ctrl-C, onto the new container when a deploy replaces one."""
+    import sys
 
-    @app.command()
-    def logs(
-        service: Annotated[str, typer.Argument(autocompletion=complete_service)],
-        config: ConfigOption = None,
-        host: Annotated[
-            str | None, typer.Option("--host", help="Only this host.", autocompletion=complete_host)
-        ] = None,
-        follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep following.")] = False,
-        since: Annotated[
-            str | None, typer.Option(help="Only lines newer than this (10m, 1h, 30s).")
-        ] = None,
-        tail: Annotated[
-            int | None, typer.Option("--tail", "-n", help="The last N lines of each host.")
-        ] = None,
-    ) -> None:
-        """SERVICE's container logs from every host it runs on, in time order, prefixed with
-        the host; -f follows until Ctrl-C, onto the new container when a deploy replaces one."""
-        import sys
+    from pipeline.config.model import parse_duration
+    from pipeline.deploy.connections import Connections
 
-        from pipeline.config.model import parse_duration
-        from pipeline.deploy.connections import Connections
+    loaded = load_config(config)
+    svc = host_service(loaded, service, "logs")
+    hosts = list(svc.hosts)
+    if host is not None:
+        if host not in hosts:
+            fail(f"service {service} does not run on host {host!r} (hosts: "
+                 f"{', '.join(hosts)})", EXIT_USAGE)  # fmt: skip
+        hosts = [host]
+    try:
+        since_epoch = time.time() - parse_duration(since) if since else None
+    except ValueError as exc:
+        fail(f"--since: {exc}", EXIT_USAGE)
+    width = max(len(h) for h in hosts)
+    colour = sys.stdout.isatty()
+    colours = {h: _COLOURS[i % len(_COLOURS)] for i, h in enumerate(svc.hosts)}
 
-        loaded = load_config(config)
-        svc = host_service(loaded, service, "logs")
-        hosts = list(svc.hosts)
-        if host is not None:
-            if host not in hosts:
-                fail(f"service {service} does not run on host {host!r} (hosts: "
-                     f"{', '.join(hosts)})", EXIT_USAGE)  # fmt: skip
-            hosts = [host]
-        try:
-            since_epoch = time.time() - parse_duration(since) if since else None
-        except ValueError as exc:
-            fail(f"--since: {exc}", EXIT_USAGE)
-        width = max(len(h) for h in hosts)
-        colour = sys.stdout.isatty()
-        colours = {h: _COLOURS[i % len(_COLOURS)] for i, h in enumerate(svc.hosts)}
+    def show(h: str, text: str) -> None:
+        prefix = h.ljust(width) + " |"
+        if colour:
+            prefix = click.style(prefix, fg=colours[h])
+        click.echo(f"{prefix} {redact(text)}")
 
-        def show(h: str, text: str) -> None:
-            prefix = h.ljust(width) + " |"
-            if colour:
-                prefix = typer.style(prefix, fg=colours[h])
-            typer.echo(f"{prefix} {redact(text)}")
-
-        connections = Connections(loaded)
-        try:
-            if not follow:
-                lines: list[tuple[str, str]] = []
-                for h in hosts:
-                    sessions = connections.engine(h).sessions
-                    for c in sessions.running(service):
-                        lines += [(h, ln) for ln in sessions.log_lines(
-                            c.id, since=since_epoch, tail=tail)]  # fmt: skip
-                for h, _at, text in merge_by_time(lines):
-                    show(h, text)
-                return
-            _follow(connections, service, hosts, since_epoch, tail, show)
-        finally:
-            connections.close()
+    connections = Connections(loaded)
+    try:
+        if not follow:
+            lines: list[tuple[str, str]] = []
+            for h in hosts:
+                sessions = connections.engine(h).sessions
+                for c in sessions.running(service):
+                    lines += [(h, ln) for ln in sessions.log_lines(
+                        c.id, since=since_epoch, tail=tail)]  # fmt: skip
+            for h, _at, text in merge_by_time(lines):
+                show(h, text)
+            return
+        _follow(connections, service, hosts, since_epoch, tail, show)
+    finally:
+        connections.close()
 
 
 def _follow(

@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-import typer
+import click
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -38,7 +38,7 @@ class PlainReporter:
     """Lines to stderr as they come, nothing else (pipes, files, CI logs, `--json`)."""
 
     def line(self, text: str) -> None:
-        typer.echo(text, err=True)  # the runner has redacted its lines
+        click.echo(text, err=True)  # the runner has redacted its lines
 
     def progress(self, what: str, done: int, total: int | None) -> None:
         return None  # a log file gets the step lines, not a counter

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
-import typer
+from pathlib import Path
 
-from pipeline.cli.common import ConfigOption, JsonOption, load_config, print_json, print_table
+from pipeline.cli.common import (
+    Group,
+    config_option,
+    json_option,
+    load_config,
+    print_json,
+    print_table,
+)
 
-proxy_app = typer.Typer(no_args_is_help=True)
+proxy_app = Group(
+    "proxy", help="The reverse proxy pipeline runs on each host.", no_args_is_help=True
+)
 
 
-@proxy_app.command()
-def status(config: ConfigOption = None, json: JsonOption = False) -> None:
+@proxy_app.command("status")
+@config_option
+@json_option
+def status(config: Path | None, json: bool) -> None:
     """Per host of a proxied service: its proxy, each route and the container it points to."""
     loaded = load_config(config)
     # Imported here: the CLI starts fast when this command is not the one run.

@@ -6,11 +6,11 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-import typer
+import click
 
-from pipeline.cli.common import EXIT_USAGE, ConfigOption, fail
+from pipeline.cli.common import EXIT_USAGE, command, config_option, fail
 from pipeline.errors import ConfigError
 from pipeline.redact import redact_url
 
@@ -34,53 +34,49 @@ def local_repo_path(url: str) -> Path | None:
     return find(url)
 
 
-def register(app: typer.Typer) -> None:
-    """Add `serve` to the main app."""
+@command("serve")
+@config_option
+@click.option(
+    "--no-watch-repos",
+    "no_watch_repos",
+    is_flag=True,
+    help="Do not watch local repos' refs (e.g. on network filesystems); poll them.",
+)
+def serve(config: Path | None, no_watch_repos: bool) -> None:
+    """Run the service: webhooks, polling, cron rebuilds, live config; until SIGTERM."""
+    import structlog
 
-    @app.command()
-    def serve(
-        config: ConfigOption = None,
-        no_watch_repos: Annotated[
-            bool,
-            typer.Option(
-                "--no-watch-repos",
-                help="Do not watch local repos' refs (e.g. on network filesystems); poll them.",
-            ),
-        ] = False,
-    ) -> None:
-        """Run the service: webhooks, polling, cron rebuilds, live config; until SIGTERM."""
-        import structlog
+    from pipeline.config import load as config_mod
 
-        from pipeline.config import load as config_mod
+    log = structlog.get_logger(__name__)
+    service = service_class()(
+        config or config_mod.default_config_path(), watch_repos=not no_watch_repos
+    )
 
-        log = structlog.get_logger(__name__)
-        service = service_class()(
-            config or config_mod.default_config_path(), watch_repos=not no_watch_repos
-        )
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("service.stopping", signal=signal.Signals(signum).name)
+        service.request_stop()
 
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("service.stopping", signal=signal.Signals(signum).name)
-            service.request_stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    try:
+        service.serve_forever(on_started=_announce)
+    except ConfigError as exc:
+        fail(f"{exc}\n{len(exc.problems)} problem(s) found.", EXIT_USAGE)
+    except OSError as exc:
+        fail(str(exc))
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, on_signal)
-        try:
-            service.serve_forever(on_started=_announce)
-        except ConfigError as exc:
-            fail(f"{exc}\n{len(exc.problems)} problem(s) found.", EXIT_USAGE)
-        except OSError as exc:
-            fail(str(exc))
 
-    @app.command("dashboard-password")
-    def dashboard_password() -> None:
-        """Ask for a password (twice) and print its hash for `[server] password_hash`, which
-        the dashboard's login then takes besides the API token."""
-        from pipeline.dashboard.access import hash_password
+@command("dashboard-password")
+def dashboard_password() -> None:
+    """Ask for a password (twice) and print its hash for `[server] password_hash`, which
+    the dashboard's login then takes besides the API token."""
+    from pipeline.dashboard.access import hash_password
 
-        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
-        if len(password) < 12:
-            fail("the password needs at least 12 characters", EXIT_USAGE)
-        typer.echo(hash_password(password))
+    password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 12:
+        fail("the password needs at least 12 characters", EXIT_USAGE)
+    click.echo(hash_password(password))
 
 
 def _announce(service: Service) -> None:

@@ -1,10 +1,13 @@
 """The Kamal-like commands' pure parts and the ones needing no Docker: `logs`' merge by time,
-`init`'s generated config, `lock status`/`lock release`, the exit codes, shell completion."""
+`init`'s generated config, `lock status`/`lock release`, the exit codes, the command listing,
+shell completion."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path, PurePosixPath
@@ -13,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from pipeline.cli import completion
+from pipeline.cli.app import _LAZY, app
 from pipeline.cli.common import EXIT_CODES, complete_service
 from pipeline.cli.init import exposed_port, image_name
 from pipeline.cli.logs import merge_by_time, split_timestamp
@@ -204,43 +209,139 @@ def test_exit_codes_are_documented_in_the_readme() -> None:
         assert re.search(rf"^\| `{code}` \|", text, re.M), code
 
 
+def test_help_lists_every_command_as_the_command_describes_itself() -> None:
+    """`pipeline --help` lists each command with the first sentence of its own help (taken
+    from the lazy table, so the listing cannot drift from the commands it does not import)."""
+    ctx = app.make_context("pipeline", ["validate"])
+    for name, (_module, _attr, short) in _LAZY.items():
+        cmd = app.get_command(ctx, name)
+        assert cmd is not None and cmd.name == name, name
+        assert cmd.hidden == (short is None), name
+        if short is not None:
+            assert cmd.get_short_help_str(limit=10_000) == short, name
+
+
+def test_global_log_options_set_up_logging_for_the_command_that_runs(tmp_path: Path) -> None:
+    """`pipeline --log-format json --log-level debug db current` runs with JSON log lines at
+    debug level (logging is set up when the command runs, after its arguments are parsed)."""
+    import structlog
+    from click.testing import CliRunner
+
+    from pipeline import logs
+
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG)
+    args = ["--log-format", "json", "--log-level", "debug", "db", "current", "-c", str(config)]
+    logs.configure("console", "warning")
+    try:
+        res = CliRunner().invoke(app, args)
+        settings = structlog.get_config()
+    finally:
+        logs.configure()  # the command logged to the runner's stream, closed now
+    assert res.exit_code == 0, res.output
+    assert isinstance(settings["processors"][-1], structlog.processors.JSONRenderer)
+    assert settings["wrapper_class"] is structlog.make_filtering_bound_logger("DEBUG")
+
+
+def test_an_interrupted_command_exits_1_as_the_readme_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command interrupted by Ctrl-C or SIGTERM (KeyboardInterrupt out of its body, after a
+    rollout undid its work) exits 1, README's "interrupted" code, without a traceback."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import app as app_module
+
+    def interrupted(_path: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app_module, "load_config", interrupted)
+    res = CliRunner().invoke(app, ["validate"])
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+
+
 def test_completion_offers_the_configs_service_names(tmp_path: Path) -> None:
     """Shell completion of a service reads the names from the config named by -c."""
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG)
     root = SimpleNamespace(params={"config": str(config)}, parent=None)
     ctx: Any = SimpleNamespace(params={}, parent=root)  # a subcommand's context under the app's
-    assert complete_service(ctx, "w") == ["web", "worker"]
-    assert complete_service(ctx, "wo") == ["worker"]
+    assert complete_service(ctx, None, "w") == ["web", "worker"]
+    assert complete_service(ctx, None, "wo") == ["worker"]
     root.params["config"] = str(tmp_path / "missing.toml")
-    assert complete_service(ctx, "") == []
+    assert complete_service(ctx, None, "") == []
+
+
+def _complete(instruction: str, words: str, **env: str) -> list[str]:
+    """What the console script answers a bash completion request of `instruction`."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "pipeline")],
+        env={
+            "_PIPELINE_COMPLETE": instruction,
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split(" ")) - 1),
+            "PATH": "/usr/bin:/bin",
+            **env,
+        },
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return done.stdout.splitlines()
 
 
 def test_completion_through_the_shell_protocol(tmp_path: Path) -> None:
     """`pipeline deploy <TAB>` in bash gets the config's services, `pipeline lo<TAB>` the
-    commands (the console script under typer's completion protocol)."""
+    commands, `pipeline history --l<TAB>` the option (click's protocol: type,value lines)."""
     config = tmp_path / "pipeline.toml"
     config.write_text(CONFIG)
-    script = str(Path(sys.executable).parent / "pipeline")
+    assert _complete("bash_complete", f"pipeline deploy -c {config} ") == [
+        "plain,web",
+        "plain,worker",
+    ]
+    assert _complete("bash_complete", "pipeline lo") == ["plain,logs", "plain,lock"]
+    assert _complete("bash_complete", "pipeline history --l") == ["plain,--limit"]
 
-    def complete(words: str) -> list[str]:
-        done = subprocess.run(
-            [script],
-            env={
-                "_PIPELINE_COMPLETE": "complete_bash",
-                "COMP_WORDS": words,
-                "COMP_CWORD": str(len(words.split(" ")) - 1),
-                "PATH": "/usr/bin:/bin",
-            },
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
-        return done.stdout.split()
 
-    assert complete(f"pipeline deploy -c {config} ") == ["web", "worker"]
-    assert complete("pipeline lo") == ["logs", "lock"]
+def test_completion_scripts_installed_by_the_typer_cli_still_complete(tmp_path: Path) -> None:
+    """A completion script that the typer-based pipeline installed (`complete_bash`, bare
+    values; `complete_zsh` with `_TYPER_COMPLETE_ARGS`) still gets the services and commands."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG)
+    assert _complete("complete_bash", f"pipeline deploy -c {config} ") == ["web", "worker"]
+    assert _complete("complete_bash", "pipeline lo") == ["logs", "lock"]
+    zsh = _complete("complete_zsh", "", _TYPER_COMPLETE_ARGS="pipeline lo")
+    assert zsh[0].startswith('_arguments \'*: :(("logs":') and zsh[-1].startswith('"lock":')
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_install_completion_for_bash_completes_in_a_real_bash(tmp_path: Path) -> None:
+    """`pipeline --install-completion` under bash writes the script where typer put it, sources
+    it from ~/.bashrc once, and that script completes `pipeline lo<TAB>` in a real bash."""
+    env = {"HOME": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    for _ in range(2):  # installing again changes nothing
+        shell, path = completion.install(app, "pipeline", "bash", home=tmp_path)
+    assert (shell, path) == ("bash", tmp_path / ".bash_completions" / "pipeline.sh")
+    assert (tmp_path / ".bashrc").read_text().count(f"source '{path}'") == 1
+    probe = (
+        f"source {path}; COMP_WORDS=(pipeline lo); COMP_CWORD=1; "
+        '_pipeline_completion pipeline; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    done = subprocess.run(
+        ["bash", "--norc", "-c", probe],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.stdout.split() == ["logs", "lock"], done.stderr
+    for shell in ("zsh", "fish"):
+        _, path = completion.install(app, "pipeline", shell, home=tmp_path)
+        assert "_PIPELINE_COMPLETE" in path.read_text()
+    assert "fpath+=~/.zfunc" in (tmp_path / ".zshrc").read_text()
 
 
 def test_push_and_pull_progress_sums_bytes_over_layers() -> None:
