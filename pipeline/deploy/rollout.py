@@ -231,7 +231,9 @@ class Rollout:
         p = _Pass(target, release_id, run_id, lease)
         p.reached = {h: [] for h in self.spec.hosts}
         bound = log.bind(service=self.service, revision=target.revision[:12], run_id=run_id)
-        bound.info("rollout started", hosts=self.spec.hosts, strategy=self.spec.strategy)
+        # A proxied service is switched by its proxy whatever `strategy` says (never stopped first).
+        how = "proxy switch" if self.proxies else self.spec.strategy
+        bound.info("rollout started", hosts=self.spec.hosts, strategy=how)
         try:
             self._observe(p)
             plan = plan_rollout(
