@@ -198,13 +198,18 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None) -> N
     loaded = load_config(config)
     reporter = _reporter(loaded, json)
     runner = _runner(loaded, reporter)
+    from pipeline.plan.rollback import NoRollbackTarget
+
     try:
         from pipeline.deploy.operations import rollback_service
 
         outcome = rollback_service(_recovered(runner), service, to)
     except PipelineError as exc:
         reporter.close([])
-        fail(str(exc), exit_code_of(exc))
+        # `--to` naming no release of the service is a bad argument (README: exit 2); with no
+        # `--to`, having nothing earlier to go back to is not the user's input.
+        bad_to = to is not None and isinstance(exc, NoRollbackTarget)
+        fail(str(exc), EXIT_USAGE if bad_to else exit_code_of(exc))
     releases = [release_json(r) for r in runner.state.releases(service, 1)
                 if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
     reporter.close(releases)

@@ -372,3 +372,18 @@ def test_push_and_pull_progress_sums_bytes_over_layers() -> None:
     assert amount("push reg/web", done, total) == "2.1/3.0 MB"
     assert amount("lab-1: build web", 3, 5) == "step 3/5"
     assert amount("web: lab-1: health", 3, None) == "attempt 3"
+
+
+def test_rollback_to_a_release_the_service_never_had_exits_2(tmp_path: Path) -> None:
+    """`pipeline rollback web --to r99` naming no release of web is a bad argument (exit 2,
+    README's table), while a rollback with nothing earlier to go back to is a failure (1)."""
+    from click.testing import CliRunner
+
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.replace('data_dir = "data"', f'data_dir = "{tmp_path / "data"}"'))
+    bad = CliRunner().invoke(app, ["rollback", "web", "--to", "r99", "-c", str(config)])
+    assert bad.exit_code == 2, bad.output
+    assert "service web: it has no release r99" in bad.stderr
+    none = CliRunner().invoke(app, ["rollback", "web", "-c", str(config)])
+    assert none.exit_code == 1, none.output
+    assert "no earlier succeeded release" in none.stderr
