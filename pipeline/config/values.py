@@ -374,7 +374,7 @@ def decode_hook(kind: type, value: object) -> object:
     if kind is SpecList:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
-            raise ValueError(f"Expected `array`, got `{_kind(value)}`")
+            raise ValueError(f"Expected `str | array`, got `{_kind(value)}`")
         return SpecList(_string(item) for item in items)
     if kind is SecretSources:
         if not isinstance(value, dict):

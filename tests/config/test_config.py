@@ -341,6 +341,10 @@ def test_a_postgresql_database_with_its_password_variable_is_accepted() -> None:
             "[proxy]\nhttp_port = 8080\nhttps_port = 8080\n",
             "pipeline.toml:1: proxy: http_port and https_port must differ",
         ),
+        (
+            '[images.api]\nrepo = "shop"\ncache_from = 3\n',
+            "pipeline.toml:3: images.api.cache_from: expected str or list, got int 3",
+        ),
     ],
 )
 def test_each_kind_of_problem_reads_plainly(extra: str, expected: str) -> None:
