@@ -137,6 +137,13 @@ def load(path: Path) -> LoadedConfig:
     first of each bad table, every cross-reference and placeholder)."""
     try:
         text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [
+                f"{path}: no such file (name the config with -c FILE or $PIPELINE_CONFIG; "
+                "`pipeline init` writes one)"
+            ]  # fmt: skip
+        ) from None
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     return parse(text, path)

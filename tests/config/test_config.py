@@ -372,3 +372,14 @@ def test_one_problem_per_bad_entry_and_every_reference_in_one_run() -> None:
         "repos.other.url",
     ], found
     assert "expected int, got str '5432'" in found[3]
+
+
+def test_a_missing_config_file_says_how_to_name_one(tmp_path: Path) -> None:
+    """A config file that does not exist is reported with the ways to name one (-c FILE,
+    $PIPELINE_CONFIG) and `pipeline init`, not only the OS's words."""
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path / "pipeline.toml")
+    assert err.value.problems == [
+        f"{tmp_path / 'pipeline.toml'}: no such file (name the config with -c FILE or "
+        "$PIPELINE_CONFIG; `pipeline init` writes one)"
+    ]
