@@ -42,7 +42,8 @@ def running(tmp_path: Path, local_engine: docker.DockerClient) -> Iterator[tuple
     name = f"sess{session}"
     ctx = write_busybox_context(tmp_path / "ctx", session,
                                 cmd='["/bin/busybox", "sleep", "300"]')  # fmt: skip
-    image, _ = local_engine.images.build(path=str(ctx), rm=True)
+    # No build cache: another worker removing its images may delete a cached layer mid-build.
+    image, _ = local_engine.images.build(path=str(ctx), rm=True, nocache=True)
     container = local_engine.containers.run(
         image.id, detach=True, name=name,
         labels={"dev.pipeline.managed": "true", "dev.pipeline.service": name},
