@@ -7,7 +7,8 @@ The Swarm endpoints of the Docker Engine API (`/info` Swarm, `/nodes`, `/service
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from pipeline.hosts.connection import Connection, status_of
 log = structlog.get_logger(__name__)
 
 MANAGED_LABEL = "dev.pipeline.managed"
+# Looks, 0.3 s apart, for an overlay network another create made meanwhile (`ensure_overlay`).
+OVERLAY_LOOKS = 10
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,9 @@ def _task(attrs: Mapping[str, Any]) -> TaskInfo:
 class Swarm:
     """The Swarm the engine behind `conn` belongs to; services and networks need a manager."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, sleep: Callable[[float], None] = time.sleep) -> None:
         self._conn = conn
+        self._sleep = sleep
 
     @property
     def where(self) -> str:
@@ -174,14 +178,23 @@ class Swarm:
                 # Created meanwhile (two services of one pass share a new network): 409 on
                 # newer engines, a 500 "name conflicts with an existing object" from Swarm's
                 # allocator on 20.10. Either way, look again rather than trust the code.
-                if status_of(exc) not in (409, 500) or not any(
-                    n.get("Name") == name and n.get("Driver") == "overlay"
-                    for n in self._conn.client.api.networks(names=[name])
-                ):
+                if status_of(exc) not in (409, 500) or not self._overlay_appears(name):
                     raise
                 return False
         log.info("overlay network ensured", engine=self._conn.name, network=name)
         return True
+
+    def _overlay_appears(self, name: str) -> bool:
+        """Whether an overlay network `name` is listed within about 3 s: after a conflict with
+        another create still in progress, Swarm's allocator knows the name before the engine
+        lists the network."""
+        for look in range(OVERLAY_LOOKS):
+            if look:
+                self._sleep(0.3)
+            if any(n.get("Name") == name and n.get("Driver") == "overlay"
+                   for n in self._conn.client.api.networks(names=[name])):  # fmt: skip
+                return True
+        return False
 
     def service(self, name: str) -> ServiceInfo | None:
         """The service called `name`, or None when there is none."""

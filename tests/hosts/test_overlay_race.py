@@ -18,12 +18,13 @@ class _Api:
     """A manager whose network `backend` is created by someone else between our look and our
     create; `code` is what its create answers then (a fault a real lab race hits by chance)."""
 
-    def __init__(self, code: int, text: str, made: bool = True) -> None:
+    def __init__(self, code: int, text: str, made: bool = True, listed_at: int = 2) -> None:
         self.code, self.text, self.made, self.looks = code, text, made, 0
+        self.listed_at = listed_at  # the look at which the engine lists the network
 
     def networks(self, names: list[str]) -> list[dict[str, Any]]:
         self.looks += 1
-        if self.looks == 1 or not self.made:
+        if self.looks < self.listed_at or not self.made:
             return []
         return [{"Name": names[0], "Driver": "overlay"}]
 
@@ -40,7 +41,7 @@ def _swarm(api: _Api) -> Swarm:
 
     conn = SimpleNamespace(client=SimpleNamespace(api=api), calling=calling, name="lab-1",
                            where="host lab-1 (tcp://10.88.0.2:2375)")  # fmt: skip
-    return Swarm(conn)  # type: ignore[arg-type]
+    return Swarm(conn, sleep=lambda _s: None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -61,3 +62,12 @@ def test_a_conflict_without_the_network_is_still_an_error() -> None:
         _swarm(_Api(500, "name conflicts with an existing object", made=False)).ensure_overlay(
             "backend"
         )
+
+
+def test_a_network_listed_only_after_the_conflict_settles_is_taken_as_made() -> None:
+    """Swarm's allocator can refuse the name before the engine lists the network the other
+    create is still making (seen in CI): pipeline looks again for a few seconds and finds it."""
+    api = _Api(500, "rpc error: code = Unknown desc = name conflicts with an existing object",
+               listed_at=4)  # fmt: skip
+    assert _swarm(api).ensure_overlay("backend") is False
+    assert api.looks == 4
