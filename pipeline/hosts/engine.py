@@ -88,6 +88,10 @@ def layer_progress(layers: dict[str, tuple[int, int]], chunk: Mapping[str, Any])
 _BUILD_TIMEOUT = 3600  # seconds without output before a build's HTTP read gives up
 
 
+class _CachedLayerGone(StallingError):
+    """A legacy build's cached layer was removed while the build used it."""
+
+
 class Engine:
     """A Docker engine behind `conn` (its name, URL and client, connected on first use).
 
@@ -160,8 +164,29 @@ class Engine:
         one the SDK drives), stopping at stage `target` if given; tag it with every tag and
         return the image id.
 
-        A failing step raises StallingError("build failed: ...") with the last output lines.
+        A failing step raises StallingError("build failed: ...") with the last output lines. A
+        cached layer removed while the build used it (a concurrent `docker image prune` or
+        `rmi`: "unable to find image") is built again once, without the cache.
         """
+        args = (context, dockerfile, tags, labels, build_args, pull, target, on_output)
+        try:
+            return self._build_once(*args, nocache=False)
+        except _CachedLayerGone:
+            return self._build_once(*args, nocache=True)
+
+    def _build_once(
+        self,
+        context: Path,
+        dockerfile: str,
+        tags: Sequence[str],
+        labels: Mapping[str, str],
+        build_args: Mapping[str, str],
+        pull: bool,
+        target: str | None,
+        on_output: Callable[[str], None] | None,
+        *,
+        nocache: bool,
+    ) -> str:
         tail: deque[str] = deque(maxlen=_BUILD_TAIL)
         image_id: str | None = None
         with self._conn.calling(f"build {context}"):
@@ -173,6 +198,7 @@ class Engine:
                 buildargs=dict(build_args),
                 pull=pull,
                 target=target,
+                nocache=nocache,
                 rm=True,
                 forcerm=True,
                 decode=True,
@@ -183,7 +209,10 @@ class Engine:
                 if reported is not None:
                     message, output = reported[0], "\n".join(tail)
                     detail = f"{redact(message)}\n{redact(output)}".rstrip()
-                    raise StallingError(f"build failed: {self._conn.where}: {detail}")
+                    gone = not nocache and message.startswith('unable to find image "sha256:')
+                    raise (_CachedLayerGone if gone else StallingError)(
+                        f"build failed: {self._conn.where}: {detail}"
+                    )
                 text = chunk.get("stream")
                 if text and self.progress and (step := _BUILD_STEP.match(str(text))):
                     self.progress(f"{self.name}: build {context.name}", int(step[1]),
