@@ -139,7 +139,7 @@ class ClusterProject:
         for index in range(len(self.lab.hosts)):
             client = self.client(index)
             try:
-                for c in client.containers.list(all=True):
+                for c in client.containers.list(all=True, ignore_removed=True):
                     if self.sfx in (c.labels.get("dev.pipeline.service") or ""):
                         with contextlib.suppress(docker.errors.APIError):  # Swarm's, gone
                             c.remove(force=True)

@@ -172,7 +172,9 @@ monitor = "{TEST_MONITOR}"
             try:
                 for svc in (self.web, self.api):
                     for c in client.containers.list(
-                        all=True, filters={"label": f"dev.pipeline.service={svc}"}
+                        all=True,
+                        filters={"label": f"dev.pipeline.service={svc}"},
+                        ignore_removed=True,
                     ):
                         c.remove(force=True)
             finally:

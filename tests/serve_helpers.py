@@ -387,7 +387,9 @@ class ServeProject:
             try:
                 for a in self.apps:
                     for c in client.containers.list(
-                        all=True, filters={"label": f"dev.pipeline.service={a.name}"}
+                        all=True,
+                        filters={"label": f"dev.pipeline.service={a.name}"},
+                        ignore_removed=True,
                     ):
                         c.remove(force=True)
             finally:
