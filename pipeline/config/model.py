@@ -265,6 +265,10 @@ class ServiceProxySection(_Table, frozen=True):
     path_prefix: PathPrefix = PathPrefix("/")
     drain: Seconds = Seconds(30.0)  # seconds in-flight requests get before the old one stops
     tls: Literal["acme", "internal", "off"] = "off"
+    # What the previous container becomes once drained, kept for a rollback: "paused" (frozen,
+    # memory kept: a rollback resumes it in milliseconds) or "stopped" (SIGTERM, memory freed:
+    # a rollback starts it again, which takes the engine about half a second more).
+    retain: Literal["paused", "stopped"] = "paused"
 
 
 class ServiceSection(_Table, frozen=True):

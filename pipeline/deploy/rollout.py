@@ -243,6 +243,9 @@ class Rollout:
                 pull=target.pull,
                 previous_running={h: prev.running for h, prev in p.previous.items()},
                 proxied=bool(self.proxies),
+                switch_back=kind == "rollback"
+                and bool(self.proxies)
+                and all(self._retained(h, p) is not None for h in self.spec.hosts),
             )
             for batch in plan.batches:
                 self._batch(batch, p)
@@ -517,8 +520,10 @@ class Rollout:
         if retained is not None:
             info = retained
             if retained.status != "running":
+                paused = retained.status == "paused"
                 self.retry.call(
-                    lambda: engine.containers.start(retained.id, managed=True), f"start on {host}"
+                    lambda: engine.containers.start(retained.id, managed=True, paused=paused),
+                    f"start on {host}",
                 )
                 info = engine.containers.inspect(retained.id) or retained
             p.new[host] = info
@@ -684,14 +689,15 @@ class Rollout:
         """Remove the service's other containers on the host and prune its old images; past
         the point of no return, so a failure here is a warning, not a rollback. A proxied
         service's previous container (`keep`) is first drained (until the proxy has no request
-        in flight to it, or `drain` after `routed_at`), then stopped and kept for a rollback."""
+        in flight to it, or `drain` after `routed_at`), then paused or stopped (`retain`) and kept
+        for a rollback."""
         engine = self.engines[host]
         record = self.steps.start(run_id, "retire", host, revision, None)
         problems: list[str] = []
         kept: str | None = None
         try:
             if self.proxies and keep:
-                kept = self._drain_and_stop(host, keep, new, routed_at, problems)
+                kept = self._drain_and_retain(host, keep, new, routed_at, problems)
             for c in engine.containers.managed_containers(self.service):
                 if c.id != new.id and c.id != kept:
                     try:
@@ -712,7 +718,7 @@ class Rollout:
         self.steps.end(record, "succeeded", detail="; ".join(problems) or None)
         self.state.rollouts.set_host_phase(release_id, host, "retired")
 
-    def _drain_and_stop(
+    def _drain_and_retain(
         self,
         host: str,
         keep: str,
@@ -720,8 +726,9 @@ class Rollout:
         routed_at: float | None,
         problems: list[str],
     ) -> str | None:
-        """Wait out the old container's requests in flight (up to `drain`), stop it, and leave
-        it reachable by pipeline alone (a rollback checks it there); return its id."""
+        """Wait out the old container's requests in flight (up to `drain`), pause or stop it
+        (`retain`), and leave it reachable by pipeline alone (a rollback checks it there);
+        return its id."""
         assert self.spec.proxy is not None
         engine, hp = self.engines[host], self.proxies[host]
         old = engine.containers.inspect(keep)
@@ -735,15 +742,23 @@ class Rollout:
             left = hp.drain(table.token, dials[0], until)
             if left:
                 problems.append(f"{old.name}: {left} request(s) still in flight after the drain")
-        if old.status == "running":
-            grace = max(0, round(self.spec.stop_timeout))
-            engine.containers.stop(old.id, timeout=grace)
+        self._retain(host, old)
         kept = dials[:1]
         self._table_change(
             host,
             lambda r: replace(r, standby=tuple(kept)) if r.upstream else without_standby(r),
         )
         return old.id
+
+    def _retain(self, host: str, old: ContainerInfo) -> None:
+        """Keep `old` for a rollback as `retain` says: paused (frozen, resumed in milliseconds)
+        or stopped (SIGTERM, then SIGKILL after `stop_timeout`)."""
+        assert self.spec.proxy is not None
+        containers = self.engines[host].containers
+        if old.status == "running" and self.spec.proxy.retain == "paused":
+            containers.pause(old.id)
+        elif old.status in ("running", "paused") and self.spec.proxy.retain == "stopped":
+            containers.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
 
     # -- undo -------------------------------------------------------------------------------
     def _undo(self, p: _Pass, hosts: Sequence[str]) -> list[str]:
@@ -763,4 +778,11 @@ class Rollout:
             )
             if error:
                 problems.append(error)
+            elif host in p.reused and new is not None and self.proxies:
+                # A retained container that failed its check again goes back to being retained
+                # (its route was switched back first), not left running beside the serving one.
+                try:
+                    self._retain(host, new)
+                except PipelineError as exc:
+                    problems.append(f"host {host}: {new.name} could not be retained again: {exc}")
         return problems

@@ -3,9 +3,9 @@
 A rollout is an ordered list of per-host steps: pull, stop the old container (stop-first),
 start the new one, check it, route the host's proxy to it (a proxied service: the old one
 keeps serving until then), switch the deployment record to it; then, once every host passed
-its check, retire the old containers (a proxied service's old one is drained, stopped and kept
-for an instant rollback). Hosts move in batches of `max_parallel`. Any failure
-before every host passed undoes, in reverse, the steps each touched host reached.
+its check, retire the old containers (a proxied service's old one is drained, paused or
+stopped, and kept for an instant rollback). Hosts move in batches of `max_parallel`. Any
+failure before every host passed undoes, in reverse, the steps each touched host reached.
 """
 
 from __future__ import annotations
@@ -78,11 +78,16 @@ def plan_rollout(
     pull: bool,
     previous_running: Mapping[str, bool],
     proxied: bool = False,
+    switch_back: bool = False,
 ) -> RolloutPlan:
     """The steps of a rollout: per host `pull` (when images come from a registry), `stop` (when
     stop-first and the host runs a previous container; never when `proxied`: the old container
     serves until the route moves), `start`, `health`, `route` (when `proxied`), `switch`;
-    batches of `max_parallel` hosts in config order; `retire` on every host at the end."""
+    batches of `max_parallel` hosts in config order; `retire` on every host at the end.
+
+    `switch_back`: every host goes back to a container it retained (a proxied service's
+    rollback), already checked when it was first deployed and resumed in milliseconds; all
+    hosts then move in one batch, so the service spends no time split between two releases."""
     per_host = []
     for host in hosts:
         steps: list[StepKind] = []
@@ -95,7 +100,7 @@ def plan_rollout(
             steps.append("route")
         steps.append("switch")
         per_host.append(HostSteps(host, tuple(steps)))
-    size = max(1, max_parallel)
+    size = len(per_host) if switch_back else max(1, max_parallel)
     batches = tuple(tuple(per_host[i : i + size]) for i in range(0, len(per_host), size))
     return RolloutPlan(batches, tuple(hosts))
 

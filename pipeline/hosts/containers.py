@@ -269,13 +269,29 @@ class Containers:
         with self._conn.calling(f"stop container {container_id}"):
             self._conn.client.api.stop(container_id, timeout=timeout)
 
-    def start(self, container_id: str, *, managed: bool = False) -> None:
-        """Start a stopped managed container again (a rollback's instant way back); `managed`:
-        the caller just listed it among pipeline's containers, so it is not inspected first."""
+    def start(self, container_id: str, *, managed: bool = False, paused: bool = False) -> None:
+        """Run a stopped managed container again, or resume a `paused` one (a rollback's instant
+        way back); `managed`: the caller just listed it among pipeline's containers, so it is
+        not inspected first. Docker refuses to start a paused container (409): unpause it."""
         if not managed and self._managed(container_id, "start") is None:
             raise StallingError(f"{self._conn.where}: container {container_id} is gone")
+        api = self._conn.client.api
+        if paused:
+            with self._conn.calling(f"unpause container {container_id}"):
+                api.unpause(container_id)
+            return
         with self._conn.calling(f"start container {container_id}"):
-            self._conn.client.api.start(container_id)
+            api.start(container_id)
+
+    def pause(self, container_id: str) -> None:
+        """Freeze a managed container's processes with the cgroup freezer (`docker pause`): no
+        CPU and no requests, its memory and sockets kept, so `start(paused=True)` resumes it in
+        milliseconds. A container that is not running is left as it is; gone is fine."""
+        info = self._managed(container_id, "pause")
+        if info is None or info.status != "running":
+            return
+        with self._conn.calling(f"pause container {container_id}"):
+            self._conn.client.api.pause(container_id)
 
     def remove(self, container_id: str) -> None:
         """Force-remove a managed container and its anonymous volumes; gone is fine."""

@@ -8,6 +8,7 @@ endpoint `GET /reverse_proxy/upstreams` for the requests in flight per upstream.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from pipeline.proxy.routes import Route, RouteTable, admin_host, container_of, probe_host
@@ -15,6 +16,7 @@ from pipeline.proxy.routes import Route, RouteTable, admin_host, container_of, p
 HTTP_PORT = 80  # inside the proxy container; published on the host's `[proxy] http_port`
 HTTPS_PORT = 443  # inside; published on `https_port` when a route asks for TLS
 ADMIN = "localhost:2019"  # Caddy's admin endpoint, inside the container only
+TABLE_PATH = "/pipeline/routes"  # on the admin Host: the route table this config was made from
 
 
 def _paths(prefix: str) -> list[str] | None:
@@ -37,9 +39,23 @@ def _user_route(route: Route) -> dict[str, Any] | None:
 
 
 def _pipeline_routes(table: RouteTable) -> list[dict[str, Any]]:
-    """Routes only pipeline uses: each standby container by its probe host, and the read-only
-    upstream counts of the admin endpoint."""
+    """Routes only pipeline uses: each standby container by its probe host, the read-only
+    upstream counts of the admin endpoint, and the route table the config was made from (read
+    back in one HTTP request instead of a copy out of the container; base64, since a
+    static_response body is a template whose `{...}` Caddy would read as placeholders)."""
     routes: list[dict[str, Any]] = [
+        {
+            "match": [{"host": [admin_host(table.token)], "path": [TABLE_PATH], "method": ["GET"]}],
+            "handle": [
+                {
+                    "handler": "static_response",
+                    "status_code": 200,
+                    "headers": {"Cache-Control": ["no-store"]},
+                    "body": base64.b64encode(table.to_json().encode()).decode(),
+                }
+            ],
+            "terminal": True,
+        },
         {
             "match": [
                 {
@@ -50,7 +66,7 @@ def _pipeline_routes(table: RouteTable) -> list[dict[str, Any]]:
             ],
             "handle": [_proxy_to(ADMIN, headers={"request": {"set": {"Host": [ADMIN]}}})],
             "terminal": True,
-        }
+        },
     ]
     for route in table.routes:
         dials = [*route.standby, *([route.upstream] if route.upstream else [])]

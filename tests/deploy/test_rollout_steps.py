@@ -80,6 +80,18 @@ def test_a_proxied_service_never_stops_the_old_container_before_its_route_moves(
     assert undo_for(("pull", "start", "health", "route")) == ("route_back", "remove_new")
 
 
+@pytest.mark.parametrize("switch_back", [False, True])
+def test_a_rollback_to_retained_containers_moves_every_host_at_once(switch_back: bool) -> None:
+    """A proxied rollback that only switches back to retained containers is one batch of every
+    host whatever max_parallel says; any other rollout keeps its batches of max_parallel."""
+    plan = plan_rollout(HOSTS, strategy="stop-first", max_parallel=1, pull=False,
+                        previous_running={"h1": True, "h2": True}, proxied=True,
+                        switch_back=switch_back)  # fmt: skip
+    assert [[hs.host for hs in batch] for batch in plan.batches] == (
+        [["h1", "h2"]] if switch_back else [["h1"], ["h2"]]
+    )
+
+
 @pytest.mark.parametrize(
     ("reached", "undos"),
     [

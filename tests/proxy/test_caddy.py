@@ -3,6 +3,7 @@ caddy binary is installed)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.proxy.caddy import caddy_config
+from pipeline.proxy.caddy import TABLE_PATH, caddy_config
 from pipeline.proxy.routes import (
     Route,
     RouteTable,
+    admin_host,
     probe_host,
     switched,
     with_standby,
@@ -52,6 +54,19 @@ def test_the_table_round_trips_and_longer_prefixes_match_first() -> None:
     assert config["apps"]["tls"]["automation"]["policies"][0]["issuers"] == [{"module": "internal"}]
     plain = _routes(config)
     assert plain[-2]["handle"][0]["upstreams"] == [{"dial": "web-a:8080"}]
+
+
+def test_the_config_serves_its_own_table_to_pipeline_only() -> None:
+    """The table a config was made from is served, base64 (no `{...}` for Caddy to expand), on
+    the admin Host with the proxy's token, to GET only; it decodes to the same table."""
+    table = RouteTable("tok").put(with_standby(switched(WEB, "web-a:8080"), "web-b:8080"))
+    (served,) = [r for r in _routes(caddy_config(table))
+                 if r.get("match", [{}])[0].get("path") == [TABLE_PATH]]  # fmt: skip
+    assert served["match"] == [{"host": [admin_host("tok")], "path": [TABLE_PATH],
+                                "method": ["GET"]}]  # fmt: skip
+    body = served["handle"][0]["body"]
+    assert "{" not in body
+    assert RouteTable.from_json(base64.b64decode(body)) == table
 
 
 @pytest.mark.skipif(shutil.which("caddy") is None, reason="caddy is not installed")
