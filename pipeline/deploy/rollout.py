@@ -545,7 +545,7 @@ class Rollout:
 
     def _retained(self, host: str, p: _Pass) -> ContainerInfo | None:
         """A container of the service on the host that ran this release's image and settings
-        before (kept stopped after it was switched away from), other than the one serving."""
+        before (kept paused or stopped after it was switched away from), other than the one serving."""
         seen = p.containers.get(host)
         if seen is None:
             seen = self.engines[host].containers.managed_containers(self.service)
