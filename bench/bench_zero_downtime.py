@@ -9,7 +9,8 @@ A lab of its own (2 hosts, 10.88.225.0/24 unless --subnet, taken down at the end
 Ctrl-C) with the lab's Caddy image. One repo holds the sample app, deployed as a proxied
 service on both hosts (health check through the proxy, `drain = "2s"`). A closed-loop load
 generator (`--threads` threads, a new connection per request, round robin over both hosts'
-proxies by the service's Host header) runs the whole time and records every answer with the
+proxies by the service's Host header; a process of its own, so the pipeline's threads do not
+hold the GIL its clients need) runs the whole time and records every answer with the
 phase it fell in: `idle` (before the first change, `--idle` s) or `changing` (from the start
 of each pass to its end). Then, in order: `--deploys` deploys of a changed page
 (`Runner.run_pass()` in process, build + push + rollout); `--failing` deploys of a revision
@@ -26,6 +27,7 @@ import argparse
 import collections
 import http.client
 import json
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -34,8 +36,9 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from _lab import GitRemote, own_lab
 
@@ -58,23 +61,25 @@ BROKEN_CGI = (
 )
 
 
-@dataclass
-class Load:
-    """A closed-loop load generator against both hosts' proxies; `phase` labels each answer."""
+PHASES = ("idle", "changing", "between")
 
-    addresses: list[str]
-    threads: int
-    phase: str = "idle"
-    answers: list[tuple[str, float, str]] = field(default_factory=list)  # phase, seconds, outcome
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def _loop(self, offset: int) -> None:
+def _load_process(
+    addresses: list[str], threads: int, phase: Any, stop: Any, out: Connection
+) -> None:
+    """The load generator's own process: `threads` closed-loop clients, each answer recorded
+    with the phase (`PHASES[phase.value]`) it started in; sent through `out` once `stop` is
+    set. A process of its own, so that the pipeline under test (Python threads in the bench's
+    process) never holds the GIL a client needs to read its answer and its clock."""
+    answers: list[tuple[str, float, str]] = []
+    lock = threading.Lock()
+
+    def loop(offset: int) -> None:
         i = offset
-        while not self._stop.is_set():
-            address = self.addresses[i % len(self.addresses)]
+        while not stop.is_set():
+            address = addresses[i % len(addresses)]
             i += 1
-            phase = self.phase
+            current = PHASES[phase.value]
             t0 = time.perf_counter()
             try:
                 conn = http.client.HTTPConnection(address, 80, timeout=10)
@@ -86,21 +91,56 @@ class Load:
             except (OSError, http.client.HTTPException) as exc:
                 outcome = f"error {type(exc).__name__}: {exc}"
             elapsed = time.perf_counter() - t0
-            with self._lock:
-                self.answers.append((phase, elapsed, outcome))
+            with lock:
+                answers.append((current, elapsed, outcome))
+
+    workers = [threading.Thread(target=loop, args=(n,), daemon=True) for n in range(threads)]
+    for w in workers:
+        w.start()
+    stop.wait()
+    for w in workers:
+        w.join()
+    out.send(answers)
+    out.close()
+
+
+@dataclass
+class Load:
+    """A closed-loop load generator (in a process of its own) against both hosts' proxies;
+    `phase` labels each answer; `answers` (phase, seconds, outcome) once it has stopped."""
+
+    addresses: list[str]
+    threads: int
+    answers: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._phase = ctx.Value("i", 0)
+        self._stop = ctx.Event()
+        self._received, sent = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(
+            target=_load_process,
+            args=(self.addresses, self.threads, self._phase, self._stop, sent),
+            daemon=True,
+        )
+
+    @property
+    def phase(self) -> str:
+        return PHASES[self._phase.value]
+
+    @phase.setter
+    def phase(self, value: str) -> None:
+        self._phase.value = PHASES.index(value)
 
     def __enter__(self) -> Load:
-        self._workers = [threading.Thread(target=self._loop, args=(n,), daemon=True)
-                         for n in range(self.threads)]  # fmt: skip
         self.started = time.monotonic()
-        for w in self._workers:
-            w.start()
+        self._process.start()
         return self
 
     def __exit__(self, *_exc: object) -> None:
         self._stop.set()
-        for w in self._workers:
-            w.join()
+        self.answers = self._received.recv()  # before join: a large answer fills the pipe
+        self._process.join()
         self.seconds = time.monotonic() - self.started
 
 
@@ -274,6 +314,10 @@ def main() -> int:
     print(f"requests: {len(answers)} in {load_gen.seconds:.1f}s ({rate:.0f}/s, {args.threads} "
           f"threads, closed loop, a new connection each)")  # fmt: skip
     print(f"failed requests: {sum(failed.values())} {dict(failed) if failed else ''}")
+    for (phase, outcome), n in Counter(
+        (p, o) for p, _s, o in answers if not o.startswith("2")
+    ).items():
+        print(f"  failed while {phase}: {n} x {outcome}")
     print(f"answers: {dict(outcomes.most_common(6))}")
     print(f"latency idle:     p50 {_pct(idle, 0.5) * 1000:.1f} ms  p99 "
           f"{_pct(idle, 0.99) * 1000:.1f} ms ({len(idle)} requests)")  # fmt: skip

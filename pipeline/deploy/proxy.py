@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -31,6 +31,7 @@ from pipeline.hosts.engine import LABEL_PREFIX, Engine
 from pipeline.hosts.proxy import CADDY_JSON, PROXY_NAME, ROUTES_JSON, ProxyInfo, ProxySpec
 from pipeline.proxy.caddy import TABLE_PATH, caddy_config
 from pipeline.proxy.routes import Route, RouteTable, admin_host, container_of, probe_host
+from pipeline.state.store import State
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +76,10 @@ class HostProxy:
     # another instance on the same database) may change it at the same time. The in-process
     # lock below only orders this process's threads.
     exclusive: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext
+    # The routes a proxy made where there was none start with (`recorded_routes`): when the
+    # container was removed with its table, users of every proxied service get their serving
+    # container back at the first rollout on the host, not a 404 until each one's next deploy.
+    seed: Callable[[], tuple[Route, ...]] = tuple
 
     def __post_init__(self) -> None:
         self._ready: ProxyInfo | None = None  # the proxy as this object last made sure of it
@@ -124,7 +129,7 @@ class HostProxy:
         if not self.engine.has_image(wanted.image):
             self.engine.pull(wanted.image, auth=self.auth)
         token = info.token if info is not None and info.token else secrets.token_hex(12)
-        table = RouteTable(token, table.routes if table else ())
+        table = RouteTable(token, table.routes if table else self.seed() if info is None else ())
         log.info("proxy.create", host=self.host, image=wanted.image, http=wanted.http_port,
                  https=wanted.https_port, replaces=info.id[:12] if info else None)  # fmt: skip
         made = self.engine.proxy.create(wanted, token, self._files(table))
@@ -182,6 +187,9 @@ class HostProxy:
         """Read the host's routes, apply `change`, and load the result into the proxy in one
         reload (nothing when unchanged); the proxy is made first when missing. Raises
         ProxyError when the proxy cannot be made or refuses the config (the old routes stay)."""
+        unchanged = self._unchanged(change)
+        if unchanged is not None:
+            return unchanged
         with _lock(self.engine), self.exclusive():
             try:
                 info = self._ensure(False)
@@ -200,6 +208,21 @@ class HostProxy:
             log.info("proxy.reloaded", host=self.host, routes=[
                 (r.service, r.upstream) for r in after.routes])  # fmt: skip
             return after
+
+    def _unchanged(self, change: Callable[[RouteTable], RouteTable]) -> RouteTable | None:
+        """The table the running proxy serves when `change` leaves it as it is, seen without
+        the lease (two writes to the database): a service's own route is changed only by its
+        rollout, which holds the service's lease, so no one else can make the change needed.
+        A rollback's standby route to the container it kept is usually still there. None:
+        the change must be made (or the proxy could not be read this way)."""
+        try:
+            info = self._ready or self.engine.proxy.inspect()
+        except PipelineError:
+            return None
+        if info is None or info.status != "running":
+            return None
+        served = self._served(info)
+        return served if served is not None and change(served) == served else None
 
     # -- reaching containers through it -----------------------------------------------------
     def url(self, path: str) -> str:
@@ -235,6 +258,30 @@ class HostProxy:
             if count == 0 or self.clock() >= until:
                 return count
             self.sleep(min(DRAIN_POLL, max(0.0, until - self.clock())))
+
+
+def recorded_routes(
+    services: Mapping[str, ServiceSection], state: State, engine: Engine, host: str
+) -> tuple[Route, ...]:
+    """The routes of a proxy made anew on `host` after its container (and the route table in
+    it) was removed: each proxied service of `services` on the host, sending users to the
+    container its deployment record names when that container runs, else to nothing (404 until
+    the service's next rollout). Raises EngineError when the engine does not answer."""
+    routes = []
+    for name, spec in sorted(services.items()):
+        if spec.proxy is None or host not in spec.hosts:
+            continue
+        route = route_of(name, spec)
+        record = state.deployment(name, host)
+        running = (
+            engine.containers.inspect(record.container_id)
+            if record is not None and record.container_id
+            else None
+        )
+        if running is not None and running.status == "running":
+            route = replace(route, upstream=route.dial(running.name))
+        routes.append(route)
+    return tuple(routes)
 
 
 def proxy_status(connections: Connections) -> list[dict[str, Any]]:

@@ -41,7 +41,7 @@ from pipeline.deploy.health import (
     http_probe,
     probe_for,
 )
-from pipeline.deploy.proxy import HostProxy, route_of
+from pipeline.deploy.proxy import HostProxy, recorded_routes, route_of
 from pipeline.deploy.steps import (
     PHASE_AFTER,
     HostSteps,
@@ -177,6 +177,9 @@ class Rollout:
     # The Swarm manager that makes the service's `network` an attachable overlay (its hosts are
     # members of one Swarm: `pipeline.deploy.placement`); None: a bridge on each host.
     overlay: Engine | None = None
+    # Every service of the config: a proxy made anew on a host starts with their recorded
+    # routes (`proxy.recorded_routes`), not only this service's.
+    services: Mapping[str, ServiceSection] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # A proxied service: each host's proxy, and its route as the config defines it.
@@ -186,7 +189,8 @@ class Rollout:
             self.route = route_of(self.service, self.spec)
             self.proxies = {
                 h: HostProxy(h, self.engines[h], self.proxy, self.hosts[h].reach_address,
-                             self.auth, self.clock, self.sleep, self._proxy_lease(h))
+                             self.auth, self.clock, self.sleep, self._proxy_lease(h),
+                             self._seed(h))
                 for h in self.spec.hosts if h in self.engines
             }  # fmt: skip
         # Steps and undos are retried under the shared policy, fewer tries than a pull: they
@@ -536,6 +540,11 @@ class Rollout:
         self.report(f"{self.service}: {host}: started {new.name}, checking health")
         return f"container {new.name}"
 
+    def _seed(self, host: str) -> Callable[[], tuple[Route, ...]]:
+        """The recorded routes a proxy made anew on `host` starts with (this service's too)."""
+        services = {**self.services, self.service: self.spec}
+        return lambda: recorded_routes(services, self.state, self.engines[host], host)
+
     def _proxy_lease(self, host: str) -> Callable[[], AbstractContextManager[None]]:
         """The lease `proxy:HOST` a change of the host's route table holds, so that another
         process changing another service's route on the same proxy waits instead of
@@ -545,7 +554,8 @@ class Rollout:
 
     def _retained(self, host: str, p: _Pass) -> ContainerInfo | None:
         """A container of the service on the host that ran this release's image and settings
-        before (kept paused or stopped after it was switched away from), other than the one serving."""
+        before (kept paused or stopped after it was switched away from), other than the one
+        serving."""
         seen = p.containers.get(host)
         if seen is None:
             seen = self.engines[host].containers.managed_containers(self.service)

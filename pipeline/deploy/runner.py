@@ -498,6 +498,7 @@ class Runner:
             proxy=self.cfg.proxy,
             auth=self.connections.registry_auth() if svc.proxy is not None else None,
             overlay=overlay,
+            services=self.cfg.services,
         )
 
 

@@ -246,6 +246,32 @@ def test_a_retained_container_that_fails_its_check_again_is_retained_again(
     assert _states(project) == [{v1: "paused", v2: "running"}] * 2
 
 
+def test_a_proxy_removed_by_hand_comes_back_with_every_services_route(project: Project) -> None:
+    """`docker rm -f pipeline-proxy` takes the route table inside it along; the next rollout on
+    that host makes a proxy that serves every proxied service's recorded container again (api,
+    not rolled out, included), not a 404 until each service's next deploy."""
+    web_host = _proxied(project)
+    api_host = f"{project.api}.test"
+    text = project.config.read_text().replace(f'ports = ["{project.api_port}:8080"]\n', "")
+    project.config.write_text(
+        text + f'\n[services.{project.api}.proxy]\nhosts = ["{api_host}"]\nport = 8080\n'
+    )
+    project.initial_commit()
+    assert project.run().ok
+    assert [_get(project, 0, h).text for h in (web_host, api_host)] == ["web v1", "api v1"]
+    client = docker.DockerClient(base_url=project.lab.hosts[0].docker_url)
+    try:
+        client.containers.get("pipeline-proxy").remove(force=True)
+    finally:
+        client.close()
+    _commit_web(project, "web v2")
+    result = project.run()
+    assert result.ok, result.errors
+    assert [r.service for r in result.rollouts] == [project.web]
+    for i in (0, 1):
+        assert [_get(project, i, h).text for h in (web_host, api_host)] == ["web v2", "api v1"]
+
+
 @contextmanager
 def _reload_broken(project: Project, index: int) -> Iterator[None]:
     """`caddy reload` fails on one host's proxy (its binary replaced by a file that cannot run)
