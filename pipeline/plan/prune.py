@@ -3,9 +3,9 @@
 Kept, always: running containers, the container pipeline deployed, and the images those run;
 the images of the releases a rollback may go back to (the caller names them: the deployed one
 and the one before it at least; a rollback starts one again without a registry, STYLE.md 5) and
-the newest stopped container of such a release (a proxied service keeps its previous one
-stopped for an instant switch). Then the newest `keep_revisions` images are kept too; the rest
-goes."""
+the newest container of such a release that does not run (a proxied service keeps its
+previous one paused or stopped for an instant switch). Then the newest `keep_revisions`
+images are kept too; the rest goes."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def choose_prune(
     for c in stopped:
         if c.release in rollback_releases:
             keep_containers.add(c.id)
-            kept.append((c.name, f"rollback to r{c.release} starts it again"))
+            kept.append((c.name, f"rollback to r{c.release} switches back to it"))
             break
     remove_containers = tuple(c for c in containers if c.id not in keep_containers)
 
