@@ -18,7 +18,9 @@ whose /health answers 404 and whose / answers 500 (each rolled back automaticall
 `--rollbacks` manual rollbacks (`rollback_service`, alternating between the last two good
 releases, so each is a switch back to the retained container), with the registry unreachable
 from both hosts (an iptables REJECT in each host's namespace). The rollback time per host is
-taken from the recorded steps: from its first step to the end of its `route` step.
+taken from the recorded steps: from its first step to the end of its `route` step; and, as the
+hosts switch back at once, from the first step on any host to the last host switched, divided
+by the number of hosts.
 """
 
 from __future__ import annotations
@@ -246,6 +248,7 @@ def main() -> int:
         good = [first.rollouts[0].release_id]
         pass_seconds: dict[str, list[float]] = {"deploy": [], "failing": [], "rollback": []}
         rollback_hosts: dict[str, list[float]] = {h.name: [] for h in lab.hosts}
+        rollback_walls: list[float] = []  # first step anywhere to the last host switched
         rollback_steps: dict[str, list[float]] = collections.defaultdict(list)
         failures: list[str] = []
         with Load([h.address for h in lab.hosts], args.threads) as load_gen:
@@ -284,6 +287,11 @@ def main() -> int:
                         failures.append(f"rollback {n}: {outcome.error}")
                     run = runner.state.runs(limit=1)[0]
                     steps = runner.state.steps(run.id)
+                    moved = [s for s in steps if s.host and s.kind != "retire"]
+                    routed = [s.finished_at for s in moved if s.kind == "route" and s.finished_at]
+                    if len(routed) == len(lab.hosts):
+                        first = min(s.started_at for s in moved)
+                        rollback_walls.append((max(routed) - first).total_seconds())
                     for h in lab.hosts:
                         mine = [s for s in steps if s.host == h.name and s.kind != "retire"]
                         route = [s for s in mine if s.kind == "route" and s.finished_at]
@@ -334,6 +342,11 @@ def main() -> int:
     if per_host:
         print(f"rollback per host, all: median {statistics.median(per_host):.3f}s, "
               f"max {max(per_host):.3f}s (target < 1 s)")  # fmt: skip
+    if rollback_walls:
+        wall, n = statistics.median(rollback_walls), len(lab.hosts)
+        worst = max(rollback_walls)
+        print(f"rollback until every host switched: median {wall:.3f}s, max {worst:.3f}s; "
+              f"{wall / n:.3f}s per host ({n} hosts at once)")  # fmt: skip
     for kind, ts in rollback_steps.items():
         print(f"  rollback step {kind}: median {statistics.median(ts):.3f}s, max {max(ts):.3f}s")
     for f in failures:
