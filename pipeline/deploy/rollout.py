@@ -529,7 +529,13 @@ class Rollout:
                     lambda: engine.containers.start(retained.id, managed=True, paused=paused),
                     f"start on {host}",
                 )
-                info = engine.containers.inspect(retained.id) or retained
+                # Unpaused, it is what it was, running (one engine call fewer); started again,
+                # its start time and restart count are new.
+                info = (
+                    replace(retained, status="running")
+                    if paused
+                    else engine.containers.inspect(retained.id) or retained
+                )
             p.new[host] = info
             p.reused.add(host)
             self.report(f"{self.service}: {host}: started retained {info.name} again, checking")
