@@ -4,6 +4,8 @@ shapes (pure functions), and `Containers`, the container operations of one engin
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ log = structlog.get_logger(__name__)
 
 LABEL_PREFIX = "dev.pipeline."
 _SPECIAL_NETWORKS = ("bridge", "host", "none")
+# One lock per (engine URL, network name): a check-then-create of a network is not atomic in
+# Docker, so this process's threads make it one at a time.
+_NETWORK_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 MANAGED_LABEL = LABEL_PREFIX + "managed"
 SERVICE_LABEL = LABEL_PREFIX + "service"
 _NEVER_STARTED = "0001-01-01T00:00:00Z"
@@ -214,22 +219,64 @@ class Containers:
         return info
 
     def ensure_network(self, name: str) -> None:
-        """Create a bridge network called `name` unless it exists (built-in networks: no-op)."""
+        """Create a bridge network called `name` unless it exists (built-in networks: no-op),
+        and leave exactly one of that name. Docker does not make names unique: its
+        `CheckDuplicate` is best effort (Engine API v1.41, NetworkCreate), so two creates at
+        once (two rollouts of one pass, or a CLI deploy beside `pipeline serve`) can both
+        succeed, and every later use of the name fails as "ambiguous". Creates of one process
+        are serialised per engine; duplicates made by another are removed again, the one with
+        containers attached (else the oldest) kept. Raises StallingError naming them when the
+        extra ones cannot be removed (containers attached to each)."""
         if name in _SPECIAL_NETWORKS:
             return
-        with self._conn.calling(f"ensure network {name}"):
-            # The name filter matches substrings; compare names exactly.
-            existing = self._conn.client.api.networks(names=[name])
-            if any(net.get("Name") == name for net in existing):
-                return
-            try:
-                self._conn.client.api.create_network(
-                    name, driver="bridge", labels={MANAGED_LABEL: "true"}, check_duplicate=True
-                )
-            except docker.errors.APIError as exc:
-                if status_of(exc) != 409:  # created meanwhile by a concurrent run
-                    raise
+        lock = _NETWORK_LOCKS.setdefault((self._conn.url, name), threading.Lock())
+        with lock, self._conn.calling(f"ensure network {name}"):
+            found = self._networks(name)
+            if not found:
+                try:
+                    self._conn.client.api.create_network(
+                        name, driver="bridge", labels={MANAGED_LABEL: "true"}, check_duplicate=True
+                    )
+                except docker.errors.APIError as exc:
+                    if status_of(exc) != 409:  # created meanwhile by a concurrent run
+                        raise
+                found = self._networks(name)
+            if len(found) > 1:
+                self._keep_one(name, found)
         log.info("network ensured", host=self._conn.name, network=name)
+
+    def _networks(self, name: str) -> list[dict[str, Any]]:
+        """The networks named exactly `name` (the API's name filter matches substrings), each
+        inspected (a list does not say which containers are attached)."""
+        api = self._conn.client.api
+        out = []
+        for net in api.networks(names=[name]):
+            if net.get("Name") == name:
+                with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
+                    out.append(api.inspect_network(net["Id"]))
+        return out
+
+    def _keep_one(self, name: str, found: list[dict[str, Any]]) -> None:
+        found.sort(key=lambda n: (-len(n.get("Containers") or {}), str(n.get("Created", ""))))
+        keep, extra = found[0], found[1:]
+        left = []
+        for net in extra:
+            try:
+                self._conn.client.api.remove_network(net["Id"])
+            except docker.errors.NotFound:
+                continue
+            except docker.errors.APIError:
+                left.append(str(net["Id"])[:12])  # in use: containers are attached to it
+                continue
+            log.warning("duplicate network removed", host=self._conn.name, network=name,
+                        removed=str(net["Id"])[:12], kept=str(keep["Id"])[:12])  # fmt: skip
+        if left:
+            raise StallingError(
+                f"{self._conn.where}: {len(left) + 1} networks are named {name!r} (ids "
+                f"{', '.join([str(keep['Id'])[:12], *left])}) and each has containers attached; "
+                "Docker then refuses the name as ambiguous. Move the containers to one of them "
+                "and remove the others (`docker network rm ID`)"
+            )
 
     def inspect(self, container_id: str) -> ContainerInfo | None:
         """The container's state by id or name, or None when there is no such container."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import docker
@@ -396,3 +399,63 @@ def test_bad_port_and_restart_policy_are_stalling_errors() -> None:
     with pytest.raises(StallingError):
         restart_policy("always:3")
     assert restart_policy("no") == {"Name": "no"}
+
+
+def _named(sdk: docker.DockerClient, name: str) -> list[str]:
+    return [n["Id"] for n in sdk.api.networks(names=[name]) if n["Name"] == name]
+
+
+@pytest.fixture
+def network_name(sdk: docker.DockerClient) -> Iterator[str]:
+    """A network name no one else uses; every network of that name removed afterwards."""
+    name = unique_name("pl-test-net")
+    yield name
+    for net_id in _named(sdk, name):
+        with contextlib.suppress(docker.errors.APIError):
+            sdk.api.remove_network(net_id)
+
+
+@pytest.mark.docker
+def test_concurrent_ensures_of_a_network_leave_exactly_one(network_name: str) -> None:
+    """Eight rollouts ensuring the same network at once (each with its own connection) leave one
+    network of that name, not several that make the name ambiguous (Docker's duplicate check is
+    best effort)."""
+    engines = [Engine.local() for _ in range(8)]
+    start = threading.Barrier(len(engines))
+
+    def ensure(engine: Engine) -> None:
+        start.wait()
+        engine.containers.ensure_network(network_name)
+
+    try:
+        with ThreadPoolExecutor(len(engines)) as pool:
+            list(pool.map(ensure, engines))
+    finally:
+        for e in engines:
+            e.close()
+    sdk = docker.DockerClient(base_url="unix:///var/run/docker.sock")
+    try:
+        assert len(_named(sdk, network_name)) == 1
+    finally:
+        sdk.close()
+
+
+@pytest.mark.docker
+def test_duplicate_networks_made_elsewhere_are_removed_keeping_the_one_in_use(
+    engine: Engine, sdk: docker.DockerClient, image: str, network_name: str
+) -> None:
+    """Networks of one name that another process made at once are cut back to one: the one a
+    running container is attached to stays; when each has containers, the error names them."""
+    ids = [sdk.api.create_network(network_name, check_duplicate=False)["Id"] for _ in range(3)]
+    used = sdk.containers.run(image, labels={TEST_LABEL: SESSION}, detach=True)
+    sdk.api.connect_container_to_network(used.id, ids[1])  # by id: the name is ambiguous
+    engine.containers.ensure_network(network_name)
+    assert _named(sdk, network_name) == [ids[1]]
+    other = sdk.api.create_network(network_name, check_duplicate=False)["Id"]
+    more = sdk.containers.run(image, labels={TEST_LABEL: SESSION}, detach=True)
+    sdk.api.connect_container_to_network(more.id, other)
+    with pytest.raises(StallingError, match=rf"2 networks are named '{network_name}'.*rm ID"):
+        engine.containers.ensure_network(network_name)
+    assert sorted(_named(sdk, network_name)) == sorted([ids[1], other])
+    for c in (used, more):
+        c.remove(force=True)
