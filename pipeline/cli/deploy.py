@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -195,7 +195,16 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None) -> N
     settings, and pin it there until a newer commit or `pipeline deploy SERVICE`."""
     from pipeline.state.store import release_json
 
+    def refuse(message: str, code: int) -> NoReturn:
+        if json:  # still one document on stdout (README "What you see")
+            print_json({"service": service, "ok": False, "exit_code": code,
+                        "error": redact(message), "releases": []})  # fmt: skip
+        fail(message, code)
+
     loaded = load_config(config)
+    if service not in loaded.model.services:
+        refuse(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
+               EXIT_USAGE)  # fmt: skip
     reporter = _reporter(loaded, json)
     runner = _runner(loaded, reporter)
     from pipeline.plan.rollback import NoRollbackTarget
@@ -209,7 +218,7 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None) -> N
         # `--to` naming no release of the service is a bad argument (README: exit 2); with no
         # `--to`, having nothing earlier to go back to is not the user's input.
         bad_to = to is not None and isinstance(exc, NoRollbackTarget)
-        fail(str(exc), EXIT_USAGE if bad_to else exit_code_of(exc))
+        refuse(str(exc), EXIT_USAGE if bad_to else exit_code_of(exc))
     releases = [release_json(r) for r in runner.state.releases(service, 1)
                 if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
     reporter.close(releases)

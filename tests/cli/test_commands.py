@@ -387,3 +387,24 @@ def test_rollback_to_a_release_the_service_never_had_exits_2(tmp_path: Path) -> 
     none = CliRunner().invoke(app, ["rollback", "web", "-c", str(config)])
     assert none.exit_code == 1, none.output
     assert "no earlier succeeded release" in none.stderr
+
+
+def test_rollback_of_an_unknown_service_exits_2_and_json_still_gets_one_document(
+    tmp_path: Path,
+) -> None:
+    """`pipeline rollback nosuch` is bad input (exit 2, naming the known services, as `deploy`
+    says it); with `--json` stdout still carries exactly one JSON document with the error."""
+    from click.testing import CliRunner
+
+    config = tmp_path / "pipeline.toml"
+    config.write_text(CONFIG.replace('data_dir = "data"', f'data_dir = "{tmp_path / "data"}"'))
+    plain = CliRunner().invoke(app, ["rollback", "nosuch", "-c", str(config)])
+    assert plain.exit_code == 2, plain.output
+    assert "unknown service 'nosuch' (known: web" in plain.stderr
+    as_json = CliRunner().invoke(app, ["rollback", "nosuch", "--json", "-c", str(config)])
+    assert as_json.exit_code == 2
+    doc = json.loads(as_json.stdout)
+    assert (doc["ok"], doc["exit_code"], doc["releases"]) == (False, 2, [])
+    assert "unknown service 'nosuch'" in doc["error"]
+    none = CliRunner().invoke(app, ["rollback", "web", "--json", "-c", str(config)])
+    assert none.exit_code == 1 and json.loads(none.stdout)["exit_code"] == 1
