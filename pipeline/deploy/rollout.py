@@ -180,6 +180,8 @@ class Rollout:
     # Every service of the config: a proxy made anew on a host starts with their recorded
     # routes (`proxy.recorded_routes`), not only this service's.
     services: Mapping[str, ServiceSection] = field(default_factory=dict)
+    # `FILE:LINE` of a config key, for errors about the config (`LoadedConfig.locate`).
+    config_at: Callable[..., str] = lambda *_key: "pipeline.toml"
 
     def __post_init__(self) -> None:
         # A proxied service: each host's proxy, and its route as the config defines it.
@@ -484,18 +486,20 @@ class Rollout:
         network, port = self.proxy.network, self.spec.proxy.port
         tls = self.spec.proxy.tls != "off"
         retained = self._retained(host, p)
+        if retained is None:  # checked before anything is made on the host, the proxy too
+            exposed = engine.exposed_ports(target.refs[host])
+            if exposed is not None and f"{port}/tcp" not in exposed:
+                key = ("services", self.service, "proxy", "port")
+                raise RolloutFailed(
+                    f"{self.config_at(*key)}: {'.'.join(key)}: {port} is not a port the image "
+                    f"exposes (EXPOSE: {', '.join(exposed) or 'none'}); host {host}: nothing "
+                    "was started or switched",
+                    "unhealthy",
+                )
         if retained is None or tls:  # else the standby route makes it, one question fewer
             self.retry.call(lambda: self.proxies[host].ensure(tls), f"proxy on {host}")
         spec: ContainerSpec | None = None
         if retained is None:
-            exposed = engine.exposed_ports(target.refs[host])
-            if exposed is not None and f"{port}/tcp" not in exposed:
-                raise RolloutFailed(
-                    f"host {host}: {self.service}: services.{self.service}.proxy.port {port} is "
-                    f"not a port the image exposes (EXPOSE: {', '.join(exposed) or 'none'}); "
-                    "nothing was switched",
-                    "unhealthy",
-                )
             self.retry.call(
                 lambda: engine.containers.ensure_network(network), f"network on {host}"
             )

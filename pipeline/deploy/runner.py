@@ -499,6 +499,7 @@ class Runner:
             auth=self.connections.registry_auth() if svc.proxy is not None else None,
             overlay=overlay,
             services=self.cfg.services,
+            config_at=self.loaded.locate,
         )
 
 

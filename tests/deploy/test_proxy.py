@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 import ssl
 import tarfile
@@ -263,6 +264,22 @@ def test_a_proxy_removed_by_hand_comes_back_with_every_services_route(project: P
     assert [r.service for r in result.rollouts] == [project.web]
     for i in (0, 1):
         assert [_get(project, i, h).text for h in (web_host, api_host)] == ["web v2", "api v1"]
+
+
+def test_a_port_the_image_does_not_expose_fails_before_anything_starts(project: Project) -> None:
+    """`port = 9090` on an image that exposes 8080 fails the rollout with the config's file:line
+    and key before any container of the service is made on any host."""
+    _proxied(project)
+    project.config.write_text(project.config.read_text().replace("port = 8080\n", "port = 9090\n"))
+    project.initial_commit()
+    result = project.run()
+    assert not result.ok
+    (error,) = [e for e in result.errors if "9090" in e]
+    line = project.config.read_text().splitlines().index("port = 9090") + 1
+    assert re.search(
+        rf"pipeline\.toml:{line}: services\.{project.web}\.proxy\.port: 9090 is not a port the "
+        r"image exposes \(EXPOSE: 8080/tcp\)", error), error  # fmt: skip
+    assert _states(project) == [{}, {}]
 
 
 @contextmanager
