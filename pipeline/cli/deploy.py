@@ -274,6 +274,10 @@ def history(service: str | None, config: Path | None, json: bool, limit: int) ->
     loaded = load_config(config)
     state = open_state(loaded)
     rows = [release_json(r) for r in state.releases(service, limit)]
+    if service is not None and not rows and service not in loaded.model.services:
+        # A service removed from the config keeps its history; a name never seen is a typo.
+        fail(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
+             EXIT_USAGE)  # fmt: skip
     if json:
         print_json(rows)
         return

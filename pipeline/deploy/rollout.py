@@ -542,7 +542,8 @@ class Rollout:
                 )
             p.new[host] = info
             p.reused.add(host)
-            self.report(f"{self.service}: {host}: started retained {info.name} again, checking")
+            how = "resumed" if retained.status == "paused" else "started"
+            self.report(f"{self.service}: {host}: {how} retained {info.name}, checking")
             return f"retained container {info.name}"
         assert spec is not None
         new = self.retry.call(lambda: engine.containers.run(spec), f"start on {host}")

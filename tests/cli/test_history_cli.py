@@ -86,3 +86,17 @@ def test_history_table_shows_failure_kind(tmp_path: Path) -> None:
     column = header.index("FAILURE_KIND")
     assert header[column - 1] == "STATUS"
     assert [line[column] for line in lines] == ["unhealthy", "infrastructure", "-"]
+
+
+def test_history_of_a_name_never_seen_is_bad_input_but_a_removed_service_keeps_its_history(
+    tmp_path: Path,
+) -> None:
+    """`history nosuch` (in neither the config nor the records) exits 2 naming the known
+    services; a service since removed from the config still shows its releases."""
+    config = _state_with_releases(tmp_path)
+    typo = _history(config, "nosuch")
+    assert typo.returncode == 2 and "unknown service 'nosuch' (known: web)" in typo.stderr
+    config.write_text(CONFIG.replace("[services.web]", "[services.api]"))
+    removed = _history(config, "web", "--json")
+    assert removed.returncode == 0, removed.stderr
+    assert len(json.loads(removed.stdout)) == 3
