@@ -4,10 +4,10 @@ The docker SDK (7.x, `use_ssh_client=True`) starts `ssh HOST docker system dial-
 HTTP connection, but its adapter makes a new connection pool for every request, so every engine
 call paid for a new ssh process and a new remote `dial-stdio` (~0.4 s each). `pooled_ssh` swaps
 in an adapter that keeps one pool per client and reuses an idle ssh connection, as the SDK does
-for tcp:// and unix:// engines. A connection whose ssh process has exited, or whose socket a
-caller took over (attach, interactive exec: the engine hijacks the HTTP connection), is never
-reused. Closing a connection never raises: when sshd or the network went away first, the ssh
-process is already gone and there is nothing left to tell it.
+for tcp:// and unix:// engines. A connection whose ssh process has exited, or that carried a
+hijacked stream (attach, exec start: the request asks for `Upgrade`, or the SDK read the pipe
+past HTTP), is never reused. Closing a connection never raises: when sshd or the network went
+away first, the ssh process is already gone and there is nothing left to tell it.
 """
 
 from __future__ import annotations
@@ -31,17 +31,11 @@ _STOP_WAIT = 2.0  # seconds for an ssh process to exit after SIGTERM before it i
 class _Reader:
     """The ssh process's stdout as one HTTP response's file: closing it at the end of the
     response leaves the pipe open for the next response on the same connection (the SDK's
-    socket hands out the pipe itself, which http.client closes). Taking `channel` (what the
-    SDK does to read a hijacked stream) marks the connection as not reusable."""
+    socket hands out the pipe itself, which http.client closes)."""
 
     def __init__(self, sock: _SSHSocket) -> None:
-        self._sock = sock
+        self.channel = sock  # where the SDK finds the socket of a response
         self._stream = sock.proc.stdout if sock.proc is not None else None
-
-    @property
-    def channel(self) -> _SSHSocket:
-        self._sock.hijacked = True
-        return self._sock
 
     def close(self) -> None:
         """End this response's use of the pipe; the pipe stays open."""
@@ -64,9 +58,16 @@ class _SSHSocket(SSHSocket):
             self.connect()
         return _Reader(self)
 
+    def recv(self, n: int) -> bytes:
+        """Read from the pipe past HTTP (the SDK does for attach and exec streams): from now on
+        the connection carries that stream, not HTTP."""
+        self.hijacked = True
+        data: bytes = super().recv(n)
+        return data
+
     @property
     def usable(self) -> bool:
-        """True while the ssh process runs and no caller took the connection over."""
+        """True while the ssh process runs and no caller read it past HTTP."""
         return self.proc is not None and self.proc.poll() is None and not self.hijacked
 
     def close(self) -> None:
@@ -95,7 +96,19 @@ class _SSHSocket(SSHSocket):
 
 
 class _SSHConnection(SSHConnection):
+    """The SDK's ssh connection on `_SSHSocket`; a request asking for `Upgrade` (attach, exec
+    start: the engine hijacks the connection for the stream) makes it single-use."""
+
+    upgraded = False
+
+    def putheader(self, header: Any, *values: Any) -> None:
+        name = header.decode() if isinstance(header, bytes) else str(header)
+        if name.lower() == "upgrade":
+            self.upgraded = True
+        super().putheader(header, *values)
+
     def connect(self) -> None:
+        self.upgraded = False
         sock = _SSHSocket(self.ssh_host)
         sock.settimeout(self.timeout)
         sock.connect()
@@ -109,17 +122,22 @@ class _SSHConnectionPool(SSHConnectionPool):
     def _new_conn(self) -> Any:
         return _SSHConnection(None, self.timeout, self.ssh_host)
 
+    @staticmethod
+    def _reusable(conn: Any) -> bool:
+        sock = getattr(conn, "sock", None)
+        if sock is None:
+            return True  # closed, or not yet connected: connects on its next request
+        return isinstance(sock, _SSHSocket) and sock.usable and not conn.upgraded
+
     def _get_conn(self, timeout: float | None = None) -> Any:
         while True:
             conn = super()._get_conn(timeout)
-            sock = getattr(conn, "sock", None)
-            if sock is None or (isinstance(sock, _SSHSocket) and sock.usable):
-                return conn  # a new connection (connects on first request) or a live one
+            if self._reusable(conn):
+                return conn
             conn.close()
 
     def _put_conn(self, conn: Any) -> None:
-        sock = getattr(conn, "sock", None)
-        if conn is not None and isinstance(sock, _SSHSocket) and not sock.usable:
+        if conn is not None and not self._reusable(conn):
             conn.close()
             # Return an empty slot: the next request makes a new connection.
             super()._put_conn(None)

@@ -97,3 +97,16 @@ def test_an_ssh_connection_whose_ssh_died_is_replaced_and_closes_quietly(fake_ss
     assert done.stdout.strip() == "ok", done.stderr
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
     assert len(fake_ssh.read_text().split()) == 4
+
+
+def test_a_connection_asked_to_upgrade_is_not_reused(fake_ssh: Path) -> None:
+    """A request asking for `Upgrade` (attach, exec start: the engine hijacks the connection for
+    the stream) uses its ssh connection once; later calls use another, reused among them."""
+    conn = Connection("remote", "ssh://root@198.51.100.7:2222", timeout=10)
+    api = conn.client.api
+    upgrade = {"Connection": "Upgrade", "Upgrade": "tcp"}
+    api._post(api._url("/exec/{0}/start", "x"), headers=upgrade).close()
+    for _ in range(3):
+        assert api.version()["Version"] == "fake"
+    assert len(fake_ssh.read_text().split()) == 2
+    conn.close()
