@@ -19,6 +19,7 @@ import docker.tls
 import requests.exceptions
 
 from pipeline.errors import PipelineError, StallingError, TransientError
+from pipeline.hosts.sshpool import pooled_ssh
 from pipeline.redact import redact, redact_url
 
 _AUTH_MARKERS = ("unauthorized", "authentication required", "no basic auth credentials", "denied:")
@@ -110,6 +111,7 @@ class Connection:
                         version="1.24",
                     )
                     client.api.trust_env = False
+                    pooled_ssh(client.api)  # ssh://: reuse ssh connections across calls
                     client.api._version = client.api.version(api_version=False)["ApiVersion"]
                     self._docker = client
             return self._docker
@@ -124,7 +126,8 @@ class Connection:
         )
 
     def close(self) -> None:
-        """Close the client; a later use of `client` reconnects."""
+        """Close the client and its pooled connections (on ssh://, their ssh processes end); a
+        later use of `client` reconnects."""
         with self._lock:
             if self._docker is not None:
                 self._docker.close()

@@ -30,7 +30,8 @@ SSH_PORT = 2222
 @pytest.fixture
 def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """sshd on lab host 1 (its own keys and config) whose sessions reach that host's engine;
-    an `ssh` first on PATH that uses this test's client config, never ~/.ssh."""
+    an `ssh` first on PATH that uses this test's client config, never ~/.ssh, and logs the pid
+    of each ssh process it starts (`ssh_starts`)."""
     if not Path("/usr/sbin/sshd").exists():
         pytest.skip("openssh-server is not installed")
     host = json.loads((lab.dir / "lab.json").read_text())["hosts"][0]
@@ -57,7 +58,9 @@ def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     )
     bin_dir = d / "bin"
     bin_dir.mkdir()
-    (bin_dir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {d}/ssh_config "$@"\n')
+    (bin_dir / "ssh").write_text(
+        f'#!/bin/sh\necho $$ >> {d}/starts.log\nexec /usr/bin/ssh -F {d}/ssh_config "$@"\n'
+    )
     (bin_dir / "ssh").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     Path("/run/sshd").mkdir(exist_ok=True)
@@ -88,6 +91,21 @@ def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         sshd.terminate()
         sshd.wait(timeout=10)
+
+
+def ssh_starts(tmp_path: Path) -> list[int]:
+    """The pids of the ssh processes started so far through the `ssh_host` fixture's `ssh`."""
+    log = tmp_path / "ssh" / "starts.log"
+    return [int(line) for line in log.read_text().split()] if log.exists() else []
+
+
+def running(pid: int) -> bool:
+    """True while process `pid` exists (a zombie not yet reaped counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_deploy_to_an_ssh_host(
@@ -121,7 +139,8 @@ def test_proxied_deploy_and_rollback_on_an_ssh_host(
     ssh_host: str, lab: LabState, tmp_path: Path, git_remote: Any
 ) -> None:
     """Over ssh:// only, the host's proxy is made, the service served through it by its Host
-    header, a new revision switched to, and `rollback` switches back to the kept container."""
+    header, a new revision switched to, and `rollback` switches back to the kept container
+    reusing the open ssh connections (not one ssh per engine call); closing ends every ssh."""
     if lab.proxy_image is None:
         pytest.skip("the lab has no proxy image (apt-get install caddy)")
     write_sample_app(git_remote.work, "web", "ssh v1")
@@ -148,10 +167,14 @@ def test_proxied_deploy_and_rollback_on_an_ssh_host(
         git_remote.commit_push("v2")
         assert runner.run_pass().ok
         assert served() == "ssh v2"
+        before = len(ssh_starts(tmp_path))
         assert rollback_service(runner, "sshproxied").ok
         assert served() == "ssh v1"
+        # ~22 engine calls, made over the ssh connections already open (at most two at once).
+        assert len(ssh_starts(tmp_path)) - before <= 2
     finally:
         engine = runner.connections.engine("remote")
         for c in engine.containers.managed_containers("sshproxied"):
             engine.containers.remove(c.id)
         runner.connections.close()
+    assert not [pid for pid in ssh_starts(tmp_path) if running(pid)]
