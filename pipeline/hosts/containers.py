@@ -246,17 +246,17 @@ class Containers:
         log.info("network ensured", host=self._conn.name, network=name)
 
     def _networks(self, name: str) -> list[dict[str, Any]]:
-        """The networks named exactly `name` (the API's name filter matches substrings), each
-        inspected (a list does not say which containers are attached)."""
-        api = self._conn.client.api
-        out = []
-        for net in api.networks(names=[name]):
-            if net.get("Name") == name:
-                with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
-                    out.append(api.inspect_network(net["Id"]))
-        return out
+        """The networks named exactly `name` (the API's name filter matches substrings)."""
+        return [n for n in self._conn.client.api.networks(names=[name]) if n.get("Name") == name]
 
-    def _keep_one(self, name: str, found: list[dict[str, Any]]) -> None:
+    def _keep_one(self, name: str, listed: list[dict[str, Any]]) -> None:
+        # Inspected only here: a list does not say which containers are attached.
+        found = []
+        for net in listed:
+            with contextlib.suppress(docker.errors.NotFound):  # removed meanwhile
+                found.append(self._conn.client.api.inspect_network(net["Id"]))
+        if len(found) < 2:
+            return
         found.sort(key=lambda n: (-len(n.get("Containers") or {}), str(n.get("Created", ""))))
         keep, extra = found[0], found[1:]
         left = []
