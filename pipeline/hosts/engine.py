@@ -168,42 +168,41 @@ class Engine:
         cached layer removed while the build used it (a concurrent `docker image prune` or
         `rmi`: "unable to find image") is built again once, without the cache.
         """
-        args = (context, dockerfile, tags, labels, build_args, pull, target, on_output)
+        request: dict[str, Any] = {
+            "path": str(context),
+            "dockerfile": dockerfile,
+            "tag": tags[0] if tags else None,
+            "labels": dict(labels),
+            "buildargs": dict(build_args),
+            "pull": pull,
+            "target": target,
+        }
         try:
-            return self._build_once(*args, nocache=False)
+            image_id = self._build_once(request, context, on_output, nocache=False)
         except _CachedLayerGone:
-            return self._build_once(*args, nocache=True)
+            image_id = self._build_once(request, context, on_output, nocache=True)
+        for extra in tags[1:]:
+            repo, _, tag = extra.rpartition(":") if ":" in extra.split("/")[-1] else (extra, "", "")
+            self.tag(image_id, repo, tag or "latest")
+        log.info("image built", host=self.name, image=image_id, tags=list(tags))
+        return image_id
 
     def _build_once(
         self,
+        request: Mapping[str, Any],
         context: Path,
-        dockerfile: str,
-        tags: Sequence[str],
-        labels: Mapping[str, str],
-        build_args: Mapping[str, str],
-        pull: bool,
-        target: str | None,
         on_output: Callable[[str], None] | None,
         *,
         nocache: bool,
     ) -> str:
+        """One legacy build of `request` (APIClient.build's arguments); its image id."""
         tail: deque[str] = deque(maxlen=_BUILD_TAIL)
         image_id: str | None = None
         with self._conn.calling(f"build {context}"):
             stream = self._conn.client.api.build(
-                path=str(context),
-                dockerfile=dockerfile,
-                tag=tags[0] if tags else None,
-                labels=dict(labels),
-                buildargs=dict(build_args),
-                pull=pull,
-                target=target,
-                nocache=nocache,
-                rm=True,
-                forcerm=True,
-                decode=True,
+                **request, nocache=nocache, rm=True, forcerm=True, decode=True,
                 timeout=_BUILD_TIMEOUT,
-            )
+            )  # fmt: skip
             for chunk in stream:
                 reported = stream_error(chunk)
                 if reported is not None:
@@ -234,11 +233,7 @@ class Engine:
                 f"build failed: {self._conn.where}: no image id in the build output"
             )
         if not image_id.startswith("sha256:"):
-            image_id = self._inspect_image(image_id)["Id"]
-        for extra in tags[1:]:
-            repo, _, tag = extra.rpartition(":") if ":" in extra.split("/")[-1] else (extra, "", "")
-            self.tag(image_id, repo, tag or "latest")
-        log.info("image built", host=self.name, image=image_id, tags=list(tags))
+            image_id = str(self._inspect_image(image_id)["Id"])
         return image_id
 
     def build_cli(
