@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypedDict, cast
@@ -570,6 +571,7 @@ class Mirror:
         # (GitPython would then fall back to the process cwd, possibly some other repository).
         base = _ENV if args[0] == "init" else {**_ENV, "GIT_DIR": str(self.path)}
         env = {**base, **(env or {})}
+        started = time.monotonic()
         try:
             status, out, err = (Git(cwd) if cwd else self._git).execute(
                 argv,
@@ -585,6 +587,11 @@ class Mirror:
         except GitCommandNotFound:
             raise GitStallingError("the git executable was not found on PATH") from None
         if ok is not None and status not in ok:
+            # GitPython's watchdog kills git, then flags the kill: git can be reaped in between, and
+            # the kill then reads as a plain signal death. A signal death at or past the timeout is
+            # that kill, whatever stderr says.
+            if timeout is not None and status < 0 and time.monotonic() - started >= timeout:
+                err = "Timeout:"
             raise self._error(args[0], status, err, timeout)
         return status, out if isinstance(out, bytes) else b""
 

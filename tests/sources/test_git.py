@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from git import cmd as git_cmd
 from structlog.testing import capture_logs
 
 from pipeline.errors import StallingError, TransientError
@@ -300,6 +301,26 @@ def test_network_call_times_out(silent_server: int, tmp_path: Path) -> None:
     assert time.monotonic() - start < 15
     assert isinstance(info.value, TransientError)
     assert "s3cret" not in str(info.value)
+
+
+def test_a_timeout_kill_reaped_before_it_is_flagged_still_reads_as_timed_out(
+    silent_server: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeout kill whose flag GitPython sets only after git was reaped is still a timeout."""
+    real_kill = git_cmd._kill_process
+
+    def kill_then_flag_late(pid: int) -> bool:
+        # GitPython flags the kill only after this returns; git is reaped in the meantime, as
+        # happened on a loaded CI machine ("failed (exit -9): no output").
+        killed = real_kill(pid)
+        time.sleep(0.5)
+        return killed
+
+    monkeypatch.setattr(git_cmd, "_kill_process", kill_then_flag_late)
+    mirror = Mirror(f"https://127.0.0.1:{silent_server}/x.git", tmp_path / "m", timeout=1)
+    with pytest.raises(GitError, match="timed out after 1s") as info:
+        mirror.remote_head(branch="main")
+    assert isinstance(info.value, TransientError)
 
 
 class _AuthRequired(http.server.BaseHTTPRequestHandler):
