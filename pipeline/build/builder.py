@@ -20,6 +20,7 @@ from typing import Protocol
 
 import structlog
 
+from pipeline.build.artifact import Artifact
 from pipeline.build.buildkit import (
     BuilderChoice,
     CliBuild,
@@ -43,17 +44,6 @@ from pipeline.state.store import State
 log = structlog.get_logger(__name__)
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A built image: `ref` is what hosts run (registry@digest, or a tag local to each host)."""
-
-    image: str
-    revision: str
-    digest: str
-    ref: str
-    unchanged: bool = False  # rebuilt to the digest it already had
 
 
 def docker_tag(text: str) -> str:

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any
 
-import httpx
+import requests
 import structlog
 
 from pipeline.config.model import ProxySection, ServiceSection
@@ -38,6 +38,7 @@ log = structlog.get_logger(__name__)
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
 DRAIN_POLL = 0.1  # seconds between looks at an old container's requests in flight
+_ADMIN_TIMEOUT = (0.5, 2.0)  # seconds to connect, to read: requests to the proxy of this host
 
 
 class ProxyError(StallingError):
@@ -85,14 +86,19 @@ class HostProxy:
         self._ready: ProxyInfo | None = None  # the proxy as this object last made sure of it
         self._ready_https = False
         self._served_ok = True  # False once the table could not be read over HTTP: not again
-        self._client: httpx.Client | None = None
+        self._session: requests.Session | None = None
 
-    def _http(self) -> httpx.Client:
-        """One HTTP client for this proxy's pipeline-only routes, kept: making one loads a TLS
-        context (~20 ms), which a switch and a drain's polls should not pay each time."""
-        if self._client is None:
-            self._client = httpx.Client(timeout=httpx.Timeout(2.0, connect=0.5), trust_env=False)
-        return self._client
+    def _get(self, path: str, token: str) -> requests.Response:
+        """GET `path` of this proxy's pipeline-only admin Host (`routes.admin_host(token)`) on
+        its published port: one kept session, so a switch and a drain's polls reuse a
+        connection. requests, as the health probes: the docker SDK has loaded it already.
+        Raises requests.RequestException."""
+        if self._session is None:
+            self._session = requests.Session()
+            self._session.trust_env = False  # no proxy from the environment in between
+        return self._session.get(
+            self.url(path), headers={"Host": admin_host(token)}, timeout=_ADMIN_TIMEOUT
+        )
 
     # -- the container ----------------------------------------------------------------------
     def spec(self, https: bool) -> ProxySpec:
@@ -149,14 +155,12 @@ class HostProxy:
         if not self._served_ok or not info.token:
             return None
         try:
-            answer = self._http().get(
-                self.url(TABLE_PATH), headers={"Host": admin_host(info.token)}
-            )
+            answer = self._get(TABLE_PATH, info.token)
             if answer.status_code == 200:
                 table = RouteTable.from_json(base64.b64decode(answer.content, validate=True))
                 if table.token == info.token:
                     return table
-        except (httpx.HTTPError, ValueError):  # binascii.Error is a ValueError
+        except (requests.RequestException, ValueError):  # binascii.Error is a ValueError
             pass
         self._served_ok = False
         return None
@@ -181,7 +185,7 @@ class HostProxy:
     def table(self) -> RouteTable | None:
         """The host's route table as its proxy holds it; None when there is no proxy."""
         info = self.engine.proxy.inspect()
-        return None if info is None else self._stored(info)
+        return None if info is None else (self._served(info) or self._stored(info))
 
     def change(self, change: Callable[[RouteTable], RouteTable]) -> RouteTable:
         """Read the host's routes, apply `change`, and load the result into the proxy in one
@@ -238,15 +242,13 @@ class HostProxy:
         """Requests the proxy has in flight to upstream `dial` ("name:port"): 0 when no route
         of its config reaches that upstream any more; None when it cannot tell."""
         try:
-            answer = self._http().get(
-                self.url("/reverse_proxy/upstreams"), headers={"Host": admin_host(token)}
-            )
+            answer = self._get("/reverse_proxy/upstreams", token)
             if answer.status_code != 200:
                 return None
             for upstream in answer.json():
                 if upstream.get("address") == dial:
                     return int(upstream.get("num_requests", 0))
-        except (httpx.HTTPError, ValueError, TypeError):
+        except (requests.RequestException, ValueError, TypeError):
             return None
         return 0
 

@@ -13,9 +13,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
-
-import pathspec
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config.model import (
     DEFAULT_MONITOR,
@@ -28,6 +26,9 @@ from pipeline.config.model import (
 from pipeline.plan.blocked import Blocked
 from pipeline.plan.dockerignore import DockerIgnore, DockerIgnoreError
 from pipeline.plan.rollback import PinRecord
+
+if TYPE_CHECKING:
+    import pathspec
 
 _SHOWN_PATHS = 5  # changed paths named in a reason before "+N more"
 _SHORT = 12  # characters of a sha shown in messages
@@ -214,6 +215,8 @@ def _health_for_hash(health: HealthSection) -> dict[str, object]:
 
 @lru_cache(maxsize=1024)
 def _watch_spec(globs: tuple[str, ...]) -> pathspec.PathSpec | None:
+    import pathspec  # here: everything that reads the state imports this module, few plan builds
+
     # Cached: the same config is planned again on every commit, compiling is the costly part.
     return pathspec.PathSpec.from_lines("gitignore", globs) if globs else None
 

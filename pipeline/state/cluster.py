@@ -17,13 +17,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, select
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from pipeline.state.leases import owner_alive_local
-from pipeline.state.schema import Instance, ScheduleSlot
+from pipeline.state.schema import Instance, ScheduleSlot, upsert_insert
 from pipeline.timeutil import iso, utc
 
 HEARTBEAT = 2.0  # seconds between an instance's heartbeats
@@ -48,7 +46,7 @@ class Cluster:
         self.engine, self.session, self.clock, self.now = engine, session, clock, now
 
     def _insert(self) -> Any:
-        return postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        return upsert_insert(self.engine)
 
     def heartbeat(self, owner: str, url: str | None = None) -> None:
         """Record that instance `owner` (host:pid) is alive now, serving its API at `url`."""

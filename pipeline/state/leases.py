@@ -16,13 +16,11 @@ from contextlib import AbstractContextManager, contextmanager
 
 import structlog
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from pipeline.errors import LockedError
-from pipeline.state.schema import Lock
+from pipeline.state.schema import Lock, upsert_insert
 
 log = structlog.get_logger(__name__)
 
@@ -72,7 +70,7 @@ class Leases:
         """Take the lease `name` for `ttl` seconds if it is free, expired, or already ours."""
         now = self.clock()
         # SQLite and PostgreSQL share this upsert; it is atomic, so two owners never both win.
-        insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
+        insert = upsert_insert(self.engine)
         stmt = insert(Lock).values(name=name, owner=owner, expires_at=now + ttl)
         stmt = stmt.on_conflict_do_update(
             index_elements=[Lock.name],

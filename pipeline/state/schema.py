@@ -11,7 +11,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -223,3 +233,16 @@ class ScheduleSlot(Base):
     name: Mapped[str] = mapped_column(String(160), primary_key=True)
     slot: Mapped[int] = mapped_column(Integer)
     owner: Mapped[str] = mapped_column(String(160))
+
+
+def upsert_insert(engine: Engine) -> Any:
+    """`insert` of `engine`'s dialect, whose statements take `on_conflict_do_update` (SQLite and
+    PostgreSQL spell it alike: SQLAlchemy's "INSERT…ON CONFLICT (Upsert)" docs). The PostgreSQL
+    module is imported only for a PostgreSQL database: it imports asyncpg's dialect too."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
+        return postgresql.insert
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.insert
