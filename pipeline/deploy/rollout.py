@@ -310,8 +310,11 @@ class Rollout:
     # -- before anything is touched ---------------------------------------------------------
     def _observe(self, p: _Pass) -> None:
         """Record every host's previous container (`release_hosts`, phase planned)."""
-        for host in self.spec.hosts:
-            info = self._previous(host, p)
+        hosts = self.spec.hosts
+        # Each host asked at once: a round trip to every engine, where a rollback's switch waits.
+        with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
+            found = list(pool.map(lambda host: self._previous(host, p), hosts))
+        for host, info in zip(hosts, found, strict=True):
             labels = info.labels if info else {}
             p.previous[host] = PreviousContainer(
                 host=host,
