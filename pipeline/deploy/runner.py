@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING
@@ -26,8 +26,16 @@ from pipeline.deploy.recovery import recover_service
 from pipeline.deploy.rollout import Rollout as RolloutExecutor
 from pipeline.deploy.rollout import RolloutResult, Target
 from pipeline.errors import LockedError, PipelineError
-from pipeline.plan.planner import Build, Plan, RepoSnapshot, Rollout, plan, service_spec_hash
-from pipeline.redact import redact
+from pipeline.plan.planner import (
+    Build,
+    Plan,
+    Problem,
+    RepoSnapshot,
+    Rollout,
+    plan,
+    service_spec_hash,
+)
+from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
 from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import State, default_owner
@@ -75,6 +83,8 @@ class Observed:
     revisions: dict[str, Revision] = field(default_factory=dict)
     snapshots: dict[str, RepoSnapshot] = field(default_factory=dict)
     env: EnvFiles = field(default_factory=EnvFiles)
+    # Repo name -> why it has nothing to deploy (its followed branch or tag is not there)
+    absent: dict[str, str] = field(default_factory=dict)
 
     @property
     def env_files(self) -> Mapping[str, str]:
@@ -172,6 +182,16 @@ class Runner:
                         sha = mirror.resolve(pinned[name])
                         rev = Revision(sha=sha, ref=rev.ref if rev else "", tag=None, version=None)
                     if rev is None:
+                        # Silence here read as "up to date" to someone whose branch is named
+                        # `master` where the config says `main`: say what is missing, and where.
+                        what = (
+                            f"no tag matches {repo.tags!r}"
+                            if repo.tags
+                            else (f"branch {branch!r} is not")
+                        )
+                        observed.absent[name] = (
+                            f"{what} on {redact_url(repo.url)}: nothing to deploy from it yet"
+                        )
                         if step:
                             self.state.finish_step(
                                 step, "skipped", detail=f"{repo.follows}: nothing to deploy yet"
@@ -231,6 +251,9 @@ class Runner:
             only_services=only_services,
             pins=self.state.rollbacks.pins(),
         )
+        if observed.absent:
+            notes = tuple(Problem(f"repos.{n}", m) for n, m in sorted(observed.absent.items()))
+            the_plan = replace(the_plan, problems=the_plan.problems + notes)
         # What the builder cannot do (a BuildKit-only key on the legacy builder, a secret that
         # is not there) is an error now, located in the config, before anything is built.
         self.builder.check(the_plan.builds)

@@ -250,3 +250,23 @@ def test_run_on_a_terminal_shows_progress_piped_plain_and_json_one_document(
     assert doc["ok"] is True and doc["exit_code"] == 0
     assert [r["service"] for r in doc["releases"]] == [project.web]
     assert doc["releases"][0]["status"] == "succeeded"
+
+
+def test_a_followed_branch_the_repo_lacks_is_named_by_plan_and_run(project: Project) -> None:
+    """A config following a branch the repository does not have (`mian` for `main`) makes
+    `plan` and `run` name the branch and the repository, where both said only "up to date"."""
+    project.initial_commit()
+    text = project.config.read_text()
+    project.config.write_text(text.replace('branch = "main"', 'branch = "mian"'))
+    expected = f"repos.shop: branch 'mian' is not on {project.remote.url}: nothing to deploy"
+
+    plan = project.cli("plan")
+    assert plan.returncode == 0, plan.stderr
+    assert expected in plan.stdout
+    planned = json.loads(project.cli("plan", "--json").stdout)
+    assert {"subject": "repos.shop", "error": False}.items() <= planned["problems"][0].items()
+
+    run = project.cli("run")
+    assert run.returncode == 0, run.stderr
+    assert expected in run.stdout + run.stderr
+    assert "rolling out" not in run.stdout + run.stderr
