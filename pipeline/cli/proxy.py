@@ -52,6 +52,9 @@ def status(config: Path | None, json: bool) -> None:
                     "container": r["container"],
                     "state": r["container_state"],
                     "revision": (r["revision"] or "")[:12],
+                    # the kept container a rollback switches back to
+                    "standby": ", ".join(r["standby"]) or "-",
                 }
             )
-    print_table(view, ["host", "proxy", "service", "route", "container", "state", "revision"])
+    columns = ["host", "proxy", "service", "route", "container", "state", "revision", "standby"]
+    print_table(view, columns)

@@ -186,6 +186,11 @@ def test_rollback_is_a_switch_with_the_registry_down(project: Project, retain: s
     assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
     kept = "paused" if retain == "paused" else "exited"
     assert _states(project) == [{v1: kept, v2: "running"}] * 2
+    table = project.cli("proxy", "status").stdout.splitlines()
+    assert table[0].split()[-1] == "STANDBY", table
+    # each host's route: serving v2, v1's kept container on standby
+    mine = [ln.split() for ln in table[1:] if project.web in ln.split()]
+    assert [row[-1].split("-")[1] for row in mine] == [v1[:12]] * 2, table
     runner = project.runner()
     try:
         with registry_blocked(project.lab, 0), registry_blocked(project.lab, 1):
