@@ -186,3 +186,46 @@ def test_init_and_lock_status_import_only_what_they_need(tmp_path: Path) -> None
     loaded = _loaded(tmp_path, "lock", "status", "-c", str(_config(tmp_path)))
     assert "sqlalchemy" in loaded
     assert loaded & {"docker", "git", "fastapi", "uvicorn", "pyroute2", "httpx"} == set()
+
+
+# Imports what `pipeline rollback` runs through up to its switch (the command, the rollback,
+# the rollout with its health gate and proxy, the state database), then lists what loaded.
+_ROLLBACK = """
+import json, sys
+import pipeline.cli.deploy, pipeline.deploy.operations, pipeline.deploy.rollout
+import pipeline.deploy.health, pipeline.deploy.proxy, pipeline.state.database
+import docker, paramiko
+seen = {"modules": sorted(sys.modules), "paramiko": type(paramiko).__name__}
+seen["client"] = paramiko.SSHClient.__module__  # first use: the real paramiko loads
+seen["then"] = type(sys.modules["paramiko"]).__name__
+print(json.dumps(seen))
+"""
+
+
+def test_a_rollback_loads_no_builder_git_swarm_or_second_http_stack(tmp_path: Path) -> None:
+    """What a rollback imports before its switch holds none of what it never uses: the
+    builder, GitPython, the Swarm executor, httpx (requests is the docker SDK's already),
+    pathspec, the PostgreSQL dialect, or paramiko (the SDK's import of it is deferred)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _ROLLBACK], capture_output=True, text=True, check=True, timeout=60
+    )
+    seen = json.loads(done.stdout)
+    modules = set(seen["modules"])
+    assert {"docker", "sqlalchemy", "requests", "pipeline.deploy.rollout"} <= modules
+    unused = {
+        "pipeline.build.builder",
+        "pipeline.deploy.cluster",
+        "pipeline.sources.git",
+        "git",
+        "httpx",
+        "httpcore",
+        "pathspec",
+        "dockerfile_parse",
+        "sqlalchemy.dialects.postgresql",
+        "cryptography",
+        "nacl",
+        "invoke",
+    }
+    assert modules & unused == set()
+    assert seen["paramiko"] == "_Deferred"  # `import paramiko` works, loading nothing yet
+    assert (seen["client"], seen["then"]) == ("paramiko.client", "module")  # its first use
