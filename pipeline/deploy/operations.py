@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -63,21 +62,18 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
         restores=chosen.id,
     )
     repo = cfg.images[svc.image].repo
-    with ThreadPoolExecutor(1) as beside:
-        # The head as the rollback starts: a different head later is a newer commit. Read
-        # beside the rollout: reading it needs git (importing GitPython alone takes ~0.1 s),
-        # which a rollback's switch should not wait for.
-        head_read = beside.submit(_repo_head, runner, repo)
-        run_id = runner.state.start_run("rollback", repo, owner=runner.owner)
-        outcome = runner.roll(
-            service,
-            target,
-            run_id=run_id,
-            reason=f"rollback to r{chosen.id} ({chosen.revision[:12]})",
-            kind="rollback",
-            spec=spec,
-        )
-        head = head_read.result() or (deployed[0].revision if deployed else None)
+    # The head now, before anything moves: a different head later is a newer commit. (A
+    # followed branch's head is a file read: no git process, no GitPython import.)
+    head = _repo_head(runner, repo) or (deployed[0].revision if deployed else None)
+    run_id = runner.state.start_run("rollback", repo, owner=runner.owner)
+    outcome = runner.roll(
+        service,
+        target,
+        run_id=run_id,
+        reason=f"rollback to r{chosen.id} ({chosen.revision[:12]})",
+        kind="rollback",
+        spec=spec,
+    )
     if outcome.ok:
         runner.state.rollbacks.pin_service(
             service,

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import IO, Any, TypedDict, cast
 
 import structlog
-from git.cmd import Git
-from git.exc import GitCommandNotFound
 
 from pipeline.redact import redact, redact_url, url_secrets
 from pipeline.sources.checkout import (
@@ -137,7 +135,6 @@ class Mirror:
         self._last_tree: tuple[str, list[tuple[str, str]]] | None = None
         self.timeout = timeout
         self.fetch_timeout = fetch_timeout
-        self._git = Git(self.path)
         self._ready = False
         self._secrets = url_secrets(url)
 
@@ -572,8 +569,13 @@ class Mirror:
         base = _ENV if args[0] == "init" else {**_ENV, "GIT_DIR": str(self.path)}
         env = {**base, **(env or {})}
         started = time.monotonic()
+        # GitPython is imported at the first git command, not with this module: reading a loose
+        # ref (a rollback's repo head) needs none, and its import takes a rollback ~0.1-0.3 s.
+        from git.cmd import Git
+        from git.exc import GitCommandNotFound
+
         try:
-            status, out, err = (Git(cwd) if cwd else self._git).execute(
+            status, out, err = Git(cwd or self.path).execute(
                 argv,
                 with_extended_output=True,
                 with_exceptions=False,
