@@ -1,0 +1,297 @@
+"""Benchmark: `pipeline rollback web` from the command line, start-up included, with the
+registry unreachable: how long until every host's proxy serves the previous release.
+
+Run (root): .venv/bin/python bench/bench_rollback_cli.py [--rollbacks 10]
+            [--subnet 10.88.226.0/24] [--before PYTHON]
+Target: the previous revision served within 1 s per host ("per host" = time from the spawn of
+the `pipeline rollback web` process until every host's proxy answers with the previous
+release, divided by the number of hosts), as a new user would measure it.
+
+A lab of its own (2 tcp:// hosts, 10.88.226.0/24 unless --subnet, taken down at the end, also
+on Ctrl-C) with the lab's Caddy image; the repo, config and proxied service `web` of
+bench_zero_downtime.py (sample app whose page says its version, `http = "/health"`, both
+hosts). Two releases are deployed through the CLI (`pipeline deploy web --revision SHA
+--json`), then the registry is made unreachable from both hosts (an iptables REJECT in each
+host's namespace) and `--rollbacks` rounds run. Each round spawns, interleaved so that a
+change of the machine's load hits all alike: `python -c pass` and `pipeline --help` (the
+start-up floor every command pays), and `pipeline rollback web --to rK` alternating between
+the two releases (each a switch back to the retained, paused container). While a rollback
+runs, one thread per host (in this process: pipeline is a process of its own, so it never holds
+their GIL) asks that host's proxy for `/` with the service's Host header every 20 ms, a new
+connection each, and notes when the answer is the release rolled back to. Printed per rollback:
+the time from the spawn to served on each host and on every host, and the command's exit.
+From the run's recorded steps: start-up (spawn to the first step), the rollout as in-process
+code does it (first step to the last `route` step, as bench_zero_downtime.py reads it), and
+from the last switch to served. Then medians, p90 and ratios to the baselines.
+
+--before PYTHON runs the same rollbacks (and `pipeline --help`), in the same rounds, with
+another installation's `pipeline` (the script beside PYTHON), e.g. a venv of an older commit:
+before and after measured under the same load, on the same lab and state database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from _lab import PIPELINE_BIN, own_lab, run_times
+from bench_zero_downtime import HOST_HEADER, SERVICE, Project, _block_registry
+
+from pipeline.lab.manage import LabState
+from pipeline.state.store import State
+
+SUBNET = "10.88.226.0/24"
+TARGET_PER_HOST = 1.0
+POLL_EVERY = 0.02  # s between one host's requests: 10 ms cost the rollback ~1 s on 2 busy cores
+PAGES = ("web v1", "web v2")
+
+
+class Watch:
+    """One thread per host asking its proxy for `/` (Host: the service's) every POLL_EVERY s,
+    a new connection each; `served[address]` is the perf_counter time of the first answer
+    whose body is `expect`. Start it, wait for `armed` (every host answered once, with another
+    body), then act; `wait()` joins the threads (raises RuntimeError after `timeout` s)."""
+
+    def __init__(self, addresses: list[str], expect: str, timeout: float = 30.0) -> None:
+        self.expect, self.timeout = expect, timeout
+        self.served: dict[str, float] = {}
+        self.last: dict[str, str] = {}
+        self.early: set[str] = set()  # hosts serving `expect` before the rollback
+        self._asked: dict[str, threading.Event] = {a: threading.Event() for a in addresses}
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._poll, args=(a,), daemon=True)
+                         for a in addresses]  # fmt: skip
+
+    def _poll(self, address: str) -> None:
+        deadline = time.perf_counter() + self.timeout
+        while not self._stop.is_set() and time.perf_counter() < deadline:
+            try:
+                conn = http.client.HTTPConnection(address, 80, timeout=0.2)
+                conn.request("GET", "/", headers={"Host": HOST_HEADER, "Connection": "close"})
+                response = conn.getresponse()
+                body = response.read().decode(errors="replace").strip()
+                conn.close()
+                at = time.perf_counter()
+                self.last[address] = f"{response.status} {body[:40]!r}"
+                if response.status == 200 and body == self.expect:
+                    if not self._asked[address].is_set():
+                        self.early.add(address)
+                        break
+                    self.served[address] = at
+                    return
+            except (OSError, http.client.HTTPException) as exc:
+                self.last[address] = type(exc).__name__
+            self._asked[address].set()
+            time.sleep(POLL_EVERY)
+        self._asked[address].set()
+
+    def __enter__(self) -> Watch:
+        for t in self._threads:
+            t.start()
+        for address, asked in self._asked.items():
+            if not asked.wait(5.0) or address in self.early:
+                self.__exit__()
+                raise RuntimeError(f"{address}: served {self.expect!r} before the rollback")
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+    def wait(self) -> dict[str, float]:
+        for t in self._threads:
+            t.join()
+        missing = {a: self.last.get(a, "-") for a in self._asked if a not in self.served}
+        if missing:
+            raise RuntimeError(f"not served {self.expect!r}: {missing}")
+        return self.served
+
+
+@dataclass
+class Rollbacks:
+    """The samples of one installation's rollbacks, seconds from the spawn of the process."""
+
+    hosts: dict[str, list[float]]
+    every: list[float] = field(default_factory=list)
+    exit: list[float] = field(default_factory=list)
+    startup: list[float] = field(default_factory=list)  # spawn -> first recorded step
+    rollout: list[float] = field(default_factory=list)  # first step -> last `route` step
+    after_route: list[float] = field(default_factory=list)  # last `route` -> every host served
+    cpu: list[float] = field(default_factory=list)  # user + system of the process (and children)
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(argv: list[str], cwd: Path) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=cwd, timeout=300)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def _time(argv: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one run of `argv`."""
+    cpu, t0 = _cpu(), time.perf_counter()
+    _run(argv, cwd)
+    return time.perf_counter() - t0, _cpu() - cpu
+
+
+def _deploy(pipeline: Path, config: Path, sha: str, cwd: Path) -> int:
+    """Deploy `sha` through the CLI; return the release id it made."""
+    out = _run([str(pipeline), "deploy", SERVICE, "--revision", sha, "--json", "-c", str(config)],
+               cwd)  # fmt: skip
+    releases = [r for r in json.loads(out)["releases"] if r["status"] == "succeeded"]
+    if not releases:
+        raise SystemExit(f"deploy of {sha[:12]} made no succeeded release:\n{out}")
+    return int(releases[0]["id"])
+
+
+def _rollback(
+    pipeline: Path, project: Project, lab: LabState, to: int, expect: str, into: Rollbacks
+) -> str:
+    """Spawn `pipeline rollback web --to rTO`, record its times into `into`; return a line."""
+    argv = [str(pipeline), "rollback", SERVICE, "--to", f"r{to}", "-c", str(project.config)]
+    addresses = [h.address for h in lab.hosts]
+    with Watch(addresses, expect) as watch:
+        cpu, wall0, t0 = _cpu(), time.time(), time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, text=True, check=False,
+                              cwd=project.config.parent, timeout=120)  # fmt: skip
+        exited, cpu = time.perf_counter() - t0, _cpu() - cpu
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+        served = {a: at - t0 for a, at in watch.wait().items()}
+    data_dir = project.config.parent / "data"
+    state = State.in_dir(data_dir)
+    try:
+        run_id = state.runs(limit=1)[0].id
+    finally:
+        state.engine.dispose()
+    times = run_times(data_dir, run_id)
+    moved = [s for s in times.steps if s.host and s.kind != "retire"]
+    first = min(s.start for s in moved)
+    last_route = times.last_end(["route"])
+    every = max(served.values())
+    for h in lab.hosts:
+        into.hosts[h.name].append(served[h.address])
+    into.every.append(every)
+    into.exit.append(exited)
+    into.cpu.append(cpu)
+    startup = times.started + first - wall0
+    into.startup.append(startup)
+    into.rollout.append(last_route - first)
+    into.after_route.append(every - (startup + last_route - first))
+    per_host = " ".join(f"{h.name} {served[h.address]:.3f}s" for h in lab.hosts)
+    return (f"served {per_host}, every host {every:.3f}s, exit {exited:.3f}s (start-up "
+            f"{startup:.3f}s, rollout {last_route - first:.3f}s, CPU {cpu:.3f}s)")  # fmt: skip
+
+
+def _p90(values: list[float]) -> float:
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=10, method="inclusive")[-1]
+
+
+def _row(name: str, values: list[float], base: float, cpus: list[float] | None = None) -> str:
+    median = statistics.median(values)
+    cpu = f"{statistics.median(cpus):>7.3f}s" if cpus else ""
+    return f"{name:<44} {median:>8.3f}s {_p90(values):>8.3f}s {median / base:>9.1f}x {cpu}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rollbacks", type=int, default=10, help="rounds (rollbacks of each)")
+    parser.add_argument("--subnet", default=SUBNET)
+    parser.add_argument("--before", help="another installation's python, run alongside")
+    args = parser.parse_args()
+    installs = {"": PIPELINE_BIN}
+    if args.before:
+        installs = {"before: ": Path(args.before).with_name("pipeline"), **installs}
+    floor_argv = {"python -c pass": [sys.executable, "-c", "pass"]}
+    floor_argv |= {f"{label}pipeline --help": [str(p), "--help"] for label, p in installs.items()}
+    floors: dict[str, list[float]] = {name: [] for name in floor_argv}
+    floor_cpus: dict[str, list[float]] = {name: [] for name in floor_argv}
+    with own_lab("pipeline-rbcli-", 2, args.subnet) as (lab, workdir):
+        if lab.proxy_image is None:
+            raise SystemExit("the lab has no proxy image: apt-get install caddy")
+        project = Project(lab, workdir)
+        release = {}
+        for page in PAGES:
+            sha = project.commit(page)
+            release[page] = _deploy(PIPELINE_BIN, project.config, sha, workdir)
+            print(f"deployed {page!r} through the CLI: release r{release[page]}", flush=True)
+        results = {label: Rollbacks({h.name: [] for h in lab.hosts}) for label in installs}
+        for argv in floor_argv.values():
+            _time(argv, workdir)  # warm-up: page cache, .pyc files
+        _block_registry(lab, True)
+        try:
+            serving = PAGES[1]
+            for rnd in range(1, args.rollbacks + 1):
+                for name, argv in floor_argv.items():
+                    wall, cpu = _time(argv, workdir)
+                    floors[name].append(wall)
+                    floor_cpus[name].append(cpu)
+                # Alternate which installation goes first, so neither always follows the other.
+                order = list(installs.items())
+                for label, pipeline in order if rnd % 2 else order[::-1]:
+                    page = PAGES[0] if serving == PAGES[1] else PAGES[1]
+                    line = _rollback(pipeline, project, lab, release[page], page, results[label])
+                    serving = page
+                    print(f"round {rnd}: {label}rollback to r{release[page]} ({page!r}): {line}",
+                          flush=True)  # fmt: skip
+        finally:
+            _block_registry(lab, False)
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        hosts = len(lab.hosts)
+        names = [h.name for h in lab.hosts]
+    base = statistics.median(floors["python -c pass"])
+    print()
+    print(f"{args.rollbacks} rounds, {hosts} tcp:// hosts, registry unreachable; {os.cpu_count()} "
+          f"CPUs; load average at the end {load}")  # fmt: skip
+    print(f"{'measure':<44} {'median':>9} {'p90':>9} {'x python':>10} {'CPU':>8}")
+    for name, values in floors.items():
+        print(_row(name, values, base, floor_cpus[name]))
+    failed = False
+    for label, res in results.items():
+        for name in names:
+            print(_row(f"{label}rollback: served on {name}", res.hosts[name], base))
+        print(_row(f"{label}rollback: served on every host", res.every, base))
+        print(_row(f"{label}rollback: command exited", res.exit, base, res.cpu))
+        print(_row(f"{label}  spawn -> first step (start-up)", res.startup, base))
+        print(_row(f"{label}  first step -> last route (rollout)", res.rollout, base))
+        print(_row(f"{label}  last route -> every host served", res.after_route, base))
+    print()
+    for label, res in results.items():
+        every, rollout = statistics.median(res.every), statistics.median(res.rollout)
+        helps = statistics.median(floors[f"{label}pipeline --help"])
+        per_host = every / hosts
+        verdict = "met" if per_host <= TARGET_PER_HOST else "MISSED"
+        failed = failed or (not label and per_host > TARGET_PER_HOST)
+        print(f"{label}per host: {every:.3f}s / {hosts} = {per_host:.3f}s (p90 "
+              f"{_p90(res.every) / hosts:.3f}s), target <= {TARGET_PER_HOST:.1f} s: {verdict}; "
+              f"every host served = {every / rollout:.1f}x the in-process rollout "
+              f"({rollout:.3f}s), {every / helps:.1f}x `pipeline --help` ({helps:.3f}s); "
+              f"start-up is {statistics.median(res.startup) / every:.0%} of it")  # fmt: skip
+    if args.before:
+        before, after = results["before: "], results[""]
+        ratio = statistics.median(after.every) / statistics.median(before.every)
+        startup = statistics.median(after.startup) / statistics.median(before.startup)
+        print(f"after / before: every host served {ratio:.2f}, start-up {startup:.2f}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
