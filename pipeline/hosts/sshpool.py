@@ -8,13 +8,25 @@ for tcp:// and unix:// engines. A connection whose ssh process has exited, or th
 hijacked stream (attach, exec start: the request asks for `Upgrade`, or the SDK read the pipe
 past HTTP), is never reused. Closing a connection never raises: when sshd or the network went
 away first, the ssh process is already gone and there is nothing left to tell it.
+
+A request that finds no idle connection while others are in use (a rollout's standby route
+loaded beside its container start, on two threads) waits up to `QUICK_WAIT` for one of those to
+come back, the usual case since most engine calls take milliseconds; then it starts a new ssh
+process and waits up to `BUSY_WAIT` more for one to come back, and takes the new one only then,
+its handshake (~0.45 s in the lab, where `BUSY_WAIT` comes from) mostly done; a new one not
+taken stays idle in the pool. So such a request waits little longer than a new connection would
+take (`QUICK_WAIT` at most), usually far less, and a second connection needed only for an
+instant costs no handshake, nor an ssh process competing for the CPU. A request with no
+connection in use (the first) connects at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import subprocess
 import threading
+import time
 from typing import Any
 
 import urllib3
@@ -26,6 +38,11 @@ from docker.transport.sshconn import (
 )
 
 _STOP_WAIT = 2.0  # seconds for an ssh process to exit after SIGTERM before it is killed
+# Seconds a request that finds every connection in use waits for one to come back before it
+# starts a new ssh process (most engine calls take less), then before it takes that new one:
+# about one ssh handshake (TESTBED.md: bare `ssh true` 0.42-0.49 s here).
+QUICK_WAIT = 0.05
+BUSY_WAIT = 0.5
 
 
 class _Reader:
@@ -116,8 +133,18 @@ class _SSHConnection(SSHConnection):
 
 
 class _SSHConnectionPool(SSHConnectionPool):
-    """The SDK's pool with connections that survive between requests; one that cannot be
-    reused is closed when it comes back or is taken out."""
+    """The SDK's pool with connections that survive between requests, and a request that finds
+    none idle while some are in use waiting briefly for one (module doc); a connection that
+    cannot be reused is closed when it comes back or is taken out. Its queue holds only idle
+    connections (urllib3's empty slots are taken out): up to `maxsize` are kept."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.pool.get(block=False)  # urllib3's empty slots: a `get` must wait for one
+        self._in_use = 0  # requests holding or getting a connection (approximate: for waiting)
+        self._count_lock = threading.Lock()
 
     def _new_conn(self) -> Any:
         return _SSHConnection(None, self.timeout, self.ssh_host)
@@ -130,17 +157,59 @@ class _SSHConnectionPool(SSHConnectionPool):
         return isinstance(sock, _SSHSocket) and sock.usable and not conn.upgraded
 
     def _get_conn(self, timeout: float | None = None) -> Any:
+        slots = self.pool
+        if slots is None:
+            raise urllib3.exceptions.ClosedPoolError(self, "Pool is closed.")
+        with self._count_lock:
+            self._in_use += 1  # counted before it looks: a request finding the queue empty
+        try:  # then knows whether another took the connection it would have had
+            conn = self._idle(slots, 0.0)
+            if conn is None:
+                with self._count_lock:
+                    others = self._in_use > 1
+                conn = self._idle(slots, QUICK_WAIT) if others else None
+                if conn is None:
+                    new = self._new_conn()
+                    conn = self._started_or_back(slots, new) if others else new
+        except BaseException:
+            with self._count_lock:
+                self._in_use -= 1
+            raise
+        return conn
+
+    def _started_or_back(self, slots: queue.Queue[Any], new: Any) -> Any:
+        """Start `new`'s ssh process, then take a connection that comes back within
+        `BUSY_WAIT`, leaving `new` idle in the pool, or else `new`, its handshake under way."""
+        new.connect()  # starts `ssh HOST docker system dial-stdio`; returns at once
+        back = self._idle(slots, BUSY_WAIT)
+        if back is None:
+            return new
+        super()._put_conn(new)
+        return back
+
+    def _idle(self, slots: queue.Queue[Any], wait: float) -> Any:
+        """An idle reusable connection, waiting up to `wait` seconds for one; None if none came.
+        Dead ones met on the way are closed."""
+        deadline = time.monotonic() + wait
         while True:
-            conn = super()._get_conn(timeout)
-            if self._reusable(conn):
+            left = deadline - time.monotonic()
+            try:
+                conn = slots.get(block=left > 0, timeout=left if left > 0 else None)
+            except queue.Empty:
+                return None
+            if conn is not None and self._reusable(conn):
                 return conn
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     def _put_conn(self, conn: Any) -> None:
-        if conn is not None and not self._reusable(conn):
-            conn.close()
-            # Return an empty slot: the next request makes a new connection.
-            super()._put_conn(None)
+        with self._count_lock:
+            self._in_use = max(0, self._in_use - 1)
+        # No empty slot is put back (urllib3 returns None after a failed request): the queue
+        # holds only idle connections, so a request can wait on it for one to come back.
+        if conn is None or not self._reusable(conn):
+            if conn is not None:
+                conn.close()
             return
         super()._put_conn(conn)
 

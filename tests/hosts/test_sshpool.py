@@ -4,24 +4,29 @@ closed quietly, with a stand-in `ssh` on PATH that answers HTTP on its stdin/std
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from pipeline.hosts import sshpool
 from pipeline.hosts.connection import Connection
 
-# Answers every request with a /version body over HTTP/1.1 keep-alive until stdin closes, or,
-# with FAKE_SSH_ONCE set, answers one request and exits (sshd gone).
+# Answers every request with a /version body (its own pid as "Pid": which ssh process served a
+# call) over HTTP/1.1 keep-alive until stdin closes, or, with FAKE_SSH_ONCE set, answers one
+# request and exits (sshd gone).
 FAKE_SSH = textwrap.dedent(
     """\
     #!{python}
     import json, os, sys
     with open({log!r}, "a") as f:
         f.write(f"{{os.getpid()}}\\n")
-    body = json.dumps({{"ApiVersion": "1.41", "Version": "fake"}}).encode()
+    body = json.dumps({{"ApiVersion": "1.41", "Version": "fake", "Pid": os.getpid()}}).encode()
     while True:
         line = sys.stdin.buffer.readline()
         if not line.strip():
@@ -51,16 +56,49 @@ def fake_ssh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return log
 
 
+def ssh_children() -> set[int]:
+    """The pids of this process's children that run the stand-in `ssh` now (started by the
+    pool, whether or not they have logged their start yet)."""
+    ps = ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(os.getpid())]
+    lines = subprocess.run(ps, capture_output=True, text=True, check=False).stdout.splitlines()
+    return {int(line.split()[0]) for line in lines if "ssh" in line and "dial-stdio" in line}
+
+
 def test_calls_on_an_ssh_engine_reuse_one_ssh_connection(fake_ssh: Path) -> None:
     """Ten engine calls on an ssh:// host start one ssh process, not one per call, and closing
     the connection ends it."""
     conn = Connection("remote", "ssh://root@198.51.100.7:2222", timeout=10)
-    for _ in range(10):
-        assert conn.client.api.version()["Version"] == "fake"
-    pids = [int(p) for p in fake_ssh.read_text().split()]
-    assert len(pids) == 1
+    served = {conn.client.api.version()["Pid"] for _ in range(10)}
+    assert ssh_children() == served and len(served) == 1
     conn.close()
-    assert subprocess.run(["ps", "-p", str(pids[0])], capture_output=True).returncode == 1
+    assert not ssh_children()
+
+
+def test_a_call_while_the_only_connection_is_busy_takes_it_when_it_comes_back(
+    fake_ssh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call made while another holds the engine's only connection (a rollout's standby route
+    beside its container start) starts a new ssh process but is served by the busy connection
+    once it comes back, not after a handshake of its own; the new one is kept for later."""
+    monkeypatch.setattr(sshpool, "BUSY_WAIT", 60.0)  # the connection comes back well before
+    conn = Connection("remote", "ssh://root@198.51.100.7:2222", timeout=10)
+    api = conn.client.api
+    try:
+        first = api.version()["Pid"]
+        pool = api.get_adapter(api.base_url).get_connection(api.base_url)
+        busy = pool._get_conn()  # as a call in flight on another thread holds it
+        with ThreadPoolExecutor(1) as other:
+            second = other.submit(lambda: api.version()["Pid"])
+            deadline = time.monotonic() + 30
+            while len(ssh_children()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)  # until the call started its new ssh process and waits
+            assert not second.done()
+            pool._put_conn(busy)
+            assert second.result(timeout=30) == first
+        assert len(ssh_children()) == 2  # the new one, idle for a later call
+    finally:
+        conn.close()
+    assert not ssh_children()
 
 
 def test_an_ssh_connection_whose_ssh_died_is_replaced_and_closes_quietly(fake_ssh: Path) -> None:
@@ -106,7 +144,7 @@ def test_a_connection_asked_to_upgrade_is_not_reused(fake_ssh: Path) -> None:
     api = conn.client.api
     upgrade = {"Connection": "Upgrade", "Upgrade": "tcp"}
     api._post(api._url("/exec/{0}/start", "x"), headers=upgrade).close()
-    for _ in range(3):
-        assert api.version()["Version"] == "fake"
-    assert len(fake_ssh.read_text().split()) == 2
+    assert not ssh_children()  # its ssh process ended with it
+    served = {api.version()["Pid"] for _ in range(3)}
+    assert ssh_children() == served and len(served) == 1
     conn.close()
