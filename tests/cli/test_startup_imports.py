@@ -205,8 +205,9 @@ print(json.dumps(seen))
 
 def test_a_rollback_loads_no_builder_git_swarm_or_second_http_stack(tmp_path: Path) -> None:
     """What a rollback imports before its switch holds none of what it never uses: the
-    builder, GitPython (a branch's head is a file read), the Swarm executor, httpx (requests is the docker SDK's already),
-    pathspec, the PostgreSQL dialect, or paramiko (the SDK's import of it is deferred)."""
+    builder, GitPython (a branch's head is a file read), the Swarm executor, httpx (requests
+    is the docker SDK's already), pathspec, the PostgreSQL dialect, or paramiko (the SDK's
+    import of it is deferred)."""
     done = subprocess.run(
         [sys.executable, "-c", _ROLLBACK], capture_output=True, text=True, check=True, timeout=60
     )
