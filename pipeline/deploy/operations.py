@@ -24,6 +24,8 @@ from pipeline.timeutil import iso
 # How a service is rolled out rather than what it runs: a rollback takes these from the current
 # config (today's hosts, today's pace), everything else from the release it restores.
 _HOW = {"hosts", "cluster", "strategy", "max_parallel", "stop_timeout"}
+# ... and of a proxied service's table, how long the container left drains and how it is kept.
+_PROXY_HOW = {"drain", "retain"}
 
 
 def rollback_service(runner: Runner, service: str, to: str | None = None) -> RolloutResult:
@@ -98,10 +100,14 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
 def restored_spec(stored: ServiceSettings, current: ServiceSection) -> ServiceSection:
     """The section a rollback rolls out: what the stored release ran (image, ports, env,
     command, volumes, resources, network, restart, labels, health) with the current config's
-    hosts, strategy, max_parallel and stop_timeout. The env file's stored text travels beside
-    it in `Target.env_file` (the file on disk may have changed since)."""
-    ran = to_data(stored.service)
-    how = {key: value for key, value in to_data(current).items() if key in _HOW}
+    hosts, strategy, max_parallel and stop_timeout, and, proxied, its `drain` and `retain`.
+    The env file's stored text travels beside it in `Target.env_file` (the file on disk may
+    have changed since)."""
+    ran, now = to_data(stored.service), to_data(current)
+    how = {key: value for key, value in now.items() if key in _HOW}
+    if ran.get("proxy") and now.get("proxy"):
+        today = {key: value for key, value in now["proxy"].items() if key in _PROXY_HOW}
+        how["proxy"] = {**ran["proxy"], **today}
     try:
         return decode(ServiceSection, {**ran, **how})
     except msgspec.ValidationError:

@@ -761,12 +761,18 @@ class Rollout:
         table = hp.table()
         route = table.route(self.service) if table else None
         dials = [d for d in (route.standby if route else ()) if container_of(d) == old.name]
+        left = None
         if table is not None and dials and old.status == "running":
             until = (routed_at if routed_at is not None else self.clock()) + self.spec.proxy.drain
             left = hp.drain(table.token, dials[0], until)
             if left:
-                problems.append(f"{old.name}: {left} request(s) still in flight after the drain")
-        self._retain(host, old)
+                problems.append(
+                    f"{old.name}: {left} request(s) still in flight after the drain: stopped, "
+                    "not paused"
+                )
+        # Paused, a container would hold its requests still in flight open for ever (their
+        # clients hang); stopped, its app ends them (SIGTERM) and their clients get an answer.
+        self._retain(host, old, pause=not left)
         kept = dials[:1]
         self._table_change(
             host,
@@ -774,14 +780,16 @@ class Rollout:
         )
         return old.id
 
-    def _retain(self, host: str, old: ContainerInfo) -> None:
+    def _retain(self, host: str, old: ContainerInfo, *, pause: bool = True) -> None:
         """Keep `old` for a rollback as `retain` says: paused (frozen, resumed in milliseconds)
-        or stopped (SIGTERM, then SIGKILL after `stop_timeout`)."""
+        or stopped (SIGTERM, then SIGKILL after `stop_timeout`); stopped whatever it says when
+        not `pause`."""
         assert self.spec.proxy is not None
         containers = self.engines[host].containers
-        if old.status == "running" and self.spec.proxy.retain == "paused":
+        paused = pause and self.spec.proxy.retain == "paused"
+        if old.status == "running" and paused:
             containers.pause(old.id)
-        elif old.status in ("running", "paused") and self.spec.proxy.retain == "stopped":
+        elif old.status in ("running", "paused") and not paused:
             containers.stop(old.id, timeout=max(0, round(self.spec.stop_timeout)))
 
     # -- undo -------------------------------------------------------------------------------

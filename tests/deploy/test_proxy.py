@@ -36,7 +36,7 @@ BROKEN_CGI = (
 )
 
 
-def _proxied(project: Project, more: str = "") -> str:
+def _proxied(project: Project, more: str = "", drain: str = "8s") -> str:
     """Make `web` of the project a proxied service on both hosts (`more`: more keys of its
     proxy table); return its Host name."""
     if project.lab.proxy_image is None:
@@ -48,7 +48,8 @@ def _proxied(project: Project, more: str = "") -> str:
     )
     project.write_config(
         web_ports="",
-        web=f'\n[services.{project.web}.proxy]\nhosts = ["{name}"]\nport = 8080\ndrain = "8s"\n'
+        web=f'\n[services.{project.web}.proxy]\nhosts = ["{name}"]\nport = 8080\n'
+        + f'drain = "{drain}"\n'
         + more,
     )
     return name
@@ -169,6 +170,44 @@ def test_deploys_switch_under_load_without_a_failed_request(project: Project) ->
         route = next(r for r in row["routes"] if r["service"] == project.web)
         assert route["hosts"] == [host] and route["container_state"] == "running"
         assert route["revision"] == sha2 and route["container"].startswith(project.web)
+
+
+def test_a_request_still_in_flight_after_the_drain_is_ended_not_frozen(project: Project) -> None:
+    """A 25 s request still in flight when a 1 s drain ends is not frozen in a paused container
+    (its client would wait for ever): that container is stopped instead, its app ends the
+    request, the client gets an answer, and the run says so; a host with none is paused."""
+    host = _proxied(project, drain="1s")
+    project.initial_commit()
+    ctx = project.remote.work / "web" / "www" / "cgi-bin"
+    _commit_web(project, "web v1")
+    # Longer than the next pass's build and switch: still in flight when the drain ends.
+    (ctx / "slower").write_text(SLOW_CGI.replace("sleep 5", "sleep 25"))
+    (ctx / "slower").chmod(0o755)
+    v1 = project.push("a slower page")
+    assert project.run().ok
+    answered: dict[str, Any] = {}
+    started = threading.Event()
+
+    def slow_request() -> None:
+        started.set()
+        try:
+            r = _get(project, 0, host, "/cgi-bin/slower", timeout=40)
+            answered["status"] = r.status_code
+        except httpx.HTTPError as exc:
+            answered["status"] = type(exc).__name__
+
+    v2 = _commit_web(project, "web v2")
+    waiter = threading.Thread(target=slow_request)
+    waiter.start()
+    started.wait()
+    time.sleep(0.3)  # in flight on v1 before the pass builds v2
+    result = project.run()
+    waiter.join(timeout=45)
+    assert result.ok, result.errors
+    assert answered.get("status") not in (None, "ReadTimeout"), answered  # an answer, not a hang
+    assert _states(project) == [{v1: "exited", v2: "running"}, {v1: "paused", v2: "running"}]
+    steps = project.runner().state.steps(result.run_id)
+    assert any("still in flight after the drain: stopped" in (s.detail or "") for s in steps)
 
 
 @pytest.mark.parametrize("retain", ["paused", "stopped"])

@@ -163,3 +163,22 @@ def test_restored_spec_keeps_the_stored_strategy_when_todays_does_not_fit() -> N
     )
     spec = restored_spec(ServiceSettings(stored), today)
     assert (spec.strategy, spec.max_parallel, spec.ports) == ("stop-first", 2, ["80:8080"])
+
+
+def test_restored_spec_drains_and_keeps_as_todays_config_says() -> None:
+    """A rollback of a proxied service drains and keeps the container it leaves as the config
+    says now (`retain = "stopped"` set since), while the route (hosts, port) is the release's."""
+    proxy = {"hosts": ["old.test"], "port": 8080, "drain": "30s"}
+    stored = decode(ServiceSection, {"image": "web", "hosts": ["h1"], "proxy": proxy})
+    today = decode(
+        ServiceSection,
+        {
+            "image": "web",
+            "hosts": ["h1"],
+            "proxy": {"hosts": ["new.test"], "port": 9090, "drain": "2s", "retain": "stopped"},
+        },
+    )
+    spec = restored_spec(ServiceSettings(stored), today)
+    assert spec.proxy is not None
+    assert (spec.proxy.hosts, spec.proxy.port) == (["old.test"], 8080)
+    assert (spec.proxy.drain, spec.proxy.retain) == (2.0, "stopped")
