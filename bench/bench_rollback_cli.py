@@ -212,7 +212,7 @@ def _row(name: str, values: list[float], base: float, cpus: list[float] | None =
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rollbacks", type=int, default=10, help="rounds (rollbacks of each)")
     parser.add_argument("--subnet", default=SUBNET)
     parser.add_argument("--before", help="another installation's python, run alongside")
