@@ -33,6 +33,7 @@ CADDY = "/usr/bin/caddy"
 CONFIG_DIR = "/etc/caddy"
 CADDY_JSON = f"{CONFIG_DIR}/pipeline.json"  # the Caddy config the proxy runs
 ROUTES_JSON = f"{CONFIG_DIR}/pipeline-routes.json"  # pipeline's route table it was made from
+ACME_CA_ROOT = f"{CONFIG_DIR}/pipeline-acme-ca-root.pem"  # `[proxy] acme_ca_root`, uploaded
 PROXY_LABEL = LABEL_PREFIX + "proxy"
 TOKEN_LABEL = LABEL_PREFIX + "proxy.token"
 SPEC_LABEL = LABEL_PREFIX + "proxy.spec"
