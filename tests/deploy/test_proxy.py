@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -448,7 +449,8 @@ def _pebble(work: Path, gateway: str, answer: str) -> Iterator[tuple[str, Path]]
 def test_tls_acme_gets_a_certificate_from_a_real_acme_ca(project: Project) -> None:
     """`tls = "acme"` with `[proxy] acme_ca`/`acme_ca_root`/`acme_email` pointing at an ACME CA
     (pebble, validating challenges for real on the host's ports 80/443) serves the service over
-    HTTPS with a certificate for its name that chains to that CA's issuing root."""
+    HTTPS with a certificate for its name that chains to that CA's issuing root; a proxy made
+    anew later serves the same certificate, the CA gone (Caddy's /data is kept in a volume)."""
     if project.lab.proxy_image is None:
         pytest.skip("the lab has no proxy image (apt-get install caddy)")
     lab_host = project.lab.hosts[0]
@@ -456,40 +458,65 @@ def test_tls_acme_gets_a_certificate_from_a_real_acme_ca(project: Project) -> No
     name = f"{project.web}.test"
     work = project.root / "pebble"
     work.mkdir()
-    with _pebble(work, gateway, lab_host.address) as (directory, ca_root):
-        shutil.copy(ca_root, project.root / "acme-root.pem")  # relative to the config
-        project.host_names = [lab_host.name]
-        project.extra = (
-            f'\n[proxy]\nimage = "{project.lab.proxy_image}"\nhttp_port = 80\nhttps_port = 443\n'
-            f'network = "pipeline"\nacme_ca = "{directory}"\nacme_ca_root = "acme-root.pem"\n'
-            'acme_email = "ops@example.com"\n'
-        )
-        project.write_config(
-            web_ports="",
-            web=f'\n[services.{project.web}.proxy]\nhosts = ["{name}"]\nport = 8080\n'
-            'tls = "acme"\n',
-        )
-        project.initial_commit()
-        _commit_web(project, "web over acme")
-        try:
+    try:
+        with _pebble(work, gateway, lab_host.address) as (directory, ca_root):
+            shutil.copy(ca_root, project.root / "acme-root.pem")  # relative to the config
+            project.host_names = [lab_host.name]
+            project.extra = (
+                f'\n[proxy]\nimage = "{project.lab.proxy_image}"\nhttp_port = 80\n'
+                f'https_port = 443\nnetwork = "pipeline"\nacme_ca = "{directory}"\n'
+                'acme_ca_root = "acme-root.pem"\nacme_email = "ops@example.com"\n'
+            )
+            project.write_config(
+                web_ports="",
+                web=f'\n[services.{project.web}.proxy]\nhosts = ["{name}"]\nport = 8080\n'
+                'tls = "acme"\n',
+            )
+            project.initial_commit()
+            _commit_web(project, "web over acme")
             result = project.run()
             assert result.ok, result.errors
-            verify = ssl.create_default_context(cafile=work / "tls" / "ca.crt")
-            root = httpx.get(f"https://{gateway}:15000/roots/0", verify=verify, timeout=5).text
-            deadline = time.monotonic() + 30
-            while True:  # Caddy orders the certificate once the config with the route loads
-                try:
-                    got = _https_get(lab_host.address, name, root)
-                    break
-                except (OSError, ssl.SSLError):
-                    assert time.monotonic() < deadline, (work / "pebble.log").read_text()[-3000:]
-                    time.sleep(0.3)
+            trust = ssl.create_default_context(cafile=ca_root)
+            root = httpx.get(f"https://{gateway}:15000/roots/0", verify=trust, timeout=5).text
+            # Caddy orders the certificate once the config with the route loads
+            got, certificate = _https_get_when_served(lab_host.address, name, root, work)
             assert got == ("HTTP/1.1 200 OK", "web over acme")
             logs = _proxy_logs(lab_host.docker_url)
             assert "served key authentication" in logs, logs[-3000:]  # pebble really asked
-        finally:
-            # The acme route and its issuer leave with this proxy: later tests make their own.
-            _remove_proxy(lab_host.docker_url)
+        _remove_proxy(lab_host.docker_url, volume=False)
+        _commit_web(project, "web v2")
+        result = project.run()
+        assert result.ok, result.errors
+        again = _https_get_when_served(lab_host.address, name, root, work)
+        assert again == (("HTTP/1.1 200 OK", "web v2"), certificate)
+    finally:
+        # The acme route and its issuer leave with this proxy: later tests make their own.
+        _remove_proxy(lab_host.docker_url, volume=True)
+
+
+def _https_get_when_served(
+    address: str, name: str, root_pem: str, work: Path
+) -> tuple[tuple[str, str], bytes]:
+    """`_https_get` retried until the proxy serves a certificate for `name` chaining to
+    `root_pem` (at most 30 s); also returns that certificate (DER)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return _https_get(address, name, root_pem), _certificate(address, name, root_pem)
+        except (OSError, ssl.SSLError):
+            log = work / "pebble.log"
+            assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.3)
+
+
+def _certificate(address: str, name: str, root_pem: str) -> bytes:
+    """The certificate (DER) `address`:443 serves for SNI `name`, verified against `root_pem`."""
+    context = ssl.create_default_context(cadata=root_pem)
+    with (
+        socket.create_connection((address, 443), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        return tls.getpeercert(binary_form=True) or b""
 
 
 def _proxy_logs(docker_url: str) -> str:
@@ -500,11 +527,14 @@ def _proxy_logs(docker_url: str) -> str:
         client.close()
 
 
-def _remove_proxy(docker_url: str) -> None:
+def _remove_proxy(docker_url: str, *, volume: bool) -> None:
+    """Remove the host's proxy container (and, with `volume`, its data volume); gone is fine."""
     client = docker.DockerClient(base_url=docker_url)
     try:
-        client.containers.get("pipeline-proxy").remove(force=True)
-    except docker.errors.NotFound:
-        pass
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get("pipeline-proxy").remove(force=True)
+        if volume:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.volumes.get("pipeline-proxy-data").remove(force=True)
     finally:
         client.close()
