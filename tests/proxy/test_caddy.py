@@ -1,5 +1,5 @@
-"""The proxy's route table and the Caddy config made from it (pure; `caddy validate` when the
-caddy binary is installed)."""
+"""The proxy's route table, the Caddy config made from it and the files a host's proxy gets
+(pure; `caddy validate` when the caddy binary is installed)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import shutil
 import subprocess
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 import pytest
 
+from pipeline.config.model import ProxySection
+from pipeline.config.values import HttpsUrl
+from pipeline.deploy.proxy import HostProxy
+from pipeline.errors import ConfigError
+from pipeline.hosts.engine import Engine
+from pipeline.hosts.proxy import ACME_CA_ROOT, CADDY_JSON
 from pipeline.lab.registry import make_certs
 from pipeline.proxy.caddy import TABLE_PATH, AcmeIssuer, caddy_config
 from pipeline.proxy.routes import (
@@ -120,3 +127,33 @@ def test_caddy_accepts_the_config(tmp_path: Path) -> None:
     done = subprocess.run(["caddy", "validate", "--config", str(path)],
                           capture_output=True, text=True, check=False)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_proxy_gets_the_acme_root_only_while_a_route_uses_acme() -> None:
+    """The files uploaded into a host's proxy carry `[proxy] acme_ca_root`'s PEM, at the path
+    the acme issuer trusts, while a route has `tls = "acme"`; without one the root is neither
+    read nor uploaded, and a root that cannot be read fails the change with its located error
+    (nothing is uploaded)."""
+    section = ProxySection(acme_ca=HttpsUrl("https://10.0.0.1:14000/dir"))
+    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    asked: list[str] = []
+
+    def root() -> bytes:
+        asked.append("root")
+        return pem
+
+    proxy = HostProxy("h1", cast(Engine, None), section, "10.0.0.2", acme_root=root)
+    plain = RouteTable("tok").put(switched(WEB, "web-a:8080"))
+    assert ACME_CA_ROOT not in proxy._files(plain) and asked == []
+    files = proxy._files(plain.put(switched(SHOP, "shop-a:8080")))
+    assert files[ACME_CA_ROOT] == pem
+    (policy,) = json.loads(files[CADDY_JSON])["apps"]["tls"]["automation"]["policies"]
+    assert policy["issuers"] == [{"module": "acme", "ca": "https://10.0.0.1:14000/dir",
+                                  "trusted_roots_pem_files": [ACME_CA_ROOT]}]  # fmt: skip
+
+    def unreadable() -> bytes:
+        raise ConfigError(["pipeline.toml:3: proxy.acme_ca_root: cannot read root.pem: ..."])
+
+    failing = HostProxy("h1", cast(Engine, None), section, "10.0.0.2", acme_root=unreadable)
+    with pytest.raises(ConfigError, match=r"pipeline\.toml:3: proxy\.acme_ca_root"):
+        failing._files(plain.put(switched(SHOP, "shop-a:8080")))
