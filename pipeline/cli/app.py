@@ -213,10 +213,10 @@ def app(ctx: click.Context, log_format: logs.LogFormat, log_level: str | None) -
 @app.command()
 @config_option
 def validate(config: Path | None) -> None:
-    """Check the config file, every service's env_file and the named docker CLI; exit 0 with
-    a summary, or 2 with every problem found."""
+    """Check the config file, every service's env_file, the named docker CLI and the ACME CA's
+    root file; exit 0 with a summary, or 2 with every problem found."""
     loaded = load_config(config)
-    problems = loaded.docker_cli_problems() + loaded.env_file_problems()
+    problems = loaded.docker_cli_problems() + loaded.env_file_problems() + loaded.acme_problems()
     if problems:
         fail("\n".join(problems) + f"\n{len(problems)} problem(s) found.", EXIT_USAGE)
     m = loaded.model

@@ -117,6 +117,37 @@ class LoadedConfig:
         return [f"{self.locate('pipeline', 'docker_cli')}: pipeline.docker_cli: {cli} {why}"]
 
     @property
+    def uses_acme(self) -> bool:
+        """Whether some service has `tls = "acme"` (only then do `[proxy] acme_*` matter)."""
+        services = self.model.services.values()
+        return any(s.proxy is not None and s.proxy.tls == "acme" for s in services)
+
+    def acme_ca_root_pem(self) -> bytes | None:
+        """The content of `[proxy] acme_ca_root` (relative to the config's directory) when it is
+        set and some service has `tls = "acme"`, else None. Raises ConfigError naming `FILE:LINE`
+        and `proxy.acme_ca_root` when it cannot be read or holds no PEM certificate."""
+        root = self.model.proxy.acme_ca_root if self.model.proxy is not None else None
+        if root is None or not self.uses_acme:
+            return None
+        where = f"{self.locate('proxy', 'acme_ca_root')}: proxy.acme_ca_root"
+        try:
+            data = (self.base_dir / root).read_bytes()
+        except OSError as exc:
+            raise ConfigError([f"{where}: cannot read {root}: {exc.strerror or exc}"]) from None
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            raise ConfigError([f"{where}: {root} holds no PEM certificate"])
+        return data
+
+    def acme_problems(self) -> list[str]:
+        """`FILE:LINE: proxy.acme_ca_root: ...` when the ACME root cannot be used (see
+        `acme_ca_root_pem`); [] when it can, is unset, or no service has `tls = "acme"`."""
+        try:
+            self.acme_ca_root_pem()
+        except ConfigError as exc:
+            return exc.problems
+        return []
+
+    @property
     def data_dir(self) -> Path:
         return (self.base_dir / self.model.pipeline.data_dir).resolve()
 

@@ -19,8 +19,10 @@ from pipeline.config.values import (
     Cron,
     DatabaseUrl,
     DockerUrl,
+    Email,
     EnvName,
     Hostname,
+    HttpsUrl,
     Memory,
     NetworkName,
     PasswordHash,
@@ -251,6 +253,13 @@ class ProxySection(_Table, frozen=True):
     http_port: PortNumber = 80  # host port of plain HTTP
     https_port: PortNumber = 443  # host port of HTTPS (tls services)
     network: NetworkName = NetworkName("pipeline")
+    # For `tls = "acme"` routes only: the ACME directory (None: Caddy's default issuers, Let's
+    # Encrypt's production directory first), a PEM file on this machine with the root the
+    # directory's own HTTPS chains to (relative to the config file; uploaded into the proxy),
+    # and the ACME account's contact email.
+    acme_ca: HttpsUrl | None = None
+    acme_ca_root: str | None = None
+    acme_email: Email | None = None
 
     def __post_init__(self) -> None:
         if self.http_port == self.https_port:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from urllib.parse import urlsplit
 
 from pipeline.config.cron import parse_cron
 
@@ -211,6 +212,28 @@ def _database_url(value: str) -> str:
     return value
 
 
+def _https_url(value: str) -> str:
+    """An https:// URL with a host and no spaces: an ACME directory (RFC 8555, section 6.1:
+    ACME servers must serve it over HTTPS)."""
+    try:
+        parts = urlsplit(value)
+        https = parts.scheme == "https" and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        https = False
+    if not https or re.search(r"\s", value):
+        raise ValueError(
+            f"{value!r} is not an https:// URL (an ACME directory, e.g. "
+            "'https://acme-v02.api.letsencrypt.org/directory')"
+        )
+    return value
+
+
+def _email(value: str) -> str:
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+        raise ValueError(f"{value!r} is not an email address (NAME@DOMAIN)")
+    return value
+
+
 def _env_name(value: str) -> str:
     if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
         raise ValueError(f"invalid environment variable name {value!r}")
@@ -339,6 +362,18 @@ class PathPrefix(Checked):
     """A URL path prefix starting with '/', no wildcards."""
 
     check = staticmethod(_path_prefix)
+
+
+class HttpsUrl(Checked):
+    """An https:// URL (an ACME directory)."""
+
+    check = staticmethod(_https_url)
+
+
+class Email(Checked):
+    """An email address, NAME@DOMAIN (an ACME account's contact)."""
+
+    check = staticmethod(_email)
 
 
 class DatabaseUrl(Checked):

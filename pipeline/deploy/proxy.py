@@ -28,8 +28,15 @@ from pipeline.config.model import ProxySection, ServiceSection
 from pipeline.deploy.connections import Connections
 from pipeline.errors import PipelineError, StallingError
 from pipeline.hosts.engine import LABEL_PREFIX, Engine
-from pipeline.hosts.proxy import CADDY_JSON, PROXY_NAME, ROUTES_JSON, ProxyInfo, ProxySpec
-from pipeline.proxy.caddy import TABLE_PATH, caddy_config
+from pipeline.hosts.proxy import (
+    ACME_CA_ROOT,
+    CADDY_JSON,
+    PROXY_NAME,
+    ROUTES_JSON,
+    ProxyInfo,
+    ProxySpec,
+)
+from pipeline.proxy.caddy import TABLE_PATH, AcmeIssuer, caddy_config
 from pipeline.proxy.routes import Route, RouteTable, admin_host, container_of, probe_host
 from pipeline.state.store import State
 
@@ -81,6 +88,9 @@ class HostProxy:
     # container was removed with its table, users of every proxied service get their serving
     # container back at the first rollout on the host, not a 404 until each one's next deploy.
     seed: Callable[[], tuple[Route, ...]] = tuple
+    # The PEM of `[proxy] acme_ca_root` (`LoadedConfig.acme_ca_root_pem`: None when unset),
+    # asked for only while a route of the host has `tls = "acme"`; raises ConfigError.
+    acme_root: Callable[[], bytes | None] = lambda: None
 
     def __post_init__(self) -> None:
         self._ready: ProxyInfo | None = None  # the proxy as this object last made sure of it
@@ -174,12 +184,21 @@ class HostProxy:
         except ValueError as exc:
             raise ProxyError(f"host {self.host}: {ROUTES_JSON} of the proxy: {exc}") from None
 
-    @staticmethod
-    def _files(table: RouteTable) -> dict[str, bytes]:
-        return {
-            CADDY_JSON: json.dumps(caddy_config(table), indent=1).encode(),
-            ROUTES_JSON: table.to_json().encode(),
-        }
+    def _files(self, table: RouteTable) -> dict[str, bytes]:
+        """The files of the proxy container for `table`: its Caddy config, the table, and the
+        ACME CA's root when a route has `tls = "acme"` and `[proxy] acme_ca_root` is set (the
+        issuer trusts it at its path in the container). Raises ConfigError (the root)."""
+        files: dict[str, bytes] = {}
+        acme = None
+        if any(r.tls == "acme" for r in table.routes):
+            root = self.acme_root()
+            if root is not None:
+                files[ACME_CA_ROOT] = root
+            s = self.section
+            acme = AcmeIssuer(s.acme_ca, s.acme_email, (ACME_CA_ROOT,) if root else ())
+        files[CADDY_JSON] = json.dumps(caddy_config(table, acme), indent=1).encode()
+        files[ROUTES_JSON] = table.to_json().encode()
+        return files
 
     # -- routes -----------------------------------------------------------------------------
     def table(self) -> RouteTable | None:

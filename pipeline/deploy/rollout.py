@@ -182,6 +182,9 @@ class Rollout:
     services: Mapping[str, ServiceSection] = field(default_factory=dict)
     # `FILE:LINE` of a config key, for errors about the config (`LoadedConfig.locate`).
     config_at: Callable[..., str] = lambda *_key: "pipeline.toml"
+    # The PEM of `[proxy] acme_ca_root`, for a host whose routes ask for ACME certificates
+    # (`LoadedConfig.acme_ca_root_pem`; raises ConfigError).
+    acme_root: Callable[[], bytes | None] = lambda: None
 
     def __post_init__(self) -> None:
         # A proxied service: each host's proxy, and its route as the config defines it.
@@ -192,7 +195,7 @@ class Rollout:
             self.proxies = {
                 h: HostProxy(h, self.engines[h], self.proxy, self.hosts[h].reach_address,
                              self.auth, self.clock, self.sleep, self._proxy_lease(h),
-                             self._seed(h))
+                             self._seed(h), self.acme_root)
                 for h in self.spec.hosts if h in self.engines
             }  # fmt: skip
         # Steps and undos are retried under the shared policy, fewer tries than a pull: they
@@ -503,9 +506,7 @@ class Rollout:
             self.retry.call(lambda: self.proxies[host].ensure(tls), f"proxy on {host}")
         spec: ContainerSpec | None = None
         if retained is None:
-            self.retry.call(
-                lambda: engine.containers.ensure_network(network), f"network on {host}"
-            )
+            self.retry.call(lambda: engine.containers.ensure_network(network), f"network on {host}")
             spec = replace(self._container_spec(target, target.refs[host], p.release_id),
                            network=network)  # fmt: skip
         # The standby route is loaded while the engine starts the container: Caddy resolves an

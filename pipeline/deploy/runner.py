@@ -541,6 +541,7 @@ class Runner:
             overlay=overlay,
             services=self.cfg.services,
             config_at=self.loaded.locate,
+            acme_root=self.loaded.acme_ca_root_pem,
         )
 
 

@@ -6,7 +6,9 @@ The container runs the proxy's image (one that behaves like the official `caddy:
 `/usr/bin/caddy`) with `net.ipv4.tcp_migrate_req=1` in its network namespace: Caddy opens a
 new listening socket on each config load and closes the old one, and without this sysctl the
 kernel resets the connections still queued on the old socket (measured in TESTBED.md, "A
-reverse proxy"; kernel doc: Documentation/networking/ip-sysctl.rst, tcp_migrate_req).
+reverse proxy"; kernel doc: Documentation/networking/ip-sysctl.rst, tcp_migrate_req). Caddy's
+data directory, /data, is the named volume `pipeline-proxy-data` (the official image's docs,
+https://hub.docker.com/_/caddy: /data holds certificates and keys and must be persisted).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ CADDY = "/usr/bin/caddy"
 CONFIG_DIR = "/etc/caddy"
 CADDY_JSON = f"{CONFIG_DIR}/pipeline.json"  # the Caddy config the proxy runs
 ROUTES_JSON = f"{CONFIG_DIR}/pipeline-routes.json"  # pipeline's route table it was made from
+ACME_CA_ROOT = f"{CONFIG_DIR}/pipeline-acme-ca-root.pem"  # `[proxy] acme_ca_root`, uploaded
+# Caddy's storage (XDG_DATA_HOME=/data in the official image): certificates, ACME accounts, its
+# own CA. A named volume, so that a proxy made anew (another image, other ports) serves the
+# certificates it had instead of ordering them again (Let's Encrypt limits duplicate orders to
+# 5 a week) or making a new CA; the official image's anonymous /data volume would be left behind.
+DATA_VOLUME = "pipeline-proxy-data"
+DATA_DIR = "/data"
 PROXY_LABEL = LABEL_PREFIX + "proxy"
 TOKEN_LABEL = LABEL_PREFIX + "proxy.token"
 SPEC_LABEL = LABEL_PREFIX + "proxy.spec"
@@ -129,6 +138,7 @@ class ProxyContainer:
                 restart_policy={"Name": "unless-stopped"},
                 network_mode=spec.network,
                 sysctls={"net.ipv4.tcp_migrate_req": "1"},
+                binds={DATA_VOLUME: {"bind": DATA_DIR, "mode": "rw"}},
             )
             created = api.create_container(
                 spec.image,
@@ -141,6 +151,7 @@ class ProxyContainer:
                     SPEC_LABEL: spec.key,
                 },
                 ports=list(ports),
+                volumes=[DATA_DIR],
                 host_config=host_config,
                 detach=True,
             )

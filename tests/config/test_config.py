@@ -208,16 +208,21 @@ def test_validate_reports_a_docker_cli_that_does_not_exist(
     (tmp_path / "pipeline.toml").write_text(
         '[pipeline]\ndata_dir = "data"\ndocker_cli = "/nonexistent/docker"\n' + BASE
     )
-    monkeypatch.chdir(tmp_path)
+    assert _validate_problems(tmp_path, monkeypatch) == [
+        "pipeline.toml:3: pipeline.docker_cli: /nonexistent/docker does not exist",
+        "1 problem(s) found.",
+    ]
+
+
+def _validate_problems(folder: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What `pipeline validate -c pipeline.toml` run in `folder` prints on stderr (exit 2)."""
+    monkeypatch.chdir(folder)
     try:
         res = CliRunner().invoke(app, ["validate", "-c", "pipeline.toml"])
     finally:
         logs.configure()  # the command logged to the runner's stream, closed now
     assert res.exit_code == 2, res.stdout + res.stderr
-    assert res.stderr.splitlines() == [
-        "pipeline.toml:3: pipeline.docker_cli: /nonexistent/docker does not exist",
-        "1 problem(s) found.",
-    ]
+    return res.stderr.splitlines()
 
 
 PROXIED = (
@@ -243,6 +248,54 @@ def test_a_proxied_service_with_the_proxy_table_validates() -> None:
     assert (proxy.http_port, proxy.https_port, proxy.network) == (80, 443, "pipeline")
     assert (route.hosts, route.path_prefix, route.port, route.drain, route.tls) == (
         ["shop.example.com"], "/", 8080, 5.0, "off")  # fmt: skip
+
+
+ACME = PROXIED.replace('drain = "5s"', 'drain = "5s"\ntls = "acme"')
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('acme_ca = "http://ca.example/dir"', "proxy.acme_ca: 'http://ca.example/dir' is not an "
+         "https:// URL (an ACME directory, e.g. 'https://acme-v02.api.letsencrypt.org/directory')"),
+        ('acme_ca = "https://"', "proxy.acme_ca: 'https://' is not an https:// URL"),
+        ('acme_ca = "https://ca.example/a dir"', "is not an https:// URL"),
+        ('acme_email = "ops"', "proxy.acme_email: 'ops' is not an email address (NAME@DOMAIN)"),
+        ("acme_ca_root = 3", "proxy.acme_ca_root: expected str, got int 3"),
+    ],
+)  # fmt: skip
+def test_bad_acme_settings_are_refused_at_their_line(line: str, says: str) -> None:
+    """A `[proxy] acme_ca` that is not an https:// URL, an `acme_email` that is not an address
+    and a non-string `acme_ca_root` are refused with file:line and key."""
+    found = problems(f"[proxy]\n{line}\n" + ACME)
+    assert len(found) == 1 and found[0].startswith("pipeline.toml:2: "), found
+    assert says in found[0], found
+
+
+def test_the_acme_ca_root_must_be_a_readable_pem_once_a_service_uses_acme(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`acme_ca_root` is read relative to the config file once a service has tls = "acme": a
+    missing file or one without a PEM certificate is a problem naming file:line and key (and
+    `pipeline validate` exits 2 with it); with no acme service it is not read at all."""
+    settings = '[proxy]\nacme_ca = "https://ca.example/dir"\nacme_ca_root = "root.pem"\n'
+    config = tmp_path / "pipeline.toml"
+    config.write_text(settings + ACME)
+    missing = "pipeline.toml:3: proxy.acme_ca_root: cannot read root.pem: No such file or directory"
+    assert load(config).acme_problems() == [f"{tmp_path}/{missing}"]
+    (tmp_path / "root.pem").write_text("not a certificate\n")
+    assert load(config).acme_problems() == [
+        f"{config}:3: proxy.acme_ca_root: root.pem holds no PEM certificate"
+    ]
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    (tmp_path / "root.pem").write_text(pem)
+    assert load(config).acme_ca_root_pem() == pem.encode()
+    (tmp_path / "root.pem").unlink()
+    config.write_text(settings + PROXIED)  # tls = "off": the root is never needed
+    assert load(config).acme_problems() == []
+    assert load(config).acme_ca_root_pem() is None
+    config.write_text(settings + ACME)
+    assert _validate_problems(tmp_path, monkeypatch) == [missing, "1 problem(s) found."]
 
 
 @pytest.mark.parametrize(

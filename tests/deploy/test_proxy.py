@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import re
+import shutil
 import socket
 import ssl
+import subprocess
 import tarfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -22,6 +27,7 @@ import pytest
 from deploy_helpers import Project, registry_blocked
 
 from pipeline.deploy.operations import rollback_service
+from pipeline.lab.registry import make_certs
 from pipeline.lab.sample_app import write_sample_app
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
@@ -425,3 +431,149 @@ def _read(container: Any, path: str) -> str | None:
         member = tar.getmembers()[0]
         handle = tar.extractfile(member)
         return handle.read().decode() if handle else None
+
+
+@contextmanager
+def _pebble(work: Path, gateway: str, answer: str) -> Iterator[tuple[str, Path]]:
+    """Pebble, a real ACME CA with real validation, on the lab's bridge address `gateway`:
+    its directory on :14000 served with a certificate of a CA made here, its challenges
+    checked on ports 80 (HTTP-01) and 443 (TLS-ALPN-01) of the address that
+    pebble-challtestsrv's DNS gives every name (`answer`). Yields (the directory's URL, the
+    file of the CA its HTTPS chains to); both processes are stopped afterwards, even on
+    failure."""
+    if shutil.which("pebble") is None or shutil.which("pebble-challtestsrv") is None:
+        pytest.skip("pebble is not installed (apt-get install pebble; .ci/setup does)")
+    make_certs(work / "tls", gateway, "pebble")
+    (work / "pebble.json").write_text(json.dumps({"pebble": {
+        "listenAddress": f"{gateway}:14000", "managementListenAddress": f"{gateway}:15000",
+        "certificate": str(work / "tls" / "server.crt"),
+        "privateKey": str(work / "tls" / "server.key"),
+        "httpPort": 80, "tlsPort": 443, "ocspResponderURL": "",
+        "externalAccountBindingRequired": False}}))  # fmt: skip
+    dns = f"{gateway}:8053"
+    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0"}
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        for argv, log in (
+            (["pebble-challtestsrv", "-defaultIPv4", answer, "-defaultIPv6", "", "-dns01", dns,
+              "-http01", "", "-https01", "", "-tlsalpn01", "",
+              "-management", f"{gateway}:8055"], "challtestsrv.log"),
+            (["pebble", "-config", str(work / "pebble.json"), "-dnsserver", dns], "pebble.log"),
+        ):  # fmt: skip
+            with (work / log).open("wb") as out:
+                started.append(subprocess.Popen(argv, stdout=out, stderr=out, env=env))
+        directory = f"https://{gateway}:14000/dir"
+        trust = ssl.create_default_context(cafile=work / "tls" / "ca.crt")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if httpx.get(directory, verify=trust, timeout=2).is_success:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (work / "pebble.log").read_text()
+            time.sleep(0.1)
+        yield directory, work / "tls" / "ca.crt"
+    finally:
+        for process in started:
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_tls_acme_gets_a_certificate_from_a_real_acme_ca(project: Project) -> None:
+    """`tls = "acme"` with `[proxy] acme_ca`/`acme_ca_root`/`acme_email` pointing at an ACME CA
+    (pebble, validating challenges for real on the host's ports 80/443) serves the service over
+    HTTPS with a certificate for its name that chains to that CA's issuing root; a proxy made
+    anew later serves the same certificate, the CA gone (Caddy's /data is kept in a volume)."""
+    if project.lab.proxy_image is None:
+        pytest.skip("the lab has no proxy image (apt-get install caddy)")
+    lab_host = project.lab.hosts[0]
+    gateway = project.lab.registry.rsplit(":", 1)[0]
+    name = f"{project.web}.test"
+    work = project.root / "pebble"
+    work.mkdir()
+    try:
+        with _pebble(work, gateway, lab_host.address) as (directory, ca_root):
+            shutil.copy(ca_root, project.root / "acme-root.pem")  # relative to the config
+            project.host_names = [lab_host.name]
+            project.extra = (
+                f'\n[proxy]\nimage = "{project.lab.proxy_image}"\nhttp_port = 80\n'
+                f'https_port = 443\nnetwork = "pipeline"\nacme_ca = "{directory}"\n'
+                'acme_ca_root = "acme-root.pem"\nacme_email = "ops@example.com"\n'
+            )
+            project.write_config(
+                web_ports="",
+                web=f'\n[services.{project.web}.proxy]\nhosts = ["{name}"]\nport = 8080\n'
+                'tls = "acme"\n',
+            )
+            project.initial_commit()
+            _commit_web(project, "web over acme")
+            result = project.run()
+            assert result.ok, result.errors
+            trust = ssl.create_default_context(cafile=ca_root)
+            root = httpx.get(f"https://{gateway}:15000/roots/0", verify=trust, timeout=5).text
+            # Caddy orders the certificate once the config with the route loads
+            got, certificate = _https_get_when_served(lab_host.address, name, root, work)
+            assert got == ("HTTP/1.1 200 OK", "web over acme")
+            logs = _proxy_logs(lab_host.docker_url)
+            assert "served key authentication" in logs, logs[-3000:]  # pebble really asked
+        _remove_proxy(lab_host.docker_url, volume=False)
+        _commit_web(project, "web v2")
+        result = project.run()
+        assert result.ok, result.errors
+        again = _https_get_when_served(lab_host.address, name, root, work)
+        assert again == (("HTTP/1.1 200 OK", "web v2"), certificate)
+    finally:
+        # The acme route and its issuer leave with this proxy: later tests make their own.
+        _remove_proxy(lab_host.docker_url, volume=True)
+
+
+def _https_get_when_served(
+    address: str, name: str, root_pem: str, work: Path
+) -> tuple[tuple[str, str], bytes]:
+    """`_https_get` retried until the proxy serves a certificate for `name` chaining to
+    `root_pem` (at most 30 s); also returns that certificate (DER)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return _https_get(address, name, root_pem), _certificate(address, name, root_pem)
+        except (OSError, ssl.SSLError):
+            log = work / "pebble.log"
+            assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else ""
+            time.sleep(0.3)
+
+
+def _certificate(address: str, name: str, root_pem: str) -> bytes:
+    """The certificate (DER) `address`:443 serves for SNI `name`, verified against `root_pem`."""
+    context = ssl.create_default_context(cadata=root_pem)
+    with (
+        socket.create_connection((address, 443), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname=name) as tls,
+    ):
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def _proxy_logs(docker_url: str) -> str:
+    client = docker.DockerClient(base_url=docker_url)
+    try:
+        return bytes(client.containers.get("pipeline-proxy").logs()).decode(errors="replace")
+    finally:
+        client.close()
+
+
+def _remove_proxy(docker_url: str, *, volume: bool) -> None:
+    """Remove the host's proxy container (and, with `volume`, its data volume); gone is fine."""
+    client = docker.DockerClient(base_url=docker_url)
+    try:
+        with contextlib.suppress(docker.errors.NotFound):
+            client.containers.get("pipeline-proxy").remove(force=True)
+        if volume:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.volumes.get("pipeline-proxy-data").remove(force=True)
+    finally:
+        client.close()
