@@ -52,6 +52,7 @@ from pipeline.deploy.steps import (
 from pipeline.deploy.undo import HostUndo
 from pipeline.errors import FailureKind, PipelineError
 from pipeline.hosts.engine import LABEL_PREFIX, ContainerInfo, ContainerSpec, Engine
+from pipeline.hosts.proxy import PROXY_NAME
 from pipeline.proxy.routes import (
     Route,
     RouteTable,
@@ -647,6 +648,7 @@ class Rollout:
                 hp.url(http),
                 service.health.expect_status,
                 headers=hp.probe_headers(hp.token, container.name),
+                shown=f"{http} of {container.name} through {PROXY_NAME} on {hp.url('')}",
             )
 
         return factory

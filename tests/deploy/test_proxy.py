@@ -163,6 +163,11 @@ def test_deploys_switch_under_load_without_a_failed_request(project: Project) ->
             runner.connections.close()
     assert slow == {"status": 200, "text": "slow done\n"}
     assert not failed.ok and failed.rollouts[0].failure_kind == "unhealthy", failed.errors
+    # the reason names the container checked and how it was reached, not only a proxy address
+    assert (
+        "GET /health of " in failed.errors[0]
+        and "through pipeline-proxy on http://" in (failed.errors[0])
+    ), failed.errors
     assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
     bad = {k: n for k, n in seen.items() if not k.startswith("200 ")}
     assert bad == {}, seen
