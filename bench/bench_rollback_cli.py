@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from _lab import PIPELINE_BIN, own_lab, run_times
-from bench_zero_downtime import HOST_HEADER, SERVICE, Project, _block_registry
+from bench_zero_downtime import SERVICE, Project, _block_registry, get_page
 
 from pipeline.lab.manage import LabState
 from pipeline.state.store import State
@@ -76,14 +76,10 @@ class Watch:
         deadline = time.perf_counter() + self.timeout
         while not self._stop.is_set() and time.perf_counter() < deadline:
             try:
-                conn = http.client.HTTPConnection(address, 80, timeout=0.2)
-                conn.request("GET", "/", headers={"Host": HOST_HEADER, "Connection": "close"})
-                response = conn.getresponse()
-                body = response.read().decode(errors="replace").strip()
-                conn.close()
+                status, body = get_page(address, timeout=0.2)
                 at = time.perf_counter()
-                self.last[address] = f"{response.status} {body[:40]!r}"
-                if response.status == 200 and body == self.expect:
+                self.last[address] = f"{status} {body[:40]!r}"
+                if status == 200 and body == self.expect:
                     if not self._asked[address].is_set():
                         self.early.add(address)
                         break

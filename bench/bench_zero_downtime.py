@@ -66,6 +66,17 @@ BROKEN_CGI = (
 PHASES = ("idle", "changing", "between")
 
 
+def get_page(address: str, timeout: float) -> tuple[int, str]:
+    """GET / of the service from the proxy at `address` on a new connection (Host header of
+    `web`): (status, body stripped). Raises OSError or http.client.HTTPException."""
+    conn = http.client.HTTPConnection(address, 80, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Host": HOST_HEADER, "Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace").strip()
+    finally:
+        conn.close()
+
 def _load_process(
     addresses: list[str], threads: int, phase: Any, stop: Any, out: Connection
 ) -> None:
@@ -84,12 +95,8 @@ def _load_process(
             current = PHASES[phase.value]
             t0 = time.perf_counter()
             try:
-                conn = http.client.HTTPConnection(address, 80, timeout=10)
-                conn.request("GET", "/", headers={"Host": HOST_HEADER, "Connection": "close"})
-                response = conn.getresponse()
-                body = response.read().decode(errors="replace").strip()
-                conn.close()
-                outcome = f"{response.status} {body[:40]}"
+                status, body = get_page(address, timeout=10)
+                outcome = f"{status} {body[:40]}"
             except (OSError, http.client.HTTPException) as exc:
                 outcome = f"error {type(exc).__name__}: {exc}"
             elapsed = time.perf_counter() - t0
