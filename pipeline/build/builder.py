@@ -13,13 +13,13 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Protocol
 
 import structlog
 
-from pipeline.build.artifact import Artifact
 from pipeline.build.buildkit import (
     BuilderChoice,
     CliBuild,
@@ -43,6 +43,17 @@ from pipeline.state.store import State
 log = structlog.get_logger(__name__)
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A built image: `ref` is what hosts run (registry@digest, or a tag local to each host)."""
+
+    image: str
+    revision: str
+    digest: str
+    ref: str
+    unchanged: bool = False  # rebuilt to the digest it already had
 
 
 def docker_tag(text: str) -> str:

@@ -4,14 +4,11 @@ and its builder, by the operations on deployed services, and by the service's re
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
 from pipeline.config.load import LoadedConfig, read_secret
 from pipeline.hosts.engine import Engine, Progress
 from pipeline.retry import RetryPolicy
-
-if TYPE_CHECKING:  # imported where used: operations on deployed services need no git
-    from pipeline.sources.git import Mirror
+from pipeline.sources.git import Mirror
 
 
 class Connections:
@@ -61,8 +58,6 @@ class Connections:
     def mirror(self, repo: str) -> Mirror:
         """The repo's mirror; one object per repo and URL, so its set-up runs once (a poll of
         hundreds of repos then costs one `git ls-remote` each)."""
-        from pipeline.sources.git import Mirror
-
         section = self.loaded.model.repos[repo]
         url: str = section.url
         if url.startswith("/"):  # a local path is followed as file:// (git's own local transport)

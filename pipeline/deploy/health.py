@@ -68,8 +68,8 @@ def http_probe(
     """GET `url` (with `headers`, e.g. the Host a proxy routes by) without following redirects;
     ok on a status in `expect`, else on any 2xx/3xx. `shown` names the target in the result's
     detail when the URL alone would mislead (a proxy's address that reaches the container
-    under check only by a Host header no one else sends); the URL, redacted, otherwise."""
-    shown = shown or redact(url)
+    under check only by a Host header no one else sends), else the URL; redacted either way."""
+    shown = redact(shown or url)
     sent = dict(headers or {})
     wanted = frozenset(expect)
     plain = url.startswith("http://")

@@ -10,16 +10,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING
 
 import structlog
 
-from pipeline.build.artifact import Artifact
+from pipeline.build.builder import Artifact, Builder
 from pipeline.config.envfile import EnvFileError
 from pipeline.config.load import LoadedConfig
 from pipeline.config.model import ServiceSection
+from pipeline.deploy.cluster import ClusterRollout
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.placement import check_rollouts, overlay_manager
 from pipeline.deploy.recovery import recover_service
@@ -37,13 +36,9 @@ from pipeline.plan.planner import (
 )
 from pipeline.redact import redact, redact_url
 from pipeline.retry import RetryPolicy
+from pipeline.sources.git import Mirror, Revision
 from pipeline.state.rollbacks import ServiceSettings
 from pipeline.state.store import State, default_owner
-
-if TYPE_CHECKING:  # imported where used: a rollback needs neither builds nor git nor Swarm
-    from pipeline.build.builder import Builder
-    from pipeline.deploy.cluster import ClusterRollout
-    from pipeline.sources.git import Mirror, Revision
 
 log = structlog.get_logger(__name__)
 
@@ -140,16 +135,7 @@ class Runner:
         # One policy for pushes, pulls and inspections: the one the engines were made with,
         # unless the caller injects another (tests: one that does not sleep).
         self.retry = retry or connections.retry
-
-    @cached_property
-    def builder(self) -> Builder:
-        """The builder of this runner's passes, made at first use: importing it costs a
-        rollback ~0.3 s (GitPython, BuildKit's Dockerfile parsing) it never needs."""
-        from pipeline.build.builder import Builder
-
-        return Builder(
-            self.loaded, self.state, self.connections, report=self.report, retry=self.retry
-        )
+        self.builder = Builder(loaded, state, connections, report=self.report, retry=self.retry)
 
     # -- observe ----------------------------------------------------------------------------
     def observe(
@@ -177,8 +163,6 @@ class Runner:
                         else mirror.fetch(branch=branch, tags=tags)
                     )
                     if pinned and name in pinned:
-                        from pipeline.sources.git import Revision
-
                         sha = mirror.resolve(pinned[name])
                         rev = Revision(sha=sha, ref=rev.ref if rev else "", tag=None, version=None)
                     if rev is None:
@@ -498,8 +482,6 @@ class Runner:
     def cluster_executor(self, service: str, spec: ServiceSection) -> ClusterRollout:
         """The executor of a cluster service's rollouts, on its cluster's manager (ConfigError
         when that engine is not one: `placement.check_cluster`)."""
-        from pipeline.deploy.cluster import ClusterRollout
-
         assert spec.cluster is not None
         return ClusterRollout(
             state=self.state,
