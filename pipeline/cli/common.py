@@ -35,15 +35,18 @@ class Command(click.Command):
     """A click command whose help lists its positional arguments with their help texts, as the
     options are listed (click >= 8.2 without 8.5's own section): "Arguments:", then one row
     per argument, its metavar and `Arg` help, `[default: …]` and `[required]`. Before it
-    runs, it sets up logging as the app's options asked (`LOG_SETTINGS`)."""
+    runs, it sets up logging as the app's options asked (`LOG_SETTINGS`), unless it was made
+    with `logs_later=True`: such a command calls `start_logging()` once it knows it will log
+    (`rollback` handed to a running service logs nothing, and skips structlog's import)."""
+
+    def __init__(self, *args: Any, logs_later: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.logs_later = logs_later
 
     def invoke(self, ctx: click.Context) -> Any:
         """Set up logging (once, when the app asked for it), then run the command."""
-        settings = ctx.meta.pop(LOG_SETTINGS, None)
-        if settings is not None:
-            from pipeline import logs
-
-            logs.configure(*settings)
+        if not self.logs_later:
+            start_logging(ctx)
         return super().invoke(ctx)
 
     def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -56,6 +59,16 @@ class Command(click.Command):
                 formatter.write_dl(rows)
         self.format_options(ctx, formatter)
         self.format_epilog(ctx, formatter)
+
+
+def start_logging(ctx: click.Context | None = None) -> None:
+    """Set up logging as the app's `--log-format`/`--log-level` asked, if not done yet."""
+    ctx = ctx or click.get_current_context()
+    settings = ctx.meta.pop(LOG_SETTINGS, None)
+    if settings is not None:
+        from pipeline import logs
+
+        logs.configure(*settings)
 
 
 class Group(click.Group):

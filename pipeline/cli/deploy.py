@@ -23,6 +23,7 @@ from pipeline.cli.common import (
     load_config,
     print_json,
     print_table,
+    start_logging,
 )
 from pipeline.cli.output import Reporter, make_reporter
 from pipeline.errors import PipelineError
@@ -180,7 +181,7 @@ def rebuild(image: str, config: Path | None, json: bool) -> None:
     _outcome(runner, result, reporter, json)
 
 
-@command("rollback")
+@command("rollback", logs_later=True)
 @argument("service", shell_complete=complete_service)
 @config_option
 @json_option
@@ -190,10 +191,19 @@ def rebuild(image: str, config: Path | None, json: bool) -> None:
     "else a revision prefix (its newest succeeded release). Default: the release "
     "before the one deployed now.",
 )
-def rollback(service: str, config: Path | None, json: bool, to: str | None) -> None:
+@click.option(
+    "--no-serve",
+    "no_serve",
+    is_flag=True,
+    help="Roll back in this process even when a `pipeline serve` of this config runs.",
+)
+def rollback(service: str, config: Path | None, json: bool, to: str | None, no_serve: bool) -> None:
     """Put SERVICE back on an earlier succeeded release on every host, its image and its
-    settings, and pin it there until a newer commit or `pipeline deploy SERVICE`."""
-    from pipeline.state.store import release_json
+    settings, and pin it there until a newer commit or `pipeline deploy SERVICE`.
+
+    When a `pipeline serve` of the same config runs on this machine, it does the rollback: its
+    modules, database and engine connections are already up, so the switch is not delayed by
+    this command's start-up."""
 
     def refuse(message: str, code: int) -> NoReturn:
         if json:  # still one document on stdout (README "What you see")
@@ -201,14 +211,36 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None) -> N
                         "error": redact(message), "releases": []})  # fmt: skip
         fail(message, code)
 
+    def finish(ok: bool, code: int, error: str | None, releases: list[dict[str, Any]]) -> None:
+        if json:
+            print_json({"service": service, "ok": ok, "exit_code": code, "error": error,
+                        "releases": releases})  # fmt: skip
+            if code:
+                raise click.exceptions.Exit(code)
+            return
+        if not ok:
+            fail(f"rollback failed: {error}", code)
+        click.echo(f"{service}: rolled back")
+
     loaded = load_config(config)
     if service not in loaded.model.services:
         refuse(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
                EXIT_USAGE)  # fmt: skip
+    answer = None if no_serve else _rollback_in_serve(loaded, service, to)
+    if answer is not None:
+        code = (0 if answer.get("ok") else EXIT_LOCKED if answer.get("locked")
+                else EXIT_USAGE if answer.get("bad_input") else EXIT_FAILED)  # fmt: skip
+        if answer.get("refused"):
+            refuse(str(answer.get("error")), code)  # as an error raised here would be
+        _reporter(loaded, json).close(answer.get("releases") or [])
+        finish(bool(answer.get("ok")), code, answer.get("error"), answer.get("releases") or [])
+        return
+    start_logging()
+    from pipeline.plan.rollback import NoRollbackTarget
+    from pipeline.state.store import release_json
+
     reporter = _reporter(loaded, json)
     runner = _runner(loaded, reporter)
-    from pipeline.plan.rollback import NoRollbackTarget
-
     try:
         from pipeline.deploy.operations import rollback_service
 
@@ -222,16 +254,46 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None) -> N
     releases = [release_json(r) for r in runner.state.releases(service, 1)
                 if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
     reporter.close(releases)
-    code = 0 if outcome.ok else EXIT_LOCKED if outcome.locked else EXIT_FAILED
-    if json:
-        print_json({"service": service, "ok": outcome.ok, "exit_code": code,
-                    "error": outcome.error, "releases": releases})  # fmt: skip
-        if code:
-            raise click.exceptions.Exit(code)
-        return
-    if not outcome.ok:
-        fail(f"rollback failed: {outcome.error}", code)
-    click.echo(f"{service}: rolled back")
+    finish(outcome.ok, 0 if outcome.ok else EXIT_LOCKED if outcome.locked else EXIT_FAILED,
+           outcome.error, releases)  # fmt: skip
+
+
+def _rollback_in_serve(loaded: LoadedConfig, service: str, to: str | None) -> dict[str, Any] | None:
+    """Have the running `pipeline serve` of this config (`pipeline.service.handoff`) roll
+    `service` back and return its answer (`Service.rollback_now`), its progress lines shown on
+    stderr; None when there is none, or it refused before doing anything (the caller then rolls
+    back itself). Exits 1 when the service took the rollback and did not answer."""
+    from urllib.parse import quote
+
+    from pipeline.service import handoff
+
+    found = handoff.find(loaded.data_dir, loaded.path)
+    if found is None:
+        return None
+    click.echo(f"{service}: rolling back in pipeline serve (pid {found.pid})", err=True)
+    try:
+        answered = handoff.post(
+            found, f"/api/rollback/{quote(service, safe='')}", {"to": to, "wait": True}
+        )
+    except handoff.HandoffLost as exc:
+        fail(
+            f"pipeline serve (pid {found.pid}) took the rollback of {service} and stopped "
+            f"answering ({exc}): `pipeline history {service}` shows whether it was done"
+        )
+    if answered is None or 400 <= answered[0] < 500 or answered[0] == 503:
+        # Not reachable, or refused it (a token from a newer start, a config not reloaded
+        # yet, stopping): nothing was done there.
+        why = "not reachable" if answered is None else answered[1].get("error", answered[0])
+        click.echo(f"{service}: pipeline serve did not take it ({why}); rolling back here",
+                   err=True)  # fmt: skip
+        return None
+    status, answer = answered
+    if status != 200:
+        fail(f"pipeline serve (pid {found.pid}) failed the rollback of {service}: HTTP {status}: "
+             f"{answer.get('error', answer)}")  # fmt: skip
+    for line in answer.get("lines") or []:
+        click.echo(line, err=True)  # as the plain reporter shows them
+    return answer
 
 
 @command("status")

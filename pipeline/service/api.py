@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.config.load import LoadedConfig, read_secret
 from pipeline.redact import redact_value
+from pipeline.service.worker import Stopping
 from pipeline.state.queue import REVISION_PATTERN, EventQueue, RequestError, queue_request
 from pipeline.state.store import State, release_json, run_json, step_json
 
@@ -55,6 +56,12 @@ class ServerContext:
     subject: Callable[[str, str], str | None] | None = None
     plan: Callable[[], dict[str, Any]] | None = None
     ancestor: Callable[[str, str, str], bool | None] | None = None
+    # Rolls a service back now and answers how it went (`Service.rollback_now`); None: only
+    # queued rollbacks.
+    rollback_now: Callable[[str, str | None], dict[str, Any]] | None = None
+    # The token of `DATA_DIR/serve.json` (`pipeline.service.handoff`): taken in place of the API
+    # token, so a command on this machine that can read the data directory can hand over.
+    local_token: str | None = None
 
 
 def reply(status: int, data: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -119,6 +126,10 @@ class RollbackRequest(BaseModel):
         pattern=_REVISION,
         description="release id (r42 or 42) or revision prefix; default: the previous release",
     )
+    wait: bool = Field(
+        default=False,
+        description="roll back now and answer how it went (200), instead of queueing it (202)",
+    )
 
 
 class RebuildRequest(BaseModel):
@@ -149,10 +160,20 @@ _CHALLENGE_INVALID = _CHALLENGE + ', error="invalid_token"'
 
 
 def _token_refusal(
-    loaded: LoadedConfig, credentials: HTTPAuthorizationCredentials | None, what: str
+    loaded: LoadedConfig,
+    credentials: HTTPAuthorizationCredentials | None,
+    what: str,
+    local_token: str | None = None,
 ) -> JSONResponse | None:
-    """None when `credentials` carry the API token; else the 403 (no token configured) or 401
-    answer. `what` ("read" or "write") names the endpoints in the message."""
+    """None when `credentials` carry the API token or `local_token` (`ServerContext`); else the
+    403 (no token configured) or 401 answer. `what` ("read" or "write") names the endpoints in
+    the message."""
+    if (
+        local_token
+        and credentials is not None
+        and hmac.compare_digest(credentials.credentials.strip().encode(), local_token.encode())
+    ):
+        return None
     env = loaded.model.server.api_token_env
     if env is None:
         return error(403, f"the API's {what} endpoints are disabled: set [server] api_token_env")
@@ -197,7 +218,7 @@ def _authorize(ctx: ServerContext) -> Callable[..., Any]:
             what = "read"
         else:
             what = "write"
-        refused = _token_refusal(loaded, credentials, what)
+        refused = _token_refusal(loaded, credentials, what, ctx.local_token)
         if refused is not None:
             raise Refused(refused)
 
@@ -264,17 +285,23 @@ def api_router(ctx: ServerContext) -> APIRouter:
         heartbeat_at, heartbeat_age (seconds) and alive (heard within INSTANCE_TTL)."""
         return reply(200, ctx.state.cluster.instances())
 
-    async def _queue_service_event(
-        kind: str, service: str, request: Request, model: type[BaseModel], field: str | None
-    ) -> JSONResponse:
+    async def _read_body(request: Request, model: type[BaseModel]) -> BaseModel | JSONResponse:
         loaded = ctx.loaded()  # the token was checked by the router's dependency
         raw = await read_capped(request, min(_API_BODY_MAX, loaded.model.server.max_body))
         if isinstance(raw, JSONResponse):
             return raw
-        body = _body_model(raw, model)
+        return _body_model(raw, model)
+
+    async def _queue_service_event(
+        kind: str, service: str, request: Request, model: type[BaseModel], field: str | None
+    ) -> JSONResponse:
+        body = await _read_body(request, model)
         if isinstance(body, JSONResponse):
             return body
-        target = getattr(body, field) if field else None
+        return await _queue(kind, service, getattr(body, field) if field else None)
+
+    async def _queue(kind: str, service: str, target: str | None) -> JSONResponse:
+        loaded = ctx.loaded()
         try:
             event_id = await run_in_threadpool(
                 queue_request, ctx.queue, loaded.model, kind, service, target, source="api"
@@ -297,11 +324,26 @@ def api_router(ctx: ServerContext) -> APIRouter:
     @router.post(
         "/rollback/{service}",
         status_code=202,
-        summary="Queue a rollback of a service (bearer token)",
+        summary="Queue a rollback of a service, or with `wait` do it now (bearer token)",
         openapi_extra=_openapi_body(RollbackRequest),
     )
     async def rollback(service: str, request: Request) -> JSONResponse:
-        return await _queue_service_event("rollback", service, request, RollbackRequest, "to")
+        """202 and the queued event's id; with `"wait": true`, 200 once done and how it went
+        (`Service.rollback_now`: service, ok, locked, bad_input, refused, error, releases,
+        lines); 404 for an unknown service, 503 when the service stops (nothing was done)."""
+        body = await _read_body(request, RollbackRequest)
+        if isinstance(body, JSONResponse):
+            return body
+        assert isinstance(body, RollbackRequest)
+        if not body.wait or ctx.rollback_now is None:
+            return await _queue("rollback", service, body.to)
+        if service not in ctx.loaded().model.services:
+            return error(404, f"unknown service {service!r}: not in [services]")
+        try:
+            done = await run_in_threadpool(ctx.rollback_now, service, body.to)
+        except Stopping as exc:
+            return error(503, str(exc))
+        return reply(200, done)
 
     @router.post(
         "/rebuild/{image}",

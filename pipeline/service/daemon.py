@@ -22,10 +22,18 @@ import structlog
 from pipeline.config import load as config_mod
 from pipeline.config.load import LoadedConfig
 from pipeline.deploy.connections import Connections
-from pipeline.deploy.operations import commit_subject, is_ancestor, repo_heads, status_rows
+from pipeline.deploy.operations import (
+    commit_subject,
+    is_ancestor,
+    repo_heads,
+    rollback_service,
+    status_rows,
+)
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
 from pipeline.deploy.runner import Runner
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, LockedError, PipelineError
+from pipeline.plan.rollback import NoRollbackTarget
+from pipeline.service import handoff as handoff_mod
 from pipeline.service import metrics
 from pipeline.service import server as server_mod
 from pipeline.service.retries import Retrier
@@ -35,7 +43,7 @@ from pipeline.sources.watch import Watcher, git_dir_of, local_repo_path
 from pipeline.state.cluster import HEARTBEAT
 from pipeline.state.database import open_state
 from pipeline.state.queue import EventQueue
-from pipeline.state.store import State, default_owner, owner_alive_local
+from pipeline.state.store import State, default_owner, owner_alive_local, release_json
 
 log = structlog.get_logger(__name__)
 
@@ -78,6 +86,7 @@ class Service:
         self._queue: EventQueue | None = None
         self._observer: Connections | None = None
         self._retrier: Retrier | None = None
+        self._handoff: handoff_mod.Handoff | None = None
 
     # -- what the rest of the service reads -------------------------------------------------
     @property
@@ -121,9 +130,14 @@ class Service:
             subject=self._commit_subject,
             plan=self._plan,
             ancestor=self._is_ancestor,
+            rollback_now=self.rollback_now,
         )
         self._http = server_mod.start(server_mod.create_app(ctx), self.loaded.model.server.listen)
         try:
+            # Published once the server answers, so a command that finds it can hand over.
+            self._handoff = handoff_mod.describe(self._http.host, self._http.port, self.config_path)
+            ctx.local_token = self._handoff.token
+            handoff_mod.publish(self.loaded.data_dir, self._handoff)
             self._start_heartbeat()
             self._scheduler.start()
             self._sync_jobs()
@@ -202,6 +216,10 @@ class Service:
         """Stop accepting, stop the timers and watchers, let the worker finish or interrupt its
         step (health waits return), and join it; events it leaves go back to the queue."""
         self.request_stop()
+        if self._handoff is not None:
+            with contextlib.suppress(OSError):  # a leftover names a dead pid: it is ignored
+                handoff_mod.withdraw(self.loaded.data_dir, self._handoff)
+            self._handoff = None
         if self._http is not None:
             self._http.stop()
         self._scheduler.shutdown()
@@ -480,6 +498,52 @@ class Service:
         assert self._observer is not None
         runner = Runner(self.loaded, self.state, self._observer, owner=self.owner)
         return runner.preview().to_json()
+
+    def rollback_now(self, service: str, to: str | None) -> dict[str, Any]:
+        """Roll `service` back now, as `pipeline rollback SERVICE [--to TO]` does in a process of
+        its own, on the worker thread (between passes: see `Worker.call`) and with the service's
+        warm engine connections; blocks until done. Returns {"service", "ok", "locked",
+        "bad_input" (the `to` or the service named nothing to go back to), "refused" (an error
+        stopped it before any rollout: `error` says which), "error", "releases"
+        (`release_json` of the release made), "lines" (the progress lines)}. Raises
+        `worker.Stopping` when the service is stopping (nothing was done)."""
+        lines: list[str] = []
+
+        def report(line: str) -> None:
+            lines.append(line)
+            log.info("run.progress", line=line, source="rollback")
+            if self.report is not None:
+                self.report(line)
+
+        def work() -> dict[str, Any]:
+            assert self._observer is not None
+            runner = Runner(
+                self.loaded, self.state, self._observer, owner=self.owner, report=report,
+                sleep=self.sleep, clock=self.clock,
+            )  # fmt: skip
+            answer: dict[str, Any] = {
+                "service": service, "ok": False, "locked": False, "bad_input": False,
+                "refused": False, "error": None, "releases": [],
+            }  # fmt: skip
+            try:
+                outcome = rollback_service(runner, service, to)
+            except PipelineError as exc:
+                # As the CLI decides: `to` naming nothing, or a bad config, is the user's input.
+                bad_to = to is not None and isinstance(exc, NoRollbackTarget)
+                return answer | {
+                    "refused": True,
+                    "error": str(exc),
+                    "locked": isinstance(exc, LockedError),
+                    "bad_input": bad_to or isinstance(exc, ConfigError),
+                }
+            releases = [release_json(r) for r in self.state.releases(service, 1)
+                        if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
+            return answer | {"ok": outcome.ok, "locked": outcome.locked, "error": outcome.error,
+                             "releases": releases}  # fmt: skip
+
+        result = self.worker.call(work).result()
+        metrics.observe_run("succeeded" if result["ok"] else "failed")
+        return {**result, "lines": lines}
 
     def _status(self) -> list[dict[str, Any]]:
         observer = self._observer

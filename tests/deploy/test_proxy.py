@@ -25,6 +25,7 @@ import docker.errors
 import httpx
 import pytest
 from deploy_helpers import Project, registry_blocked
+from serve_helpers import free_port, start_serve
 
 from pipeline.deploy.operations import rollback_service
 from pipeline.lab.registry import make_certs
@@ -42,15 +43,15 @@ BROKEN_CGI = (
 )
 
 
-def _proxied(project: Project, more: str = "", drain: str = "8s") -> str:
+def _proxied(project: Project, more: str = "", drain: str = "8s", tables: str = "") -> str:
     """Make `web` of the project a proxied service on both hosts (`more`: more keys of its
-    proxy table); return its Host name."""
+    proxy table, `tables`: more tables of the config); return its Host name."""
     if project.lab.proxy_image is None:
         pytest.skip("the lab has no proxy image (apt-get install caddy)")
     name = f"{project.web}.test"
     project.extra = (
         f'\n[proxy]\nimage = "{project.lab.proxy_image}"\n'
-        'http_port = 80\nhttps_port = 443\nnetwork = "pipeline"\n'
+        'http_port = 80\nhttps_port = 443\nnetwork = "pipeline"\n' + tables
     )
     project.write_config(
         web_ports="",
@@ -268,6 +269,45 @@ def test_rollback_is_a_switch_with_the_registry_down(project: Project, retain: s
     # asserted here; what this test holds is that the switch back works with no registry.
     if retain == "paused":
         _kept_fails_its_check_again(project, host, v1, v2)
+
+
+def test_rollback_with_serve_running_is_done_by_serve(project: Project, tmp_path: Path) -> None:
+    """With `pipeline serve` of the config running, `pipeline rollback` hands the rollback to
+    it (serve.json) and shows its progress: the previous revision is served on both hosts with
+    the registry down, and history has the rollback; `--no-serve` rolls back in the command's
+    own process; a stopped service removes serve.json and the command works alone again."""
+    port = free_port()
+    host = _proxied(project, tables=f'\n[server]\nlisten = "127.0.0.1:{port}"\n')
+    project.initial_commit()
+    v1 = _commit_web(project, "web v1")
+    assert project.run().ok
+    v2 = _commit_web(project, "web v2")
+    assert project.run().ok
+    serve = start_serve(project.config, f"http://127.0.0.1:{port}", tmp_path / "serve.log",
+                        watch_repos=False)  # fmt: skip
+    try:
+        assert (project.config.parent / "data" / "serve.json").exists()
+        with registry_blocked(project.lab, 0), registry_blocked(project.lab, 1):
+            done = project.cli("rollback", project.web)
+        assert done.returncode == 0, done.stderr + serve.log()
+        handed = f"{project.web}: rolling back in pipeline serve (pid {serve.proc.pid})"
+        assert handed in done.stderr
+        assert "proxy routes to" in done.stderr  # the service's progress lines, shown here
+        assert [_get(project, i, host).text for i in (0, 1)] == ["web v1", "web v1"]
+        assert "run.progress" in serve.log()  # the service did it, not the command
+        history = json.loads(project.cli("history", project.web, "--json").stdout)
+        assert (history[0]["kind"], history[0]["status"]) == ("rollback", "succeeded")
+        assert history[0]["revision"] == v1
+        alone = project.cli("rollback", project.web, "--to", v2[:12], "--no-serve")
+        assert alone.returncode == 0, alone.stderr
+        assert "in pipeline serve" not in alone.stderr
+        assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
+    finally:
+        serve.stop()
+    assert not (project.config.parent / "data" / "serve.json").exists()
+    again = project.cli("rollback", project.web, "--to", v1[:12])
+    assert again.returncode == 0 and "in pipeline serve" not in again.stderr, again.stderr
+    assert [_get(project, i, host).text for i in (0, 1)] == ["web v1", "web v1"]
 
 
 def _kept_fails_its_check_again(project: Project, host: str, serving: str, kept: str) -> None:

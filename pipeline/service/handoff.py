@@ -1,0 +1,153 @@
+"""How a command hands its work to a running `pipeline serve`: the service writes where it
+listens and a token into `DATA_DIR/serve.json` (mode 0600, like the state database beside it);
+`pipeline rollback` reads it and asks the service to roll back now, so that the rollback costs
+one HTTP request to a process whose modules, database and engine connections are already up,
+not a Python start-up (about 1 s of imports) and new connections. This is the `argocd app
+rollback` shape: the CLI is a client of the running instance.
+
+Standard library only: the CLI imports this module before it decides whether to load the
+deploy machinery at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import http.client
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HANDOFF_FILE = "serve.json"
+# Connecting to a live service on this machine takes well under a millisecond; a service that
+# does not accept within this is treated as absent and the command runs in its own process.
+CONNECT_TIMEOUT = 2.0  # seconds
+
+
+class HandoffLost(Exception):
+    """The service took the request and the connection broke before it answered: whether the
+    work was done is unknown (`pipeline history` tells), so it must not be done again here."""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A running service as `serve.json` describes it: `url` ("http://HOST:PORT", a loopback
+    address when it listens on every address), its `pid`, the `config` file it follows
+    (absolute) and the `token` its API takes in place of `[server] api_token_env`'s."""
+
+    url: str
+    pid: int
+    config: str
+    token: str
+
+
+def _connect_host(host: str) -> str:
+    # A service listening on every address is reached here through loopback.
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def describe(host: str, port: int, config: Path) -> Handoff:
+    """The handoff of this process's service listening on `host`:`port` and following
+    `config`, with a new random token."""
+    host = _connect_host(host)
+    shown = f"[{host}]" if ":" in host else host
+    return Handoff(
+        url=f"http://{shown}:{port}",
+        pid=os.getpid(),
+        config=str(config.resolve()),
+        token=secrets.token_urlsafe(32),
+    )
+
+
+def publish(data_dir: Path, handoff: Handoff) -> None:
+    """Write `handoff` to `data_dir/serve.json`, created 0600 and replaced atomically (a reader
+    never sees half of it)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".serve.", suffix=".json")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(handoff.__dict__, out)
+        os.replace(tmp, data_dir / HANDOFF_FILE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def withdraw(data_dir: Path, handoff: Handoff) -> None:
+    """Remove `data_dir/serve.json` if it is still `handoff`'s (another service on the same
+    data directory may have replaced it since)."""
+    current = _read(data_dir / HANDOFF_FILE)
+    if current is not None and hmac.compare_digest(current.token, handoff.token):
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / HANDOFF_FILE).unlink()
+
+
+def _read(path: Path) -> Handoff | None:
+    try:
+        raw = json.loads(path.read_text())
+        return Handoff(
+            url=str(raw["url"]), pid=int(raw["pid"]), config=str(raw["config"]),
+            token=str(raw["token"]),
+        )  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # absent, unreadable (another user's service) or not ours: no handoff
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find(data_dir: Path, config: Path) -> Handoff | None:
+    """The running service of `data_dir` that follows the same `config` file, or None: no
+    `serve.json`, one left by a process that is gone, or a service following another file (its
+    config may differ from the one this command was given)."""
+    handoff = _read(data_dir / HANDOFF_FILE)
+    if handoff is None or handoff.config != str(config.resolve()) or not _alive(handoff.pid):
+        return None
+    return handoff
+
+
+def post(handoff: Handoff, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
+    """POST `body` as JSON to the service's `path` with its token; (status, JSON answer), or
+    None when the service did not accept the connection (nothing was sent: the caller may do
+    the work itself). Waits for the answer as long as the work takes.
+
+    Raises HandoffLost when the connection broke after the request was sent."""
+    host, _, port = handoff.url.removeprefix("http://").rpartition(":")
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=CONNECT_TIMEOUT)
+    try:
+        try:
+            conn.connect()
+        except OSError:
+            return None
+        assert conn.sock is not None
+        conn.sock.settimeout(None)  # a rollback waits for health checks: as long as it takes
+        payload = json.dumps(body).encode()
+        headers = {
+            "Authorization": f"Bearer {handoff.token}",
+            "Content-Type": "application/json",
+        }
+        try:
+            conn.request("POST", path, payload, headers)
+            response = conn.getresponse()
+            raw = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise HandoffLost(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = {"error": raw[:200].decode(errors="replace")}
+        return response.status, answer if isinstance(answer, dict) else {"answer": answer}
+    finally:
+        conn.close()

@@ -1,0 +1,161 @@
+"""Handing `pipeline rollback` to a running `pipeline serve`: the `serve.json` a service
+publishes and a command finds, the API's `wait` rollback with the local token, and the
+worker's calls run between passes. The whole path with a real service, proxy and hosts is
+`tests/deploy/test_proxy.py::test_rollback_with_serve_running_is_done_by_serve`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pipeline.config.load import parse
+from pipeline.service import handoff
+from pipeline.service.server import ServerContext, create_app
+from pipeline.service.worker import Stopping, Worker
+from pipeline.state.queue import EventQueue
+from pipeline.state.store import State
+
+CONFIG = '[services.web]\nimage = "web"\nhosts = ["h"]\n'
+FULL = (
+    '[repos.app]\nurl = "file:///nowhere"\n[images.web]\nrepo = "app"\ncontext = "web"\n'
+    '[hosts.h]\ndocker = "unix:///nowhere.sock"\n' + CONFIG
+)
+
+
+def test_a_published_handoff_is_private_and_found_only_for_the_same_config(
+    tmp_path: Path,
+) -> None:
+    """serve.json is created 0600 and found by a command of the same config file only; one
+    naming a dead process is ignored, and a service withdraws only its own file."""
+    data, config = tmp_path / "data", tmp_path / "pipeline.toml"
+    config.write_text("")
+    mine = handoff.describe("0.0.0.0", 8700, config)
+    assert mine.url == "http://127.0.0.1:8700"  # every address: reached through loopback
+    handoff.publish(data, mine)
+    path = data / handoff.HANDOFF_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert handoff.find(data, config) == mine
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    assert handoff.find(data, other) is None  # a service following another file
+    newer = handoff.describe("127.0.0.1", 8701, config)
+    handoff.publish(data, newer)
+    handoff.withdraw(data, mine)  # not its file any more: left alone
+    assert handoff.find(data, config) == newer
+    handoff.withdraw(data, newer)
+    assert not path.exists()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    handoff.publish(data, handoff.Handoff(newer.url, gone.pid, newer.config, newer.token))
+    assert handoff.find(data, config) is None  # its process is gone
+
+
+def test_post_to_a_port_nobody_listens_on_sends_nothing(tmp_path: Path) -> None:
+    """A service that does not accept the connection is reported as None (the command then
+    does the work itself), not as an error."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    dead = handoff.Handoff(f"http://127.0.0.1:{port}", os.getpid(), "/x", "t")
+    assert handoff.post(dead, "/api/rollback/web", {}) is None
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[tuple[TestClient, list[tuple[str, str | None]]]]:
+    """The app with no `[server] api_token_env`, a local token and a recording rollback."""
+    loaded = parse(FULL, tmp_path / "pipeline.toml")
+    state = State.in_dir(tmp_path / "data")
+    calls: list[tuple[str, str | None]] = []
+
+    def rollback_now(service: str, to: str | None) -> dict[str, Any]:
+        calls.append((service, to))
+        return {"service": service, "ok": True, "locked": False, "bad_input": False,
+                "refused": False, "error": None, "releases": [], "lines": ["done"]}  # fmt: skip
+
+    ctx = ServerContext(
+        loaded=lambda: loaded,
+        state=state,
+        queue=EventQueue(state),
+        status=lambda: [],
+        wake=lambda: None,
+        started_at=time.time(),
+        rollback_now=rollback_now,
+        local_token="local-token-of-serve-json",
+    )
+    with TestClient(create_app(ctx)) as client:
+        yield client, calls
+
+
+def test_a_wait_rollback_with_the_local_token_runs_now(
+    api: tuple[TestClient, list[tuple[str, str | None]]],
+) -> None:
+    """With serve.json's token (and no API token configured), `"wait": true` rolls back now
+    and answers 200 with how it went; without `wait` the rollback is queued (202); a wrong
+    token is refused and rolls nothing back."""
+    client, calls = api
+    auth = {"Authorization": "Bearer local-token-of-serve-json"}
+    done = client.post("/api/rollback/web", json={"to": "r1", "wait": True}, headers=auth)
+    assert done.status_code == 200, done.text
+    assert done.json()["ok"] is True and done.json()["lines"] == ["done"]
+    assert calls == [("web", "r1")]
+    queued = client.post("/api/rollback/web", json={}, headers=auth)
+    assert queued.status_code == 202 and "event_id" in queued.json()
+    wrong = client.post("/api/rollback/web", json={"wait": True},
+                        headers={"Authorization": "Bearer guessed"})  # fmt: skip
+    assert wrong.status_code == 403  # no API token configured: only serve.json's is taken
+    unknown = client.post("/api/rollback/nope", json={"wait": True}, headers=auth)
+    assert unknown.status_code == 404
+    assert calls == [("web", "r1")]
+
+
+def _worker(tmp_path: Path, stopping: threading.Event) -> Worker:
+    loaded = parse(FULL, tmp_path / "pipeline.toml")
+    state = State.in_dir(tmp_path / "data")
+    return Worker(
+        loaded=lambda: loaded, state=state, queue=EventQueue(state), owner="test:1",
+        stopping=stopping, wake=threading.Event(), reload=lambda: None, observer=lambda: None,
+        clock=time.monotonic, sleep=time.sleep, idle_wait=5.0,
+    )  # fmt: skip
+
+
+def test_a_call_runs_on_the_worker_thread_at_once_and_is_refused_once_stopping(
+    tmp_path: Path,
+) -> None:
+    """`Worker.call` runs on the worker's thread without waiting out its idle wait, hands an
+    error back to the caller without killing the worker, and fails with Stopping (not
+    run) once the service stops."""
+    stopping = threading.Event()
+    worker = _worker(tmp_path, stopping)
+    thread = threading.Thread(target=worker.run, name="pipeline-worker")
+    thread.start()
+    try:
+        time.sleep(0.2)  # the worker is idle, waiting up to 5 s
+        began = time.monotonic()
+        assert worker.call(lambda: threading.current_thread().name).result(2) == "pipeline-worker"
+        assert time.monotonic() - began < 1.0
+
+        def broken() -> None:
+            raise ValueError("bad")
+
+        with pytest.raises(ValueError, match="bad"):
+            worker.call(broken).result(2)
+        assert worker.call(lambda: 42).result(2) == 42  # still working
+    finally:
+        stopping.set()
+        worker._wake.set()
+        thread.join(5)
+    ran: list[int] = []
+    with pytest.raises(Stopping):
+        worker.call(lambda: ran.append(1)).result(2)
+    assert ran == []
