@@ -36,12 +36,13 @@ def lease_rows(state: State) -> list[dict[str, Any]]:
     """Each lease held now: its name, the service it guards, its owner split into host and pid,
     since when (the start of the owner's oldest running run; None when it runs none) and when
     it expires (ISO 8601, UTC)."""
+    from pipeline.state.leases import process_of
     from pipeline.timeutil import iso, utc
 
     running = [r for r in state.runs(limit=500) if r.status == "running"]
     rows = []
     for lock in state.leases.held():
-        host, _, pid = lock.owner.rpartition(":")
+        host, _, pid = process_of(lock.owner).rpartition(":")
         since = min((r.started_at for r in running if r.owner == lock.owner), default=None)
         rows.append(
             {

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from pipeline.config.load import LoadedConfig, read_secret
 from pipeline.redact import redact_value
-from pipeline.service.worker import Stopping
+from pipeline.service.handoff import Stopping
 from pipeline.state.queue import REVISION_PATTERN, EventQueue, RequestError, queue_request
 from pipeline.state.store import State, release_json, run_json, step_json
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -87,6 +88,7 @@ class Service:
         self._observer: Connections | None = None
         self._retrier: Retrier | None = None
         self._handoff: handoff_mod.Handoff | None = None
+        self._handed = itertools.count(1)  # numbers the owners of handed rollbacks
 
     # -- what the rest of the service reads -------------------------------------------------
     @property
@@ -501,12 +503,19 @@ class Service:
 
     def rollback_now(self, service: str, to: str | None) -> dict[str, Any]:
         """Roll `service` back now, as `pipeline rollback SERVICE [--to TO]` does in a process of
-        its own, on the worker thread (between passes: see `Worker.call`) and with the service's
-        warm engine connections; blocks until done. Returns {"service", "ok", "locked",
-        "bad_input" (the `to` or the service named nothing to go back to), "refused" (an error
-        stopped it before any rollout: `error` says which), "error", "releases"
-        (`release_json` of the release made), "lines" (the progress lines)}. Raises
-        `worker.Stopping` when the service is stopping (nothing was done)."""
+        its own, with the service's warm engine and ssh connections; blocks until done.
+
+        It runs on the caller's thread, beside the worker's pass if one runs (an urgent
+        rollback never waits for another service's build), under an owner of its own
+        ("HOST:PID/rollback-N", see `leases.process_of`): a pass rolling the same service out
+        holds its lease, and the rollback then ends locked, as a command's would.
+
+        Returns {"service", "ok", "locked", "bad_input" (the `to` or the service named nothing
+        to go back to), "refused" (an error stopped it before any rollout: `error` says which),
+        "error", "releases" (`release_json` of the release made), "lines" (the progress
+        lines)}. Raises `handoff.Stopping` when the service is stopping (nothing was done)."""
+        if self._stopping.is_set():
+            raise handoff_mod.Stopping("pipeline serve is stopping")
         lines: list[str] = []
 
         def report(line: str) -> None:
@@ -515,35 +524,32 @@ class Service:
             if self.report is not None:
                 self.report(line)
 
-        def work() -> dict[str, Any]:
-            assert self._observer is not None
-            runner = Runner(
-                self.loaded, self.state, self._observer, owner=self.owner, report=report,
-                sleep=self.sleep, clock=self.clock,
-            )  # fmt: skip
-            answer: dict[str, Any] = {
-                "service": service, "ok": False, "locked": False, "bad_input": False,
-                "refused": False, "error": None, "releases": [],
-            }  # fmt: skip
-            try:
-                outcome = rollback_service(runner, service, to)
-            except PipelineError as exc:
-                # As the CLI decides: `to` naming nothing, or a bad config, is the user's input.
-                bad_to = to is not None and isinstance(exc, NoRollbackTarget)
-                return answer | {
-                    "refused": True,
-                    "error": str(exc),
-                    "locked": isinstance(exc, LockedError),
-                    "bad_input": bad_to or isinstance(exc, ConfigError),
-                }
-            releases = [release_json(r) for r in self.state.releases(service, 1)
-                        if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
-            return answer | {"ok": outcome.ok, "locked": outcome.locked, "error": outcome.error,
-                             "releases": releases}  # fmt: skip
-
-        result = self.worker.call(work).result()
-        metrics.observe_run("succeeded" if result["ok"] else "failed")
-        return {**result, "lines": lines}
+        assert self._observer is not None
+        runner = Runner(
+            self.loaded, self.state, self._observer, report=report, sleep=self.sleep,
+            clock=self.clock, owner=f"{self.owner}/rollback-{next(self._handed)}",
+        )  # fmt: skip
+        answer: dict[str, Any] = {
+            "service": service, "ok": False, "locked": False, "bad_input": False,
+            "refused": False, "error": None, "releases": [], "lines": lines,
+        }  # fmt: skip
+        try:
+            outcome = rollback_service(runner, service, to)
+        except PipelineError as exc:
+            # As the CLI decides: `to` naming nothing, or a bad config, is the user's input.
+            bad_to = to is not None and isinstance(exc, NoRollbackTarget)
+            metrics.observe_run("failed")
+            return answer | {
+                "refused": True,
+                "error": str(exc),
+                "locked": isinstance(exc, LockedError),
+                "bad_input": bad_to or isinstance(exc, ConfigError),
+            }
+        metrics.observe_run("succeeded" if outcome.ok else "failed")
+        releases = [release_json(r) for r in self.state.releases(service, 1)
+                    if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
+        return answer | {"ok": outcome.ok, "locked": outcome.locked, "error": outcome.error,
+                         "releases": releases}  # fmt: skip
 
     def _status(self) -> list[dict[str, Any]]:
         observer = self._observer

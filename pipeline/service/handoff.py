@@ -28,6 +28,10 @@ HANDOFF_FILE = "serve.json"
 CONNECT_TIMEOUT = 2.0  # seconds
 
 
+class Stopping(RuntimeError):
+    """The service refused a handed rollback because it is stopping: nothing was done."""
+
+
 class HandoffLost(Exception):
     """The service took the request and the connection broke before it answered: whether the
     work was done is unknown (`pipeline history` tells), so it must not be done again here."""

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import structlog
 
@@ -33,13 +30,6 @@ from pipeline.state.store import State
 from pipeline.timeutil import epoch, utc
 
 log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
-
-
-class Stopping(RuntimeError):
-    """A `Worker.call` refused because the service stops: the work was not started."""
-
 
 # A burst of pushes (a script, a rebase pushed branch by branch) arrives tens of ms apart: work
 # starts once the queue was quiet this long, so the burst builds once; a lone push pays it.
@@ -107,55 +97,11 @@ class Worker:
         self._after_pass = after_pass
         self._housekeeping = housekeeping
         self._housekept = float("-inf")
-        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
-        self._calls_lock = threading.Lock()
-
-    def call(self, fn: Callable[[], T]) -> Future[T]:
-        """Run `fn` on the worker thread before its next claim and return its future (its
-        result, or the exception it raised). Work this way never overlaps a pass of this
-        instance: the leases of both have the same owner, so only running them one after the
-        other keeps a rollback and a deploy of one service apart. A call made while the service
-        stops fails with Stopping without running."""
-        future: Future[T] = Future()
-        with self._calls_lock:
-            if self._stopping.is_set():
-                future.set_exception(Stopping("pipeline serve is stopping"))
-                return future
-            self._calls.append((fn, future))
-        self._wake.set()
-        return future
-
-    def _run_calls(self) -> None:
-        while True:
-            with self._calls_lock:
-                if not self._calls:
-                    return
-                fn, future = self._calls.popleft()
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:  # the caller's to handle, not the worker's
-                    future.set_exception(exc)
-
-    def _refuse_calls(self) -> None:
-        with self._calls_lock:
-            while self._calls:
-                _fn, future = self._calls.popleft()
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(Stopping("pipeline serve is stopping"))
 
     def run(self) -> None:
-        """The worker thread's loop: calls (`call`), settle, claim, handle; idle until woken
-        or `idle_wait`."""
-        try:
-            self._loop()
-        finally:
-            self._refuse_calls()
-
-    def _loop(self) -> None:
+        """The worker thread's loop: settle, claim, handle; idle until woken or `idle_wait`."""
         while not self._stopping.is_set():
             self._wake.clear()
-            self._run_calls()
             self._housekeep()
             try:
                 self._settle()

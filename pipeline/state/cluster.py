@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from pipeline.state.leases import owner_alive_local
+from pipeline.state.leases import owner_alive_local, process_of
 from pipeline.state.schema import Instance, ScheduleSlot, upsert_insert
 from pipeline.timeutil import iso, utc
 
@@ -100,7 +100,7 @@ class Cluster:
         def alive(owner: str) -> bool:
             if not owner_alive_local(owner):
                 return False
-            beat = beats.get(owner)
+            beat = beats.get(process_of(owner))
             return beat is None or now - beat <= INSTANCE_TTL
 
         return alive

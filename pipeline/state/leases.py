@@ -40,9 +40,18 @@ def default_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def process_of(owner: str) -> str:
+    """The process ("HOST:PID") an owner is: itself, or "HOST:PID" of "HOST:PID/TAG", an owner
+    of its own that a process gives work it runs beside its other work (a rollback a command
+    handed to `pipeline serve`), so that the two never share a lease; it lives and dies with
+    the process."""
+    return owner.partition("/")[0]
+
+
 def owner_alive_local(owner: str) -> bool:
-    """True when `owner` (host:pid) is a live process on this machine, or on another machine."""
-    host, _, pid = owner.rpartition(":")
+    """True when `owner` (host:pid, or host:pid/tag: `process_of`) is a live process on this
+    machine, or on another machine."""
+    host, _, pid = process_of(owner).rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True  # another machine's holder: only its expiry frees it
     try:

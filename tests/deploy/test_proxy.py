@@ -274,19 +274,21 @@ def test_rollback_is_a_switch_with_the_registry_down(project: Project, retain: s
 def test_rollback_with_serve_running_is_done_by_serve(project: Project, tmp_path: Path) -> None:
     """With `pipeline serve` of the config running, `pipeline rollback` hands the rollback to
     it (serve.json) and shows its progress: the previous revision is served on both hosts with
-    the registry down, and history has the rollback; `--no-serve` rolls back in the command's
-    own process; a stopped service removes serve.json and the command works alone again."""
+    the registry down, and history has the rollback; a rollout of another service that serve
+    is in the middle of does not hold it up; `--no-serve` rolls back in the command's own
+    process; a stopped service removes serve.json and the command works alone again."""
     port = free_port()
+    url = f"http://127.0.0.1:{port}"
     host = _proxied(project, tables=f'\n[server]\nlisten = "127.0.0.1:{port}"\n')
     project.initial_commit()
     v1 = _commit_web(project, "web v1")
     assert project.run().ok
     v2 = _commit_web(project, "web v2")
     assert project.run().ok
-    serve = start_serve(project.config, f"http://127.0.0.1:{port}", tmp_path / "serve.log",
-                        watch_repos=False)  # fmt: skip
+    serve = start_serve(project.config, url, tmp_path / "serve.log", watch_repos=False)
+    published = project.config.parent / "data" / "serve.json"
     try:
-        assert (project.config.parent / "data" / "serve.json").exists()
+        assert published.exists()
         with registry_blocked(project.lab, 0), registry_blocked(project.lab, 1):
             done = project.cli("rollback", project.web)
         assert done.returncode == 0, done.stderr + serve.log()
@@ -298,16 +300,40 @@ def test_rollback_with_serve_running_is_done_by_serve(project: Project, tmp_path
         history = json.loads(project.cli("history", project.web, "--json").stdout)
         assert (history[0]["kind"], history[0]["status"]) == ("rollback", "succeeded")
         assert history[0]["revision"] == v1
-        alone = project.cli("rollback", project.web, "--to", v2[:12], "--no-serve")
+
+        # serve rolls out a revision of api whose check fails for 10 s (`timeout`) ...
+        ctx = write_sample_app(project.remote.work, "api", "api v2")
+        (ctx / "www" / "health").unlink()
+        project.push("api v2, unhealthy")
+        token = json.loads(published.read_text())["token"]
+        queued = httpx.post(f"{url}/api/deploy/{project.api}", json={}, timeout=10,
+                            headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+        assert queued.status_code == 202, queued.text
+
+        def api_release() -> str | None:
+            rows = serve.get(f"/api/history?service={project.api}&limit=1")
+            return str(rows[0]["status"]) if rows and rows[0]["kind"] == "deploy" else None
+
+        deadline = time.monotonic() + 120
+        while api_release() != "running" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert api_release() == "running", serve.log()
+        # ... and a rollback of web handed to it meanwhile does not wait for that rollout.
+        forward = project.cli("rollback", project.web, "--to", v2[:12])
+        assert forward.returncode == 0 and handed in forward.stderr, forward.stderr
+        assert api_release() == "running", "the rollback waited for api's rollout"
+        assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
+
+        alone = project.cli("rollback", project.web, "--to", v1[:12], "--no-serve")
         assert alone.returncode == 0, alone.stderr
         assert "in pipeline serve" not in alone.stderr
-        assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
+        assert [_get(project, i, host).text for i in (0, 1)] == ["web v1", "web v1"]
     finally:
         serve.stop()
-    assert not (project.config.parent / "data" / "serve.json").exists()
-    again = project.cli("rollback", project.web, "--to", v1[:12])
+    assert not published.exists()
+    again = project.cli("rollback", project.web, "--to", v2[:12])
     assert again.returncode == 0 and "in pipeline serve" not in again.stderr, again.stderr
-    assert [_get(project, i, host).text for i in (0, 1)] == ["web v1", "web v1"]
+    assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
 
 
 def _kept_fails_its_check_again(project: Project, host: str, serving: str, kept: str) -> None:

@@ -1,6 +1,6 @@
 """Handing `pipeline rollback` to a running `pipeline serve`: the `serve.json` a service
-publishes and a command finds, the API's `wait` rollback with the local token, and the
-worker's calls run between passes. The whole path with a real service, proxy and hosts is
+publishes and a command finds, the API's `wait` rollback with the local token, and the owner
+a handed rollback holds leases as. The whole path with a real service, proxy and hosts is
 `tests/deploy/test_proxy.py::test_rollback_with_serve_running_is_done_by_serve`."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from fastapi.testclient import TestClient
 from pipeline.config.load import parse
 from pipeline.service import handoff
 from pipeline.service.server import ServerContext, create_app
-from pipeline.service.worker import Stopping, Worker
+from pipeline.state.leases import default_owner, owner_alive_local, process_of
 from pipeline.state.queue import EventQueue
 from pipeline.state.store import State
 
@@ -119,43 +118,15 @@ def test_a_wait_rollback_with_the_local_token_runs_now(
     assert calls == [("web", "r1")]
 
 
-def _worker(tmp_path: Path, stopping: threading.Event) -> Worker:
-    loaded = parse(FULL, tmp_path / "pipeline.toml")
-    state = State.in_dir(tmp_path / "data")
-    return Worker(
-        loaded=lambda: loaded, state=state, queue=EventQueue(state), owner="test:1",
-        stopping=stopping, wake=threading.Event(), reload=lambda: None, observer=lambda: None,
-        clock=time.monotonic, sleep=time.sleep, idle_wait=5.0,
-    )  # fmt: skip
-
-
-def test_a_call_runs_on_the_worker_thread_at_once_and_is_refused_once_stopping(
-    tmp_path: Path,
-) -> None:
-    """`Worker.call` runs on the worker's thread without waiting out its idle wait, hands an
-    error back to the caller without killing the worker, and fails with Stopping (not
-    run) once the service stops."""
-    stopping = threading.Event()
-    worker = _worker(tmp_path, stopping)
-    thread = threading.Thread(target=worker.run, name="pipeline-worker")
-    thread.start()
-    try:
-        time.sleep(0.2)  # the worker is idle, waiting up to 5 s
-        began = time.monotonic()
-        assert worker.call(lambda: threading.current_thread().name).result(2) == "pipeline-worker"
-        assert time.monotonic() - began < 1.0
-
-        def broken() -> None:
-            raise ValueError("bad")
-
-        with pytest.raises(ValueError, match="bad"):
-            worker.call(broken).result(2)
-        assert worker.call(lambda: 42).result(2) == 42  # still working
-    finally:
-        stopping.set()
-        worker._wake.set()
-        thread.join(5)
-    ran: list[int] = []
-    with pytest.raises(Stopping):
-        worker.call(lambda: ran.append(1)).result(2)
-    assert ran == []
+def test_a_handed_rollbacks_owner_lives_and_dies_with_its_process() -> None:
+    """A handed rollback's owner ("HOST:PID/rollback-N") is alive while its process is and
+    dead once it is gone, so a `pipeline serve` killed mid-rollback has that rollback put
+    back and its lease freed like its own work; the tag never makes it immortal."""
+    me = default_owner()
+    assert process_of(f"{me}/rollback-3") == me
+    assert owner_alive_local(f"{me}/rollback-3")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = me.rpartition(":")[0]
+    assert not owner_alive_local(f"{host}:{gone.pid}/rollback-1")
+    assert owner_alive_local("other-machine:1/rollback-1")  # only its lease's expiry frees it
