@@ -120,6 +120,8 @@ class Service:
     def start(self) -> None:
         """Load the config (ConfigError if invalid), recover from a crash, start everything."""
         self._open()
+        assert self._observer is not None
+        self._warm(self._observer)
         ctx = server_mod.ServerContext(
             loaded=lambda: self.loaded,
             state=self.state,
@@ -372,6 +374,7 @@ class Service:
             previous, self._observer = self._observer, Connections(loaded)
             if previous is not None:
                 previous.close()
+            self._warm(self._observer)
             self._sync_jobs()
             self._sync_repo_watches()
             log.info(
@@ -500,6 +503,21 @@ class Service:
         assert self._observer is not None
         runner = Runner(self.loaded, self.state, self._observer, owner=self.owner)
         return runner.preview().to_json()
+
+    def _warm(self, observer: Connections) -> None:
+        """Connect to the engine of every host a service runs on, in the background: a
+        rollback handed over later (`rollback_now`) then pays no connection set-up, which on an
+        ssh:// host is an ssh handshake (~0.45 s in the lab). An engine that does not answer
+        is left to the rollout that needs it to report."""
+        cfg = observer.loaded.model
+        hosts = sorted({h for svc in cfg.services.values() if not svc.cluster for h in svc.hosts})
+
+        def ping(host: str) -> None:
+            with contextlib.suppress(Exception):  # a courtesy: nothing depends on it
+                observer.engine(host).ping()
+
+        for host in hosts:
+            threading.Thread(target=ping, args=(host,), name=f"warm-{host}", daemon=True).start()
 
     def rollback_now(self, service: str, to: str | None) -> dict[str, Any]:
         """Roll `service` back now, as `pipeline rollback SERVICE [--to TO]` does in a process of

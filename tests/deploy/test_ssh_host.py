@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from deploy_helpers import one_service_config
+from serve_helpers import free_port, start_serve
 
 from pipeline.config.load import load
 from pipeline.deploy.connections import Connections
@@ -191,6 +193,75 @@ def test_proxied_deploy_and_rollback_on_an_ssh_host(
     finally:
         engine = runner.connections.engine("remote")
         for c in engine.containers.managed_containers("sshproxied"):
+            engine.containers.remove(c.id)
+        runner.connections.close()
+    assert not [pid for pid in ssh_starts(tmp_path) if running(pid)]
+
+
+def test_a_rollback_handed_to_serve_reuses_its_ssh_connection(
+    ssh_host: str, lab: LabState, tmp_path: Path, git_remote: Any
+) -> None:
+    """`pipeline serve` connects to an ssh:// host as it starts, so `pipeline rollback` handed
+    to it switches the proxied service back without waiting for any ssh handshake: neither
+    the command nor the service starts an ssh connection the rollback needs."""
+    if lab.proxy_image is None:
+        pytest.skip("the lab has no proxy image (apt-get install caddy)")
+    write_sample_app(git_remote.work, "web", "ssh v1")
+    git_remote.commit_push("v1")
+    port = free_port()
+    config = tmp_path / "pipeline.toml"
+    host_table = (
+        f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
+    )
+    text = one_service_config(lab.registry, host_table, git_remote.url, "sshhanded", 1)
+    text = text.replace('ports = ["1:8080"]\n', "")
+    text += (f'\n[proxy]\nimage = "{lab.proxy_image}"\n\n[services.sshhanded.proxy]\n'
+             'hosts = ["handed.test"]\nport = 8080\ndrain = "1s"\n'
+             f'\n[server]\nlisten = "127.0.0.1:{port}"\n')  # fmt: skip
+    config.write_text(text)
+    loaded = load(config)
+    runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
+
+    def served() -> str:
+        return httpx.get(f"http://{ssh_host}/", headers={"Host": "handed.test"}, timeout=5).text
+
+    serve = None
+    try:
+        assert runner.run_pass().ok
+        write_sample_app(git_remote.work, "web", "ssh v2")
+        git_remote.commit_push("v2")
+        assert runner.run_pass().ok
+        assert served() == "ssh v2"
+        runner.connections.close()
+        before = len(ssh_starts(tmp_path))
+        serve = start_serve(config, f"http://127.0.0.1:{port}", tmp_path / "serve.log",
+                            watch_repos=False)  # fmt: skip
+        deadline = time.monotonic() + 10
+        while len(ssh_starts(tmp_path)) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(ssh_starts(tmp_path)) > before, "serve did not connect as it started"
+        serve.get("/api/status")  # its connection is up (the status goes through it)
+        gate = tmp_path / "ssh"
+        (gate / "gated").touch()  # every ssh process started from now on waits at the gate
+        try:
+            began = time.monotonic()
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline", "rollback", "sshhanded", "-c", str(config)],
+                capture_output=True, text=True, check=False, timeout=120,
+            )  # fmt: skip
+            took = time.monotonic() - began
+        finally:
+            (gate / "gate-open").touch()
+        assert done.returncode == 0, done.stderr + serve.log()
+        assert "rolling back in pipeline serve" in done.stderr
+        assert served() == "ssh v1"
+        assert not (gate / "gate-waited.log").exists()  # nothing waited for a new ssh
+        print(f"handed rollback on one ssh:// host: {took:.2f}s, command start to exit")
+    finally:
+        if serve is not None:
+            serve.stop()
+        engine = runner.connections.engine("remote")
+        for c in engine.containers.managed_containers("sshhanded"):
             engine.containers.remove(c.id)
         runner.connections.close()
     assert not [pid for pid in ssh_starts(tmp_path) if running(pid)]
