@@ -141,13 +141,17 @@ def test_deploy_to_an_ssh_host(
         runner.connections.close()
 
 
-def test_proxied_deploy_and_rollback_on_an_ssh_host(
-    ssh_host: str, lab: LabState, tmp_path: Path, git_remote: Any
-) -> None:
-    """Over ssh:// only, the host's proxy is made, the service served through it by its Host
-    header, a new revision switched to, and `rollback` switches back to the kept container
-    over the one ssh connection it opened first (no engine call waits for a second handshake,
-    not even where two run at once), not one ssh per engine call; closing ends every ssh."""
+def _proxied_on_ssh(
+    ssh_host: str,
+    lab: LabState,
+    tmp_path: Path,
+    git_remote: Any,
+    service: str,
+    name: str,
+    more: str = "",
+) -> Path:
+    """The config of `service`, proxied by Host `name` on the ssh:// host alone (`more`: more
+    tables), its first revision ("ssh v1") pushed; skips without a proxy image."""
     if lab.proxy_image is None:
         pytest.skip("the lab has no proxy image (apt-get install caddy)")
     write_sample_app(git_remote.work, "web", "ssh v1")
@@ -156,11 +160,22 @@ def test_proxied_deploy_and_rollback_on_an_ssh_host(
     host_table = (
         f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
     )
-    text = one_service_config(lab.registry, host_table, git_remote.url, "sshproxied", 1)
+    text = one_service_config(lab.registry, host_table, git_remote.url, service, 1)
     text = text.replace('ports = ["1:8080"]\n', "")
-    text += (f'\n[proxy]\nimage = "{lab.proxy_image}"\n\n[services.sshproxied.proxy]\n'
-             'hosts = ["ssh.test"]\nport = 8080\ndrain = "1s"\n')  # fmt: skip
+    text += (f'\n[proxy]\nimage = "{lab.proxy_image}"\n\n[services.{service}.proxy]\n'
+             f'hosts = ["{name}"]\nport = 8080\ndrain = "1s"\n{more}')  # fmt: skip
     config.write_text(text)
+    return config
+
+
+def test_proxied_deploy_and_rollback_on_an_ssh_host(
+    ssh_host: str, lab: LabState, tmp_path: Path, git_remote: Any
+) -> None:
+    """Over ssh:// only, the host's proxy is made, the service served through it by its Host
+    header, a new revision switched to, and `rollback` switches back to the kept container
+    over the one ssh connection it opened first (no engine call waits for a second handshake,
+    not even where two run at once), not one ssh per engine call; closing ends every ssh."""
+    config = _proxied_on_ssh(ssh_host, lab, tmp_path, git_remote, "sshproxied", "ssh.test")
     loaded = load(config)
     runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
 
@@ -204,21 +219,9 @@ def test_a_rollback_handed_to_serve_reuses_its_ssh_connection(
     """`pipeline serve` connects to an ssh:// host as it starts, so `pipeline rollback` handed
     to it switches the proxied service back without waiting for any ssh handshake: neither
     the command nor the service starts an ssh connection the rollback needs."""
-    if lab.proxy_image is None:
-        pytest.skip("the lab has no proxy image (apt-get install caddy)")
-    write_sample_app(git_remote.work, "web", "ssh v1")
-    git_remote.commit_push("v1")
     port = free_port()
-    config = tmp_path / "pipeline.toml"
-    host_table = (
-        f'[hosts.remote]\ndocker = "ssh://root@{ssh_host}:{SSH_PORT}"\naddress = "{ssh_host}"'
-    )
-    text = one_service_config(lab.registry, host_table, git_remote.url, "sshhanded", 1)
-    text = text.replace('ports = ["1:8080"]\n', "")
-    text += (f'\n[proxy]\nimage = "{lab.proxy_image}"\n\n[services.sshhanded.proxy]\n'
-             'hosts = ["handed.test"]\nport = 8080\ndrain = "1s"\n'
-             f'\n[server]\nlisten = "127.0.0.1:{port}"\n')  # fmt: skip
-    config.write_text(text)
+    config = _proxied_on_ssh(ssh_host, lab, tmp_path, git_remote, "sshhanded", "handed.test",
+                             f'\n[server]\nlisten = "127.0.0.1:{port}"\n')  # fmt: skip
     loaded = load(config)
     runner = Runner(loaded, State.in_dir(loaded.data_dir), Connections(loaded))
 
