@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -394,3 +394,47 @@ class ServeProject:
                         c.remove(force=True)
             finally:
                 client.close()
+
+
+@contextlib.contextmanager
+def stand_in_serve(
+    config: Path, answer: dict[str, Any], delay: float = 0.0
+) -> Iterator[list[tuple[str, str | None, dict[str, Any]]]]:
+    """A stand-in for a running `pipeline serve` of `config`: this process (alive) published in
+    `DATA_DIR/serve.json` (data_dir "data" beside the config), answering every POST with
+    `answer` after `delay` seconds. Yields the requests it got: (path, Authorization, body)."""
+    import http.server
+    import threading
+
+    from pipeline.config.load import load
+    from pipeline.service import handoff
+
+    got: list[tuple[str, str | None, dict[str, Any]]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.path, self.headers["Authorization"], json.loads(body)))
+            time.sleep(delay)
+            raw = json.dumps(answer).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    data_dir = load(config).data_dir
+    published = handoff.describe("127.0.0.1", server.server_address[1], config)
+    handoff.publish(data_dir, published)
+    try:
+        yield got
+    finally:
+        handoff.withdraw(data_dir, published)
+        server.shutdown()
+        server.server_close()

@@ -275,6 +275,11 @@ def _rollback_in_serve(loaded: LoadedConfig, service: str, to: str | None) -> di
         answered = handoff.post(
             found, f"/api/rollback/{quote(service, safe='')}", {"to": to, "wait": True}
         )
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the rollback is the service's now
+        fail(
+            f"stopped waiting; the rollback of {service} goes on in pipeline serve (pid "
+            f"{found.pid}): `pipeline history {service}` shows how it ends"
+        )
     except handoff.HandoffLost as exc:
         fail(
             f"pipeline serve (pid {found.pid}) took the rollback of {service} and stopped "

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from serve_helpers import stand_in_serve
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "pipeline.example.toml"
 
@@ -236,52 +237,21 @@ def test_a_rollback_handed_to_a_running_serve_loads_no_database_docker_or_loggin
     stand-in answering its API) sends it the rollback with serve.json's token and prints its
     answer, loading none of the database, Docker, structlog or the service's own stack: the
     start-up that delayed a rollback's switch by about a second is not paid."""
-    import http.server
-    import threading
-
-    from pipeline.service import handoff
-
     config = _config(tmp_path)
-    got: list[tuple[str, str | None, bytes]] = []
-
-    class Serve(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the stdlib's name)
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            got.append((self.path, self.headers["Authorization"], body))
-            answer = {"service": "web", "ok": True, "locked": False, "bad_input": False,
-                      "refused": False, "error": None, "releases": [],
-                      "lines": ["web: lab-1: proxy routes to web-abc-r1"]}  # fmt: skip
-            raw = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
-
-        def log_message(self, *args: object) -> None:
-            return None
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        # This process stands for the service: it is alive and answers where serve.json says.
-        published = handoff.describe("127.0.0.1", server.server_address[1], config)
-        handoff.publish(tmp_path / "data", published)
-        out = tmp_path / "modules.json"
+    answer = {"service": "web", "ok": True, "locked": False, "bad_input": False,
+              "refused": False, "error": None, "releases": [],
+              "lines": ["web: lab-1: proxy routes to web-abc-r1"]}  # fmt: skip
+    out = tmp_path / "modules.json"
+    with stand_in_serve(config, answer) as got:
+        token = json.loads((tmp_path / "data" / "serve.json").read_text())["token"]
         done = subprocess.run(
             [sys.executable, "-c", _PROBE, str(out), "rollback", "web", "-c", str(config)],
             capture_output=True, text=True, check=False, timeout=60,
         )  # fmt: skip
-    finally:
-        server.shutdown()
-        server.server_close()
     assert done.returncode == 0, done.stderr
     assert "rolling back in pipeline serve" in done.stderr
     assert "proxy routes to web-abc-r1" in done.stderr
     assert done.stdout.strip() == "web: rolled back"
-    assert [(p, a, json.loads(b)) for p, a, b in got] == [
-        ("/api/rollback/web", f"Bearer {published.token}", {"to": None, "wait": True})
-    ]
+    assert got == [("/api/rollback/web", f"Bearer {token}", {"to": None, "wait": True})]
     loaded = {name.split(".")[0] for name in json.loads(out.read_text())}
     assert loaded & (HEAVY | {"rich", "requests", "urllib3", "pydantic"}) == set()
