@@ -1,11 +1,9 @@
-"""Shared helpers of the lab benchmarks: a lab of their own that is always taken down, an
-ssh:// lab host, a real git remote, timing of polls and of a run's recorded steps, and cleanup
-of the local engine."""
+"""Shared helpers of the lab benchmarks: a lab of their own that is always taken down, a real
+git remote, timing of polls and of a run's recorded steps, and cleanup of the local engine."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -32,7 +30,9 @@ from pipeline.timeutil import epoch
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE_BIN = ROOT / ".venv" / "bin" / "pipeline"
 LOCAL_DOCKER = "unix:///var/run/docker.sock"
-SSH_PORT = 2222
+
+
+
 
 
 _MAIN_PID = os.getpid()  # a forked child must never tear the lab down
@@ -66,78 +66,6 @@ def own_lab(prefix: str, hosts: int, subnet: str) -> Iterator[tuple[LabState, Pa
             subprocess.run(["rm", "-rf", "--", str(workdir)], check=False)
         finally:
             signal.signal(signal.SIGINT, old)
-
-
-@dataclass(frozen=True)
-class SshHost:
-    """A lab host reached over ssh:// (`ssh_host`): `docker_url` for a config's `[hosts.*]
-    docker`; `starts()` counts the ssh processes started so far through its `ssh` wrapper."""
-
-    address: str
-    docker_url: str
-    dir: Path
-
-    def starts(self) -> int:
-        log = self.dir / "starts.log"
-        return len(log.read_text().split()) if log.exists() else 0
-
-
-@contextlib.contextmanager
-def ssh_host(lab: LabState, workdir: Path, index: int = 0) -> Iterator[SshHost]:
-    """sshd (own host key, authorized key and config, port SSH_PORT) in the namespace of lab
-    host `index`, whose sessions reach that host's engine (`SetEnv DOCKER_HOST`, TESTBED.md);
-    an `ssh` first on this process's PATH (so on its children's) that uses a client config of
-    its own, never ~/.ssh, and logs the pid of each ssh process it starts. Set up as
-    tests/deploy/test_ssh_host.py's `ssh_host` fixture does; sshd stopped and PATH restored
-    at the end. Raises SystemExit without openssh-server, RuntimeError if sshd does not answer
-    within 10 s."""
-    if not Path("/usr/sbin/sshd").exists():
-        raise SystemExit("the ssh:// bench needs openssh-server (/usr/sbin/sshd)")
-    host = json.loads((lab.dir / "lab.json").read_text())["hosts"][index]
-    addr, ns, hdir = host["address"], host["namespace"], host["dir"]
-    d = workdir / "ssh"
-    d.mkdir()
-    for key in ("host_key", "id"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)],
-                       check=True)  # fmt: skip
-    (d / "authorized_keys").write_text((d / "id.pub").read_text())
-    (d / "sshd_config").write_text(
-        f"ListenAddress {addr}:{SSH_PORT}\nHostKey {d}/host_key\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        f"SetEnv DOCKER_HOST=unix://{hdir}/docker.sock\n"
-    )
-    host_pub = " ".join((d / "host_key.pub").read_text().split()[:2])
-    (d / "known_hosts").write_text(f"[{addr}]:{SSH_PORT} {host_pub}\n")
-    (d / "ssh_config").write_text(
-        f"Host {addr}\n  Port {SSH_PORT}\n  IdentityFile {d}/id\n  IdentitiesOnly yes\n"
-        f"  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
-    )
-    (d / "bin").mkdir()
-    wrapper = d / "bin" / "ssh"
-    wrapper.write_text(f'#!/bin/sh\necho $$ >> {d}/starts.log\n'
-                       f'exec /usr/bin/ssh -F {d}/ssh_config "$@"\n')  # fmt: skip
-    wrapper.chmod(0o755)
-    old_path = os.environ["PATH"]
-    os.environ["PATH"] = f"{d / 'bin'}:{old_path}"
-    Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen(
-        ["nsenter", f"--net=/var/run/netns/{ns}", "/usr/sbin/sshd", "-D", "-e", "-f",
-         str(d / "sshd_config")], stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 10
-        probe = ["ssh", "-l", "root", "--", addr, "true"]
-        while subprocess.run(probe, capture_output=True, check=False).returncode != 0:
-            if time.monotonic() > deadline or sshd.poll() is not None:
-                raise RuntimeError(f"sshd on {addr}:{SSH_PORT} did not answer in 10 s")
-            time.sleep(0.2)
-        yield SshHost(addr, f"ssh://root@{addr}:{SSH_PORT}", d)
-    finally:
-        sshd.terminate()
-        sshd.wait(timeout=10)
-        os.environ["PATH"] = old_path
 
 
 def remove_local_images(prefix: str) -> int:
@@ -226,13 +154,8 @@ def run_times(data_dir: Path, run_id: int) -> RunTimes:
             raise RuntimeError(f"run {run_id} not found or not finished in {data_dir}")
         t0 = epoch(run.started_at)
         steps = tuple(
-            StepTime(
-                s.kind,
-                s.subject or "",
-                s.host or "",
-                epoch(s.started_at) - t0,
-                epoch(s.finished_at or s.started_at) - t0,
-            )
+            StepTime(s.kind, s.subject or "", s.host or "", epoch(s.started_at) - t0,
+                     epoch(s.finished_at or s.started_at) - t0)
             for s in state.steps(run_id)
         )
         return RunTimes(t0, epoch(run.finished_at), steps)
@@ -260,17 +183,10 @@ class PlainDocker:
     `build_env` its extra environment (e.g. DOCKER_BUILDKIT=1); `files` are written into the
     context after the sample app (e.g. a Dockerfile of the benchmark's own)."""
 
-    def __init__(
-        self,
-        lab: LabState,
-        workdir: Path,
-        *,
-        graceful: bool = False,
-        stop_timeout: int = 1,
-        build: Sequence[str] = ("docker", "build"),
-        build_env: dict[str, str] | None = None,
-        files: dict[str, str] | None = None,
-    ) -> None:
+    def __init__(self, lab: LabState, workdir: Path, *, graceful: bool = False,
+                 stop_timeout: int = 1, build: Sequence[str] = ("docker", "build"),
+                 build_env: dict[str, str] | None = None,
+                 files: dict[str, str] | None = None) -> None:
         self.host = lab.hosts[0]
         self.ctx = write_sample_app(workdir / "plain", "ctx", "plain v0")
         for name, text in (files or {}).items():
@@ -284,14 +200,8 @@ class PlainDocker:
 
     def _timed(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> str:
         t0 = time.perf_counter()
-        res = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=120,
-            env={**os.environ, **env} if env else None,
-        )
+        res = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=120,
+                             env={**os.environ, **env} if env else None)
         self.steps[name].append(time.perf_counter() - t0)
         if res.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed: {res.stderr.strip()}")
@@ -311,15 +221,13 @@ class PlainDocker:
         ref = f"{self.repo}@{digest.group(1)}"
         self._timed("pull", [*self.docker_h, "pull", "-q", ref])
         if self.container and self.graceful:
-            self._timed(
-                "stop", [*self.docker_h, "stop", "-t", str(self.stop_timeout), self.container]
-            )
+            self._timed("stop", [*self.docker_h, "stop", "-t", str(self.stop_timeout),
+                                 self.container])
             self._timed("rm", [*self.docker_h, "rm", self.container])
         elif self.container:
             self._timed("rm -f", [*self.docker_h, "rm", "-f", self.container])
-        self._timed(
-            "run", [*self.docker_h, "run", "-d", "--name", name, "-p", f"{PLAIN_PORT}:8080", ref]
-        )
+        self._timed("run", [*self.docker_h, "run", "-d", "--name", name,
+                            "-p", f"{PLAIN_PORT}:8080", ref])
         self.container = name
         t1 = time.perf_counter()
         wait_for_content(f"http://{self.host.address}:{PLAIN_PORT}/", marker)

@@ -36,10 +36,10 @@ to that serve (`DATA_DIR/serve.json`; its stderr must say so), and the same with
 host and per host. serve is stopped at the end (also on failure and Ctrl-C) and its
 `serve.json` must be gone; error and warning lines of its log and of the commands' stderr are
 printed. --ssh does the same (it implies --serve) on a lab of ONE host reached as
-`ssh://root@ADDR:2222` (sshd in the host's namespace, as tests/deploy/test_ssh_host.py sets it
-up, and an `ssh` wrapper first on PATH that logs every ssh process started, by deploys, serve
-and rollbacks alike): it also prints the ssh processes started during each rollback (spawn to
-exit of the command; a warm serve should start none).
+`ssh://root@ADDR:2222` (sshd in the host's namespace and an `ssh` wrapper first on PATH that
+logs every ssh process started, by deploys, serve and rollbacks alike: `pipeline.lab.ssh`, as
+tests/deploy/test_ssh_host.py uses it): it also prints the ssh processes started during each
+rollback (spawn to exit of the command; a warm serve should start none).
 """
 
 from __future__ import annotations
@@ -56,14 +56,16 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _lab import PIPELINE_BIN, SshHost, own_lab, run_times, ssh_host
+from _lab import PIPELINE_BIN, own_lab, run_times
 from bench_webhook_to_serving import ServeProcess, free_port
 from bench_zero_downtime import SERVICE, Project, _block_registry, get_page
 
 from pipeline.lab.manage import LabState
+from pipeline.lab.ssh import SshHost, ssh_host
 from pipeline.state.store import State
 
 SUBNET = "10.88.226.0/24"
@@ -210,13 +212,13 @@ def _rollback(
             "-c", str(project.config), *variant.extra]  # fmt: skip
     addresses = [h.address for h in lab.hosts]
     with Watch(addresses, expect) as watch:
-        ssh_before = ssh.starts() if ssh else 0
+        ssh_before = len(ssh.starts()) if ssh else 0
         cpu, wall0, t0 = _cpu(), time.time(), time.perf_counter()
         done = subprocess.run(argv, capture_output=True, text=True, check=False,
                               cwd=project.config.parent, timeout=120)  # fmt: skip
         exited, cpu = time.perf_counter() - t0, _cpu() - cpu
         if ssh:
-            into.ssh.append(ssh.starts() - ssh_before)
+            into.ssh.append(len(ssh.starts()) - ssh_before)
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{done.stderr[-3000:]}")
         handed = HANDED in done.stderr and NOT_TAKEN not in done.stderr
@@ -266,6 +268,19 @@ def _row(name: str, values: list[float], base: float, cpus: list[float] | None =
     median = statistics.median(values)
     cpu = f"{statistics.median(cpus):>7.3f}s" if cpus else ""
     return f"{name:<50} {median:>8.3f}s {_p90(values):>8.3f}s {median / base:>9.1f}x {cpu}"
+
+
+@contextlib.contextmanager
+def _ssh_on_path(lab: LabState, workdir: Path) -> Iterator[SshHost]:
+    """sshd on the lab's first host (`pipeline.lab.ssh`), its `ssh` wrapper first on the PATH
+    of this process and so of every pipeline process it spawns, until the end."""
+    with ssh_host(lab, workdir / "ssh") as host:
+        old = os.environ["PATH"]
+        os.environ["PATH"] = f"{host.bin_dir}:{old}"
+        try:
+            yield host
+        finally:
+            os.environ["PATH"] = old
 
 
 def _hand_over(project: Project, lab: LabState, ssh: SshHost | None) -> int:
@@ -334,7 +349,7 @@ def main() -> int:
         if lab.proxy_image is None:
             raise SystemExit("the lab has no proxy image: apt-get install caddy")
         project = Project(lab, workdir)
-        ssh = stack.enter_context(ssh_host(lab, workdir)) if args.ssh else None
+        ssh = stack.enter_context(_ssh_on_path(lab, workdir)) if args.ssh else None
         port = _hand_over(project, lab, ssh) if handing else 0
         release = {}
         for page in PAGES:
