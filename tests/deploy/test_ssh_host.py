@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -20,13 +19,14 @@ from pipeline.config.load import load
 from pipeline.deploy.connections import Connections
 from pipeline.deploy.operations import rollback_service, status_rows
 from pipeline.deploy.runner import Runner
+from pipeline.lab import ssh as lab_ssh
 from pipeline.lab.manage import LabState
 from pipeline.lab.sample_app import write_sample_app
 from pipeline.state.store import State
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
-SSH_PORT = 2222
+SSH_PORT = lab_ssh.SSH_PORT
 
 
 @pytest.fixture
@@ -35,74 +35,20 @@ def ssh_host(lab: LabState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     an `ssh` first on PATH that uses this test's client config, never ~/.ssh, and logs the pid
     of each ssh process it starts (`ssh_starts`); while `gated` (a file) exists, an ssh process
     started then waits for `gate-open` (up to 10 s, then logs its pid to `gate-waited.log`)."""
-    if not Path("/usr/sbin/sshd").exists():
+    if not lab_ssh.SSHD.exists():
         pytest.skip("openssh-server is not installed")
-    host = json.loads((lab.dir / "lab.json").read_text())["hosts"][0]
-    addr, ns, hdir = host["address"], host["namespace"], host["dir"]
     d = tmp_path / "ssh"
-    d.mkdir()
-    for key in ("host_key", "id"):
-        subprocess.run(
-            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True
-        )
-    (d / "authorized_keys").write_text((d / "id.pub").read_text())
-    (d / "sshd_config").write_text(
-        f"ListenAddress {addr}:{SSH_PORT}\nHostKey {d}/host_key\n"
-        f"AuthorizedKeysFile {d}/authorized_keys\nPidFile {d}/sshd.pid\n"
-        "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        f"SetEnv DOCKER_HOST=unix://{hdir}/docker.sock\n"
-    )
-    host_pub = (d / "host_key.pub").read_text().split()[:2]
-    (d / "known_hosts").write_text(f"[{addr}]:{SSH_PORT} {' '.join(host_pub)}\n")
-    (d / "ssh_config").write_text(
-        f"Host {addr}\n  Port {SSH_PORT}\n  IdentityFile {d}/id\n  IdentitiesOnly yes\n"
-        f"  UserKnownHostsFile {d}/known_hosts\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
-    )
-    bin_dir = d / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "ssh").write_text(
-        f"#!/bin/sh\necho $$ >> {d}/starts.log\nif [ -e {d}/gated ]; then i=0\n"
-        f"  while [ ! -e {d}/gate-open ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
-        f"  [ -e {d}/gate-open ] || echo $$ >> {d}/gate-waited.log\nfi\n"
-        f'exec /usr/bin/ssh -F {d}/ssh_config "$@"\n'
-    )
-    (bin_dir / "ssh").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    Path("/run/sshd").mkdir(exist_ok=True)
-    sshd = subprocess.Popen(
-        [
-            "nsenter",
-            f"--net=/var/run/netns/{ns}",
-            "/usr/sbin/sshd",
-            "-D",
-            "-e",
-            "-f",
-            str(d / "sshd_config"),
-        ],
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while (
-            subprocess.run(
-                ["ssh", "-l", "root", "--", addr, "true"], capture_output=True, check=False
-            ).returncode
-            != 0
-        ):
-            if time.monotonic() > deadline or sshd.poll() is not None:
-                pytest.fail(f"sshd did not come up: {sshd.stderr.read() if sshd.stderr else ''}")
-            time.sleep(0.2)
-        yield addr
-    finally:
-        sshd.terminate()
-        sshd.wait(timeout=10)
+    gate = (f"if [ -e {d}/gated ]; then i=0\n"
+            f"  while [ ! -e {d}/gate-open ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n"
+            f"  [ -e {d}/gate-open ] || echo $$ >> {d}/gate-waited.log\nfi\n")  # fmt: skip
+    with lab_ssh.ssh_host(lab, d, before_exec=gate) as host:
+        monkeypatch.setenv("PATH", f"{host.bin_dir}:{os.environ['PATH']}")
+        yield host.address
 
 
 def ssh_starts(tmp_path: Path) -> list[int]:
     """The pids of the ssh processes started so far through the `ssh_host` fixture's `ssh`."""
-    log = tmp_path / "ssh" / "starts.log"
-    return [int(line) for line in log.read_text().split()] if log.exists() else []
+    return lab_ssh.SshHost("", SSH_PORT, tmp_path / "ssh").starts()
 
 
 def running(pid: int) -> bool:
