@@ -398,11 +398,18 @@ class ServeProject:
 
 @contextlib.contextmanager
 def stand_in_serve(
-    config: Path, answer: dict[str, Any], delay: float = 0.0
+    config: Path,
+    answer: dict[str, Any],
+    *,
+    lines: tuple[str, ...] = (),
+    delay: float = 0.0,
+    healthz: tuple[int, bytes] | None = (200, b'{"ok": true, "queue_depth": 0}'),
 ) -> Iterator[list[tuple[str, str | None, dict[str, Any]]]]:
     """A stand-in for a running `pipeline serve` of `config`: this process (alive) published in
-    `DATA_DIR/serve.json` (data_dir "data" beside the config), answering every POST with
-    `answer` after `delay` seconds. Yields the requests it got: (path, Authorization, body)."""
+    `DATA_DIR/serve.json` (data_dir "data" beside the config). `GET /healthz` gets `healthz`
+    (status, body; None: no answer within 3 s, as a stopped process); every POST gets `lines`
+    and then `answer` as the NDJSON stream of a rollback (`{"line": …}`, `{"done": answer}`),
+    `delay` seconds after the lines. Yields the POSTs it got: (path, Authorization, body)."""
     import http.server
     import threading
 
@@ -412,21 +419,42 @@ def stand_in_serve(
     got: list[tuple[str, str | None, dict[str, Any]]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            got.append((self.path, self.headers["Authorization"], json.loads(body)))
-            time.sleep(delay)
-            raw = json.dumps(answer).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
+        protocol_version = "HTTP/1.1"  # keep-alive: /healthz, then the POST on one connection
+
+        def _send(self, status: int, raw: bytes, kind: str = "application/json") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(raw)))
             self.end_headers()
             self.wfile.write(raw)
+            self.wfile.flush()
+
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            if healthz is None:
+                time.sleep(3)
+                return
+            self._send(*healthz)
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            got.append((self.path, self.headers["Authorization"], json.loads(body)))
+            # A stream: its lines at once, the end of its body when the connection closes.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for line in lines:
+                self.wfile.write(json.dumps({"line": line}).encode() + b"\n")
+            self.wfile.flush()
+            time.sleep(delay)
+            self.wfile.write(json.dumps({"done": answer}).encode() + b"\n")
+            self.close_connection = True
 
         def log_message(self, *args: object) -> None:
             return None
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     data_dir = load(config).data_dir

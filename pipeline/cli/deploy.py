@@ -261,8 +261,9 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None, no_s
 def _rollback_in_serve(loaded: LoadedConfig, service: str, to: str | None) -> dict[str, Any] | None:
     """Have the running `pipeline serve` of this config (`pipeline.service.handoff`) roll
     `service` back and return its answer (`Service.rollback_now`), its progress lines shown on
-    stderr; None when there is none, or it refused before doing anything (the caller then rolls
-    back itself). Exits 1 when the service took the rollback and did not answer."""
+    stderr as they come; None when there is none ready, or it refused before doing anything
+    (the caller then rolls back itself). Exits 1 when the service took the rollback and
+    stopped answering, or the wait was interrupted (the rollback goes on there)."""
     from urllib.parse import quote
 
     from pipeline.service import handoff
@@ -270,35 +271,43 @@ def _rollback_in_serve(loaded: LoadedConfig, service: str, to: str | None) -> di
     found = handoff.find(loaded.data_dir, loaded.path)
     if found is None:
         return None
-    click.echo(f"{service}: rolling back in pipeline serve (pid {found.pid})", err=True)
+    where = f"pipeline serve (pid {found.pid})"
+
+    def lost(why: str) -> NoReturn:
+        fail(f"{where} took the rollback of {service} and {why}: `pipeline history {service}` "
+             "shows how it ends")  # fmt: skip
+
     try:
         answered = handoff.post(
             found, f"/api/rollback/{quote(service, safe='')}", {"to": to, "wait": True}
         )
+        if answered is None or 400 <= answered.status < 500 or answered.status == 503:
+            # Not ready, or refused it (a token from a newer start, a config not reloaded
+            # yet, stopping): nothing was done there.
+            why = "not answering"
+            if answered is not None:
+                refusal = next(answered.documents, {})
+                answered.close()
+                why = f"HTTP {answered.status}: {refusal.get('error', refusal)}"
+            click.echo(f"{service}: {where} did not take it ({why}); rolling back here",
+                       err=True)  # fmt: skip
+            return None
+        click.echo(f"{service}: rolling back in {where}", err=True)
+        for document in answered.documents:
+            if "line" in document:
+                click.echo(document["line"], err=True)  # as the plain reporter shows them
+            elif "done" in document and answered.status == 200:
+                done: dict[str, Any] = document["done"]
+                return done
+            else:
+                fail(f"{where} failed the rollback of {service}: HTTP {answered.status}: "
+                     f"{document.get('error', document)}")  # fmt: skip
+        lost("ended its answer early")
     except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the rollback is the service's now
-        fail(
-            f"stopped waiting; the rollback of {service} goes on in pipeline serve (pid "
-            f"{found.pid}): `pipeline history {service}` shows how it ends"
-        )
+        fail(f"stopped waiting; the rollback of {service} goes on in {where}: "
+             f"`pipeline history {service}` shows how it ends")  # fmt: skip
     except handoff.HandoffLost as exc:
-        fail(
-            f"pipeline serve (pid {found.pid}) took the rollback of {service} and stopped "
-            f"answering ({exc}): `pipeline history {service}` shows whether it was done"
-        )
-    if answered is None or 400 <= answered[0] < 500 or answered[0] == 503:
-        # Not reachable, or refused it (a token from a newer start, a config not reloaded
-        # yet, stopping): nothing was done there.
-        why = "not reachable" if answered is None else answered[1].get("error", answered[0])
-        click.echo(f"{service}: pipeline serve did not take it ({why}); rolling back here",
-                   err=True)  # fmt: skip
-        return None
-    status, answer = answered
-    if status != 200:
-        fail(f"pipeline serve (pid {found.pid}) failed the rollback of {service}: HTTP {status}: "
-             f"{answer.get('error', answer)}")  # fmt: skip
-    for line in answer.get("lines") or []:
-        click.echo(line, err=True)  # as the plain reporter shows them
-    return answer
+        lost(f"stopped answering ({exc})")
 
 
 @command("status")

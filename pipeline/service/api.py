@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -58,7 +60,7 @@ class ServerContext:
     ancestor: Callable[[str, str, str], bool | None] | None = None
     # Rolls a service back now and answers how it went (`Service.rollback_now`); None: only
     # queued rollbacks.
-    rollback_now: Callable[[str, str | None], dict[str, Any]] | None = None
+    rollback_now: Callable[[str, str | None, Callable[[str], None]], dict[str, Any]] | None = None
     # The token of `DATA_DIR/serve.json` (`pipeline.service.handoff`): taken in place of the API
     # token, so a command on this machine that can read the data directory can hand over.
     local_token: str | None = None
@@ -247,6 +249,44 @@ def _openapi_body(model: type[BaseModel]) -> dict[str, Any]:
     }
 
 
+async def _rolled_back(
+    rollback_now: Callable[[str, str | None, Callable[[str], None]], dict[str, Any]],
+    service: str,
+    to: str | None,
+) -> Response:
+    """Roll `service` back now on a thread of its own and answer as it goes: 200 and an NDJSON
+    stream (`application/x-ndjson`), one `{"line": TEXT}` per progress line as it comes, then
+    `{"done": ANSWER}` (`Service.rollback_now`'s answer); 503 when the service is stopping.
+    A client that goes away ends its stream, not the rollback."""
+    documents: queue.Queue[dict[str, Any]] = queue.Queue()
+
+    def work() -> None:
+        try:
+            done = rollback_now(service, to, lambda line: documents.put({"line": line}))
+            documents.put({"done": done})
+        except Stopping as exc:
+            documents.put({"stopping": str(exc)})
+        except Exception as exc:  # the client is told; the service goes on
+            log.error("rollback.failed", service=service, error=f"{type(exc).__name__}: {exc}")
+            documents.put({"done": {"service": service, "ok": False, "refused": False,
+                                    "error": f"{type(exc).__name__}: {exc}"}})  # fmt: skip
+
+    threading.Thread(target=work, name=f"rollback-{service}", daemon=True).start()
+    first = await run_in_threadpool(documents.get)
+    if "stopping" in first:
+        return error(503, first["stopping"])
+
+    def stream() -> Iterator[bytes]:
+        document = first
+        while True:
+            yield json.dumps(redact_value(document)).encode() + b"\n"
+            if "done" in document:
+                return
+            document = documents.get()
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
 def api_router(ctx: ServerContext) -> APIRouter:
     """The /api routes bound to `ctx`."""
     router = APIRouter(prefix="/api", tags=["api"], dependencies=[Depends(_authorize(ctx))])
@@ -327,10 +367,10 @@ def api_router(ctx: ServerContext) -> APIRouter:
         summary="Queue a rollback of a service, or with `wait` do it now (bearer token)",
         openapi_extra=_openapi_body(RollbackRequest),
     )
-    async def rollback(service: str, request: Request) -> JSONResponse:
-        """202 and the queued event's id; with `"wait": true`, 200 once done and how it went
-        (`Service.rollback_now`: service, ok, locked, bad_input, refused, error, releases,
-        lines); 404 for an unknown service, 503 when the service stops (nothing was done)."""
+    async def rollback(service: str, request: Request) -> Response:
+        """202 and the queued event's id; with `"wait": true`, the rollback done now, streamed
+        (`_rolled_back`); 404 for an unknown service, 503 when the service stops (nothing was
+        done)."""
         body = await _read_body(request, RollbackRequest)
         if isinstance(body, JSONResponse):
             return body
@@ -339,11 +379,7 @@ def api_router(ctx: ServerContext) -> APIRouter:
             return await _queue("rollback", service, body.to)
         if service not in ctx.loaded().model.services:
             return error(404, f"unknown service {service!r}: not in [services]")
-        try:
-            done = await run_in_threadpool(ctx.rollback_now, service, body.to)
-        except Stopping as exc:
-            return error(503, str(exc))
-        return reply(200, done)
+        return await _rolled_back(ctx.rollback_now, service, body.to)
 
     @router.post(
         "/rebuild/{image}",

@@ -15,6 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ from pipeline.state.store import State, default_owner, owner_alive_local, releas
 log = structlog.get_logger(__name__)
 
 IDLE_WAIT = 1.0  # also how soon events queued by another process (a git hook) are noticed
+# Seconds between pings of the service hosts' engines (`Service._warm`): idle connections are
+# kept up, or made again, before a rollback needs them.
+KEEP_WARM = 30.0
 
 
 class Service:
@@ -64,8 +68,10 @@ class Service:
         watch_repos: bool = True,
         idle_wait: float = IDLE_WAIT,
         report: Callable[[str], None] | None = None,
+        keep_warm: float = KEEP_WARM,
     ) -> None:
         self.config_path = config_path
+        self.keep_warm = keep_warm
         self.clock, self.sleep = clock, sleep
         self.owner = owner or default_owner()
         self.watch_repos = watch_repos
@@ -89,6 +95,7 @@ class Service:
         self._retrier: Retrier | None = None
         self._handoff: handoff_mod.Handoff | None = None
         self._handed = itertools.count(1)  # numbers the owners of handed rollbacks
+        self._warmer = ThreadPoolExecutor(max_workers=8, thread_name_prefix="warm")
 
     # -- what the rest of the service reads -------------------------------------------------
     @property
@@ -122,6 +129,7 @@ class Service:
         self._open()
         assert self._observer is not None
         self._warm(self._observer)
+        threading.Thread(target=self._keep_warm, name="keep-warm", daemon=True).start()
         ctx = server_mod.ServerContext(
             loaded=lambda: self.loaded,
             state=self.state,
@@ -240,6 +248,9 @@ class Service:
             self._heartbeat_thread.join(HEARTBEAT + 5)
             with contextlib.suppress(Exception):  # its row only ages out then
                 self.state.cluster.leave(self.owner)
+        # No ping starts once the connections close (one under way may open one again: it is
+        # not waited for, an unreachable engine would hold the stop for its whole timeout).
+        self._warmer.shutdown(wait=False, cancel_futures=True)
         self.close()
         log.info("service.stopped")
 
@@ -505,10 +516,12 @@ class Service:
         return runner.preview().to_json()
 
     def _warm(self, observer: Connections) -> None:
-        """Connect to the engine of every host a service runs on, in the background: a
+        """Ask the engine of every host a service runs on for a ping, in the background: a
         rollback handed over later (`rollback_now`) then pays no connection set-up, which on an
-        ssh:// host is an ssh handshake (~0.45 s in the lab). An engine that does not answer
-        is left to the rollout that needs it to report."""
+        ssh:// host is an ssh handshake (~0.45 s in the lab). At start, after a config reload,
+        and every `keep_warm` seconds (KEEP_WARM; a connection that went away meanwhile is made
+        again before a rollback needs it). An engine that does not answer is left to the
+        rollout that needs it to report."""
         cfg = observer.loaded.model
         hosts = sorted({h for svc in cfg.services.values() if not svc.cluster for h in svc.hosts})
 
@@ -517,9 +530,17 @@ class Service:
                 observer.engine(host).ping()
 
         for host in hosts:
-            threading.Thread(target=ping, args=(host,), name=f"warm-{host}", daemon=True).start()
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: stopping
+                self._warmer.submit(ping, host)
 
-    def rollback_now(self, service: str, to: str | None) -> dict[str, Any]:
+    def _keep_warm(self) -> None:
+        while not self._stopping.wait(self.keep_warm):
+            if self._observer is not None:
+                self._warm(self._observer)
+
+    def rollback_now(
+        self, service: str, to: str | None, on_line: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
         """Roll `service` back now, as `pipeline rollback SERVICE [--to TO]` does in a process of
         its own, with the service's warm engine and ssh connections; blocks until done.
 
@@ -530,14 +551,15 @@ class Service:
 
         Returns {"service", "ok", "locked", "bad_input" (the `to` or the service named nothing
         to go back to), "refused" (an error stopped it before any rollout: `error` says which),
-        "error", "releases" (`release_json` of the release made), "lines" (the progress
-        lines)}. Raises `handoff.Stopping` when the service is stopping (nothing was done)."""
+        "error", "releases" (`release_json` of the release made)}; each progress line is passed
+        to `on_line` as it comes. Raises `handoff.Stopping` when the service is stopping
+        (nothing was done)."""
         if self._stopping.is_set():
             raise handoff_mod.Stopping("pipeline serve is stopping")
-        lines: list[str] = []
 
         def report(line: str) -> None:
-            lines.append(line)
+            if on_line is not None:
+                on_line(line)
             log.info("run.progress", line=line, source="rollback")
             if self.report is not None:
                 self.report(line)
@@ -549,7 +571,7 @@ class Service:
         )  # fmt: skip
         answer: dict[str, Any] = {
             "service": service, "ok": False, "locked": False, "bad_input": False,
-            "refused": False, "error": None, "releases": [], "lines": lines,
+            "refused": False, "error": None, "releases": [],
         }  # fmt: skip
         try:
             outcome = rollback_service(runner, service, to)

@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ HANDOFF_FILE = "serve.json"
 # Connecting to a live service on this machine takes well under a millisecond; a service that
 # does not accept within this is treated as absent and the command runs in its own process.
 CONNECT_TIMEOUT = 2.0  # seconds
+# A live service answers /healthz in milliseconds; one that does not within this (stopped,
+# hung, or another program on its port) is not handed the work.
+READY_TIMEOUT = 1.0  # seconds
 
 
 class Stopping(RuntimeError):
@@ -122,36 +126,87 @@ def find(data_dir: Path, config: Path) -> Handoff | None:
     return handoff
 
 
-def post(handoff: Handoff, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]] | None:
-    """POST `body` as JSON to the service's `path` with its token; (status, JSON answer), or
-    None when the service did not accept the connection (nothing was sent: the caller may do
-    the work itself). Waits for the answer as long as the work takes.
+@dataclass
+class Answer:
+    """The service's answer: its HTTP `status` and `documents`, the JSON documents of the body
+    as they arrive (one per line of an NDJSON stream; the one document of a JSON body).
+    Iterating raises HandoffLost when the connection breaks; the connection is closed once the
+    documents are read (or `close()`)."""
+
+    status: int
+    documents: Iterator[dict[str, Any]]
+
+    def close(self) -> None:
+        """Close the connection without reading the rest."""
+        close = getattr(self.documents, "close", None)
+        if close is not None:
+            close()
+
+
+def _ready(conn: http.client.HTTPConnection) -> bool:
+    """Whether a pipeline service answers `GET /healthz` on `conn` within READY_TIMEOUT: a
+    process that is stopped (SIGSTOP) or hung still has its port accepting connections, and
+    another program may have its port now; neither must be handed anything."""
+    try:
+        conn.request("GET", "/healthz")
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return False
+    return response.status == 200 and isinstance(answer, dict) and answer.get("ok") is True
+
+
+def post(handoff: Handoff, path: str, body: dict[str, Any]) -> Answer | None:
+    """POST `body` as JSON to the service's `path` with its token and return its answer, or
+    None when no pipeline service is ready there (no connection within CONNECT_TIMEOUT, or no
+    `/healthz` answer within READY_TIMEOUT: nothing was sent, and the caller may do the work
+    itself). Once sent, the answer is waited for as long as the work takes.
 
     Raises HandoffLost when the connection broke after the request was sent."""
     host, _, port = handoff.url.removeprefix("http://").rpartition(":")
     conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=CONNECT_TIMEOUT)
     try:
-        try:
-            conn.connect()
-        except OSError:
-            return None
+        conn.connect()
+    except OSError:
+        return None
+    try:
         assert conn.sock is not None
+        conn.sock.settimeout(READY_TIMEOUT)
+        if not _ready(conn):
+            conn.close()
+            return None
         conn.sock.settimeout(None)  # a rollback waits for health checks: as long as it takes
-        payload = json.dumps(body).encode()
         headers = {
             "Authorization": f"Bearer {handoff.token}",
             "Content-Type": "application/json",
         }
-        try:
-            conn.request("POST", path, payload, headers)
-            response = conn.getresponse()
-            raw = response.read()
-        except (OSError, http.client.HTTPException) as exc:
-            raise HandoffLost(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            answer = json.loads(raw) if raw else {}
-        except ValueError:
-            answer = {"error": raw[:200].decode(errors="replace")}
-        return response.status, answer if isinstance(answer, dict) else {"answer": answer}
+        conn.request("POST", path, json.dumps(body).encode(), headers)
+        response = conn.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        conn.close()
+        raise HandoffLost(f"{type(exc).__name__}: {exc}") from exc
+    return Answer(response.status, _documents(conn, response))
+
+
+def _documents(
+    conn: http.client.HTTPConnection, response: http.client.HTTPResponse
+) -> Iterator[dict[str, Any]]:
+    try:
+        lines = 0
+        while True:
+            try:
+                line = response.readline()
+            except (OSError, http.client.HTTPException) as exc:
+                raise HandoffLost(f"{type(exc).__name__}: {exc}") from exc
+            if not line:
+                if lines == 0:
+                    yield {}
+                return
+            lines += 1
+            try:
+                document = json.loads(line)
+            except ValueError:
+                document = {"error": line[:200].decode(errors="replace").strip()}
+            yield document if isinstance(document, dict) else {"answer": document}
     finally:
         conn.close()

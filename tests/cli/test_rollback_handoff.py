@@ -35,7 +35,7 @@ image = "web"
 hosts = ["h"]
 """
 OK = {"service": "web", "ok": True, "locked": False, "bad_input": False, "refused": False,
-      "error": None, "releases": [], "lines": []}  # fmt: skip
+      "error": None, "releases": []}  # fmt: skip
 
 
 def _config(tmp_path: Path) -> Path:
@@ -85,17 +85,40 @@ def test_stopping_the_wait_says_the_rollback_goes_on_in_serve(tmp_path: Path) ->
     """SIGTERM (or Ctrl-C) while the service rolls back ends the command with exit 1 and says
     the rollback goes on there, instead of rolling back a second time in the command."""
     config = _config(tmp_path)
-    with stand_in_serve(config, OK, delay=5) as got:
+    with stand_in_serve(config, OK, lines=("web: rolling back to r1",), delay=5) as got:
         proc = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "rollback", "web", "-c", str(config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 30
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert proc.stderr is not None
+        shown = [proc.stderr.readline(), proc.stderr.readline()]  # before the answer's end
         assert got, "the command never reached the service"
+        assert shown[1] == "web: rolling back to r1\n", shown  # lines are shown as they come
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, err
     assert "goes on in pipeline serve" in err
     assert "rolling back here" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "healthz",
+    [None, (501, b"<!DOCTYPE HTML><html>Unsupported method</html>")],
+    ids=["stopped", "another-program"],
+)
+def test_a_service_that_does_not_answer_its_health_is_handed_nothing(
+    tmp_path: Path, healthz: tuple[int, bytes] | None
+) -> None:
+    """A serve.json whose process is stopped (SIGSTOP: its port still accepts) or whose port
+    another program answers gets no rollback: within about a second the command says so and
+    rolls back itself."""
+    config = _config(tmp_path)
+    with stand_in_serve(config, OK, healthz=healthz) as got:
+        began = time.monotonic()
+        done = _rollback(config)
+        took = time.monotonic() - began
+    assert got == []  # nothing was sent to it
+    assert "did not take it (not answering); rolling back here" in done.stderr, done.stderr
+    assert took < 10, took
+    # rolled back here: this config's host does not exist, and the command says what it found
+    assert "rolling back in pipeline serve" not in done.stderr

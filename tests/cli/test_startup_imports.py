@@ -239,10 +239,9 @@ def test_a_rollback_handed_to_a_running_serve_loads_no_database_docker_or_loggin
     start-up that delayed a rollback's switch by about a second is not paid."""
     config = _config(tmp_path)
     answer = {"service": "web", "ok": True, "locked": False, "bad_input": False,
-              "refused": False, "error": None, "releases": [],
-              "lines": ["web: lab-1: proxy routes to web-abc-r1"]}  # fmt: skip
+              "refused": False, "error": None, "releases": []}  # fmt: skip
     out = tmp_path / "modules.json"
-    with stand_in_serve(config, answer) as got:
+    with stand_in_serve(config, answer, lines=("web: lab-1: proxy routes to web-abc-r1",)) as got:
         token = json.loads((tmp_path / "data" / "serve.json").read_text())["token"]
         done = subprocess.run(
             [sys.executable, "-c", _PROBE, str(out), "rollback", "web", "-c", str(config)],

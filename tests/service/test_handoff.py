@@ -5,9 +5,11 @@ a handed rollback holds leases as. The whole path with a real service, proxy and
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,10 +79,11 @@ def api(tmp_path: Path) -> Iterator[tuple[TestClient, list[tuple[str, str | None
     state = State.in_dir(tmp_path / "data")
     calls: list[tuple[str, str | None]] = []
 
-    def rollback_now(service: str, to: str | None) -> dict[str, Any]:
+    def rollback_now(service: str, to: str | None, on_line: Any) -> dict[str, Any]:
         calls.append((service, to))
+        on_line("web: rolling back to r1")
         return {"service": service, "ok": True, "locked": False, "bad_input": False,
-                "refused": False, "error": None, "releases": [], "lines": ["done"]}  # fmt: skip
+                "refused": False, "error": None, "releases": []}  # fmt: skip
 
     ctx = ServerContext(
         loaded=lambda: loaded,
@@ -100,13 +103,16 @@ def test_a_wait_rollback_with_the_local_token_runs_now(
     api: tuple[TestClient, list[tuple[str, str | None]]],
 ) -> None:
     """With serve.json's token (and no API token configured), `"wait": true` rolls back now
-    and answers 200 with how it went; without `wait` the rollback is queued (202); a wrong
-    token is refused and rolls nothing back."""
+    and streams its progress lines, then how it went; without `wait` the rollback is queued
+    (202); a wrong token is refused and rolls nothing back."""
     client, calls = api
     auth = {"Authorization": "Bearer local-token-of-serve-json"}
     done = client.post("/api/rollback/web", json={"to": "r1", "wait": True}, headers=auth)
     assert done.status_code == 200, done.text
-    assert done.json()["ok"] is True and done.json()["lines"] == ["done"]
+    assert done.headers["content-type"] == "application/x-ndjson"
+    stream = [json.loads(line) for line in done.text.splitlines()]
+    assert stream[0] == {"line": "web: rolling back to r1"}  # progress first, as it comes
+    assert stream[1]["done"]["ok"] is True and len(stream) == 2
     assert calls == [("web", "r1")]
     queued = client.post("/api/rollback/web", json={}, headers=auth)
     assert queued.status_code == 202 and "event_id" in queued.json()
@@ -130,3 +136,39 @@ def test_a_handed_rollbacks_owner_lives_and_dies_with_its_process() -> None:
     host = me.rpartition(":")[0]
     assert not owner_alive_local(f"{host}:{gone.pid}/rollback-1")
     assert owner_alive_local("other-machine:1/rollback-1")  # only its lease's expiry frees it
+
+
+def test_serve_keeps_pinging_every_service_host_so_connections_stay_up(tmp_path: Path) -> None:
+    """A running service pings the engine of every host a service runs on every `keep_warm`
+    seconds (a stand-in for the engines records the pings), so a connection that went away
+    while idle is made again before a rollback handed over needs it; it stops when asked."""
+    from pipeline.service.daemon import Service
+
+    config = tmp_path / "pipeline.toml"
+    config.write_text(FULL.replace('hosts = ["h"]', 'hosts = ["h", "g"]')
+                      + '[hosts.g]\ndocker = "unix:///nowhere-2.sock"\n')  # fmt: skip
+    pinged: list[str] = []
+
+    class Engines:
+        loaded = parse(config.read_text(), config)
+
+        def engine(self, host: str) -> Any:
+            class Pinged:
+                def ping(self) -> None:
+                    pinged.append(host)
+
+            return Pinged()
+
+    service = Service(config, keep_warm=0.05)
+    service._observer = Engines()  # type: ignore[assignment]
+    keeper = threading.Thread(target=service._keep_warm)
+    keeper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while min(pinged.count("h"), pinged.count("g")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pinged.count("h") >= 3 and pinged.count("g") >= 3, pinged
+    finally:
+        service.request_stop()
+        keeper.join(5)
+    assert not keeper.is_alive()
