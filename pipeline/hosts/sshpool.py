@@ -57,6 +57,11 @@ class _Reader:
     def close(self) -> None:
         """End this response's use of the pipe; the pipe stays open."""
 
+    def flush(self) -> None:
+        """Nothing to flush on a read: http.client flushes a response it closes, and the pipe
+        of an ssh process that exited (refused, host key failure) is closed already; forwarded,
+        that would raise ValueError instead of the engine being reported unreachable."""
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._stream, name)
 

@@ -148,3 +148,24 @@ def test_a_connection_asked_to_upgrade_is_not_reused(fake_ssh: Path) -> None:
     served = {api.version()["Pid"] for _ in range(3)}
     assert ssh_children() == served and len(served) == 1
     conn.close()
+
+
+def test_an_ssh_that_fails_to_connect_is_an_unreachable_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ssh that exits before the engine answers (refused, host key check failed) makes the
+    call fail as an unreachable engine (EngineError naming the host), which `status` and a
+    rollout report, not a ValueError from the closed pipe."""
+    from pipeline.hosts.connection import EngineError
+
+    script = tmp_path / "bin" / "ssh"
+    script.parent.mkdir()
+    script.write_text("#!/bin/sh\necho 'Host key verification failed.' >&2\nexit 255\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    conn = Connection("remote", "ssh://root@198.51.100.7:2222", timeout=10)
+    try:
+        with pytest.raises(EngineError, match="host remote"), conn.calling("ping"):
+            conn.client.ping()
+    finally:
+        conn.close()
