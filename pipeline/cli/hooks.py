@@ -29,18 +29,12 @@ from pipeline.cli.serve import local_repo_path, service_class
 from pipeline.errors import ConfigError
 
 # The hooks run on every push: each command imports what it needs (hook-validate only the
-# config; hook-event the state database, and httpx and the service only when it follows).
+# config; hook-event the state database, and the service only when it deploys here).
 if TYPE_CHECKING:
     from pipeline.config.load import LoadedConfig
     from pipeline.config.model import RepoSection
     from pipeline.state.schema import Event
     from pipeline.state.store import State
-
-
-def split_listen(listen: str) -> tuple[str, int]:
-    from pipeline.service.server import split_listen as split
-
-    return split(listen)
 
 
 def hook_script(name: str) -> str:
@@ -120,7 +114,7 @@ def hook_event(
     if not follow:
         click.echo(f"pipeline: {what}.")
         return
-    if _server_up(loaded):
+    if _server_up(state):
         click.echo(f"pipeline: {what}; following it (Ctrl-C stops following only).")
     elif queue_only:
         click.echo(
@@ -259,19 +253,14 @@ def _repo_of(loaded: LoadedConfig, bare: Path) -> str:
     return matches[0]
 
 
-def _server_up(loaded: LoadedConfig) -> bool:
-    import httpx
-
-    host, port = split_listen(loaded.model.server.listen)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    url_host = f"[{host}]" if ":" in host else host
-    try:
-        return (
-            httpx.get(f"http://{url_host}:{port}/healthz", timeout=2.0, trust_env=False).status_code
-            == 200
-        )
-    except httpx.HTTPError:
-        return False
+def _server_up(state: State) -> bool:
+    """Whether a `pipeline serve` of this state database runs: one heard within INSTANCE_TTL
+    (its heartbeat) whose process, when on this machine, lives. It, not this hook, then takes
+    the event. Asked of the database, not of `[server] listen`: the serve of another project
+    on that port (the default one) would be followed for ever and never take the event, and
+    an instance on another machine sharing the database takes it as well."""
+    alive = state.cluster.owner_alive()
+    return any(row["alive"] and alive(row["owner"]) for row in state.cluster.instances())
 
 
 def _latest_run(state: State) -> int:

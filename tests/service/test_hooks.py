@@ -197,3 +197,28 @@ def test_push_with_server_up_follows_the_services_run(
     assert first["status"] == "done" and f"run {first['run_id']} " in output
     run = service.state.run(int(str(first["run_id"])))
     assert run is not None and run.owner == service.owner
+
+
+def test_a_serve_of_another_project_on_the_listen_port_is_not_followed(
+    setup: tuple[GitRemote, Path], tmp_path: Path
+) -> None:
+    """A `pipeline serve` of another project (its own state database) answering on this
+    config's `[server] listen` port is not taken for this project's: the hook deploys the push
+    itself instead of following an event that service would never take."""
+    remote, config = setup
+    install(remote, config)
+    other = tmp_path / "other" / "pipeline.toml"
+    other.parent.mkdir()
+    listen = next(ln for ln in config.read_text().splitlines() if ln.startswith("listen"))
+    other.write_text(f'[pipeline]\ndata_dir = "data"\n\n[server]\n{listen}\n')
+    service = Service(other, watch_repos=False)
+    service.start()
+    try:
+        remote.commit("second")
+        code, output = push(remote)
+    finally:
+        service.stop(timeout=10)
+    assert code == 0, output
+    assert "deploying it here" in output and "following it" not in output
+    (event,) = queued(config)
+    assert event["status"] == "done"
