@@ -68,22 +68,36 @@ def rollback_service(runner: Runner, service: str, to: str | None = None) -> Rol
     # followed branch's head is a file read: no git process, no GitPython import.)
     head = _repo_head(runner, repo) or (deployed[0].revision if deployed else None)
     run_id = runner.state.start_run("rollback", repo, owner=runner.owner)
-    outcome = runner.roll(
-        service,
-        target,
-        run_id=run_id,
-        reason=f"rollback to r{chosen.id} ({chosen.revision[:12]})",
-        kind="rollback",
-        spec=spec,
-    )
-    if outcome.ok:
+
+    def pin(release_id: int) -> None:
         runner.state.rollbacks.pin_service(
             service,
-            release_id=outcome.release_id,
+            release_id=release_id,
             revision=chosen.revision,
             head=head,
             reason=f"rollback to r{chosen.id}",
         )
+
+    try:
+        outcome = runner.roll(
+            service,
+            target,
+            run_id=run_id,
+            reason=f"rollback to r{chosen.id} ({chosen.revision[:12]})",
+            kind="rollback",
+            spec=spec,
+        )
+    except KeyboardInterrupt:
+        # Interrupted once every host had switched (the release succeeded): it stays pinned,
+        # or the next pass would roll the revision just left out again.
+        made = runner.state.releases(service, 1, run_id=run_id)
+        if made and made[0].status == "succeeded":
+            pin(made[0].id)
+        runner.state.finish_run(run_id, "interrupted", error="interrupted (Ctrl-C or SIGTERM)",
+                                revision=chosen.revision)  # fmt: skip
+        raise
+    if outcome.ok:
+        pin(outcome.release_id)
         runner.report(
             f"{service}: pinned at {chosen.revision[:12]}; a newer commit or "
             f"`pipeline deploy {service}` releases it"

@@ -266,16 +266,24 @@ class Rollout:
                 raise
             return result
         # Every host passed its check: the point of no return.
-        for host in plan.retire:
-            self.retire(
-                host,
-                p.new[host],
-                release_id,
-                run_id,
-                target.revision,
-                keep=p.previous[host].container,
-                routed_at=p.routed_at.get(host),
-            )
+        try:
+            for host in plan.retire:
+                self.retire(
+                    host,
+                    p.new[host],
+                    release_id,
+                    run_id,
+                    target.revision,
+                    keep=p.previous[host].container,
+                    routed_at=p.routed_at.get(host),
+                )
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM while the old containers drain: every host serves the new
+            # release and passed its check, so the release succeeded; the old containers not
+            # retired yet are left as they are (reachable by pipeline only), not undone.
+            self.state.finish_release(release_id, "succeeded")
+            bound.warning("rollout interrupted while retiring the old containers")
+            raise
         self.state.finish_release(release_id, "succeeded")
         bound.info("rollout succeeded", hosts=self.spec.hosts)
         return RolloutResult(self.service, True, release_id, None, list(self.spec.hosts))

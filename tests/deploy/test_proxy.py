@@ -336,6 +336,40 @@ def test_rollback_with_serve_running_is_done_by_serve(project: Project, tmp_path
     assert [_get(project, i, host).text for i in (0, 1)] == ["web v2", "web v2"]
 
 
+def test_a_rollback_interrupted_while_the_old_containers_drain_is_kept_and_pinned(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C or SIGTERM once every host has switched back (here raised as the first old
+    container starts draining) leaves no row running: the release is recorded succeeded (it is
+    what every host serves), the service pinned to it (a pass must not roll the revision just
+    left out again), and the run interrupted."""
+    from pipeline.deploy.rollout import Rollout
+
+    host = _proxied(project)
+    project.initial_commit()
+    v1 = _commit_web(project, "web v1")
+    assert project.run().ok
+    _commit_web(project, "web v2")
+    assert project.run().ok
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Rollout, "retire", interrupted)
+    runner = project.runner()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rollback_service(runner, project.web)
+        assert [_get(project, i, host).text for i in (0, 1)] == ["web v1", "web v1"]
+        (release,) = runner.state.releases(project.web, 1)
+        assert (release.kind, release.status, release.revision) == ("rollback", "succeeded", v1)
+        assert runner.state.rollbacks.pins()[project.web].release_id == release.id
+        run = runner.state.run(release.run_id)
+        assert run is not None and run.status == "interrupted"
+    finally:
+        runner.connections.close()
+
+
 def _kept_fails_its_check_again(project: Project, host: str, serving: str, kept: str) -> None:
     """A rollback to the kept (paused) container whose /health was removed meanwhile is undone:
     users stay on the serving container and the kept one is paused again, not left running."""
