@@ -775,7 +775,13 @@ class Rollout:
         left = None
         if table is not None and dials and old.status == "running":
             until = (routed_at if routed_at is not None else self.clock()) + self.spec.proxy.drain
-            left = hp.drain(table.token, dials[0], until)
+            busy = hp.in_flight(table.token, dials[0])
+            if busy:  # a wait of up to `drain` the user should not have to guess at
+                self.report(
+                    f"{self.service}: {host}: draining {old.name}: {busy} request(s) in flight, "
+                    f"waiting up to {max(0.0, until - self.clock()):.0f}s"
+                )
+            left = hp.drain(table.token, dials[0], until) if busy != 0 else 0
             if left:
                 problems.append(
                     f"{old.name}: {left} request(s) still in flight after the drain: stopped, "

@@ -187,7 +187,8 @@ def test_deploys_switch_under_load_without_a_failed_request(project: Project) ->
 def test_a_request_still_in_flight_after_the_drain_is_ended_not_frozen(project: Project) -> None:
     """A 25 s request still in flight when a 1 s drain ends is not frozen in a paused container
     (its client would wait for ever): that container is stopped instead, its app ends the
-    request, the client gets an answer, and the run says so; a host with none is paused."""
+    request, the client gets an answer, and the run says so (and that it drained); a host with
+    none is paused."""
     host = _proxied(project, drain="1s")
     project.initial_commit()
     ctx = project.remote.work / "web" / "www" / "cgi-bin"
@@ -213,9 +214,18 @@ def test_a_request_still_in_flight_after_the_drain_is_ended_not_frozen(project: 
     waiter.start()
     started.wait()
     time.sleep(0.3)  # in flight on v1 before the pass builds v2
-    result = project.run()
+    runner = project.runner()
+    lines: list[str] = []
+    runner.report = lines.append
+    try:
+        result = runner.run_pass()
+    finally:
+        runner.connections.close()
     waiter.join(timeout=45)
     assert result.ok, result.errors
+    # the wait is said, not silent: lab-1's old container had the request in flight
+    assert any(f"{project.host_names[0]}: draining " in ln and "1 request(s) in flight" in ln
+               for ln in lines), lines  # fmt: skip
     assert answered.get("status") not in (None, "ReadTimeout"), answered  # an answer, not a hang
     assert _states(project) == [{v1: "exited", v2: "running"}, {v1: "paused", v2: "running"}]
     steps = project.runner().state.steps(result.run_id)
