@@ -226,17 +226,21 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None, no_s
     if service not in loaded.model.services:
         refuse(f"unknown service {service!r} (known: {', '.join(loaded.model.services)})",
                EXIT_USAGE)  # fmt: skip
+
+    def exit_code(ok: bool, locked: bool, bad_input: bool = False) -> int:
+        return 0 if ok else EXIT_LOCKED if locked else EXIT_USAGE if bad_input else EXIT_FAILED
+
     answer = None if no_serve else _rollback_in_serve(loaded, service, to)
     if answer is not None:
-        code = (0 if answer.get("ok") else EXIT_LOCKED if answer.get("locked")
-                else EXIT_USAGE if answer.get("bad_input") else EXIT_FAILED)  # fmt: skip
+        code = exit_code(bool(answer.get("ok")), bool(answer.get("locked")),
+                         bool(answer.get("bad_input")))  # fmt: skip
         if answer.get("refused"):
             refuse(str(answer.get("error")), code)  # as an error raised here would be
         _reporter(loaded, json).close(answer.get("releases") or [])
         finish(bool(answer.get("ok")), code, answer.get("error"), answer.get("releases") or [])
         return
     start_logging()
-    from pipeline.plan.rollback import NoRollbackTarget
+    from pipeline.plan.rollback import refused_as_bad_input
     from pipeline.state.store import release_json
 
     reporter = _reporter(loaded, json)
@@ -247,15 +251,11 @@ def rollback(service: str, config: Path | None, json: bool, to: str | None, no_s
         outcome = rollback_service(_recovered(runner), service, to)
     except PipelineError as exc:
         reporter.close([])
-        # `--to` naming no release of the service is a bad argument (README: exit 2); with no
-        # `--to`, having nothing earlier to go back to is not the user's input.
-        bad_to = to is not None and isinstance(exc, NoRollbackTarget)
-        refuse(str(exc), EXIT_USAGE if bad_to else exit_code_of(exc))
+        refuse(str(exc), EXIT_USAGE if refused_as_bad_input(exc, to) else exit_code_of(exc))
     releases = [release_json(r) for r in runner.state.releases(service, 1)
                 if outcome.release_id and r.id == outcome.release_id]  # fmt: skip
     reporter.close(releases)
-    finish(outcome.ok, 0 if outcome.ok else EXIT_LOCKED if outcome.locked else EXIT_FAILED,
-           outcome.error, releases)  # fmt: skip
+    finish(outcome.ok, exit_code(outcome.ok, outcome.locked), outcome.error, releases)
 
 
 def _rollback_in_serve(loaded: LoadedConfig, service: str, to: str | None) -> dict[str, Any] | None:

@@ -15,13 +15,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from pipeline.errors import StallingError
+from pipeline.errors import ConfigError, StallingError
 
 _RELEASE_ID = re.compile(r"^r(\d+)$", re.IGNORECASE)
 
 
 class NoRollbackTarget(StallingError):
     """No release fits the rollback asked for; the message names the service and why."""
+
+
+def refused_as_bad_input(exc: BaseException, to: str | None) -> bool:
+    """Whether the error a rollback stopped on is the user's input (README: exit 2): a bad
+    config, or a `to` naming no release of the service. With no `to`, having nothing earlier
+    to go back to is not the user's input. One rule for the command and for `pipeline serve`
+    doing the rollback it was handed."""
+    return isinstance(exc, ConfigError) or (to is not None and isinstance(exc, NoRollbackTarget))
 
 
 @dataclass(frozen=True)

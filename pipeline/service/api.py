@@ -130,7 +130,8 @@ class RollbackRequest(BaseModel):
     )
     wait: bool = Field(
         default=False,
-        description="roll back now and answer how it went (200), instead of queueing it (202)",
+        description="roll back now, streaming its progress lines and outcome (200, NDJSON), "
+        "instead of queueing it (202)",
     )
 
 

@@ -34,7 +34,7 @@ from pipeline.deploy.operations import (
 from pipeline.deploy.recovery import fresh_attempt_due, recover_interrupted
 from pipeline.deploy.runner import Runner
 from pipeline.errors import ConfigError, LockedError, PipelineError
-from pipeline.plan.rollback import NoRollbackTarget
+from pipeline.plan.rollback import refused_as_bad_input
 from pipeline.service import handoff as handoff_mod
 from pipeline.service import metrics
 from pipeline.service import server as server_mod
@@ -576,14 +576,12 @@ class Service:
         try:
             outcome = rollback_service(runner, service, to)
         except PipelineError as exc:
-            # As the CLI decides: `to` naming nothing, or a bad config, is the user's input.
-            bad_to = to is not None and isinstance(exc, NoRollbackTarget)
             metrics.observe_run("failed")
             return answer | {
                 "refused": True,
                 "error": str(exc),
                 "locked": isinstance(exc, LockedError),
-                "bad_input": bad_to or isinstance(exc, ConfigError),
+                "bad_input": refused_as_bad_input(exc, to),
             }
         metrics.observe_run("succeeded" if outcome.ok else "failed")
         releases = [release_json(r) for r in self.state.releases(service, 1)
